@@ -1,0 +1,33 @@
+# The two commands: `make demo` and `make test`. Both create/reuse .venv.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= /tmp/restem_demo
+
+.PHONY: demo test install sandbox clean bench
+
+$(STAMP): setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The code sandbox needs bubblewrap (Debian package). Installed when we are root
+# and it is missing; otherwise rewards/code.py fails loudly with the hint.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null; \
+	  else echo "bubblewrap missing: sudo apt-get install bubblewrap"; fi; }
+
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(VPY) -m restem_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP) sandbox
+	JAX_PLATFORMS=cpu $(VPY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,115 @@
+"""Every config field, its default and what it means.
+
+Experiment configs (configs/*.py) start from `default_config()` and override
+fields. The returned ConfigDict is locked, so a misspelt key in a config file or
+on the command line (`--config.trian.steps=3`) fails at once instead of being
+silently ignored.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Root seed: every phase derives its own key from it (resume-safe).
+
+  # --- Model: a Llama-family decoder (restem_jax/model.py). ---
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 512  # Embedding rows; >= the task vocabulary's size.
+  c.model.d_model = 128  # Residual stream width.
+  c.model.n_layers = 2  # Transformer blocks (scanned: compile time is flat in depth).
+  c.model.n_heads = 4  # Query heads.
+  c.model.n_kv_heads = 4  # Key/value heads (grouped-query attention when < n_heads).
+  c.model.head_dim = 0  # 0 means d_model // n_heads.
+  c.model.d_ff = 256  # SwiGLU hidden width.
+  c.model.rope_base = 10000.0  # Rotary embedding base (theta).
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon.
+  c.model.tie_embeddings = True  # Output projection = embedding transposed.
+  c.model.max_seq_len = 256  # Longest prompt + completion (KV-cache length).
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16.
+  c.model.param_dtype = "float32"  # Parameter storage dtype.
+
+  # --- Device mesh (restem_jax/partitioning.py). ---
+  c.mesh = ml_collections.ConfigDict()
+  # (data, fsdp, tensor); one entry may be -1 = all remaining devices.
+  c.mesh.shape = (-1, 1, 1)
+
+  # --- Where the starting (base) model comes from. ---
+  c.base = ml_collections.ConfigDict()
+  # "pretrain": train a small model on the task's human solutions (demo, tests).
+  # "checkpoint": restore an Orbax checkpoint from `path` (e.g. an imported model).
+  c.base.source = "pretrain"
+  c.base.path = ""  # Checkpoint directory when source == "checkpoint".
+  c.base.steps = 300  # Pretraining steps when source == "pretrain".
+  c.base.learning_rate = 3e-3  # Peak learning rate of that pretraining.
+  c.base.batch_size = 32  # Sequences per pretraining step.
+
+  # --- Task (restem_jax/tasks). ---
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "embedded_arith"  # embedded_arith | gsm8k | math | apps | humaneval.
+  c.task.data_dir = ""  # Directory holding the official files (not for embedded/humaneval).
+  c.task.num_train = 0  # Training problems used; 0 = all (paper's data-size ablation).
+  c.task.num_val = 64  # Held-out part of train used as D_val for early stopping.
+  c.task.num_test = 0  # Test problems evaluated; 0 = all.
+  c.task.few_shot = 0  # Exemplars prepended to each question (4 MATH, 8 GSM8K).
+  c.task.seed = 0  # Seed of the embedded generator / the train-val split.
+
+  # --- Generate (E-step) sampling. ---
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.num_samples = 32  # N solutions per training problem (32 MATH, 64 APPS).
+  c.sampling.temperature = 0.7  # 0 means greedy.
+  c.sampling.top_k = 40  # 0 disables top-k.
+  c.sampling.top_p = 1.0  # 1.0 disables nucleus sampling.
+  c.sampling.max_new_tokens = 128  # Completion budget per sample.
+  c.sampling.max_batch = 256  # Rows (prompts x samples) per sampler call: bounds memory.
+
+  # --- ReST-EM iterations. ---
+  c.restem = ml_collections.ConfigDict()
+  c.restem.num_iterations = 3  # Generate/Improve rounds.
+  c.restem.max_per_problem = 10  # Cap on kept correct samples per problem (1 = ReST*).
+  # "base": every M-step starts from the base model (ReST-EM).
+  # "previous": start from the previous iterate (ReST-style ablation).
+  c.restem.finetune_from = "base"
+  # "self": the E-step samples from the current iterate. "teacher": from the
+  # checkpoint at `teacher_path` (distillation ablation).
+  c.restem.sample_from = "self"
+  c.restem.teacher_path = ""
+  # Train on human solutions instead of samples (the SFT baseline).
+  c.restem.sft_on_human = False
+
+  # --- Improve (M-step) training. ---
+  c.train = ml_collections.ConfigDict()
+  c.train.optimizer = "adamw"  # adamw | adafactor.
+  c.train.learning_rate = 1e-3  # Peak learning rate.
+  c.train.schedule = "cosine"  # cosine | constant (after linear warmup).
+  c.train.warmup_steps = 20  # Linear warmup length.
+  c.train.weight_decay = 0.0  # Decoupled weight decay (AdamW).
+  c.train.grad_clip = 1.0  # Global-norm clip; 0 disables.
+  c.train.batch_size = 32  # Examples per optimizer step (across all devices).
+  c.train.micro_batches = 1  # Gradient accumulation: batch_size is split into this many.
+  c.train.max_steps = 200  # Upper bound on steps per M-step.
+  # "token": sum of weighted token NLL / number of target tokens in the batch.
+  # "sequence": mean over examples of the weighted per-sequence NLL sum (paper's J).
+  c.train.loss_normalization = "token"
+  c.train.eval_every = 50  # Steps between validation-reward evaluations.
+  c.train.patience = 2  # Evaluations without improvement before stopping.
+  c.train.checkpoint_every = 50  # Steps between mid-phase (resume) checkpoints.
+  c.train.keep_checkpoints = 2  # Mid-phase checkpoints retained.
+
+  # --- Evaluation of each iteration's model. ---
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 8  # Samples per test problem for pass@k / maj@k.
+  c.eval.temperature = 1.0  # pass@k sampling (paper: T=1.0, top-p 0.95).
+  c.eval.top_p = 0.95
+  c.eval.top_k = 0
+  c.eval.pass_k = (1, 4, 8)  # k values for the unbiased pass@k estimator.
+  c.eval.majority_k = 8  # Majority voting over this many samples (math tasks).
+  c.eval.on_train = True  # Also greedy pass@1 on (a subset of) train: Fig. 4's gap.
+  c.eval.num_train_eval = 256  # Train problems in that measurement.
+
+  c.lock()
+  return c
+
+
+MODEL_KEYS = tuple(default_config().model.keys())

