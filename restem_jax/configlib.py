@@ -54,6 +54,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.num_test = 0  # Test problems evaluated; 0 = all.
   c.task.few_shot = 0  # Exemplars prepended to each question (4 MATH, 8 GSM8K).
   c.task.seed = 0  # Seed of the embedded generator / the train-val split.
+  c.task.num_human = 400  # embedded_arith: train problems (first ones) with worked solutions.
+  # embedded_arith difficulty: events per problem, number ranges, x2/x3 events.
+  c.task.min_steps = 1
+  c.task.max_steps = 4
+  c.task.max_start = 20
+  c.task.max_operand = 10
+  c.task.max_value = 40
+  c.task.allow_mul = True
+  c.task.apps_difficulty = ""  # apps: keep one difficulty ("introductory" in the paper).
+  c.task.grader_workers = 2  # Processes for math-verify / sandboxes for programs.
+  c.task.grader_timeout_s = 5.0  # Per-answer symbolic-check timeout.
+  c.task.fallback_last_number = False  # Math: grade the last number if no final answer.
+  c.task.code_workers = 2  # Concurrent sandboxes when scoring programs.
+  # Tokenizer: "" = the task's default (the embedded SentencePiece model);
+  # else a SentencePiece .model, a tokenizer.json or a .gguf file (imported models).
+  c.task.vocab_path = ""
 
   # --- Generate (E-step) sampling. ---
   c.sampling = ml_collections.ConfigDict()
@@ -75,8 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
   # checkpoint at `teacher_path` (distillation ablation).
   c.restem.sample_from = "self"
   c.restem.teacher_path = ""
-  # Train on human solutions instead of samples (the SFT baseline).
-  c.restem.sft_on_human = False
+  # Also fine-tune the base on the human-written solutions (same M-step recipe)
+  # and evaluate it: the SFT baseline the paper compares against. With
+  # num_iterations = 0 this is the "SFT only" run.
+  c.restem.sft_baseline = False
 
   # --- Improve (M-step) training. ---
   c.train = ml_collections.ConfigDict()
@@ -108,6 +126,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.on_train = True  # Also greedy pass@1 on (a subset of) train: Fig. 4's gap.
   c.eval.num_train_eval = 256  # Train problems in that measurement.
 
+  # --- Multi-host (jax.distributed). ---
+  c.distributed = ml_collections.ConfigDict()
+  # "auto": initialize when the environment says we are one of several processes
+  # (TPU VM slices, or the fields below / JAX_COORDINATOR_ADDRESS are set).
+  # "never": single process. "always": call jax.distributed.initialize().
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator_address = ""  # host:port of process 0 (non-TPU clusters).
+  c.distributed.num_processes = 0  # 0 = discover.
+  c.distributed.process_id = -1  # -1 = discover.
+
+  c.log_every = 20  # Steps between training log lines.
   c.lock()
   return c
 

@@ -13,6 +13,7 @@ Re-running produces a byte-identical model (one thread, no sampling of sentences
 from __future__ import annotations
 
 import argparse
+import json
 import io
 import os
 import sys
@@ -28,6 +29,17 @@ DEFAULT_OUT = os.path.join(os.path.dirname(embedded.__file__), "data",
                            "embedded_arith.model")
 
 
+def write_exemplars(path: str, num: int = 8) -> None:
+  """Few-shot exemplars for embedded_arith (train-side skeletons, two per step count)."""
+  by_steps: dict[int, list] = {}
+  for p in embedded.generate(_CORPUS_SEED + 1, "train", 200):
+    by_steps.setdefault(p.steps, []).append(p)
+  picked = [p for k in sorted(by_steps) for p in by_steps[k][:num // len(by_steps)]]
+  with open(path, "w") as f:
+    json.dump([{"question": p.question, "solution": p.solution} for p in picked], f, indent=1)
+    f.write("\n")
+
+
 def corpus_lines(num_problems: int = 20000) -> list[str]:
   lines = []
   for p in embedded.generate(_CORPUS_SEED, "train", num_problems):
@@ -35,12 +47,12 @@ def corpus_lines(num_problems: int = 20000) -> list[str]:
   return lines
 
 
-def train(out_path: str, vocab_size: int = 384) -> spm.SentencePieceProcessor:
+def train(out_path: str, vocab_size: int = 480) -> spm.SentencePieceProcessor:
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(corpus_lines()),
       model_writer=model,
-      model_type="unigram",
+      model_type="bpe",
       vocab_size=vocab_size,
       hard_vocab_limit=False,
       split_digits=True,
@@ -65,8 +77,9 @@ def train(out_path: str, vocab_size: int = 384) -> spm.SentencePieceProcessor:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=DEFAULT_OUT)
-  parser.add_argument("--vocab_size", type=int, default=384)
+  parser.add_argument("--vocab_size", type=int, default=480)
   args = parser.parse_args()
+  write_exemplars(os.path.join(os.path.dirname(args.out), "embedded_arith_8shot.json"))
   sp = train(args.out, args.vocab_size)
   example = corpus_lines(1)[0]
   print(f"wrote {args.out}: {sp.get_piece_size()} pieces")

@@ -1,0 +1,151 @@
+r"""ReST-EM on MATH with Llama-3.1-8B on a Cloud TPU v5p-128 (64 chips, 16 hosts).
+
+Paper settings (Singh et al. 2024, MATH): 4-shot Minerva prompt, N=32 samples per
+problem at T=0.7 / top-k 40, at most 10 correct kept per problem, 3 iterations,
+every M-step fine-tunes the base model. Adafactor (factored second moments):
+its state is ~0.1x the params instead of AdamW's 2x.
+
+Mesh (data, fsdp, tensor) = (4, 8, 2) on 64 devices (v5p megacore: 1 device/chip):
+  * tensor=2 divides n_heads=32, n_kv_heads=8, d_ff=14336 and vocab=128256, so
+    attention, MLP and logits split in two and the KV cache is not replicated;
+  * fsdp=8 with tensor=2 shards each weight 16 ways: 8.03B f32 params + grads
+    (~64 GB) become ~4 GB per chip (95 GB HBM), leaving room for sampling batches;
+  * data=4: decode-time weight all-gathers stay within groups of 8 chips.
+  Batches must be multiples of data*fsdp = 32.
+
+Commands (B = your bucket; run from the repo root on your workstation):
+
+  # 1. Data: the MATH release (hendrycks) unpacked to gs://B/data/MATH (train/, test/).
+  # 2. Import the base model once, from a local HF snapshot (safetensors + tokenizer.json,
+  #    e.g. `huggingface-cli download meta-llama/Llama-3.1-8B --local-dir $HOME/hf/Llama-3.1-8B`):
+  python -m restem_jax.importers --format=hf --src=$HOME/hf/Llama-3.1-8B \
+      --out=gs://B/restem/llama3_8b_math/base
+  gsutil cp $HOME/hf/Llama-3.1-8B/tokenizer.json gs://B/restem/llama3_8b_math/tokenizer.json
+  # 3. Launch on every worker (add --create the first time):
+  python -m launch.tpu_vm --tpu_name=restem-v5p --zone=us-east5-a --project=P \
+      --accelerator_type=v5p-128 --repo_url=https://github.com/ORG/restem-jax \
+      --config=configs/llama3_8b_math_v5p_128.py:bucket=gs://B \
+      --workdir=gs://B/restem/llama3_8b_math --detach
+  # 4. Resume after preemption / a kill: rerun exactly the same command.
+
+CPU smoke test of the same pipeline (tiny model, offline embedded task):
+  python -m restem_jax.main --config=configs/llama3_8b_math_v5p_128.py:runlocal \
+      --workdir=/tmp/restem_8b_runlocal
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from restem_jax import configlib
+
+NAME = "llama3_8b_math"
+
+
+def _parse_arg(arg: str | None) -> dict[str, str]:
+  """'runlocal,bucket=gs://b' -> {'runlocal': '1', 'bucket': 'gs://b'} (big_vision style)."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    k, _, v = part.partition("=")
+    out[k.strip()] = v.strip() if v else "1"
+  return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = _parse_arg(arg)
+  bucket = args.get("bucket", "gs://YOUR_BUCKET")
+  workdir = f"{bucket}/restem/{NAME}"
+  c = configlib.default_config()
+
+  # Llama-3.1-8B.
+  c.model.vocab_size = 128256
+  c.model.d_model = 4096
+  c.model.n_layers = 32
+  c.model.n_heads = 32
+  c.model.n_kv_heads = 8
+  c.model.head_dim = 128
+  c.model.d_ff = 14336
+  c.model.rope_base = 500000.0
+  c.model.tie_embeddings = False
+  c.model.max_seq_len = 2048  # ~700-token 4-shot prompt + question + 512 new tokens.
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+
+  c.mesh.shape = (4, 8, 2)
+  c.distributed.initialize = "always"  # 16 hosts; TPU VMs discover their peers.
+
+  c.base.source = "checkpoint"
+  c.base.path = f"{workdir}/base"
+
+  c.task.name = "math"
+  c.task.data_dir = f"{bucket}/data/MATH"
+  c.task.few_shot = 4
+  c.task.num_val = 500
+  c.task.vocab_path = f"{workdir}/tokenizer.json"
+
+  c.sampling.num_samples = 32
+  c.sampling.temperature = 0.7
+  c.sampling.top_k = 40
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 512
+  c.sampling.max_batch = 1024  # Multiple of 32; bf16 KV cache ~256 GB total, ~4 GB/chip.
+
+  c.restem.num_iterations = 3
+  c.restem.max_per_problem = 10
+  c.restem.finetune_from = "base"
+
+  c.train.optimizer = "adafactor"
+  c.train.learning_rate = 1e-5
+  c.train.warmup_steps = 100
+  c.train.batch_size = 128
+  c.train.max_steps = 2000
+  c.train.eval_every = 200
+  c.train.patience = 2
+  c.train.checkpoint_every = 200
+
+  c.eval.num_samples = 32
+  c.eval.pass_k = (1, 4, 16, 32)
+  c.eval.majority_k = 32
+  c.log_every = 50
+
+  if "runlocal" in args:
+    _runlocal(c)
+  return c
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+  """Same pipeline on a laptop CPU: tiny untied GQA model with Adafactor, offline task."""
+  c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
+  c.model.d_model = 64
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.d_ff = 128
+  c.model.max_seq_len = 256
+  c.model.dtype = "float32"
+  c.mesh.shape = (-1, 1, 1)
+  c.distributed.initialize = "auto"
+  c.base.source = "pretrain"
+  c.base.path = ""
+  c.base.steps = 20
+  c.task.name = "embedded_arith"
+  c.task.data_dir = ""
+  c.task.vocab_path = ""
+  c.task.few_shot = 2
+  c.task.num_train = 16
+  c.task.num_val = 8
+  c.task.num_test = 8
+  c.sampling.num_samples = 4
+  c.sampling.max_new_tokens = 32
+  c.sampling.max_batch = 64
+  c.restem.num_iterations = 2
+  c.train.batch_size = 8
+  c.train.warmup_steps = 2
+  c.train.max_steps = 10
+  c.train.eval_every = 5
+  c.train.checkpoint_every = 5
+  c.eval.num_samples = 4
+  c.eval.pass_k = (1, 4)
+  c.eval.majority_k = 4
+  c.eval.num_train_eval = 8
+  c.log_every = 5

@@ -1,0 +1,241 @@
+"""Orbax checkpoints: whole-model params (base, per-iteration best) and resumable train state.
+
+Both kinds restore onto ANY mesh: restore targets are ShapeDtypeStructs that carry
+the *current* mesh's shardings (orbax reshards on read), never the saved topology.
+
+Atomicity comes from Orbax: a checkpoint is written into a temporary directory
+and renamed into place when complete, and CheckpointManager ignores unfinished
+temporaries, so a half-written checkpoint is never picked up. Every failure to
+read a checkpoint is a CheckpointError naming the path: nothing here silently
+falls back to fresh params.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+from restem_jax import model as model_lib
+
+_PARAMS, _META = "params", "metadata"
+_STATE, _EXTRA = "state", "extra"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message names the path and the fix."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  msg = " ".join(f"{type(e).__name__}: {e}".split())
+  return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _params_checkpointer() -> ocp.Checkpointer:
+  # Handlers named up front, so metadata() and partial restores know each item.
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+      _PARAMS: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}))
+
+
+def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
+  """Writes params (+ JSON metadata, e.g. the model config) atomically to `path`.
+
+  An existing checkpoint at `path` is replaced: the new one is completed in a
+  sibling directory first and swapped in with renames, so a crash leaves either
+  the old or the new checkpoint (or, in the instant between the two renames,
+  none at `path`: restore then fails loudly instead of reading a mix).
+  """
+  path_p = epath.Path(path)
+  tmp = path_p.parent / f"{path_p.name}.new-{uuid.uuid4().hex[:8]}"
+  _sync(f"restem_save_params_start:{path}")
+  ckptr = _params_checkpointer()
+  try:
+    ckptr.save(tmp, args=ocp.args.Composite(**{
+        _PARAMS: ocp.args.StandardSave(params),
+        _META: ocp.args.JsonSave(dict(metadata or {}))}))
+  finally:
+    ckptr.close()
+  if jax.process_index() == 0:
+    old = None
+    if path_p.exists():
+      old = path_p.parent / f"{path_p.name}.old-{uuid.uuid4().hex[:8]}"
+      path_p.rename(old)
+    tmp.rename(path_p)
+    if old is not None:
+      old.rmtree()
+  _sync(f"restem_save_params_done:{path}")
+
+
+def _check_exists(path: str, what: str) -> epath.Path:
+  p = epath.Path(path)
+  if not p.exists():
+    raise CheckpointError(f"no {what} checkpoint at {path}: the directory does not exist; "
+                          "check the path (or create it with checkpoints.save_params)")
+  return p
+
+
+def abstract_params_on(model_cfg: model_lib.ModelConfig, mesh: Mesh) -> Any:
+  """Restore targets: the params' ShapeDtypeStructs with this mesh's shardings."""
+  abstract = nn.unbox(model_lib.abstract_params(model_cfg))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, model_lib.param_shardings(model_cfg, mesh))
+
+
+def _check_tree_matches(path: str, stored: Any, target: Any, what: str) -> None:
+  """Same keys and shapes as the target, or a CheckpointError naming the difference."""
+  def name(k):  # Orbax's metadata turns attributes/tuples into dict keys/lists.
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  def flat(tree):
+    return {"/".join(name(k) for k in path): tuple(getattr(v, "shape", ()))
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+  s, t = flat(stored), flat(target)
+  if set(s) != set(t):
+    missing, extra = sorted(set(t) - set(s)), sorted(set(s) - set(t))
+    raise CheckpointError(
+        f"{what} checkpoint at {path} does not match the model config: missing "
+        f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+        f"{extra[:4]}{'...' if len(extra) > 4 else ''}; restore with the config it was saved with")
+  bad = [(k, s[k], t[k]) for k in sorted(t) if s[k] != t[k]]
+  if bad:
+    k, got, want = bad[0]
+    raise CheckpointError(
+        f"{what} checkpoint at {path} does not match the model config: {k} has shape {got}, "
+        f"the config needs {want} ({len(bad)} mismatched arrays); restore with the config "
+        "it was saved with")
+
+
+def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> Any:
+  """Params saved by save_params, placed on `mesh` with model.param_shardings."""
+  _check_exists(path, "params")
+  target = abstract_params_on(model_cfg, mesh)
+  ckptr = _params_checkpointer()
+  try:
+    try:
+      stored = ckptr.metadata(path).item_metadata[_PARAMS]
+    except Exception as e:  # Orbax raises many types for damaged directories.
+      raise CheckpointError(f"params checkpoint at {path} is unreadable ({_one_line(e)}); "
+                            "re-create it (save_params) or point to another path") from e
+    if stored is None:
+      raise CheckpointError(f"params checkpoint at {path} has no '{_PARAMS}' item; "
+                            "it was not written by checkpoints.save_params")
+    _check_tree_matches(path, getattr(stored, "tree", stored), target, "params")
+    try:
+      out = ckptr.restore(path, args=ocp.args.Composite(
+          **{_PARAMS: ocp.args.StandardRestore(target)}))
+    except Exception as e:
+      raise CheckpointError(f"params checkpoint at {path} is corrupt or incomplete "
+                            f"({_one_line(e)}); re-create it or point to another path") from e
+  finally:
+    ckptr.close()
+  return out[_PARAMS]
+
+
+def read_metadata(path: str) -> dict:
+  """The JSON metadata saved beside the params."""
+  _check_exists(path, "params")
+  ckptr = _params_checkpointer()
+  try:
+    out = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+  except Exception as e:
+    raise CheckpointError(f"metadata of checkpoint at {path} is unreadable ({_one_line(e)}); "
+                          "re-create it with save_params") from e
+  finally:
+    ckptr.close()
+  return dict(out[_META] or {})
+
+
+# ----------------------------------------------------------------------------- train state
+
+
+class TrainCheckpointer:
+  """Mid-phase checkpoints for resume: any state pytree + a JSON dict per step.
+
+  `state` is whatever pytree the caller needs back (improve saves the train
+  state together with the best-so-far params, so both are consistent at every
+  step); `extra` holds host bookkeeping (data position, early-stop counters).
+  Saves are asynchronous when enabled: the device->host copy happens in save(),
+  the file writing in the background; wait() / close() block until it is done.
+  """
+
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    self.directory = os.fspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    try:
+      self._mgr = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={_STATE: ocp.StandardCheckpointHandler(),
+                         _EXTRA: ocp.JsonCheckpointHandler()})
+    except Exception as e:
+      raise CheckpointError(f"cannot open checkpoint directory {self.directory} "
+                            f"({_one_line(e)}); check the path and permissions") from e
+
+  def save(self, step: int, state: Any, extra: dict) -> None:
+    self._mgr.save(int(step), args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}))
+
+  def latest_step(self) -> int | None:
+    self._mgr.reload()  # Pick up steps written by an earlier (killed) process.
+    return self._mgr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    self._mgr.reload()
+    return list(self._mgr.all_steps())
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """(state on the shardings of `abstract_state`'s ShapeDtypeStructs, extra)."""
+    self.wait()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f"no checkpoint in {self.directory}; nothing to resume from")
+    where = os.path.join(self.directory, str(step))
+    try:
+      stored = self._mgr.item_metadata(step)[_STATE]
+    except Exception as e:
+      raise CheckpointError(f"train checkpoint {where} is unreadable ({_one_line(e)}); delete "
+                            "that step directory to resume from an earlier one") from e
+    if stored is None:
+      raise CheckpointError(f"train checkpoint {where} has no '{_STATE}' item; delete that "
+                            "step directory to resume from an earlier one")
+    _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train")
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}))
+    except Exception as e:
+      raise CheckpointError(f"train checkpoint {where} is corrupt or incomplete "
+                            f"({_one_line(e)}); delete that step directory to resume from an "
+                            "earlier one") from e
+    return out[_STATE], dict(out[_EXTRA] or {})
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+  def __enter__(self) -> "TrainCheckpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+

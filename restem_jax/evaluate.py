@@ -1,0 +1,102 @@
+"""Evaluate a model: greedy pass@1 (test and train), pass@k, maj@k, by difficulty."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from restem_jax import metrics, sampling
+from restem_jax.generate import decode_completions
+from restem_jax.tasks import Problem
+
+
+def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
+                 problems: Sequence[Problem], *, num_samples: int, mode: sampling.SamplingMode,
+                 max_new_tokens: int, max_batch: int, rng: jax.Array) -> list[list[str]]:
+  """[P][N] completions, in chunks of <= max_batch rows (memory bound)."""
+  per_chunk = max(1, max_batch // num_samples)
+  texts: list[list[str]] = []
+  for s in range(0, len(problems), per_chunk):
+    idx = list(range(s, min(s + per_chunk, len(problems))))
+    out = sampler.sample(params, [vocab.encode(problems[i].prompt) for i in idx],
+                         num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode,
+                         rng=rng, prompt_ids=idx)
+    texts += decode_completions(vocab, out)
+  return texts
+
+
+def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
+                   problems: Sequence[Problem], *, max_new_tokens: int,
+                   max_batch: int) -> list[float]:
+  texts = sample_texts(sampler, params, task.vocabulary, problems, num_samples=1,
+                       mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                       rng=jax.random.key(0))
+  return list(task.score(list(problems), [t[0] for t in texts]))
+
+
+def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[Problem], *,
+                       max_new_tokens: int, max_batch: int) -> Callable[[Any], float]:
+  """Algorithm 1's "reward on D_val": greedy pass@1 on the validation problems."""
+  def fn(params: Any) -> float:
+    return float(np.mean(greedy_rewards(sampler, params, task, problems,
+                                        max_new_tokens=max_new_tokens, max_batch=max_batch)))
+  return fn
+
+
+def _answer_key(task: Any) -> Callable[[str], str | None] | None:
+  """How majority voting groups samples: by normalised final answer (math only)."""
+  if task.reward_kind not in ("math", "exact_int"):
+    return None
+  from restem_jax.rewards import math as math_reward
+
+  def key(text: str) -> str | None:
+    ans = math_reward.extract_answer(text)
+    return None if ans is None else math_reward.normalize_answer(ans)
+  return key
+
+
+def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
+             test_problems: Sequence[Problem], train_problems: Sequence[Problem],
+             eval_cfg: ml_collections.ConfigDict, max_new_tokens: int, max_batch: int,
+             seed: int, log: Callable[[str], None] = logging.info) -> dict:
+  """All metrics of one model, as a JSON-able dict."""
+  greedy_test = greedy_rewards(sampler, params, task, test_problems,
+                               max_new_tokens=max_new_tokens, max_batch=max_batch)
+  result: dict[str, Any] = {
+      "num_test": len(test_problems),
+      "pass@1_greedy_test": float(np.mean(greedy_test)),
+      "pass@1_greedy_test_by_level": metrics.by_bucket([p.level for p in test_problems],
+                                                       greedy_test),
+  }
+  if eval_cfg.on_train and train_problems:
+    subset = list(train_problems)[: eval_cfg.num_train_eval]
+    greedy_train = greedy_rewards(sampler, params, task, subset,
+                                  max_new_tokens=max_new_tokens, max_batch=max_batch)
+    result["pass@1_greedy_train"] = float(np.mean(greedy_train))
+    result["num_train_eval"] = len(subset)
+  n = eval_cfg.num_samples
+  if n > 0:
+    mode = sampling.SamplingMode(temperature=eval_cfg.temperature, top_k=eval_cfg.top_k,
+                                 top_p=eval_cfg.top_p)
+    texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
+                         mode=mode, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                         rng=jax.random.fold_in(jax.random.key(seed), 7919))
+    flat = task.score([p for p in test_problems for _ in range(n)],
+                      [t for row in texts for t in row])
+    rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)
+    counts = [int(c) for c in (rewards > 0).sum(1)]
+    for k in eval_cfg.pass_k:
+      if k <= n:
+        result[f"pass@{k}"] = metrics.mean_pass_at_k(counts, n, k)
+    result["pass@1_sampled"] = metrics.mean_pass_at_k(counts, n, 1)
+    key = _answer_key(task)
+    if key is not None and eval_cfg.majority_k <= n:
+      k = eval_cfg.majority_k
+      maj = [metrics.majority_correct([key(t) for t in row[:k]], list(r[:k]))
+             for row, r in zip(texts, rewards)]
+      result[f"maj@{k}"] = float(np.mean(maj))
+  log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))
+  return result

@@ -1,0 +1,181 @@
+"""Improve (M-step): fine-tune on the kept samples with validation early stopping.
+
+    params = init_params (base model for ReST-EM, previous iterate for ReST: the caller picks)
+    for step in 1..max_steps:
+        train on batch(step)                 # deterministic: epoch-wise permutations by seed
+        every eval_every steps (and at the end): score = eval_fn(params)  # validation reward
+            keep the best params; stop after `patience` evaluations without improvement
+        every checkpoint_every steps (and at the end): checkpoint for resume
+
+Resume semantics: the data position is the step (batch s is a pure function of
+seed and s), and each mid-phase checkpoint holds the train state, the best params
+so far and the early-stop bookkeeping, all as of the same step. A killed run
+called again resumes from the latest checkpoint and ends with the same best
+params and info as an uninterrupted run. The last checkpoint is marked done, so
+calling improve again after it finished returns the stored result without
+training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from restem_jax import checkpoints, training
+from restem_jax import model as model_lib
+
+
+@dataclasses.dataclass
+class Example:
+  prompt: list[int]
+  target: list[int]
+  weight: float
+
+
+class BatchStream:
+  """Batch s = examples at stream positions [s*B, (s+1)*B) of epoch permutations.
+
+  The stream is perm_0 ++ perm_1 ++ ..., perm_e a permutation of all examples
+  seeded by (seed, e): every example is seen once per epoch, and any step's
+  batch is computable without replaying earlier ones (exact resume).
+  """
+
+  def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, seed: int,
+               pad_id: int = 0):
+    self.examples, self.batch_size, self.seq_len, self.seed = examples, batch_size, seq_len, seed
+    self.pad_id = pad_id
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.examples))}  # Only the current epoch is ever needed again.
+    return self._perms[epoch]
+
+  def indices(self, step: int) -> list[int]:
+    n = len(self.examples)
+    out = []
+    for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+      out.append(int(self._perm(pos // n)[pos % n]))
+    return out
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    chosen = [self.examples[i] for i in self.indices(step)]
+    return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
+                               [e.weight for e in chosen], self.seq_len, self.pad_id)
+
+
+def _validate(examples: Sequence[Example], seq_len: int, train_cfg: ml_collections.ConfigDict,
+              eval_fn: Any) -> None:
+  if len(examples) == 0:
+    raise ValueError("no kept samples to train on: the E-step kept 0 examples; lower the bar "
+                     "(reward threshold / max_per_problem) or draw more samples per problem")
+  too_long = [i for i, e in enumerate(examples) if len(e.prompt) + len(e.target) > seq_len]
+  if too_long:
+    raise ValueError(f"{len(too_long)} of {len(examples)} examples are longer than seq_len="
+                     f"{seq_len} (first: #{too_long[0]}); filter them before improve")
+  for name in ("max_steps", "checkpoint_every") + (("eval_every", "patience") if eval_fn else ()):
+    if int(train_cfg[name]) < 1:
+      raise ValueError(f"train.{name}={train_cfg[name]} must be >= 1")
+
+
+def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
+            mesh: Mesh, init_params: Any, examples: Sequence[Example], seq_len: int,
+            eval_fn: Callable[[Any], float] | None, workdir: str, seed: int,
+            log: Callable[[str], None] = logging.info) -> tuple[Any, dict]:
+  """One M-step. Returns (best params, info); see the module docstring.
+
+  info = {"best_step", "best_score", "steps", "evals": [(step, score)],
+          "stopped": "patience" | "max_steps"}. Without eval_fn the final params are
+  returned and best_step = steps, best_score = None.
+  """
+  _validate(examples, seq_len, train_cfg, eval_fn)
+  max_steps = int(train_cfg.max_steps)
+  eval_every, patience = int(train_cfg.eval_every), int(train_cfg.patience)
+  ckpt_every = int(train_cfg.checkpoint_every)
+  trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
+  stream = BatchStream(examples, trainer.batch_size, seq_len, seed)
+  abstract = {"train": trainer.abstract_state(),
+              "best": checkpoints.abstract_params_on(model_cfg, mesh)}
+
+  ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=int(train_cfg.keep_checkpoints))
+  try:
+    start = ckpt.latest_step()
+    if start is None:
+      state = trainer.init_state(init_params)
+      # Best-so-far starts as the initial params, so the pytree is always full;
+      # it is replaced by the first evaluation (best_score None < any score).
+      best_params = trainer.copy_params(state.params)
+      book = {"step": 0, "best_step": 0, "best_score": None, "evals": [], "bad_evals": 0,
+              "stopped": None, "done": False, "seed": seed, "num_examples": len(examples)}
+    else:
+      # A checkpoint that exists but cannot be read is an error, never a fresh start.
+      restored, book = ckpt.restore(abstract, start)
+      if book.get("seed") != seed or book.get("num_examples") != len(examples):
+        raise checkpoints.CheckpointError(
+            f"checkpoint {ckpt.directory}/{start} was written for seed={book.get('seed')} and "
+            f"{book.get('num_examples')} examples, not seed={seed} and {len(examples)}; use a "
+            "fresh workdir for a different M-step")
+      state, best_params = restored["train"], restored["best"]
+      log(f"improve: resumed from {ckpt.directory} at step {book['step']}")
+    if book["done"]:
+      return _result(best_params, state, book, eval_fn)
+
+    step = int(book["step"])
+    t_last, steps_last = time.perf_counter(), step
+    log_every = max(1, min(eval_every if eval_fn else 50, ckpt_every, 50))
+    while True:
+      state, metrics = trainer.step(state, stream.batch(step))
+      step += 1
+      if step % log_every == 0 or step == max_steps:
+        now = time.perf_counter()
+        rate = (step - steps_last) / max(now - t_last, 1e-9)
+        t_last, steps_last = now, step
+        log(f"improve step {step}/{max_steps}: loss {metrics['loss']:.4f} tokens "
+            f"{metrics['tokens']:.0f} grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e} "
+            f"({rate:.2f} steps/s)")
+      at_end = step >= max_steps
+      if eval_fn is not None and (step % eval_every == 0 or at_end):
+        score = float(eval_fn(state.params))
+        book["evals"].append([step, score])
+        if book["best_score"] is None or score > book["best_score"]:
+          book.update(best_step=step, best_score=score, bad_evals=0)
+          best_params = trainer.copy_params(state.params)
+        else:
+          book["bad_evals"] += 1
+        log(f"improve eval at step {step}: {score:.4f} (best {book['best_score']:.4f} at step "
+            f"{book['best_step']})")
+        if book["bad_evals"] >= patience:
+          book["stopped"] = "patience"
+      if at_end and book["stopped"] is None:
+        book["stopped"] = "max_steps"
+      book["step"] = step
+      stopping = book["stopped"] is not None
+      book["done"] = stopping
+      if stopping or step % ckpt_every == 0:
+        ckpt.save(step, {"train": state, "best": best_params}, book)
+      if stopping:
+        break
+    log(f"improve: stopped ({book['stopped']}) after {step} steps; best step "
+        f"{book['best_step']} score {book['best_score']}")
+    return _result(best_params, state, book, eval_fn)
+  finally:
+    ckpt.close()  # Async writes complete before improve returns (or raises).
+
+
+def _result(best_params: Any, state: training.TrainState, book: dict,
+            eval_fn: Any) -> tuple[Any, dict]:
+  info = {"best_step": int(book["best_step"]) if eval_fn else int(book["step"]),
+          "best_score": book["best_score"],
+          "steps": int(book["step"]),
+          "evals": [(int(s), float(v)) for s, v in book["evals"]],
+          "stopped": book["stopped"]}
+  return (best_params if eval_fn is not None else state.params), info

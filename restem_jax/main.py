@@ -1,0 +1,43 @@
+r"""ReST-EM: `python -m restem_jax.main --config=configs/demo.py --workdir=/tmp/run`.
+
+Rerun the same command to resume a killed run. Override fields on the command
+line (`--config.sampling.num_samples=8`); a config that differs from the one
+saved in the workdir stops the run unless --override is given.
+"""
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from restem_jax import run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, samples and evals go.")
+_OVERRIDE = flags.DEFINE_bool("override", False,
+                              "Continue a workdir even though the config changed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Orbax logs every save at INFO; keep its warnings, drop its chatter."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    run.run(_CONFIG.value, _WORKDIR.value, override=_OVERRIDE.value)
+  except run.USER_ERRORS as e:
+    # Bad input (config, data, checkpoint, workdir): one line, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

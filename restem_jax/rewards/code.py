@@ -1,0 +1,365 @@
+"""Binary reward for generated programs: 1.0 iff every test passes inside a sandbox.
+
+Job kinds: HumanEval (program defines a function, `check(candidate)` test code),
+APPS call-based (`fn_name` + argument / expected-output lists) and APPS
+standard-input (input strings, expected stdout compared like APPS does).
+
+Isolation (default)
+-------------------
+Every program gets a fresh bubblewrap sandbox: new pid, net, ipc, uts and cgroup
+namespaces (no network at all: only a loopback interface of its own), a
+read-only view of /usr (+ /lib*, /bin, /sbin) and of the Python installation,
+its own /proc and minimal /dev, a size-capped tmpfs at /tmp as the only writable
+place (the root is a read-only tmpfs: no /etc, /home, /root, /work, no repo),
+a cleared environment (PATH, HOME, LANG only: the harness's secrets are not
+there), `--die-with-parent` and `--new-session`.
+
+Unprivileged user. When the harness runs as root, bwrap itself runs as root
+without a user namespace (so it can bind an interpreter that lives under a
+private directory such as /root/.pyenv) keeping only CAP_SETUID/CAP_SETGID, and
+the runner's first action inside the sandbox is to set no_new_privs and switch
+to a dedicated host uid, `uid_base + worker slot` (2_000_000_000.. by default,
+outside every range Debian/systemd hand out), which clears all capabilities.
+Why not a uid inside a bwrap user namespace: as root that maps to host uid 0,
+and host root can read root-owned files and is exempt from RLIMIT_NPROC (fork
+bombs). Why not the shared `nobody`: one uid per slot gives every sandbox its
+own RLIMIT_NPROC budget (a fork bomb in one slot cannot make another program
+fail to start), and lets the harness SIGKILL everything owned by that uid after
+a run without touching unrelated `nobody` daemons. When the harness is not root
+it is already unprivileged: bwrap then uses `--unshare-all` with a user
+namespace and `--disable-userns`, and RLIMIT_NPROC is counted on top of the
+processes the caller already owns.
+
+Limits. Candidate processes get RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
+RLIMIT_NOFILE (soft == hard: an unprivileged program cannot raise them) and
+RLIMIT_CORE=0; the scratch tmpfs is capped at `scratch_mb`. The harness
+enforces `wall_s` for the whole job: on timeout it SIGKILLs the sandbox's pid-1,
+which makes the kernel kill every process in the pid namespace (daemons that
+double-forked and called setsid included), then reaps bwrap, then kills any
+process still owned by the slot's uid. Memory is bounded per process; the
+aggregate is at most memory_mb * max_procs per sandbox (no cgroup is assumed).
+
+Unforgeable verdict
+-------------------
+Candidate code never runs in a process that can produce the verdict:
+
+* The harness draws a random 128-bit nonce per job and sends it, with the job,
+  over the runner's stdin. The nonce is never in argv or the environment.
+* The trusted checker (`_sandbox_runner.py check`) drops privileges, marks
+  itself non-dumpable (a same-uid process can then neither ptrace it nor open its
+  /proc/<pid>/{mem,fd,environ}), reads the job and keeps the harness's stdout as
+  its private verdict fd (fd 1 is pointed at /dev/null; candidates are started
+  with fresh pipes and close_fds).
+* The candidate runs in separate, freshly exec'd interpreters. For HumanEval and
+  call-based jobs a `serve` process executes the program and answers
+  call-requests; the checker passes *proxies* to `check(candidate)` (and for
+  helper names the test reads, e.g. `poly`), so the test's asserts run in the
+  checker. Results come back as tagged JSON decoded into plain builtins only:
+  an object with a rigged `__eq__`, a monkeypatched `assert`/`AssertionError`/
+  `check`, `sys.settrace` tricks, `os._exit(0)`/`sys.exit(0)` or a printed
+  "PASS" all stay inside the candidate's process. For stdio jobs the checker
+  compares the captured (capped) stdout itself.
+* The harness awards 1.0 only for the exact line `<nonce> PASS` on that channel
+  from a run that finished in time. A killed checker, a dead candidate, a
+  timeout or a protocol error is a FAIL (fail-closed). Even a process that got
+  hold of the pipe could not write a verdict without the nonce, which lives only
+  in the harness and the non-dumpable checker.
+
+Known, documented gaps: a HumanEval completion may redefine helper functions of
+its own prompt that the test calls (as in the original harness); arguments are
+passed by value (tests that inspect in-place mutation are unsupported).
+
+`unsafe_local_exec=True` (only where a user explicitly asks, e.g. a machine
+without bubblewrap) runs the same runner without bwrap: rlimits, wall timeout,
+process-group kill and the nonce-checked verdict stay, but there is no
+filesystem/network/pid isolation and, when run as root, no RLIMIT_NPROC.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
+_SANDBOX_RUNNER = "/sandbox/runner.py"
+DEFAULT_UID_BASE = 2_000_000_000
+_INSTALL_HINT = ("bubblewrap (`bwrap`) is required to run generated code in a sandbox: "
+                 "install it with `apt-get install bubblewrap` (Debian/Ubuntu; "
+                 "`dnf install bubblewrap` on Fedora). Only if you accept running "
+                 "untrusted code unisolated, pass CodeExecutor(unsafe_local_exec=True).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  cpu_s: float = 4  # CPU seconds per candidate process
+  wall_s: float = 10  # wall clock for the whole job (all its tests)
+  memory_mb: int = 512  # address space per process
+  max_procs: int = 32  # processes + threads of the sandbox user
+  file_size_mb: int = 16  # largest file a program may write
+  open_files: int = 64
+  max_output_kb: int = 256  # stdout of one stdio run
+  scratch_mb: int = 64  # size of the private /tmp
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  reward: float
+  reason: str
+  wall_s: float
+
+
+class SandboxError(RuntimeError):
+  """The sandbox itself failed (not the program): never silently a 0 reward."""
+
+
+def apps_tests(input_output_json: str) -> dict:
+  """Parse APPS's `input_output` field into a job dict (without the program)."""
+  io = json.loads(input_output_json)
+  if io.get("fn_name"):
+    return {"kind": "call_based", "fn_name": io["fn_name"],
+            "inputs": list(io["inputs"]), "outputs": list(io["outputs"])}
+
+  def text(x):  # some APPS tests store a list of lines instead of one string
+    return "\n".join(map(str, x)) if isinstance(x, list) else str(x)
+  return {"kind": "stdio", "inputs": [text(x) for x in io["inputs"]],
+          "outputs": [text(x) for x in io["outputs"]]}
+
+
+def _procs_of_uid(uid: int) -> list[int]:
+  pids = []
+  for name in os.listdir("/proc"):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f"/proc/{name}/status") as f:
+        for line in f:
+          if line.startswith("Uid:"):
+            if int(line.split()[1]) == uid:
+              pids.append(int(name))
+            break
+    except OSError:
+      continue  # exited meanwhile
+  return pids
+
+
+def _children(pid: int) -> list[int]:
+  kids = []
+  for name in os.listdir("/proc"):
+    if name.isdigit():
+      try:
+        with open(f"/proc/{name}/stat") as f:
+          if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(name))
+      except (OSError, IndexError, ValueError):
+        continue
+  return kids
+
+
+class CodeExecutor:
+  """Scores programs against tests, `num_workers` sandboxes at a time."""
+
+  def __init__(self, limits: Limits = Limits(), num_workers: int = 2,
+               unsafe_local_exec: bool = False, *, python: str | None = None,
+               uid_base: int = DEFAULT_UID_BASE):
+    self.limits = limits
+    self.num_workers = max(1, int(num_workers))
+    self.unsafe_local_exec = unsafe_local_exec
+    self.python = os.path.realpath(python or sys.executable)
+    self._root = os.geteuid() == 0
+    self._bwrap = None
+    if not unsafe_local_exec:
+      self._bwrap = shutil.which("bwrap")
+      if self._bwrap is None:
+        raise SandboxError(_INSTALL_HINT)
+    # One uid per worker slot (root only): separate NPROC budgets, precise sweep.
+    self.sandbox_uids = ([uid_base + i for i in range(self.num_workers)]
+                         if self._root and not unsafe_local_exec else [])
+    self._slots: queue.Queue[int] = queue.Queue()
+    for i in range(self.num_workers):
+      self._slots.put(i)
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers,
+                                                       thread_name_prefix="sandbox")
+    # Fail loudly now, not with a silent 0 reward per program later.
+    probe = self._run({"kind": "stdio", "program": "print(6 * 7)",
+                       "inputs": [""], "outputs": ["42"]})
+    if probe.reward != 1.0:
+      self.close()
+      raise SandboxError(f"sandbox self-test failed: {probe.reason}")
+
+  # ------------------------------------------------------------------ API
+  def run_humaneval(self, program: str, test: str, entry_point: str) -> float:
+    return self._run({"kind": "humaneval", "program": program, "test": test,
+                      "entry_point": entry_point}).reward
+
+  def run_call_based(self, program: str, fn_name: str, inputs: list, outputs: list) -> float:
+    return self._run({"kind": "call_based", "program": program, "fn_name": fn_name,
+                      "inputs": inputs, "outputs": outputs}).reward
+
+  def run_stdio(self, program: str, inputs: list[str], outputs: list[str]) -> float:
+    return self._run({"kind": "stdio", "program": program, "inputs": inputs,
+                      "outputs": outputs}).reward
+
+  def score(self, jobs: list[dict]) -> list[float]:
+    """Rewards of many jobs ({"kind": ..., **kwargs of run_*}), in parallel, in order."""
+    return [o.reward for o in self.score_detailed(jobs)]
+
+  def score_detailed(self, jobs: list[dict]) -> list[Outcome]:
+    return list(self._pool.map(self._run, jobs))
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def __enter__(self) -> "CodeExecutor":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # ------------------------------------------------------------- internals
+  def _run(self, job: dict) -> Outcome:
+    kind = job.get("kind")
+    if kind not in ("humaneval", "call_based", "stdio"):
+      raise ValueError(f"unknown job kind {kind!r}")
+    if kind != "humaneval" and len(job["inputs"]) != len(job["outputs"]):
+      raise ValueError("inputs and outputs differ in length")
+    slot = self._slots.get()  # bounds concurrent sandboxes, even for direct run_* calls
+    try:
+      return self._run_in_slot(job, slot)
+    finally:
+      self._slots.put(slot)
+
+  def _run_in_slot(self, job: dict, slot: int) -> Outcome:
+    nonce = secrets.token_hex(16)
+    lim = dataclasses.asdict(self.limits)
+    scratch = None
+    if self.unsafe_local_exec:
+      scratch = tempfile.mkdtemp(prefix="restem_code_")
+      argv, env = [self.python, "-I", "-S", _RUNNER, "check"], {"PATH": "/usr/bin:/bin"}
+      lim["nproc"] = self.limits.max_procs + self._procs_of_me()
+    else:
+      argv, env = self._bwrap_argv(slot), {"PATH": "/usr/bin:/bin"}
+      lim["nproc"] = self.limits.max_procs + (0 if self._root else self._procs_of_me())
+    spec = dict(job, nonce=nonce, limits=lim, python=self.python,
+                runner=_RUNNER if self.unsafe_local_exec else _SANDBOX_RUNNER,
+                scratch=scratch or "/tmp", pidns=not self.unsafe_local_exec)
+    data = json.dumps(spec).encode()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True,
+                            close_fds=True)
+    timed_out = False
+    try:
+      out, err = proc.communicate(data, timeout=self.limits.wall_s + 1.0)
+    except subprocess.TimeoutExpired:
+      timed_out = True
+      out, err = b"", b""
+    finally:
+      self._kill(proc)
+      if self.sandbox_uids:
+        self._sweep(self.sandbox_uids[slot])
+      if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    if timed_out:
+      return Outcome(0.0, "timeout", elapsed)
+    lines = out.decode("utf-8", "replace").splitlines()
+    if not lines or not lines[0].startswith(nonce + " "):
+      msg = err.decode("utf-8", "replace").strip()
+      if msg.startswith("bwrap:"):  # set-up failed before any candidate code ran
+        raise SandboxError(f"sandbox failed to start: {msg[:500]}")
+      # The checker was killed (e.g. by the program's `kill -9 -1`) or crashed.
+      return Outcome(0.0, f"no verdict (exit {proc.returncode}) {' '.join(msg[-300:].split())}",
+                     elapsed)
+    verdict = lines[0][len(nonce) + 1:]
+    passed = verdict.split(" ", 1)[0] == "PASS" and elapsed <= self.limits.wall_s + 1.0
+    return Outcome(1.0 if passed else 0.0, verdict, elapsed)
+
+  def _procs_of_me(self) -> int:
+    return len(_procs_of_uid(os.getuid()))
+
+  def _kill(self, proc: subprocess.Popen) -> None:
+    """Kill a still-running sandbox and reap bwrap: no orphans, no zombies."""
+    if proc.returncode is None:  # only before reaping: afterwards the pid may be reused
+      if not self.unsafe_local_exec:
+        # SIGKILL of the namespace's init (the runner, bwrap's only child) kills
+        # every process inside it; bwrap then reaps it and exits.
+        for kid in _children(proc.pid):
+          try:
+            os.kill(kid, signal.SIGKILL)
+          except OSError:
+            pass
+        try:
+          proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+          pass
+      if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap / the unsafe runner; candidates
+        proc.wait()                          # follow via their parent-death signal
+    for f in (proc.stdout, proc.stderr, proc.stdin):
+      if f:
+        f.close()
+
+  def _sweep(self, uid: int) -> None:
+    """Belt and braces: nothing owned by the slot's uid survives a job."""
+    deadline = time.monotonic() + 5.0
+    while (pids := _procs_of_uid(uid)) and time.monotonic() < deadline:
+      for pid in pids:
+        try:
+          os.kill(pid, signal.SIGKILL)
+        except OSError:
+          pass
+      time.sleep(0.01)
+
+  def _bwrap_argv(self, slot: int) -> list[str]:
+    lim = self.limits
+    argv = [self._bwrap]
+    if self._root:
+      # No user namespace (see module docstring): the runner drops to the slot uid.
+      argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+               "--unshare-cgroup-try", "--cap-drop", "ALL",
+               "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+      argv += ["--unshare-all", "--unshare-user", "--disable-userns"]
+    # --as-pid-1: the runner is the namespace's init. bwrap's own init would be
+    # orphaned (a zombie under a non-reaping host pid 1) when bwrap exits; the
+    # runner is the direct child of bwrap, which reaps it. As init it also cannot
+    # be signalled by the candidates, and its exit kills the whole namespace.
+    argv += ["--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
+             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
+             "--setenv", "HOME", "/tmp", "--ro-bind", "/usr", "/usr"]
+    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+      if os.path.islink(d):
+        argv += ["--symlink", os.readlink(d), d]
+      elif os.path.isdir(d):
+        argv += ["--ro-bind", d, d]
+    prefixes = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(self.python))}
+    for p in sorted(prefixes):
+      if p != "/usr" and not p.startswith("/usr/"):
+        # bwrap would copy the modes of the host's parents (/root is 0700):
+        # make them traversable so the unprivileged uid can reach the interpreter.
+        parents = [os.path.dirname(p)]
+        while parents[-1] != "/":
+          parents.append(os.path.dirname(parents[-1]))
+        for d in reversed(parents[:-1]):
+          argv += ["--perms", "0755", "--dir", d]
+        argv += ["--ro-bind", p, p]
+    argv += ["--perms", "0755", "--dir", os.path.dirname(_SANDBOX_RUNNER),
+             "--ro-bind", _RUNNER, _SANDBOX_RUNNER,
+             "--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", str(lim.scratch_mb << 20), "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", str(1 << 20), "--tmpfs", "/dev/shm",
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
+             self.python, "-I", "-S", _SANDBOX_RUNNER, "check"]
+    if self._root:
+      uid = self.sandbox_uids[slot]
+      argv += [str(uid), str(uid)]
+    return argv

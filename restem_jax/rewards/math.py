@@ -1,0 +1,594 @@
+r"""Binary reward for MATH / GSM8K: extract the final answer, compare it with the gold.
+
+Extraction (`extract_answer`; the grader uses `extract_answer_strict`):
+  * Candidates: braced `\boxed{..}` / `\fbox{..}` (brace-matched; `\{ \}` are literal);
+    brace-less `\boxed 7`, used only when there is no braced box (so a stray later
+    `\boxed 7` cannot hide an earlier `\boxed{..}`); GSM8K `#### 42`; "the (final)
+    answer is X" (X = the `$..$` / `\(..\)` that follows, else the rest of the
+    sentence, "18 dollars" -> "18"). Empty or unclosed boxes are ignored.
+  * `extract_answer`: the last box (MATH convention), else the last `####` / "answer is"
+    statement, else, only with fallback_last_number=True, the last number.
+  * `extract_answer_strict` returns None (reward 0) when the text changes its mind: two
+    boxes that differ after `normalize_answer`, or a statement at/after the first box
+    that differs from it (statements before the first box are reasoning); with no box,
+    all statements must agree. Answers over 1000 characters are rejected.
+
+Equivalence (`is_equiv`, `MathGrader`): equal iff
+  (a) the `normalize_answer` strings are equal (Hendrycks MATH normalisation: \left,
+      \right, `\text{ cm}` units, degrees, `\$`, `%`, dfrac/tfrac, `\frac12`, `a/b`,
+      `\sqrt3`, `1{,}000` / `1,000`, spaces, trailing `.`, a leading `x=`), or
+  (b) math_verify's `verify(gold, pred)` (gold first: not symmetric) AND our cross-check
+      agree. The cross-check: the same `\pm` / `\mp` on both sides; both parse to sympy;
+      sets, tuples, intervals (open/closed ends), unions and matrices match in size and
+      element by element; `x = v` compares v; expressions (decimals read as exact
+      rationals) agree to a relative 1e-30 at 50 digits, at three fixed signed points
+      if they have symbols; rescaled equations agree; other structures must be equal.
+  This rejects math_verify's known false positives (its issues #14, #41, #60):
+  `n=2,3,4` vs `n=1,2,3`, `1/2004!` vs `1/2006!`, `\pm 2021` vs `2021`, `4` vs
+  `4\sqrt{2}` / `4\sqrt(2)`, and its rounding (`0.333333` vs 1/3, `3.14159265` vs pi).
+  Symbolic checks run in spawned worker processes (math_verify relies on signals, which
+  fail in threads) under a CPU-time timer of timeout_s; a worker silent for 2*timeout_s
+  + grace (stuck in C) or dead is killed and replaced, and its pair scores 0.0. Model
+  output never raises; an empty gold raises ValueError. Not thread-safe: one grader
+  per thread.
+
+False negatives accepted (zero false positives comes first):
+  * Rounded decimals of non-terminating values (`0.333` for 1/3, `3.1416` for pi).
+  * `\pm 2` vs `-2, 2` (the `\pm` rule is one-sided by design).
+  * Restating the answer in another form (`\boxed{0.5}` then "the answer is 1/2"),
+    or prose after "the answer is" beyond a number and one or two unit words.
+  * `(3, \infty)` as gold vs `x > 3` (math_verify only compares a gold relation with a
+    predicted set); `\text{..}` units glued to a number other than common unit
+    words (`5\text{parsecs}`).
+  * A check slower than timeout_s of CPU time.
+  Normalisation follows Hendrycks: `10\%` equals `10`, `5\text{ cm}` equals `5`.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.connection
+import random
+import re
+import signal
+import time
+from typing import Any
+
+_MAX_ANSWER_CHARS = 1000  # Longer "answers" are degenerate output; also bounds sympy work.
+
+# ----------------------------------------------------------------------------- extraction
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# GSM8K's `#### 42` (a number only: a markdown heading `#### Step 1: ...` is not one).
+_HASH_RE = re.compile(r"####[ \t]*([-+]?\$?\d[\d,]*(?:\.\d+)?)\.?[ \t]*(?:\n|$)")
+_ANSWER_IS_RE = re.compile(r"\banswer\s+is\s*:?\s*", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+_UNIT_TAIL_RE = re.compile(r"(-?\$?\d[\d,]*(?:\.\d+)?)\s+[A-Za-z]+(?:\s+[A-Za-z]+)?")
+_MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# "I hope the answer is correct": a verdict, not an answer.
+_VERDICTS = {"correct", "incorrect", "right", "wrong", "valid", "reasonable", "plausible"}
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+  r"""Index of every `{` -> index of its matching `}`, in one linear pass.
+
+  `\{` and `\}` are literal braces (set notation), not grouping: skipped. One pass
+  keeps a degenerate "\boxed{\boxed{..." output linear instead of quadratic.
+  """
+  pairs, stack, i = {}, [], 0
+  while i < len(text):
+    ch = text[i]
+    if ch == "\\":
+      i += 2
+      continue
+    if ch == "{":
+      stack.append(i)
+    elif ch == "}" and stack:
+      pairs[stack.pop()] = i
+    i += 1
+  return pairs  # An unclosed `{` (truncated generation) has no entry.
+
+
+def _boxes(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+  """(braced, brace-less) box contents with their positions, in text order."""
+  braced, bare = [], []
+  pairs = _brace_pairs(text) if _BOX_RE.search(text) else {}
+  for m in _BOX_RE.finditer(text):
+    j = m.end()
+    while j < len(text) and text[j] in " \t":
+      j += 1
+    if j < len(text) and text[j] == "{":
+      content = text[j + 1:pairs[j]].strip() if j in pairs else ""
+      if content:
+        braced.append((m.start(), content))
+    elif m.end() < j:  # `\boxed 7`: the token up to whitespace or a closing `$`.
+      tok = re.match(r"[^\s$]+", text[j:])
+      if tok and tok.group(0).rstrip(".,;"):
+        bare.append((m.start(), tok.group(0).rstrip(".,;")))
+  return braced, bare
+
+
+def _answer_is(text: str) -> list[tuple[int, str]]:
+  """The X of every "the answer is X", in text order."""
+  out = []
+  for m in _ANSWER_IS_RE.finditer(text):
+    rest = text[m.end():m.end() + 2 * _MAX_ANSWER_CHARS]
+    ans = None
+    for open_, close in _MATH_DELIMS:
+      if rest.startswith(open_):
+        end = rest.find(close, len(open_))
+        ans = rest[len(open_):end] if end > 0 else None
+        break
+    if ans is None:
+      line = rest.split("\n", 1)[0]
+      ans = re.split(r"[.!?](?:\s|$)", line, maxsplit=1)[0].replace("$", "")
+      unit = _UNIT_TAIL_RE.fullmatch(ans.strip())
+      if unit:  # "The answer is 18 dollars." -> "18".
+        ans = unit.group(1)
+      words = ans.split()
+      if words and not re.search(r"[\d\\^_=+*/()]", ans) and (
+          len(words) > 1 or words[0].lower() in _VERDICTS):
+        continue  # Prose ("correct", "the same as before"), not a stated answer.
+    if _BOX_RE.search(ans):  # "answer is $\boxed{5}$": the box is already a candidate.
+      continue
+    ans = ans.strip().rstrip(".")
+    if ans:
+      out.append((m.start(), ans))
+  return out
+
+
+def _candidates(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+  braced, bare = _boxes(text)
+  stated = [(m.start(), m.group(1)) for m in _HASH_RE.finditer(text)]
+  stated = sorted(stated + _answer_is(text))
+  return (braced or bare), stated
+
+
+def _last_number(text: str) -> str | None:
+  nums = _NUMBER_RE.findall(text)
+  return nums[-1].replace(",", "") if nums else None
+
+
+def extract_answer(text: str, *, fallback_last_number: bool = False) -> str | None:
+  """The final answer in a model output or a solution; None when there is none."""
+  if not isinstance(text, str):
+    return None
+  boxes, stated = _candidates(text)
+  if boxes:
+    return boxes[-1][1]
+  if stated:
+    return stated[-1][1]
+  return _last_number(text) if fallback_last_number else None
+
+
+def extract_answer_strict(text: str, *, fallback_last_number: bool = False) -> str | None:
+  """Like `extract_answer`, but None when the text gives conflicting final answers."""
+  if not isinstance(text, str):
+    return None
+  boxes, stated = _candidates(text)
+  if boxes:
+    first_box = boxes[0][0]
+    final = boxes + [s for s in stated if s[0] >= first_box]
+  else:
+    final = stated
+  if not final:
+    return _last_number(text) if fallback_last_number else None
+  if any(len(a) > _MAX_ANSWER_CHARS for _, a in final):
+    return None  # Degenerate output; also keeps normalisation cheap.
+  if len({normalize_answer(a) for _, a in final}) > 1:
+    return None  # The model changed its mind: no single answer to reward.
+  return (boxes or stated)[-1][1]
+
+
+def gsm8k_gold(answer_field: str) -> str:
+  """GSM8K's "answer" field -> the number after `####`, commas removed."""
+  if not answer_field or "####" not in answer_field:
+    raise ValueError(f"GSM8K answer field has no '####': {str(answer_field)[-80:]!r}")
+  gold = answer_field.rsplit("####", 1)[1].strip().replace(",", "")
+  if not gold:
+    raise ValueError("GSM8K answer field has nothing after '####'")
+  return gold
+
+
+def math_gold(solution_field: str) -> str:
+  """MATH's "solution" field -> the content of its last box."""
+  braced, bare = _boxes(solution_field or "")
+  if not (braced or bare):
+    raise ValueError(f"MATH solution has no \\boxed answer: {str(solution_field)[-80:]!r}")
+  return (braced or bare)[-1][1]
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+# A unit: `\text{ cm}` / `5 \text{cm}` (space), or a common unit word (`5\text{cm}`);
+# not any `\text{..}` glued to a number, nor `\mathrm` (`3\mathrm{i}` is a number).
+_UNITS = ("cm|mm|m|km|in|inch|inches|ft|foot|feet|yd|yards?|miles?|units?|sq|degrees?|"
+          "dollars?|cents?|seconds?|minutes?|hours?|days?|weeks?|years?|meters?|grams?|kg|g")
+_UNIT_RE = re.compile(
+    r"^(.*?[\d}])(?:\s*\\(?:text|mbox)\{\s+[A-Za-z][A-Za-z .]*|\s+\\(?:text|mbox)\{"
+    r"[A-Za-z][A-Za-z .]*|\s*\\(?:text|mbox)\{(?:" + _UNITS + r"))\}(?:\^\{?\d\}?)?$")
+_TEXT_ONLY_RE = re.compile(r"^\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}$")
+_THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _clean(ans: str) -> str:
+  """Meaning-preserving cleanup; keeps spaces, so the result is still valid LaTeX."""
+  s = ans.strip().replace("\n", " ")
+  # Thin spaces `\,` `\;` `\ ` -> space, `\!` -> nothing; a `\\` row break is kept.
+  s = re.sub(r"\\\\|\\[,;: !]",
+             lambda m: m.group(0) if m.group(0) == "\\\\" else " " * (m.group(0) != "\\!"), s)
+  s = s.replace("~", " ")
+  s = re.sub(r"(\d)\{,\}(?=\d)", r"\1", s)  # 1{,}000
+  s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])", "", s)
+  s = re.sub(r"\\displaystyle(?![A-Za-z])", "", s)
+  s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+  s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])", "", s)
+  s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+  for _ in range(2):  # `5\text{ cm}.` : units and trailing dots in either order.
+    s = s.strip().rstrip(".").strip()
+    m = _UNIT_RE.match(s)
+    if m and re.search(r"\d", m.group(1)):
+      s = m.group(1)
+  m = _TEXT_ONLY_RE.match(s)
+  if m:
+    s = m.group(1).strip()
+  if _THOUSANDS_RE.fullmatch(s):
+    s = s.replace(",", "")
+  return s
+
+
+def _fix_fracs(s: str) -> str:
+  r"""`\frac12` -> `\frac{1}{2}` (and `\frac1{2}`, `\frac{1}2`)."""
+  out, i, pairs = [], 0, _brace_pairs(s)
+  while True:
+    j = s.find("\\frac", i)
+    if j < 0:
+      return "".join(out) + s[i:]
+    out.append(s[i:j] + "\\frac")
+    k = j + 5
+    for _ in range(2):
+      if k < len(s) and s[k] == "{":
+        end = pairs.get(k)
+        if end is None:
+          break
+        out.append(s[k:end + 1])
+        k = end + 1
+      elif k < len(s) and s[k] != "\\":
+        out.append("{" + s[k] + "}")
+        k += 1
+    i = k
+
+
+def normalize_answer(ans: str) -> str:
+  """Hendrycks-style canonical string; equal strings mean equal answers."""
+  if not isinstance(ans, str):
+    return ""
+  s = _clean(ans)
+  s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
+  s = re.sub(r"\s+", "", s)
+  s = _fix_fracs(s)
+  m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+  if m:
+    s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+  s = re.sub(r"(?<![\d}])\.(\d)", r"0.\1", s)  # .5 -> 0.5
+  m = re.fullmatch(r"[A-Za-z]=([^=]+)", s)  # "x=5" -> "5": the variable is not the answer.
+  if m:
+    s = m.group(1)
+  return s
+
+
+# ----------------------------------------------------------------------------- symbolic layer
+# From here to `_worker_main`: runs in worker processes only (sympy is imported there).
+
+
+class _CheckTimeout(BaseException):
+  """BaseException so that sympy's and math_verify's `except Exception` cannot swallow it."""
+
+
+def _on_timer(signum, frame):
+  raise _CheckTimeout()
+
+
+def _values(exprs: tuple, seed: int) -> list[tuple]:
+  """The exprs evaluated to 50 digits at 3 fixed points of their free symbols.
+
+  Fixed points: the same answer always gets the same reward. Signed: |x| vs x differ.
+  """
+  import sympy  # pylint: disable=import-outside-toplevel
+  syms = sorted(set().union(*(e.free_symbols for e in exprs)), key=str)
+  rng = random.Random(seed)
+  out = []
+  for _ in range(3 if syms else 1):
+    point = {x: sympy.Rational(rng.choice((-1, 1)) * rng.randint(300, 2100), 1000)
+             for x in syms}
+    out.append(tuple(sympy.N(e.subs(point), 50) for e in exprs))
+  return out
+
+
+def _exact(e: Any) -> Any:
+  """Decimals as exact rationals: 0.5 = 1/2 exactly, 3.14159265358979 != pi."""
+  import sympy  # pylint: disable=import-outside-toplevel
+  return e.replace(lambda x: isinstance(x, sympy.Float), lambda f: sympy.Rational(str(f)))
+
+
+def _close(va: Any, vb: Any) -> bool:
+  import sympy  # pylint: disable=import-outside-toplevel
+  bad = (sympy.nan, sympy.zoo)
+  if not (va.is_number and vb.is_number) or va.has(*bad) or vb.has(*bad):
+    return False  # Cannot tell: reject rather than trust a possible false positive.
+  if va.has(sympy.oo) or vb.has(sympy.oo):
+    return va == vb
+  scale = max(abs(va), abs(vb))  # Relative: 1/2004! vs 1/2006! differ at full magnitude.
+  return scale == 0 or bool(abs(va - vb) <= scale * sympy.Float("1e-30", 50))
+
+
+def _num_equal(a: Any, b: Any) -> bool:
+  a, b = _exact(a), _exact(b)
+  return a == b or all(_close(va, vb) for va, vb in _values((a, b), 1234))
+
+
+def _proportional(da: Any, db: Any) -> bool:
+  """Whether da = c * db for a constant c != 0: the same equation, rescaled."""
+  if not (da.free_symbols | db.free_symbols):
+    return False
+  vals = _values((_exact(da), _exact(db)), 4321)
+  if any(vb == 0 or not (va.is_number and vb.is_number) for va, vb in vals):
+    return False
+  ratios = [va / vb for va, vb in vals]
+  return ratios[0] != 0 and all(_close(r, ratios[0]) for r in ratios[1:])
+
+
+def _match_sets(xs: list, ys: list) -> bool:
+  ys = list(ys)
+  for x in xs:
+    hit = next((k for k, y in enumerate(ys) if _agree(x, y)), None)
+    if hit is None:
+      return False
+    ys.pop(hit)
+  return not ys
+
+
+def _agree(a: Any, b: Any) -> bool:  # pylint: disable=too-many-return-statements
+  """Our own cross-check of a pair math_verify called equal: structure, then values."""
+  import sympy  # pylint: disable=import-outside-toplevel
+  from sympy.matrices import MatrixBase  # pylint: disable=import-outside-toplevel
+  if isinstance(a, MatrixBase) or isinstance(b, MatrixBase):
+    return (isinstance(a, MatrixBase) and isinstance(b, MatrixBase) and a.shape == b.shape
+            and all(_agree(x, y) for x, y in zip(a, b)))
+  if isinstance(a, sympy.Eq) and isinstance(b, sympy.Eq):
+    if a.lhs == b.lhs and isinstance(a.lhs, sympy.Symbol):
+      return _agree(a.rhs, b.rhs)  # `n = 1,2,3` vs `n = 2,3,4`: compare the values.
+    return _proportional(a.lhs - a.rhs, b.lhs - b.rhs)  # `2y=4x+6` vs `y=2x+3`.
+  for x, y in ((a, b), (b, a)):
+    if isinstance(x, sympy.Eq) and isinstance(x.lhs, sympy.Symbol):
+      return _agree(x.rhs, y)  # `x = 2` (or `x \in [1,2]`) vs `2`.
+    if isinstance(x, sympy.FiniteSet) and len(x) == 1 and isinstance(y, sympy.Expr):
+      return _agree(next(iter(x)), y)  # `\{2\}` vs `2`.
+  if isinstance(a, sympy.Rel) or isinstance(b, sympy.Rel):
+    if type(a) is type(b):
+      return _agree(a.lhs, b.lhs) and _agree(a.rhs, b.rhs)
+    try:  # `x > 3` vs `(3, \infty)`: compare as sets.
+      a2, b2 = (x.as_set() if isinstance(x, sympy.Rel) else x for x in (a, b))
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return not isinstance(a2, sympy.Rel) and not isinstance(b2, sympy.Rel) and _agree(a2, b2)
+  if isinstance(a, sympy.FiniteSet) and isinstance(b, sympy.FiniteSet):
+    return _match_sets(list(a), list(b))  # Unordered, sizes must match.
+  if isinstance(a, sympy.Union) and isinstance(b, sympy.Union):
+    return _match_sets(list(a.args), list(b.args))
+  if isinstance(a, sympy.Tuple) and isinstance(b, sympy.Tuple):
+    return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b))
+  if isinstance(a, sympy.Interval) and isinstance(b, sympy.Interval):
+    return (a.left_open == b.left_open and a.right_open == b.right_open
+            and _agree(a.start, b.start) and _agree(a.end, b.end))
+  if isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr):
+    return _num_equal(a, b)
+  return a == b  # Any other structure: only exact equality.
+
+
+def _symbolic_equal(gold: str, pred: str) -> bool:
+  from math_verify import LatexExtractionConfig, parse, verify  # pylint: disable=import-outside-toplevel
+  if ("\\pm" in gold) != ("\\pm" in pred) or ("\\mp" in gold) != ("\\mp" in pred):
+    return False
+  # math_verify's own timeouts off: they would reset our timer, which covers it all.
+  g, p = (parse("$" + x + "$", extraction_config=[LatexExtractionConfig()],
+                parsing_timeout=None) for x in (gold, pred))
+  if not verify(g, p, timeout_seconds=None):  # GOLD FIRST: verify is not symmetric.
+    return False
+  gs = [x for x in g if not isinstance(x, str)]
+  ps = [x for x in p if not isinstance(x, str)]
+  return bool(gs and ps and _agree(gs[0], ps[0]))
+
+
+def _check_in_worker(gold: str, pred: str, timeout_s: float) -> bool:
+  # CPU time, not wall time: the same pair gets the same reward on a loaded machine.
+  signal.signal(signal.SIGPROF, _on_timer)
+  signal.setitimer(signal.ITIMER_PROF, timeout_s)
+  try:
+    return _symbolic_equal(gold, pred)
+  except (Exception, _CheckTimeout, RecursionError):  # pylint: disable=broad-except
+    return False
+  finally:
+    signal.setitimer(signal.ITIMER_PROF, 0)
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+  logging.disable(logging.WARNING)  # math_verify logs every failed parse.
+  _check_in_worker("1", "\\frac{2}{2}", 30.0)  # Import and warm sympy/antlr first.
+  try:
+    conn.send("ready")
+    while (task := conn.recv()) is not None:
+      try:
+        ok = _check_in_worker(*task)
+      except BaseException:  # pylint: disable=broad-except
+        ok = False  # The timer fired between the check and its cancellation.
+      conn.send(ok)
+  except (EOFError, OSError):
+    pass  # The grader went away (closed or garbage-collected): exit quietly.
+
+
+# ----------------------------------------------------------------------------- process pool
+
+
+class _Worker:
+
+  def __init__(self, ctx, target):
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=target, args=(child,), daemon=True)
+    self.proc.start()
+    child.close()
+    self.born = time.monotonic()
+    self.ready = False
+    self.task: int | None = None  # Index of the pair being checked.
+    self.started = 0.0
+
+  def kill(self) -> None:
+    self.proc.kill()
+    self.proc.join(5)
+    self.conn.close()
+
+
+class MathGrader:
+  """Scores model outputs against gold answers with a pool of checker processes.
+
+  Own processes rather than multiprocessing.Pool / ProcessPoolExecutor: those cannot
+  kill one hung task (Python 3.11), and a check stuck in C (huge integer powers)
+  ignores signals. Here a worker past its deadline is killed and replaced alone.
+  Processes are spawned (not forked): the parent may hold JAX/TF threads. So a calling
+  script needs the `if __name__ == "__main__":` guard.
+  """
+
+  startup_timeout_s = 120.0  # Spawn + importing sympy on a loaded 2-core CI box.
+  hang_grace_s = 5.0  # Beyond 2 * timeout_s, a silent worker is hung in C: killed.
+  _worker_target = staticmethod(_worker_main)  # Tests swap in a deliberately hanging one.
+
+  def __init__(self, num_workers: int = 2, timeout_s: float = 5.0,
+               fallback_last_number: bool = False):
+    if num_workers < 1 or timeout_s <= 0:
+      raise ValueError("MathGrader needs num_workers >= 1 and timeout_s > 0")
+    self.num_workers = num_workers
+    self.timeout_s = float(timeout_s)
+    self.fallback_last_number = fallback_last_number
+    self._ctx = multiprocessing.get_context("spawn")
+    self._workers: list[_Worker] = []  # Started lazily: string matches need none.
+
+  def _new_worker(self) -> _Worker:
+    return _Worker(self._ctx, self._worker_target)
+
+  def score(self, golds: list[str], outputs: list[str]) -> list[float]:
+    """1.0/0.0 per (gold answer, full model output) pair."""
+    if len(golds) != len(outputs):
+      raise ValueError(f"score: {len(golds)} golds but {len(outputs)} outputs")
+    for i, g in enumerate(golds):
+      if not isinstance(g, str) or not g.strip():
+        raise ValueError(f"score: gold answer #{i} is empty or not a string: {g!r}")
+    preds = []
+    for o in outputs:
+      try:
+        preds.append(extract_answer_strict(o, fallback_last_number=self.fallback_last_number))
+      except Exception:  # pylint: disable=broad-except
+        preds.append(None)  # Never let odd output crash a generation run.
+    return self._grade(list(golds), preds, self.timeout_s)
+
+  def _grade(self, golds: list[str], preds: list[str | None], timeout_s: float) -> list[float]:
+    scores = [0.0] * len(golds)
+    todo: dict[tuple[str, str], list[int]] = {}  # Unique pairs: samples repeat answers.
+    for i, (g, p) in enumerate(zip(golds, preds)):
+      if not p or len(p) > _MAX_ANSWER_CHARS:
+        continue
+      if normalize_answer(g) == normalize_answer(p):
+        scores[i] = 1.0
+      else:
+        todo.setdefault((_clean(g), _clean(p)), []).append(i)
+    if todo:
+      pairs = list(todo)
+      for pair, ok in zip(pairs, self._run(pairs, timeout_s)):
+        for i in todo[pair]:
+          scores[i] = 1.0 if ok else 0.0
+    return scores
+
+  def _run(self, pairs: list[tuple[str, str]], timeout_s: float) -> list[bool]:
+    results = [False] * len(pairs)
+    queue = list(range(len(pairs)))[::-1]
+    limit = 2 * timeout_s + self.hang_grace_s  # Wall clock: the CPU timer may lag it.
+    while len(self._workers) < self.num_workers:
+      self._workers.append(self._new_worker())
+    failed_starts = 0
+    while queue or any(w.task is not None for w in self._workers):
+      for k, w in enumerate(self._workers):
+        if w.ready and w.task is None and queue:
+          try:
+            w.conn.send((*pairs[queue[-1]], timeout_s))
+          except (OSError, ValueError):  # Died while idle: replace it, keep the pair.
+            w.kill()
+            self._workers[k] = self._new_worker()
+            continue
+          w.task, w.started = queue.pop(), time.monotonic()
+      multiprocessing.connection.wait([w.conn for w in self._workers], timeout=0.05)
+      now = time.monotonic()
+      for k, w in enumerate(self._workers):
+        dead = False
+        try:
+          while w.conn.poll():
+            msg = w.conn.recv()
+            if msg == "ready":
+              w.ready, failed_starts = True, 0
+            elif w.task is not None:
+              results[w.task], w.task = bool(msg), None
+        except (EOFError, OSError):
+          dead = True  # Crashed (segfault, OOM kill): its pair scores 0.
+        if w.task is not None and now - w.started > limit:
+          dead = True  # Hung beyond the in-worker timer: stuck in C code.
+        if not w.ready and now - w.born > self.startup_timeout_s:
+          dead = True
+        if dead:
+          failed_starts += 0 if w.ready else 1
+          if not w.ready and failed_starts >= 3:
+            self.close()
+            raise RuntimeError(
+                "MathGrader: checker processes fail to start (math-verify missing, or the "
+                "main script lacks `if __name__ == '__main__':`, which spawn needs)")
+          w.kill()
+          self._workers[k] = self._new_worker()
+    return results
+
+  def close(self) -> None:
+    for w in self._workers:
+      try:
+        w.conn.send(None)
+      except (OSError, ValueError):
+        pass
+    for w in self._workers:
+      w.proc.join(1)
+      if w.proc.is_alive():
+        w.kill()
+    self._workers = []
+
+  def __enter__(self) -> "MathGrader":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # Interpreter shutdown: the daemon workers die with us anyway.
+
+
+_SHARED: MathGrader | None = None
+
+
+def is_equiv(gold: str, pred: str, *, timeout_s: float = 5.0) -> bool:
+  """Whether the extracted answer `pred` equals `gold` (symbolic part in a subprocess)."""
+  global _SHARED
+  if not isinstance(gold, str) or not gold.strip():
+    raise ValueError(f"is_equiv: gold answer is empty or not a string: {gold!r}")
+  if not isinstance(pred, str) or not pred.strip():
+    return False
+  if _SHARED is None:
+    _SHARED = MathGrader(num_workers=1, timeout_s=timeout_s)
+    atexit.register(_SHARED.close)
+  return _SHARED._grade([gold], [pred.strip()], float(timeout_s))[0] == 1.0  # pylint: disable=protected-access

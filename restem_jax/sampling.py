@@ -1,0 +1,409 @@
+"""Jitted KV-cache sampler: one prefill per prompt, N samples per prompt, on-device loop.
+
+This is the E-step's hot path. One call of `Sampler.sample` runs a single jitted
+program:
+
+  1. prefill: the right-padded prompts [P, L] go through the model once, filling a
+     KV cache of length L (only the cache is kept: the prefill logits are dead
+     code and XLA drops the output projection);
+  2. expand: each prompt's cache is padded to the decode length and repeated into
+     its N sample rows (row = prompt * N + sample), so a prompt is prefilled
+     once, not N times;
+  3. decode: a lax.while_loop feeds one token per row per step. Step 0 re-feeds
+     the last prompt token at its own position (rewriting the identical K/V) and
+     samples the first new token from its logits; this gives every row of a
+     variable-length batch the same loop without a ragged prefill gather. The
+     loop exits as soon as every row has emitted EOS (or a stop sequence) or
+     the max_new_tokens budget is reached. No host syncs inside the loop.
+
+Shapes are bucketed so new inputs rarely recompile:
+  * prompt length L: next power of two >= the longest prompt, at least
+    MIN_PROMPT_BUCKET (16), capped at model max_seq_len;
+  * prompt count P: next power of two >= the number of prompts, rounded up to a
+    multiple of partitioning.data_parallel_size(mesh) (padding prompts are
+    dropped from the output);
+  * decode cache length: min(max_seq_len, L + max_new_tokens), the most any row
+    can reach, so a short generation does not attend over the whole context;
+  * num_samples and max_new_tokens are static (they shape the output).
+`sample_chunked` uses one (P, L) shape for all its chunks: one compile per E-step.
+
+Decoding modes (`SamplingMode`): temperature 0 is greedy; otherwise
+softmax(logits / T), restricted first to the top_k tokens (if top_k > 0), then
+to the nucleus (smallest prefix, by decreasing probability, of the
+renormalised distribution whose mass reaches top_p; if top_p < 1). What
+selects the compiled program is static: greedy or not, top_k (it sets a
+shape), top_p < 1 or not. The temperature and top_p *values* are traced, so
+sweeping T = 0.7 -> 1.0 or p = 0.9 -> 0.95 reuses the same executable.
+
+Randomness: per-row keys, independent of batching. With `rng` the caller's key
+and `prompt_ids` caller-given integer ids (default: index of the prompt in the
+list given to sample / sample_chunked), sample j of prompt i at decode step t
+uses fold_in(fold_in(fold_in(rng, prompt_ids[i]), j), t). So results do not
+depend on chunking, batch padding or which other prompts share the call, and a
+resumed E-step regenerates exactly the samples of the prompts it redoes.
+
+Log-probs: `SampleOutput.logprobs` holds log_softmax(model logits) at the chosen
+token, i.e. the model's own log p(y_t | prefix) at temperature 1 without top-k /
+top-p truncation (what scoring and the M-step loss see), not the log-prob
+under the truncated, tempered sampling distribution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from restem_jax import model as M
+from restem_jax import partitioning
+
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+  """How the next token is chosen. temperature == 0 means greedy (top_k/top_p unused)."""
+  temperature: float = 0.0
+  top_k: int = 0  # 0 disables top-k.
+  top_p: float = 1.0  # 1.0 disables nucleus sampling.
+
+  def __post_init__(self):
+    if not self.temperature >= 0.0:
+      raise ValueError(f"SamplingMode.temperature={self.temperature} must be >= 0")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingMode.top_k={self.top_k} must be >= 0 (0 disables top-k)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingMode.top_p={self.top_p} must be in (0, 1]")
+
+  @classmethod
+  def from_config(cls, c: Any) -> "SamplingMode":
+    """From a config block with temperature / top_k / top_p (config.sampling, config.eval)."""
+    return cls(temperature=float(c.temperature), top_k=int(c.top_k), top_p=float(c.top_p))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  def static_key(self) -> tuple[bool, int, bool]:
+    """The parts that select a compiled program: (greedy, top_k, uses top-p)."""
+    if self.greedy:
+      return (True, 0, False)
+    return (False, self.top_k, self.top_p < 1.0)
+
+
+GREEDY = SamplingMode()
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  tokens: np.ndarray  # [B, N, T] int32, pad_id after EOS / stop / budget.
+  lengths: np.ndarray  # [B, N] int32, tokens generated, EOS (or stop sequence) included.
+  logprobs: np.ndarray  # [B, N, T] float32, model log p of each token; 0 at padding.
+  done: np.ndarray  # [B, N] bool: EOS (or a stop sequence) was emitted.
+  steps: int = 0  # Decode steps the loop ran (< max_new_tokens when all rows stopped early).
+
+
+def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, static: tuple[bool, int, bool],
+                  temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Next token per row. `static` = SamplingMode.static_key(); values traced."""
+  greedy, top_k, use_top_p = static
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  scaled_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k or use_top_p:
+    # Candidates sorted by decreasing logit. With top-k only k of them (cheap);
+    # nucleus alone needs the whole vocabulary sorted.
+    k = top_k if top_k else scaled_BxV.shape[-1]
+    cand_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
+  else:
+    cand_BxK, index_BxK = scaled_BxV, None
+  if use_top_p:
+    probs_BxK = jax.nn.softmax(cand_BxK, axis=-1)
+    mass_before_BxK = jnp.cumsum(probs_BxK, axis=-1) - probs_BxK
+    # Keep a token while the mass strictly before it is < p: the smallest prefix
+    # reaching p. The first candidate always survives (mass before it is 0).
+    cand_BxK = jnp.where(mass_before_BxK < top_p, cand_BxK, -jnp.inf)
+  choice_B = jax.vmap(jax.random.categorical)(keys_B, cand_BxK).astype(jnp.int32)
+  if index_BxK is None:
+    return choice_B
+  return jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample_from_logits(logits_BxV: jax.Array, keys_B: jax.Array,
+                       mode: SamplingMode) -> jax.Array:
+  """choose_tokens for a SamplingMode (tests, callers with their own logits)."""
+  return choose_tokens(logits_BxV, keys_B, mode.static_key(),
+                       jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))
+
+
+def _cache_sharding(cfg: M.ModelConfig, mesh: Mesh, batch: int,
+                    length: int) -> jax.sharding.NamedSharding:
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return partitioning.sharding_for(mesh, M.CACHE_AXES, shape)
+
+
+def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.Array,
+                  num_samples: int, cache_len: int) -> M.Cache:
+  """KV cache of P right-padded prompts, each repeated into num_samples rows (traceable).
+
+  The prompts run through the model once, into a cache only as long as the
+  prompt bucket L (attention is L x L, not L x cache_len); the logits are
+  unused, so XLA drops the output projection. The cache is then padded to
+  cache_len and repeated: row p * num_samples + j holds prompt p. Slots at and
+  after a prompt's length hold padding keys that decoding overwrites before
+  any query can see them (a query at position q sees slots <= q only).
+  """
+  num_p, prompt_len = prompts_PxL.shape
+  shape = (cfg.n_layers, num_p, prompt_len, cfg.n_kv_heads, cfg.head_dim)
+  sharding = _cache_sharding(cfg, mesh, num_p, prompt_len)
+  cache = {k: jax.lax.with_sharding_constraint(jnp.zeros(shape, cfg.compute_dtype), sharding)
+           for k in ("k", "v")}
+  positions_PxL = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompts_PxL.shape)
+  _, cache = M.Transformer(cfg, mesh).apply({"params": params}, prompts_PxL, positions_PxL,
+                                            cache=cache)
+  # Rows of one prompt land on the prompt's own shard: the repeat is local.
+  pad = ((0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
+  out_sharding = _cache_sharding(cfg, mesh, num_p * num_samples, cache_len)
+  return {k: jax.lax.with_sharding_constraint(jnp.repeat(jnp.pad(c, pad), num_samples, axis=1),
+                                              out_sharding) for k, c in cache.items()}
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+class Sampler:
+  """Samples completions for batches of prompts with one compiled program per shape bucket.
+
+  Args:
+    model_cfg: the model's architecture.
+    mesh: the (data, fsdp, tensor) mesh; params must be (or will be moved) on
+      model.param_shardings(model_cfg, mesh). Rows are split over data x fsdp.
+    eos_id: end-of-sequence token; a row stops after emitting it.
+    pad_id: written after a row stops.
+    stop_sequences: optional token sequences that also stop a row (included in
+      the output, like EOS).
+  """
+
+  def __init__(self, model_cfg: M.ModelConfig, mesh: Mesh, *, eos_id: int, pad_id: int = 0,
+               stop_sequences: Sequence[Sequence[int]] = ()):
+    partitioning.check_model_fits_mesh(model_cfg, mesh)
+    self.cfg, self.mesh = model_cfg, mesh
+    self.eos_id, self.pad_id = int(eos_id), int(pad_id)
+    self.stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
+    self.dp = partitioning.data_parallel_size(mesh)
+    self._param_shardings = M.param_shardings(model_cfg, mesh)
+    self._jitted: dict[tuple, Any] = {}
+
+  # ----------------------------------------------------------------- public API
+
+  def sample(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
+             max_new_tokens: int, mode: SamplingMode, rng: jax.Array,
+             prompt_ids: Sequence[int] | None = None) -> SampleOutput:
+    """Samples num_samples completions per prompt; outputs are [len(prompts), num_samples, ...]."""
+    prompts = [list(p) for p in prompts]
+    self._validate(prompts, num_samples, max_new_tokens, mode)
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    self._check_ids(ids, len(prompts))
+    shape = (self._batch_bucket(len(prompts)), self._prompt_bucket(prompts))
+    return self._fetch(self._launch(params, prompts, ids, shape, num_samples, max_new_tokens,
+                                    mode, rng))
+
+  def sample_chunked(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
+                     max_new_tokens: int, mode: SamplingMode, rng: jax.Array, max_batch: int,
+                     prompt_ids: Sequence[int] | None = None
+                     ) -> Iterator[tuple[slice, SampleOutput]]:
+    """Yields (slice of `prompts`, its SampleOutput) for chunks of at most max_batch rows.
+
+    Rows per call (prompts x num_samples) never exceed max_batch, so device
+    memory does not grow with the number of problems. Every chunk has the same
+    padded shape (one compile). Keys are per prompt id (default: the index in
+    `prompts`), so the concatenated result equals `sample(...)` on all prompts
+    whatever max_batch is. The next chunk is dispatched before the current one
+    is copied to the host, so the caller's scoring overlaps the device work.
+    """
+    prompts = [list(p) for p in prompts]
+    self._validate(prompts, num_samples, max_new_tokens, mode)
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    self._check_ids(ids, len(prompts))
+    per_chunk = (max_batch // num_samples) // self.dp * self.dp
+    if per_chunk < 1:
+      raise ValueError(
+          f"max_batch={max_batch} is too small for num_samples={num_samples} x data-parallel "
+          f"size {self.dp}: it must be >= {num_samples * self.dp}")
+    per_chunk = min(per_chunk, self._batch_bucket(len(prompts)))
+    shape = (per_chunk, self._prompt_bucket(prompts))
+    pending = None
+    for start in range(0, len(prompts), per_chunk):
+      sl = slice(start, min(start + per_chunk, len(prompts)))
+      handle = self._launch(params, prompts[sl], ids[sl], shape, num_samples, max_new_tokens,
+                            mode, rng)
+      if pending is not None:
+        yield pending[0], self._fetch(pending[1])
+      pending = (sl, handle)
+    if pending is not None:
+      yield pending[0], self._fetch(pending[1])
+
+  def num_compiled(self) -> int:
+    """Compiled executables so far (tests check that buckets are reused)."""
+    return sum(f._cache_size() for f in self._jitted.values())
+
+  # ------------------------------------------------------------------ checks
+
+  def _validate(self, prompts: list[list[int]], num_samples: int, max_new_tokens: int,
+                mode: SamplingMode) -> None:
+    cfg = self.cfg
+    if not isinstance(mode, SamplingMode):
+      raise TypeError(f"mode must be a SamplingMode, got {type(mode).__name__}")
+    if num_samples < 1 or max_new_tokens < 1:
+      raise ValueError(f"num_samples={num_samples} and max_new_tokens={max_new_tokens} "
+                       "must both be >= 1")
+    if not mode.greedy and mode.top_k > cfg.vocab_size:
+      raise ValueError(f"top_k={mode.top_k} exceeds vocab_size={cfg.vocab_size}")
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"prompt {i} is empty: the sampler needs at least one prompt token")
+      if len(p) > cfg.max_seq_len:
+        raise ValueError(f"prompt {i} has {len(p)} tokens, longer than the model context "
+                         f"max_seq_len={cfg.max_seq_len}")
+      if len(p) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens + max_new_tokens={max_new_tokens} = "
+            f"{len(p) + max_new_tokens} > max_seq_len={cfg.max_seq_len} (the KV cache length)")
+
+  @staticmethod
+  def _check_ids(ids: list[int], n: int) -> None:
+    if len(ids) != n:
+      raise ValueError(f"prompt_ids has {len(ids)} entries for {n} prompts")
+    if any(not 0 <= int(i) < 2 ** 31 for i in ids):
+      raise ValueError("prompt_ids must be integers in [0, 2**31)")
+
+  def _prompt_bucket(self, prompts: list[list[int]]) -> int:
+    longest = max((len(p) for p in prompts), default=1)
+    return min(self.cfg.max_seq_len, max(MIN_PROMPT_BUCKET, _next_pow2(longest)))
+
+  def _batch_bucket(self, n: int) -> int:
+    return _round_up(_next_pow2(max(n, 1)), self.dp)
+
+  # ------------------------------------------------------------- execution
+
+  def _launch(self, params: Any, prompts: list[list[int]], ids: list[int],
+              shape: tuple[int, int], num_samples: int, max_new_tokens: int,
+              mode: SamplingMode, rng: jax.Array) -> tuple[int, int, Any]:
+    """Dispatches one padded batch (asynchronously); returns what _fetch needs."""
+    num_p, prompt_len = shape
+    tokens_PxL = np.full((num_p, prompt_len), self.pad_id, np.int32)
+    lengths_P = np.ones((num_p,), np.int32)  # padding prompts: one pad token
+    ids_P = np.zeros((num_p,), np.int32)
+    for i, p in enumerate(prompts):
+      tokens_PxL[i, :len(p)] = p
+      lengths_P[i] = len(p)
+      ids_P[i] = ids[i]
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)
+    fn = self._program(num_samples, max_new_tokens, mode.static_key())
+    mesh = self.mesh
+
+    def put(x: np.ndarray) -> jax.Array:
+      # Every host holds the whole (small) prompt batch; each device takes its rows.
+      sharding = partitioning.batch_sharding(mesh, x.ndim)
+      return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P),
+             jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))
+    return len(prompts), num_samples, out
+
+  def _fetch(self, handle: tuple[int, int, Any]) -> SampleOutput:
+    n_real, n, (tokens_BxT, lengths_B, logprobs_BxT, done_B, steps) = handle
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      get = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    else:
+      get = np.asarray
+    rows = n_real * n
+    fold = lambda x: get(x)[:rows].reshape((n_real, n) + x.shape[1:])
+    return SampleOutput(tokens=fold(tokens_BxT), lengths=fold(lengths_B),
+                        logprobs=fold(logprobs_BxT), done=fold(done_B), steps=int(get(steps)))
+
+  def _program(self, num_samples: int, max_new_tokens: int, static: tuple[bool, int, bool]):
+    key = (num_samples, max_new_tokens, static)
+    if key not in self._jitted:
+      mesh = self.mesh
+      rows2, rows1 = partitioning.batch_sharding(mesh, 2), partitioning.batch_sharding(mesh, 1)
+      rep = partitioning.replicated(mesh)
+      self._jitted[key] = jax.jit(
+          functools.partial(self._generate, num_samples=num_samples,
+                            max_new_tokens=max_new_tokens, static=static),
+          in_shardings=(self._param_shardings, rep, rows2, rows1, rows1, rep, rep),
+          out_shardings=(rows2, rows1, rows2, rows1, rep))
+    return self._jitted[key]
+
+  def _generate(self, params: Any, rng: jax.Array, prompts_PxL: jax.Array,
+                prompt_lengths_P: jax.Array, ids_P: jax.Array, temperature: jax.Array,
+                top_p: jax.Array, *, num_samples: int, max_new_tokens: int,
+                static: tuple[bool, int, bool]):
+    cfg, mesh, n, T = self.cfg, self.mesh, num_samples, max_new_tokens
+    num_p, prompt_len = prompts_PxL.shape
+    b = num_p * n
+    cache_len = min(cfg.max_seq_len, prompt_len + T)
+    model = M.Transformer(cfg, mesh)
+    variables = {"params": params}
+
+    # 1-2. Prefill each prompt once; its cache is copied into its n rows.
+    cache = prefill_cache(cfg, mesh, params, prompts_PxL, n, cache_len)
+    decode_sharding = _cache_sharding(cfg, mesh, b, cache_len)
+    last_P = jnp.take_along_axis(prompts_PxL, (prompt_lengths_P - 1)[:, None], axis=1)[:, 0]
+    token_B = jnp.repeat(last_P, n)
+    position_B = jnp.repeat(prompt_lengths_P - 1, n)
+    prompt_keys_P = jax.vmap(jax.random.fold_in, (None, 0))(rng, ids_P)
+    row_keys_B = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(
+        k, jnp.arange(n)))(prompt_keys_P).reshape(b)
+
+    stops = self.stop_sequences
+    window = max((len(s) for s in stops), default=1)
+
+    # 3. Decode until every row stopped or the budget is spent.
+    def cond(state):
+      t, done_B = state[0], state[4]
+      return (t < T) & ~jnp.all(done_B)
+
+    def body(state):
+      t, cache, token_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW = state
+      logits_Bx1xV, cache = model.apply(variables, token_B[:, None], position_B[:, None],
+                                        cache=cache)
+      logits_BxV = logits_Bx1xV[:, 0]
+      step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+      new_B = choose_tokens(logits_BxV, step_keys_B, static, temperature, top_p)
+      # Model log-prob of the chosen token: logit - logsumexp (no full log_softmax).
+      logp_B = (jnp.take_along_axis(logits_BxV, new_B[:, None], axis=-1)[:, 0]
+                - jax.nn.logsumexp(logits_BxV, axis=-1))
+      active_B = ~done_B
+      new_B = jnp.where(active_B, new_B, self.pad_id)
+      logp_B = jnp.where(active_B, logp_B, 0.0)
+      out_BxT = jax.lax.dynamic_update_slice(out_BxT, new_B[:, None], (0, t))
+      logp_BxT = jax.lax.dynamic_update_slice(logp_BxT, logp_B[:, None], (0, t))
+      recent_BxW = jnp.concatenate([recent_BxW[:, 1:], new_B[:, None]], axis=1)
+      stopped_B = new_B == self.eos_id
+      for s in stops:
+        # The last len(s) generated tokens equal s (the window starts as -1s,
+        # so prompt tokens never count).
+        stopped_B |= jnp.all(recent_BxW[:, window - len(s):] == jnp.asarray(s, jnp.int32), axis=1)
+      done_B = done_B | (active_B & stopped_B)
+      length_B = length_B + active_B.astype(jnp.int32)
+      position_B = position_B + active_B.astype(jnp.int32)
+      cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, decode_sharding), cache)
+      return (t + 1, cache, new_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW)
+
+    state = (jnp.int32(0), cache, token_B, position_B, jnp.zeros((b,), bool),
+             jnp.zeros((b,), jnp.int32), jnp.full((b, T), self.pad_id, jnp.int32),
+             jnp.zeros((b, T), jnp.float32), jnp.full((b, window), -1, jnp.int32))
+    steps, _, _, _, done_B, length_B, out_BxT, logp_BxT, _ = jax.lax.while_loop(cond, body, state)
+    return out_BxT, length_B, logp_BxT, done_B, steps

@@ -1,0 +1,348 @@
+"""Reward-weighted NLL training: train state, optimizer, sharded train/eval steps.
+
+The M-step objective (ReST-EM, eq. 2 of the paper):
+
+    J(theta) = E_(x,y) [ r(x, y) * sum_t log p_theta(y_t | y_<t, x) ]
+
+is trained as a next-token loss over the *target* tokens only: the prompt
+(few-shot exemplars + question) and the right padding are masked, and each
+example's token NLLs are scaled by its reward. Both normalisations share one
+numerator  N = sum_b w_b * sum_t m_bt * nll_bt  and differ in the denominator:
+
+  * "token":    N / (number of target tokens in the batch). Long and short
+                solutions weigh per token; the usual LM fine-tuning loss.
+  * "sequence": N / (number of examples with >= 1 target token). The paper's J
+                (mean over examples of the weighted sequence NLL); rows with no
+                target token (batch padding) are not examples and do not count.
+
+Zero-weight examples add nothing to N but their tokens/rows still count in the
+denominator (they are real examples that earned reward 0).
+
+Because N and the denominator are sums, gradient accumulation is exact: each
+micro-batch contributes grad(N_micro); the sum is divided once by the
+full-batch denominator (never a mean of per-micro-batch means).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from restem_jax import model as model_lib
+from restem_jax import partitioning
+
+NORMALIZATIONS = ("token", "sequence")
+BATCH_KEYS = ("tokens_BxL", "loss_mask_BxL", "weights_B")
+_COUNT_KEYS = ("tokens", "examples", "nll_sum", "weighted_nll")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN/Inf; the message names the step."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def make_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+               weights: Sequence[float], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Packs (prompt, target, reward) triples into one right-padded batch.
+
+  tokens_BxL = prompt + target, padded with pad_id; labels are tokens shifted
+  left, so loss_mask_BxL[b, t] = 1 iff tokens[b, t + 1] is a target token.
+  """
+  if not (len(prompts) == len(targets) == len(weights)):
+    raise ValueError(f"make_batch: {len(prompts)} prompts, {len(targets)} targets, "
+                     f"{len(weights)} weights; they must have the same length")
+  b = len(prompts)
+  tokens_BxL = np.full((b, seq_len), pad_id, np.int32)
+  loss_mask_BxL = np.zeros((b, seq_len), np.float32)
+  for i, (p, t) in enumerate(zip(prompts, targets)):
+    n = len(p) + len(t)
+    if n > seq_len:
+      raise ValueError(f"make_batch: example {i} has {len(p)} prompt + {len(t)} target tokens "
+                       f"= {n} > seq_len={seq_len}; filter long examples before batching")
+    if len(p) == 0 and len(t) > 0:
+      # The first target token would have no position predicting it.
+      raise ValueError(f"make_batch: example {i} has an empty prompt; at least one prompt token "
+                       "(e.g. BOS) is needed to predict the first target token")
+    tokens_BxL[i, :n] = np.asarray(list(p) + list(t), np.int32)
+    # Position t predicts token t + 1: targets occupy positions len(p)..n-1.
+    loss_mask_BxL[i, len(p) - 1:n - 1] = 1.0
+  return {"tokens_BxL": tokens_BxL, "loss_mask_BxL": loss_mask_BxL,
+          "weights_B": np.asarray(weights, np.float32).reshape(b)}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _numerator_and_counts(params: Any, batch: dict, model: nn.Module
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need."""
+  tokens_BxL = batch["tokens_BxL"]
+  mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
+  weights_B = batch["weights_B"].astype(jnp.float32)
+  logits_BxLxV, _ = model.apply({"params": params}, tokens_BxL)
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  # Label at position t is token t + 1; the last position has none (mask is 0 there).
+  labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
+  # Select the label logit with an elementwise compare rather than a gather, so a
+  # vocab dimension sharded over the tensor axis needs only a reduction.
+  vocab_V = jnp.arange(logits_BxLxV.shape[-1], dtype=labels_BxL.dtype)
+  label_logit_BxL = jnp.sum(jnp.where(labels_BxL[..., None] == vocab_V, logits_BxLxV, 0.0), -1)
+  nll_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - label_logit_BxL
+  seq_nll_B = jnp.sum(nll_BxL * mask_BxL, axis=-1)
+  numerator = jnp.sum(weights_B * seq_nll_B)
+  counts = {
+      "tokens": jnp.sum(mask_BxL),
+      "examples": jnp.sum((jnp.sum(mask_BxL, axis=-1) > 0).astype(jnp.float32)),
+      "nll_sum": jnp.sum(seq_nll_B),  # Unweighted, for monitoring.
+      "weighted_nll": numerator,
+  }
+  return numerator, counts
+
+
+def _denominator(counts: dict[str, jax.Array], normalization: str) -> jax.Array:
+  key = {"token": "tokens", "sequence": "examples"}[normalization]
+  return jnp.maximum(counts[key], 1.0)  # An all-masked batch gives loss 0, not NaN.
+
+
+def check_normalization(normalization: str) -> None:
+  if normalization not in NORMALIZATIONS:
+    raise partitioning.ConfigError(
+        f"train.loss_normalization={normalization!r} is not one of {NORMALIZATIONS}")
+
+
+def loss_fn(params: Any, batch: dict, model: nn.Module,
+            normalization: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Reward-weighted next-token NLL of `batch` (see the module docstring). Pure."""
+  check_normalization(normalization)
+  numerator, counts = _numerator_and_counts(params, batch, model)
+  loss = numerator / _denominator(counts, normalization)
+  return loss, {**counts, "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(
+      counts["tokens"], 1.0)}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  peak, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
+  if train_cfg.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  elif train_cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
+  else:
+    raise partitioning.ConfigError(
+        f"train.schedule={train_cfg.schedule!r} is not one of ('cosine', 'constant')")
+  if warmup <= 0:
+    return after
+  # Warmup starts at peak/warmup, not 0: step 0 must already move the params.
+  return optax.join_schedules(
+      [optax.linear_schedule(peak / warmup, peak, warmup), after], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+  # No weight decay on RMSNorm scales (their natural value is 1, not 0).
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(getattr(k, "key", None) == "scale" for k in path), params)
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (b2 = 0.95, the usual LM value) or Adafactor, after global-norm clipping."""
+  schedule = make_schedule(train_cfg, total_steps)
+  wd = float(train_cfg.weight_decay)
+  if train_cfg.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd, mask=_decay_mask)
+  elif train_cfg.optimizer == "adafactor":
+    # Factored second moments: O(rows + cols) state per matrix, for large models.
+    opt = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
+  else:
+    raise partitioning.ConfigError(
+        f"train.optimizer={train_cfg.optimizer!r} is not one of ('adamw', 'adafactor')")
+  if train_cfg.grad_clip and train_cfg.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(float(train_cfg.grad_clip)), opt)
+  return opt, schedule
+
+
+def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
+                        mesh: Mesh) -> Any:
+  """Optimizer-state shardings that follow the params' logical axes.
+
+  An optimizer-state leaf whose key path ends with a param's key path and has
+  that param's shape (Adam's mu/nu, momentum) gets the param's sharding; other
+  leaves (step counts, Adafactor's factored row/column statistics) are
+  replicated: they are scalars or O(rows + cols).
+  """
+  by_path = {}
+  for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
+                          jax.tree.leaves(param_shardings)):
+    by_path[tuple(path)] = (p.shape, s)
+  depth = {len(k) for k in by_path}
+
+  def one(path, leaf):
+    for d in depth:
+      hit = by_path.get(tuple(path[-d:])) if len(path) >= d else None
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return partitioning.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _copy_tree(tree: Any) -> Any:
+  # jnp.copy is a primitive, so jit returns fresh buffers instead of forwarding
+  # its inputs: the caller's params survive the donation of the train state.
+  return jax.tree.map(jnp.copy, tree)
+
+
+def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
+  """Host array (the same on every process) -> global array with `sharding`."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+class Trainer:
+  """Sharded reward-weighted NLL training of `model_lib.Transformer`."""
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
+               mesh: Mesh, total_steps: int | None = None):
+    partitioning.check_model_fits_mesh(model_cfg, mesh)
+    check_normalization(train_cfg.loss_normalization)
+    self.model_cfg, self.train_cfg, self.mesh = model_cfg, train_cfg, mesh
+    self.normalization = str(train_cfg.loss_normalization)
+    self.micro_batches = int(train_cfg.micro_batches)
+    self.total_steps = int(total_steps if total_steps is not None else train_cfg.max_steps)
+    dp = partitioning.data_parallel_size(mesh)
+    bs = int(train_cfg.batch_size)
+    if self.micro_batches < 1 or bs % (self.micro_batches * dp):
+      raise partitioning.ConfigError(
+          f"train.batch_size={bs} must be a multiple of train.micro_batches="
+          f"{self.micro_batches} x the mesh's data-parallel size {dp}")
+    self.batch_size = bs
+    self.model = model_lib.Transformer(model_cfg, mesh)
+    self.optimizer, self.schedule = make_optimizer(train_cfg, self.total_steps)
+
+    self.param_shardings = model_lib.param_shardings(model_cfg, mesh)
+    abstract_params = nn.unbox(model_lib.abstract_params(model_cfg))
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    rep = partitioning.replicated(mesh)
+    self._state_shardings = TrainState(
+        step=rep, params=self.param_shardings,
+        opt_state=opt_state_shardings(abstract_opt, abstract_params, self.param_shardings, mesh))
+    self._abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                                opt_state=abstract_opt)
+    self.batch_shardings = {"tokens_BxL": partitioning.batch_sharding(mesh, 2),
+                            "loss_mask_BxL": partitioning.batch_sharding(mesh, 2),
+                            "weights_B": partitioning.batch_sharding(mesh, 1)}
+
+    self._init = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=_copy_tree(p),
+                             opt_state=self.optimizer.init(p)),
+        in_shardings=(self.param_shardings,), out_shardings=self._state_shardings)
+    self._step = jax.jit(self._train_step, in_shardings=(self._state_shardings, self.batch_shardings),
+                         out_shardings=(self._state_shardings, rep), donate_argnums=(0,))
+    self._loss = jax.jit(lambda p, b: loss_fn(p, b, self.model, self.normalization)[0],
+                         in_shardings=(self.param_shardings, self.batch_shardings),
+                         out_shardings=rep)
+    self._copy_params = jax.jit(_copy_tree, in_shardings=(self.param_shardings,),
+                                out_shardings=self.param_shardings)
+
+  # --- state -------------------------------------------------------------------------
+
+  def state_shardings(self) -> TrainState:
+    return self._state_shardings
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs carrying this mesh's shardings: restore targets."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self._abstract, self._state_shardings)
+
+  def init_state(self, params: Any) -> TrainState:
+    """Fresh optimizer state around a *copy* of `params` (the caller's stay valid)."""
+    params = jax.tree.map(put_global, params, self.param_shardings)
+    return self._init(params)
+
+  def copy_params(self, params: Any) -> Any:
+    """A device copy that survives donation of the state it came from."""
+    return self._copy_params(params)
+
+  # --- steps -------------------------------------------------------------------------
+
+  def _micro_split(self, x: jax.Array) -> jax.Array:
+    # [B, ...] -> [M, B/M, ...] taking rows m, m+M, m+2M, ... into micro-batch m:
+    # with the batch dimension split contiguously over devices, every micro-batch
+    # then has rows on every device (a plain reshape would put micro-batch 0 on
+    # the first devices only).
+    m = self.micro_batches
+    x = x.reshape((x.shape[0] // m, m) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    return partitioning.constrain(x, self.mesh, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    grad_fn = jax.grad(lambda p, b: _numerator_and_counts(p, b, self.model), has_aux=True)
+    if self.micro_batches == 1:
+      numerator_grads, counts = grad_fn(state.params, batch)
+    else:
+      micro = jax.tree.map(self._micro_split, batch)
+
+      def body(acc, mb):
+        g, c = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, acc, (g, c)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+               {k: jnp.zeros((), jnp.float32) for k in _COUNT_KEYS})
+      (numerator_grads, counts), _ = jax.lax.scan(body, zeros, micro)
+    denom = _denominator(counts, self.normalization)
+    grads = jax.tree.map(lambda g: g / denom, numerator_grads)
+    loss = counts["weighted_nll"] / denom
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "tokens": counts["tokens"], "grad_norm": optax.tree.norm(grads),
+               "lr": self.schedule(state.step),
+               "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(counts["tokens"], 1.0)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
+    """One optimizer step (state is donated). Raises NonFiniteLossError on NaN/Inf."""
+    missing = sorted(set(BATCH_KEYS) - set(batch))
+    if missing:
+      raise ValueError(f"batch is missing {missing}; build it with training.make_batch")
+    if batch["tokens_BxL"].shape[0] != self.batch_size:
+      raise ValueError(f"batch has {batch['tokens_BxL'].shape[0]} rows but train.batch_size="
+                       f"{self.batch_size}")
+    device_batch = {k: put_global(batch[k], self.batch_shardings[k]) for k in BATCH_KEYS}
+    step_before = int(state.step)
+    state, metrics = self._step(state, device_batch)
+    # Checked every step: the metrics come back to the host anyway (the device
+    # sync costs a little dispatch overlap, negligible next to a real step).
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      raise NonFiniteLossError(
+          f"training loss is {metrics['loss']} (grad norm {metrics['grad_norm']}) at step "
+          f"{step_before}; check the learning rate, the params and the batch")
+    return state, metrics
+
+  def loss(self, params: Any, batch: dict) -> float:
+    """Eval loss (train.loss_normalization) of `batch`; no update."""
+    device_batch = {k: put_global(batch[k], self.batch_shardings[k]) for k in BATCH_KEYS}
+    return float(self._loss(params, device_batch))

@@ -1,0 +1,132 @@
+"""End to end: the tiny config runs two iterations; a killed run resumes to the same end.
+
+Runs `python -m restem_jax.main` in subprocesses (one CPU device each), exactly
+as a user would, and SIGKILLs one of them in the middle of Generate and then in
+the middle of Improve.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device: the subprocess is a plain user run
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "restem_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+          *extra]
+
+
+def _run(workdir, *extra, timeout=400):
+  p = subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=timeout)
+  return p
+
+
+def _run_until(workdir, pattern, timeout=300):
+  """Starts a run and SIGKILLs it as soon as a file matching `pattern` exists."""
+  p = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline:
+      if glob.glob(os.path.join(workdir, pattern)):
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return True
+      if p.poll() is not None:
+        return False
+      time.sleep(0.05)
+    raise TimeoutError(pattern)
+  finally:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
+def _evals(workdir):
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "eval.json"))):
+    with open(path) as f:
+      out[os.path.basename(os.path.dirname(path))] = json.load(f)
+  return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  p = _run(workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return workdir, p
+
+
+def test_two_iterations_layout_and_eval_fields(uninterrupted):
+  workdir, proc = uninterrupted
+  for rel in ["config.json", "progress.json", "base", "base_eval/eval.json",
+              "iter_001/samples", "iter_001/model", "iter_001/eval.json",
+              "iter_002/model", "iter_002/eval.json", "sft/eval.json", "summary.json",
+              "summary.txt", "pass_at_1.png", "tb"]:
+    assert os.path.exists(os.path.join(workdir, rel)), rel
+  with open(os.path.join(workdir, "progress.json")) as f:
+    done = json.load(f)["done"]
+  assert done == ["base", "eval_000", "generate_001", "improve_001", "eval_001",
+                  "generate_002", "improve_002", "eval_002", "improve_sft", "eval_sft"]
+  ev = _evals(workdir)["iter_002"]
+  for key in ["pass@1_greedy_test", "pass@1_greedy_train", "pass@2", "pass@4", "maj@4",
+              "pass@1_greedy_test_by_level", "samples_kept", "iteration"]:
+    assert key in ev, key
+  assert 0.0 <= ev["pass@1_greedy_test"] <= 1.0
+  assert ev["pass@1_sampled"] <= ev["pass@2"] + 1e-12 <= ev["pass@4"] + 2e-12
+  # Every kept sample in the shards is correct, and the cap holds per problem.
+  rows = []
+  for path in glob.glob(os.path.join(workdir, "iter_001", "samples", "shard_*.jsonl")):
+    with open(path) as f:
+      rows += [json.loads(line) for line in f]
+  assert all(r["reward"] == 1.0 for r in rows)
+  per_problem = {}
+  for r in rows:
+    per_problem[r["problem_id"]] = per_problem.get(r["problem_id"], 0) + 1
+  assert max(per_problem.values(), default=0) <= 2
+  assert ev["iteration"] == "002"
+  assert "pass@1 test" in proc.stdout  # the summary table is printed
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  workdir = str(tmp_path / "killed")
+  # Kill once inside Generate (after its first chunk), once inside Improve.
+  assert _run_until(workdir, "iter_001/samples/stats_00000.jsonl")
+  assert _run_until(workdir, "iter_002/improve/*")
+  p = _run(workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  a, b = _evals(full_dir), _evals(workdir)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name] == b[name], name
+
+
+def test_changed_config_is_refused_unless_override(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  with open(os.path.join(uninterrupted[0], "config.json")) as f:
+    saved = json.load(f)
+  saved["sampling"]["num_samples"] = 99
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  p = _run(workdir, timeout=120)
+  assert p.returncode != 0
+  assert "config differs from the one saved" in p.stderr
+  assert "sampling.num_samples" in p.stderr

@@ -1,0 +1,322 @@
+"""Sampler tests: no-cache references, sampling distributions, EOS / early exit, keys, sharding.
+
+Compiles are the cost here, so samplers live in module fixtures and tests share
+shapes (prompt bucket 16, batch bucket 8, max_new_tokens 10) where they can.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from restem_jax import configlib, model as M, partitioning as P, sampling as S
+
+EOS = 2
+PAD = 0
+T_NEW = 10
+PAPER = S.SamplingMode(temperature=0.7, top_k=40)  # the E-step's mode
+PROMPTS = [[5, 9, 3], [7, 1, 8, 4, 6, 11, 13], [21], [3, 3, 4, 5, 60, 61, 62, 30, 31, 32, 12, 9],
+           [17, 18, 19, 20, 22]]
+
+
+def tiny_cfg(**kw) -> M.ModelConfig:
+  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+              tie_embeddings=False, max_seq_len=48)
+  base.update(kw)
+  return M.ModelConfig(**base)
+
+
+def mesh_of(shape, devices=None):
+  c = configlib.default_config()
+  c.mesh.shape = shape
+  return P.make_mesh(c.mesh, devices)
+
+
+@pytest.fixture(scope="module")
+def env():
+  cfg = tiny_cfg()
+  mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+  params = M.init_params(cfg, mesh, jax.random.key(0))
+  return cfg, mesh, params, S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD)
+
+
+@pytest.fixture(scope="module")
+def full_forward(env):
+  """Jitted no-cache forward on right-padded rows: one compile for every reference."""
+  cfg, _, params, _ = env
+  width = max(map(len, PROMPTS)) + T_NEW
+  fwd = jax.jit(lambda t, m: M.Transformer(cfg).apply({"params": params}, t, input_mask_BxL=m)[0])
+
+  def last_logits(seqs):
+    batch = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+      batch[i, :len(s)], mask[i, :len(s)] = s, 1
+    logits = np.asarray(fwd(jnp.asarray(batch), jnp.asarray(mask)), np.float64)
+    return np.stack([logits[i, len(s) - 1] for i, s in enumerate(seqs)])
+  return last_logits
+
+
+def log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(full_forward):
+  """Greedy decoding by re-running the full forward (no cache) for every token.
+
+  After EOS a row gets PAD and log-prob 0 (the sampler's output convention).
+  """
+  seqs = [list(p) for p in PROMPTS]
+  tokens, logps = [[] for _ in seqs], [[] for _ in seqs]
+  for _ in range(T_NEW):
+    logits = full_forward(seqs)
+    for i, s in enumerate(seqs):
+      if EOS in tokens[i]:
+        tokens[i].append(PAD)
+        logps[i].append(0.0)
+        continue
+      tok = int(np.argmax(logits[i]))
+      tokens[i].append(tok)
+      logps[i].append(log_softmax(logits[i])[tok])
+      s.append(tok)
+  return np.array(tokens), np.array(logps)
+
+
+def test_greedy_equals_no_cache_argmax(env, greedy_ref):
+  _, _, params, sampler = env
+  ref_tokens, ref_logps = greedy_ref
+  out = sampler.sample(params, PROMPTS, num_samples=1, max_new_tokens=T_NEW, mode=S.GREEDY,
+                       rng=jax.random.key(0))
+  assert out.tokens.shape == (5, 1, T_NEW) and out.tokens.dtype == np.int32
+  np.testing.assert_array_equal(out.tokens[:, 0], ref_tokens)
+  np.testing.assert_allclose(out.logprobs[:, 0], ref_logps, atol=1e-4)
+  # Random weights: some rows hit EOS (it counts in the length), others use the budget.
+  ended = (ref_tokens == EOS).any(1)
+  assert ended.any() and not ended.all()
+  np.testing.assert_array_equal(out.done[:, 0], ended)
+  np.testing.assert_array_equal(out.lengths[:, 0], np.where(
+      ended, np.argmax(ref_tokens == EOS, 1) + 1, T_NEW))
+  assert out.steps == T_NEW
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(env, greedy_ref):
+  _, _, params, sampler = env
+  ref_tokens, ref_logps = greedy_ref
+  for mode in (S.SamplingMode(temperature=0.7, top_k=1), S.SamplingMode(1.0, top_p=1e-6)):
+    out = sampler.sample(params, PROMPTS, num_samples=2, max_new_tokens=T_NEW, mode=mode,
+                         rng=jax.random.key(3))
+    for j in range(2):
+      np.testing.assert_array_equal(out.tokens[:, j], ref_tokens)
+      # Model log-probs at temperature 1, not the (degenerate) sampling distribution's.
+      np.testing.assert_allclose(out.logprobs[:, j], ref_logps, atol=1e-4)
+
+
+def truncated_probs(logits, mode):
+  """Reference: softmax(logits / T), restricted to top-k, then to the nucleus."""
+  order = np.argsort(-logits, kind="stable")
+  z = logits[order] / mode.temperature
+  if mode.top_k:
+    z[mode.top_k:] = -np.inf
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  if mode.top_p < 1.0:
+    before = np.cumsum(p) - p
+    p = np.where(before < mode.top_p, p, 0.0)
+    p /= p.sum()
+  out = np.zeros_like(p)
+  out[order] = p
+  return out
+
+
+def assert_frequencies_match(tokens, expected):
+  """Chi-square goodness of fit on the support; nothing outside the support.
+
+  The keys are fixed, so this is deterministic; p > 1e-3 rejects a wrong
+  distribution (e.g. T or the nucleus off by one token shifts whole bins by
+  many binomial standard deviations at these counts) but passes a correct one.
+  """
+  counts = np.bincount(tokens.ravel(), minlength=len(expected))
+  support = expected > 0
+  assert counts[~support].sum() == 0, np.nonzero(counts * ~support)
+  n = counts.sum()
+  chi2 = ((counts[support] - n * expected[support]) ** 2 / (n * expected[support])).sum()
+  pvalue = scipy.stats.chi2.sf(chi2, df=support.sum() - 1)
+  assert pvalue > 1e-3, (chi2, pvalue, counts[support], n * expected[support])
+
+
+FIXED_LOGITS = np.linspace(3.0, -3.0, 64) + np.random.default_rng(0).normal(0, 0.3, 64)
+
+
+@pytest.mark.parametrize("mode", [S.SamplingMode(0.7, top_k=5), S.SamplingMode(1.0, top_p=0.8),
+                                  S.SamplingMode(0.7, top_k=10, top_p=0.9),
+                                  S.SamplingMode(1.3)])
+def test_sampling_function_distribution(mode):
+  n = 20000
+  logits = jnp.broadcast_to(jnp.asarray(FIXED_LOGITS, jnp.float32), (n, 64))
+  keys = jax.random.split(jax.random.key(11), n)
+  tokens = np.asarray(jax.jit(S.sample_from_logits, static_argnums=2)(logits, keys, mode))
+  expected = truncated_probs(FIXED_LOGITS, mode)
+  assert (expected > 0).sum() < 64 or not (mode.top_k or mode.top_p < 1)
+  assert_frequencies_match(tokens, expected)
+
+
+def input_independent_params(cfg, mesh, logits_V):
+  """Params whose logits are `logits_V` at every position, whatever the input.
+
+  Attention/MLP outputs are zeroed, every embedding row is the same vector of
+  ones (RMS 1), so the final hidden state is all ones and logits = sum_d lm_head.
+  """
+  params = M.init_params(cfg, mesh, jax.random.key(1))
+  params = jax.tree.map(np.array, params)
+  params["layers"]["o"][:] = 0
+  params["layers"]["down"][:] = 0
+  params["embedding"][:] = 1.0
+  params["lm_head"][:] = np.asarray(logits_V)[None, :] / cfg.d_model
+  return params
+
+
+def test_sampler_distribution_through_decode_loop(env):
+  cfg, mesh, _, sampler = env
+  logits = FIXED_LOGITS.copy()
+  logits[EOS] = -30.0  # never stop: every step of every row is a draw
+  params = input_independent_params(cfg, mesh, logits)
+  mode = S.SamplingMode(0.7, top_k=10, top_p=0.9)
+  # 8 prompts x 64 samples x 40 steps = 20480 draws from the same distribution.
+  out = sampler.sample(params, [[i + 3] * (i + 1) for i in range(8)], num_samples=64,
+                       max_new_tokens=40, mode=mode, rng=jax.random.key(5))
+  assert_frequencies_match(out.tokens, truncated_probs(logits, mode))
+  # Model log-probs of the chosen tokens (temperature 1, untruncated).
+  logp = logits - np.log(np.exp(logits).sum())
+  np.testing.assert_allclose(out.logprobs, logp[out.tokens], atol=1e-4)
+
+
+def markov_params(cfg, mesh):
+  """Greedy next token depends only on the current one: x -> 10 -> 11 -> 12 -> 13 -> EOS.
+
+  Attention/MLP outputs are zeroed, so the last hidden state is RMSNorm of the
+  current token's embedding; embeddings are one-hot and lm_head maps each hot
+  dimension to its successor with a margin of ~57 logits.
+  """
+  params = jax.tree.map(np.array, M.init_params(cfg, mesh, jax.random.key(2)))
+  params["layers"]["o"][:] = 0
+  params["layers"]["down"][:] = 0
+  emb, head = params["embedding"], params["lm_head"]
+  emb[:] = 0
+  head[:] = 0
+  for v in range(cfg.vocab_size):
+    emb[v, v - 10 if 10 <= v <= 13 else 4 + v % 28] = 1.0
+  for d, nxt in enumerate([11, 12, 13, EOS]):
+    head[d, nxt] = 10.0
+  head[4:, 10] = 10.0
+  return params
+
+
+def test_eos_stops_rows_and_loop_exits_early(env):
+  cfg, mesh, _, sampler = env
+  params = markov_params(cfg, mesh)
+  prompts = [[5, 6], [4, 12], [13], [30, 10], [7]]
+  out = sampler.sample(params, prompts, num_samples=1, max_new_tokens=T_NEW, mode=S.GREEDY,
+                       rng=jax.random.key(0))
+  chains = {5: [10, 11, 12, 13, EOS], 12: [13, EOS], 13: [EOS], 10: [11, 12, 13, EOS]}
+  for i, p in enumerate(prompts):
+    want = chains.get(p[-1], chains[5])
+    np.testing.assert_array_equal(out.tokens[i, 0], want + [PAD] * (T_NEW - len(want)))
+    assert out.lengths[i, 0] == len(want) and out.done[i, 0]
+    assert (out.logprobs[i, 0, len(want):] == 0).all()
+    assert (out.logprobs[i, 0, :len(want)] > -1e-6).all()  # margin ~57: log p ~ 0
+  assert out.steps == 5 < T_NEW  # the longest row's length, not the budget
+
+  # Near-deterministic sampling stops the same way; a stop sequence ends rows early.
+  stopper = S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD, stop_sequences=[[11, 12]])
+  out = stopper.sample(params, prompts, num_samples=2, max_new_tokens=T_NEW, mode=PAPER,
+                       rng=jax.random.key(0))
+  for i, want in enumerate([[10, 11, 12], [13, EOS], [EOS], [11, 12], [10, 11, 12]]):
+    for j in range(2):
+      np.testing.assert_array_equal(out.tokens[i, j], want + [PAD] * (T_NEW - len(want)))
+      assert out.lengths[i, j] == len(want) and out.done[i, j]
+  assert out.steps == 3
+
+
+def test_n_samples_share_prefill(env, greedy_ref, full_forward):
+  _, _, params, sampler = env
+  out = sampler.sample(params, PROMPTS, num_samples=2, max_new_tokens=T_NEW, mode=PAPER,
+                       rng=jax.random.key(7))
+  for i in range(len(PROMPTS)):
+    assert (out.tokens[i, 0] != out.tokens[i, 1]).any()  # samples of one prompt differ
+  # Every row's first token was drawn after its own prompt: its model log-prob
+  # equals the no-cache log-softmax of that prompt at that token.
+  logp_PxV = log_softmax(full_forward(PROMPTS))
+  np.testing.assert_allclose(
+      out.logprobs[:, :, 0], np.take_along_axis(logp_PxV, out.tokens[:, :, 0], 1), atol=1e-4)
+  greedy = sampler.sample(params, PROMPTS, num_samples=2, max_new_tokens=T_NEW, mode=S.GREEDY,
+                          rng=jax.random.key(7))
+  for j in range(2):
+    np.testing.assert_array_equal(greedy.tokens[:, j], greedy_ref[0])
+
+
+def test_keys_determinism_and_chunking(env):
+  _, _, params, sampler = env
+  kw = dict(num_samples=2, max_new_tokens=T_NEW, mode=PAPER)
+  a = sampler.sample(params, PROMPTS, rng=jax.random.key(1), **kw)
+  b = sampler.sample(params, PROMPTS, rng=jax.random.key(1), **kw)
+  c = sampler.sample(params, PROMPTS, rng=jax.random.key(2), **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (a.tokens != c.tokens).any()
+  # Per-prompt keys: chunk size and order do not matter, only (rng, prompt id).
+  for max_batch, starts in ((4, [0, 2, 4]), (64, [0])):
+    chunks = list(sampler.sample_chunked(params, PROMPTS, rng=jax.random.key(1),
+                                         max_batch=max_batch, **kw))
+    assert [sl.start for sl, _ in chunks] == starts
+    assert all(o.tokens.shape[0] * 2 <= max_batch for _, o in chunks)
+    np.testing.assert_array_equal(np.concatenate([o.tokens for _, o in chunks]), a.tokens)
+    np.testing.assert_allclose(np.concatenate([o.logprobs for _, o in chunks]), a.logprobs,
+                               atol=1e-5)
+  order = [3, 0, 4, 1, 2]
+  shuffled = sampler.sample(params, [PROMPTS[i] for i in order], prompt_ids=order,
+                            rng=jax.random.key(1), **kw)
+  np.testing.assert_array_equal(shuffled.tokens, a.tokens[order])
+
+
+def test_buckets_and_temperature_reuse_compiled_program(env):
+  _, _, params, sampler = env
+  kw = dict(max_new_tokens=T_NEW, rng=jax.random.key(0), num_samples=2)
+  sampler.sample(params, PROMPTS, mode=PAPER, **kw)  # 5 prompts -> 8, length 12 -> 16
+  before = sampler.num_compiled()
+  sampler.sample(params, [[1] * 9, [2] * 2, [3] * 16, [4], [5], [6] * 3], mode=PAPER, **kw)
+  sampler.sample(params, PROMPTS, mode=S.SamplingMode(1.0, top_k=40), **kw)
+  assert sampler.num_compiled() == before
+
+
+@pytest.mark.parametrize("shape,mode", [((8, 1, 1), S.GREEDY), ((2, 2, 2), S.GREEDY),
+                                        ((2, 2, 2), PAPER)])
+def test_sharded_equals_single_device(env, shape, mode):
+  cfg, _, params, sampler = env
+  mesh = mesh_of(shape)
+  sharded = jax.device_put(params, M.param_shardings(cfg, mesh))
+  kw = dict(num_samples=2, max_new_tokens=T_NEW, mode=mode, rng=jax.random.key(4))
+  ref = sampler.sample(params, PROMPTS, **kw)
+  out = S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD).sample(sharded, PROMPTS, **kw)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.lengths, ref.lengths)
+  np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+
+
+def test_bad_lengths_fail_before_compiling(env):
+  cfg, mesh, params, _ = env
+  sampler = S.Sampler(cfg, mesh, eos_id=EOS)
+  kw = dict(num_samples=2, mode=PAPER, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"prompt 1 has 49 tokens, longer than the model context "
+                                       r"max_seq_len=48"):
+    sampler.sample(params, [[1, 2], [3] * 49], max_new_tokens=4, **kw)
+  with pytest.raises(ValueError, match=r"prompt 0 has 40 tokens \+ max_new_tokens=9 = 49 > "
+                                       r"max_seq_len=48"):
+    sampler.sample(params, [[3] * 40], max_new_tokens=9, **kw)
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    sampler.sample(params, [[]], max_new_tokens=4, **kw)
+  with pytest.raises(ValueError, match="max_batch=1 is too small"):
+    next(sampler.sample_chunked(params, [[1]], max_new_tokens=4, max_batch=1, **kw))
+  with pytest.raises(ValueError, match="top_p"):
+    S.SamplingMode(1.0, top_p=0.0)
+  assert sampler.num_compiled() == 0

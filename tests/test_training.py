@@ -1,0 +1,257 @@
+"""Train-step tests: the loss against float64 numpy, masking and reward weights,
+learning, sharding invariance, gradient accumulation, NaN detection."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from restem_jax import configlib, model as M, partitioning as P, training as T
+from test_model import mesh_of, numpy_forward
+
+V = 64
+
+
+def tiny_cfg(**kw) -> M.ModelConfig:
+  base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+              tie_embeddings=False, max_seq_len=16)
+  base.update(kw)
+  return M.ModelConfig(**base)
+
+
+def train_cfg(**kw):
+  c = configlib.default_config().train
+  c.batch_size = 8
+  c.learning_rate = 1e-2
+  c.warmup_steps = 2
+  c.max_steps = 100
+  c.weight_decay = 0.01
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def mesh1():
+  return mesh_of((1, 1, 1), jax.devices()[:1])
+
+
+def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None):
+  """Prompts and targets of different lengths, so masks and counts vary by row."""
+  rng = np.random.default_rng(seed)
+  prompts = [list(rng.integers(1, V, rng.integers(1, 5))) for _ in range(b)]
+  targets = [list(rng.integers(1, V, rng.integers(1, seq_len - len(p) + 1))) for p in prompts]
+  if weights is None:
+    weights = list(rng.choice([0.0, 0.5, 1.0, 2.0], b))
+  return T.make_batch(prompts, targets, weights, seq_len)
+
+
+@functools.lru_cache(maxsize=None)
+def trainer(shape=(1, 1, 1), micro_batches=1, normalization="token", optimizer="adamw"):
+  """One Trainer (hence one compiled step) per configuration for the whole session."""
+  mesh = mesh1() if shape == (1, 1, 1) else mesh_of(shape)
+  tc = train_cfg(micro_batches=micro_batches, loss_normalization=normalization,
+                 optimizer=optimizer)
+  return T.Trainer(tiny_cfg(), tc, mesh)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return M.init_params(tiny_cfg(), mesh1(), jax.random.key(0))
+
+
+def host(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def test_make_batch_layout():
+  b = T.make_batch([[5, 6, 7], [9]], [[1, 2], [3, 4, 8]], [1.0, 0.5], seq_len=6, pad_id=0)
+  np.testing.assert_array_equal(b["tokens_BxL"], [[5, 6, 7, 1, 2, 0], [9, 3, 4, 8, 0, 0]])
+  # Position t predicts token t+1: the positions whose next token is a target.
+  np.testing.assert_array_equal(b["loss_mask_BxL"], [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(b["weights_B"], [1.0, 0.5])
+  with pytest.raises(ValueError, match="example 1 has 1 prompt \\+ 6 target tokens = 7 > seq_len=6"):
+    T.make_batch([[1], [1]], [[2], [2] * 6], [1.0, 1.0], seq_len=6)
+
+
+def numpy_loss(params, batch, normalization):
+  """Independent float64 loss: numpy forward, log-softmax, mask, weights, reduction."""
+  cfg = tiny_cfg()
+  logits = numpy_forward(params, cfg, batch["tokens_BxL"])
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  total, tokens, examples = 0.0, 0, 0
+  for b in range(logits.shape[0]):
+    seq = 0.0
+    for t in range(logits.shape[1] - 1):
+      if batch["loss_mask_BxL"][b, t]:
+        seq -= logp[b, t, batch["tokens_BxL"][b, t + 1]]
+        tokens += 1
+    examples += int(batch["loss_mask_BxL"][b].sum() > 0)
+    total += float(batch["weights_B"][b]) * seq
+  return total / (tokens if normalization == "token" else examples)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_loss_matches_float64_numpy(params, normalization):
+  batch = random_batch(1)
+  assert 0.0 in batch["weights_B"] and len(set(batch["weights_B"])) > 2
+  model = M.Transformer(tiny_cfg())
+  loss, aux = T.loss_fn(params, jax.tree.map(jnp.asarray, batch), model, normalization)
+  np.testing.assert_allclose(float(loss), numpy_loss(params, batch, normalization), rtol=2e-5)
+  assert float(aux["tokens"]) == batch["loss_mask_BxL"].sum()
+  # The jitted eval loss is the same function.
+  np.testing.assert_allclose(trainer((1, 1, 1), 1, normalization).loss(params, batch),
+                             float(loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_zero_reward_example_contributes_no_gradient(params, normalization):
+  """grad(loss of B rows, row 2 at weight 0) * D_with == grad(loss without row 2) * D_without.
+
+  Both losses are N / D with the same numerator N (row 2 adds 0 to it); only
+  the denominator differs: D = target tokens ("token") or examples ("sequence"),
+  and row 2 still counts in D_with.
+  """
+  full = random_batch(2, b=4, weights=[1.0, 0.5, 0.0, 2.0])
+  without = {k: np.delete(v, 2, axis=0) for k, v in full.items()}
+  model = M.Transformer(tiny_cfg())
+  grad = jax.jit(jax.grad(lambda p, b: T.loss_fn(p, b, model, normalization)[0]))
+  g_with, g_without = grad(params, full), grad(params, without)
+  if normalization == "token":
+    d_with, d_without = full["loss_mask_BxL"].sum(), without["loss_mask_BxL"].sum()
+  else:
+    d_with, d_without = 4.0, 3.0
+  assert d_with != d_without  # otherwise the relation would not test the denominator
+  for a, b in zip(jax.tree.leaves(g_with), jax.tree.leaves(g_without)):
+    np.testing.assert_allclose(np.asarray(a) * d_with, np.asarray(b) * d_without,
+                               rtol=1e-4, atol=1e-6)
+  # And the target tokens of row 2 really change the gradient when weighted.
+  full_w = dict(full, weights_B=np.array([1.0, 0.5, 1.0, 2.0], np.float32))
+  g_w = grad(params, full_w)
+  assert max(float(jnp.abs(a * d_with - b * d_without).max())
+             for a, b in zip(jax.tree.leaves(g_w), jax.tree.leaves(g_without))) > 1e-3
+
+
+def test_training_drives_nll_down(params):
+  """4 fixed (prompt, target) pairs, 60 steps: memorisation is possible (distinct
+  prompts), so the target NLL must fall far below the uniform log(64) = 4.16 it
+  starts near. Bound: < log(V)/4 and < 25% of the initial value."""
+  tr = trainer()
+  rng = np.random.default_rng(3)
+  prompts = [[i + 1, int(rng.integers(1, V))] for i in range(4)]
+  targets = [list(rng.integers(1, V, 8)) for _ in range(4)]
+  batch = T.make_batch(prompts * 2, targets * 2, [1.0] * 8, seq_len=12)
+  state = tr.init_state(params)
+  first = None
+  for _ in range(60):
+    state, m = tr.step(state, batch)
+    first = m["loss"] if first is None else first
+  final = tr.loss(state.params, batch)
+  assert first > 0.8 * np.log(V)
+  assert final < np.log(V) / 4 and final < 0.25 * first, (first, final)
+  assert int(state.step) == 60
+  # The caller's params were copied, not donated.
+  assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+
+
+def assert_states_close(a, b):
+  """Adam moments (the clipped gradients) tightly; params within 5% of one update.
+
+  Adam's first update is ~lr * g / |g| per element, so elements with a near-zero
+  gradient amplify float32 reduction-order noise in the params; the moments show
+  the gradients themselves.
+  """
+  for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * float(np.abs(y).max()) + 1e-12)
+  lr0 = float(T.make_schedule(train_cfg(), 100)(0))
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=0.05 * lr0)
+  assert int(a.step) == int(b.step)
+
+
+@pytest.fixture(scope="module")
+def single_device_step(params):
+  batch = random_batch(4)
+  state, metrics = trainer().step(trainer().init_state(params), batch)
+  return batch, host(state), metrics
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_step_equals_single_device(params, single_device_step, shape):
+  batch, ref_state, ref_metrics = single_device_step
+  tr = trainer(shape)
+  state, metrics = tr.step(tr.init_state(params), batch)
+  for k in ("loss", "grad_norm", "tokens", "lr"):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=2e-5)
+  assert_states_close(host(state), ref_state)
+  # Params and Adam moments are split like the params' logical axes say.
+  shard = tr.state_shardings()
+  assert jax.tree.leaves(state.params)[0].sharding == jax.tree.leaves(shard.params)[0]
+  mu = state.opt_state[1][0].mu
+  for x, s in zip(jax.tree.leaves(mu), jax.tree.leaves(shard.params)):
+    assert x.sharding.spec == s.spec
+  if shape == (2, 2, 2):
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(mu))
+
+
+def test_grad_accumulation_equals_one_big_batch(params, single_device_step):
+  """micro_batches=2 on the (2,2,2) mesh == one batch: rows have different target
+  counts, so a mean of per-micro-batch means would differ."""
+  batch, ref_state, ref_metrics = single_device_step
+  tr = trainer((2, 2, 2), micro_batches=2)
+  state, metrics = tr.step(tr.init_state(params), batch)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=2e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=2e-5)
+  assert_states_close(host(state), ref_state)
+  # Sanity: the two micro-batches really have different token counts.
+  counts = batch["loss_mask_BxL"].sum(1)
+  assert counts[0::2].sum() != counts[1::2].sum()
+
+
+def test_nan_loss_stops_with_step(params):
+  tr = trainer()
+  state = tr.init_state(params)
+  batch = random_batch(5, weights=[1.0] * 8)
+  state, _ = tr.step(state, batch)
+  state, _ = tr.step(state, batch)
+  bad = dict(batch, weights_B=np.array([1.0] * 7 + [np.nan], np.float32))
+  with pytest.raises(T.NonFiniteLossError, match="at step 2"):
+    tr.step(state, bad)
+  # NaN inside the params: detected at the first step.
+  leaves, tree = jax.tree.flatten(host(params))
+  leaves[0] = leaves[0].copy()
+  leaves[0].flat[3] = np.nan
+  with pytest.raises(T.NonFiniteLossError, match=r"loss is nan \(grad norm nan\) at step 0"):
+    tr.step(tr.init_state(jax.tree.unflatten(tree, leaves)), batch)
+
+
+def test_adafactor_step_and_state_shardings(params):
+  tr = trainer((2, 2, 2), optimizer="adafactor")
+  state = tr.init_state(params)
+  batch = random_batch(6, weights=[1.0] * 8)
+  losses = []
+  for _ in range(3):
+    state, m = tr.step(state, batch)
+    losses.append(m["loss"])
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  # Every leaf of the abstract state carries a sharding (restore targets).
+  assert all(isinstance(x.sharding, jax.sharding.NamedSharding)
+             for x in jax.tree.leaves(tr.abstract_state()))
+
+
+def test_bad_config_fails_clearly():
+  with pytest.raises(P.ConfigError, match="batch_size=6 must be a multiple"):
+    T.Trainer(tiny_cfg(), train_cfg(batch_size=6), mesh_of((8, 1, 1)))
+  with pytest.raises(P.ConfigError, match="loss_normalization='mean'"):
+    T.Trainer(tiny_cfg(), train_cfg(loss_normalization="mean"), mesh1())
+  with pytest.raises(P.ConfigError, match="optimizer='sgd'"):
+    T.Trainer(tiny_cfg(), train_cfg(optimizer="sgd"), mesh1())
+
+
+def test_schedule_warmup_then_cosine():
+  sched = T.make_schedule(train_cfg(warmup_steps=4, learning_rate=1.0), total_steps=14)
+  assert float(sched(0)) == pytest.approx(0.25) and float(sched(4)) == pytest.approx(1.0)
+  assert float(sched(14)) == pytest.approx(0.0, abs=1e-6)
+  const = T.make_schedule(train_cfg(warmup_steps=0, schedule="constant"), total_steps=10)
+  assert float(const(7)) == pytest.approx(1e-2)
