@@ -7,7 +7,9 @@
    with one worker called one program at a time.
 2. Per-program isolation overhead: a trivial stdio program through the bwrap
    sandbox, through the same runner without bwrap (`unsafe_local_exec`), and a
-   plain `python -c pass` subprocess.
+   plain `python -I [-S] -c pass` subprocess. The sandbox starts two
+   interpreters (trusted checker + candidate), so ~2x plain python is the floor
+   for a design that keeps candidate code out of the process that decides.
 Every number is the median of --repeats runs (>= 5), all in one process on one
 machine, so the ratios compare like with like.
 """
@@ -69,9 +71,10 @@ def main() -> None:
     for name, ex in (("bwrap sandbox", sandboxed), ("runner, no bwrap", local)):
       per[name] = statistics.median(
           [_median_time(lambda: ex.score([trivial]), 1) for _ in range(n)]) * 1e3
-    plain = [sys.executable, "-I", "-c", "pass"]
-    per["plain python"] = statistics.median(
-        [_median_time(lambda: subprocess.run(plain, check=True), 1) for _ in range(n)]) * 1e3
+    for name, flags in (("plain python", ["-I"]), ("plain python -S", ["-I", "-S"])):
+      cmd = [sys.executable, *flags, "-c", "pass"]
+      per[name] = statistics.median(
+          [_median_time(lambda: subprocess.run(cmd, check=True), 1) for _ in range(n)]) * 1e3
   for name, ms in per.items():
     print(f"trivial program, {name:17s}: {ms:7.1f} ms (median of {n})")
   print(f"isolation overhead vs plain python: {per['bwrap sandbox'] - per['plain python']:.1f} ms "

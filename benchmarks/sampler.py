@@ -11,10 +11,10 @@
 Times are medians of --repeats calls after one warm-up (compile) call, each
 call synchronised on its outputs. Model (default): vocab 8192, d_model 512, 8
 layers, 8 heads (head_dim 64, no GQA), d_ff 768, untied output layer: 26.2M
-params; float32 on CPU, bfloat16 params and compute on GPU. Batch 8, prompt 64,
+params; float32 on CPU, bfloat16 params and compute on GPU (--dtype overrides). Batch 8, prompt 64,
 128 new tokens. --quick shrinks everything for a fast CPU run.
 
-  python benchmarks/sampler.py [--quick] [--repeats 5]
+  python benchmarks/sampler.py [--quick] [--repeats 5] [--dtype float32]
 """
 from __future__ import annotations
 
@@ -46,8 +46,7 @@ def timed(fn, repeats: int):
   return statistics.median(times), out
 
 
-def make_cfg(quick: bool, gpu: bool) -> M.ModelConfig:
-  dtype = "bfloat16" if gpu else "float32"
+def make_cfg(quick: bool, dtype: str) -> M.ModelConfig:
   if quick:
     return M.ModelConfig(vocab_size=1024, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4,
                          d_ff=256, tie_embeddings=False, max_seq_len=256, dtype=dtype,
@@ -102,9 +101,12 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny model, fast CPU run")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bfloat16 on GPU, "
+                  "float32 on CPU). Cached and no-cache bf16 numerics differ, so greedy "
+                  "tokens diverge after a near-tie: check equality with float32")
   args = ap.parse_args()
   gpu = jax.default_backend() == "gpu"
-  cfg = make_cfg(args.quick, gpu)
+  cfg = make_cfg(args.quick, args.dtype or ("bfloat16" if gpu else "float32"))
   c = configlib.default_config()
   c.mesh.shape = (1, 1, 1)
   mesh = partitioning.make_mesh(c.mesh, jax.devices()[:1])
@@ -139,8 +141,10 @@ def main() -> None:
   copies_fn = jax.jit(lambda p, x: S.prefill_cache(cfg, mesh, p, x, 1, cache_len))
   t_shared, c_shared = timed(lambda: shared_fn(params, jnp.asarray(prompts2)), reps)
   t_copies, c_copies = timed(lambda: copies_fn(params, jnp.asarray(copies)), reps)
+  tol = 1e-5 if cfg.dtype == "float32" else 3e-2  # batch size changes kernels: bf16 rounding
   same_cache = all(np.allclose(np.asarray(c_shared[k], np.float32),
-                               np.asarray(c_copies[k], np.float32), atol=1e-2) for k in "kv")
+                               np.asarray(c_copies[k], np.float32), rtol=tol, atol=tol)
+                   for k in "kv")
   t_call_shared, o_shared = timed(
       lambda: sampler.sample(params, prompts2, num_samples=n, **kw), reps)
   t_call_copies, o_copies = timed(

@@ -95,7 +95,8 @@ def abstract_params_on(model_cfg: model_lib.ModelConfig, mesh: Mesh) -> Any:
                       abstract, model_lib.param_shardings(model_cfg, mesh))
 
 
-def _check_tree_matches(path: str, stored: Any, target: Any, what: str) -> None:
+def _check_tree_matches(path: str, stored: Any, target: Any, what: str,
+                        expected: str = "the model config") -> None:
   """Same keys and shapes as the target, or a CheckpointError naming the difference."""
   def name(k):  # Orbax's metadata turns attributes/tuples into dict keys/lists.
     for attr in ("key", "idx", "name"):
@@ -110,14 +111,14 @@ def _check_tree_matches(path: str, stored: Any, target: Any, what: str) -> None:
   if set(s) != set(t):
     missing, extra = sorted(set(t) - set(s)), sorted(set(s) - set(t))
     raise CheckpointError(
-        f"{what} checkpoint at {path} does not match the model config: missing "
+        f"{what} checkpoint at {path} does not match {expected}: missing "
         f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
         f"{extra[:4]}{'...' if len(extra) > 4 else ''}; restore with the config it was saved with")
   bad = [(k, s[k], t[k]) for k in sorted(t) if s[k] != t[k]]
   if bad:
     k, got, want = bad[0]
     raise CheckpointError(
-        f"{what} checkpoint at {path} does not match the model config: {k} has shape {got}, "
+        f"{what} checkpoint at {path} does not match {expected}: {k} has shape {got}, "
         f"the config needs {want} ({len(bad)} mismatched arrays); restore with the config "
         "it was saved with")
 
@@ -216,7 +217,8 @@ class TrainCheckpointer:
     if stored is None:
       raise CheckpointError(f"train checkpoint {where} has no '{_STATE}' item; delete that "
                             "step directory to resume from an earlier one")
-    _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train")
+    _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train",
+                        "the model/optimizer config of this run")
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}))

@@ -11,7 +11,9 @@ Resume semantics: the data position is the step (batch s is a pure function of
 seed and s), and each mid-phase checkpoint holds the train state, the best params
 so far and the early-stop bookkeeping, all as of the same step. A killed run
 called again resumes from the latest checkpoint and ends with the same best
-params and info as an uninterrupted run. The last checkpoint is marked done, so
+params and info as an uninterrupted run. The initial params are not evaluated
+(the M-step's result is always a fine-tuned model); eval_fn must not keep the
+params it is given, since the next train step donates their buffers. The last checkpoint is marked done, so
 calling improve again after it finished returns the stored result without
 training.
 """
@@ -23,7 +25,6 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh

@@ -101,9 +101,13 @@ class RunContext:
                                            max_new_tokens=c.sampling.max_new_tokens,
                                            max_batch=c.sampling.max_batch)
                if validate and self.val else None)
+    # Pad to the longest example (rounded up to 16), not to max_seq_len: short
+    # tasks then train at their own length, with one compile per M-step.
+    longest = max((len(e.prompt) + len(e.target) for e in examples), default=1)
+    seq_len = min(self.model_cfg.max_seq_len, -(-longest // 16) * 16)
     return improve.improve(model_cfg=self.model_cfg, train_cfg=train_cfg or c.train,
                            mesh=self.mesh, init_params=init_params, examples=examples,
-                           seq_len=self.model_cfg.max_seq_len, eval_fn=eval_fn,
+                           seq_len=seq_len, eval_fn=eval_fn,
                            workdir=os.path.join(out_dir, "improve"), seed=seed, log=self.log)
 
   def evaluate(self, params: Any, seed: int) -> dict:

@@ -215,8 +215,8 @@ def _copy_tree(tree: Any) -> Any:
 
 def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
   """Host array (the same on every process) -> global array with `sharding`."""
-  if isinstance(x, jax.Array) and x.sharding == sharding:
-    return x
+  if isinstance(x, jax.Array):
+    return x if x.sharding == sharding else jax.device_put(x, sharding)
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 

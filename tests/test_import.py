@@ -92,8 +92,9 @@ def test_hf_bfloat16_checkpoint_and_8_device_mesh(tmp_path):
   """BF16 safetensors (numpy has no bfloat16) onto a (2, 2, 2) mesh: params land sharded."""
   hf = save_tiny_hf(str(tmp_path), tie=False, dtype=torch.bfloat16)
   cfg, params = import_model("hf", str(tmp_path), mesh_of((2, 2, 2)), max_seq_len=64)
-  assert params["layers"]["q"].sharding.spec == tuple(
-      M.param_shardings(cfg, mesh_of((2, 2, 2)))["layers"]["q"].spec)
+  want = M.param_shardings(cfg, mesh_of((2, 2, 2)))
+  assert params["layers"]["q"].sharding.spec == want["layers"]["q"].spec
+  assert params["layers"]["q"].sharding.spec[2] == "tensor"  # heads split over tensor.
   assert len(params["layers"]["gate"].sharding.device_set) == 8
   np.testing.assert_allclose(our_logits(cfg, params, TOKENS), hf_logits(hf, TOKENS),
                              atol=1e-4, rtol=1e-4)
@@ -339,7 +340,8 @@ def test_smollm2_vocabulary_round_trips(smol):
   # seqio truncates at eos; decode drops special tokens (pad, eos, chat markup).
   ids = vocab.encode("yes")
   assert vocab.decode(ids + [vocab.eos_id] + vocab.encode(" no")) == "yes"
-  assert vocab.decode(vocab.encode(CHAT)) == "user\nWhat is the capital of France?\nassistant\n"
+  # Markup is dropped and decode stops at the first <|im_end|> (eos), as seqio does.
+  assert vocab.decode(vocab.encode(CHAT)) == "user\nWhat is the capital of France?"
 
 
 def test_smollm2_ids_match_the_gguf_token_list(smol, gguf_pieces):
@@ -366,8 +368,9 @@ def test_smollm2_vocabulary_tf_and_hf_tokenizer_json(smol, tmp_path):
   assert ids.dtype == tf.int32 and list(ids.numpy()) == vocab.encode("The answer is 21.")
   batch = vocab.encode_tf(tf.constant(["a b", "1 2 3"]))
   assert batch.to_list() == [vocab.encode("a b"), vocab.encode("1 2 3")]
-  padded = tf.constant([vocab.encode("Hi there") + [vocab.eos_id, 5, 6],
-                        vocab.encode("ok") + [vocab.pad_id] * 5])
+  rows = [vocab.encode("Hi there") + [vocab.eos_id, 5, 6], vocab.encode("ok")]
+  width = max(map(len, rows))
+  padded = tf.constant([r + [vocab.pad_id] * (width - len(r)) for r in rows])
   assert [s.decode() for s in vocab.decode_tf(padded).numpy()] == ["Hi there", "ok"]
   # The same tokenizer as an HF directory's tokenizer.json gives the same vocabulary.
   vocab.tokenizer.save(str(tmp_path / "tokenizer.json"))

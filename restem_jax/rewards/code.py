@@ -16,10 +16,12 @@ there), `--die-with-parent` and `--new-session`.
 
 Unprivileged user. When the harness runs as root, bwrap itself runs as root
 without a user namespace (so it can bind an interpreter that lives under a
-private directory such as /root/.pyenv) keeping only CAP_SETUID/CAP_SETGID, and
-the runner's first action inside the sandbox is to set no_new_privs and switch
-to a dedicated host uid, `uid_base + worker slot` (2_000_000_000.. by default,
-outside every range Debian/systemd hand out), which clears all capabilities.
+private directory such as /root/.pyenv; `--unshare-all` would imply a user
+namespace, so the other namespaces are listed one by one) keeping only
+CAP_SETUID/CAP_SETGID, and the runner's first action inside the sandbox is to
+set no_new_privs and switch to a dedicated host uid, `uid_base + worker slot`
+(2_000_000_000.. by default, outside every range Debian/systemd hand out),
+which clears all capabilities.
 Why not a uid inside a bwrap user namespace: as root that maps to host uid 0,
 and host root can read root-owned files and is exempt from RLIMIT_NPROC (fork
 bombs). Why not the shared `nobody`: one uid per slot gives every sandbox its
@@ -28,16 +30,21 @@ fail to start), and lets the harness SIGKILL everything owned by that uid after
 a run without touching unrelated `nobody` daemons. When the harness is not root
 it is already unprivileged: bwrap then uses `--unshare-all` with a user
 namespace and `--disable-userns`, and RLIMIT_NPROC is counted on top of the
-processes the caller already owns.
+processes the caller already owns. Residual risk in root mode: the program may
+still create an unprivileged user namespace of its own (kernel attack surface,
+no access gained to anything outside the sandbox); a seccomp filter would close it.
 
 Limits. Candidate processes get RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
 RLIMIT_NOFILE (soft == hard: an unprivileged program cannot raise them) and
-RLIMIT_CORE=0; the scratch tmpfs is capped at `scratch_mb`. The harness
-enforces `wall_s` for the whole job: on timeout it SIGKILLs the sandbox's pid-1,
-which makes the kernel kill every process in the pid namespace (daemons that
-double-forked and called setsid included), then reaps bwrap, then kills any
-process still owned by the slot's uid. Memory is bounded per process; the
-aggregate is at most memory_mb * max_procs per sandbox (no cgroup is assumed).
+RLIMIT_CORE=0; the scratch tmpfs is capped at `scratch_mb`. The runner is the
+pid namespace's init (`--as-pid-1`): after each candidate it SIGKILLs every
+other process in the namespace and reaps them, and when it exits the kernel
+kills whatever is left (daemons that double-forked and called setsid included).
+The harness enforces `wall_s` for the whole job: on timeout it SIGKILLs that
+init, reaps bwrap (no orphan is left for a host init that may not reap), then
+kills any process still owned by the slot's uid. Candidates run with `-I -S`
+(stdlib only: no site-packages, no .pth hooks). Memory is bounded per process;
+the aggregate is at most memory_mb * max_procs per sandbox (no cgroup is assumed).
 
 Unforgeable verdict
 -------------------
@@ -77,6 +84,7 @@ filesystem/network/pid isolation and, when run as root, no RLIMIT_NPROC.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import dataclasses
 import json
 import os
@@ -92,6 +100,7 @@ import time
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
 _SANDBOX_RUNNER = "/sandbox/runner.py"
 DEFAULT_UID_BASE = 2_000_000_000
+_INSTANCES = itertools.count()
 _INSTALL_HINT = ("bubblewrap (`bwrap`) is required to run generated code in a sandbox: "
                  "install it with `apt-get install bubblewrap` (Debian/Ubuntu; "
                  "`dnf install bubblewrap` on Fedora). Only if you accept running "
@@ -169,7 +178,7 @@ class CodeExecutor:
 
   def __init__(self, limits: Limits = Limits(), num_workers: int = 2,
                unsafe_local_exec: bool = False, *, python: str | None = None,
-               uid_base: int = DEFAULT_UID_BASE):
+               uid_base: int | None = None):
     self.limits = limits
     self.num_workers = max(1, int(num_workers))
     self.unsafe_local_exec = unsafe_local_exec
@@ -181,6 +190,13 @@ class CodeExecutor:
       if self._bwrap is None:
         raise SandboxError(_INSTALL_HINT)
     # One uid per worker slot (root only): separate NPROC budgets, precise sweep.
+    # The range is private to this process and executor, so two scorers running
+    # at once (two runs, two test processes) never sweep each other's sandboxes.
+    if uid_base is None:
+      if self.num_workers > 64:
+        raise ValueError(f"num_workers={num_workers}: at most 64 sandboxes per executor")
+      uid_base = (DEFAULT_UID_BASE + (os.getpid() % 1_000_000) * 256
+                  + (next(_INSTANCES) % 4) * 64)
     self.sandbox_uids = ([uid_base + i for i in range(self.num_workers)]
                          if self._root and not unsafe_local_exec else [])
     self._slots: queue.Queue[int] = queue.Queue()

@@ -29,8 +29,8 @@ Equivalence (`is_equiv`, `MathGrader`): equal iff
   Symbolic checks run in spawned worker processes (math_verify relies on signals, which
   fail in threads) under a CPU-time timer of timeout_s; a worker silent for 2*timeout_s
   + grace (stuck in C) or dead is killed and replaced, and its pair scores 0.0. Model
-  output never raises; an empty gold raises ValueError. Not thread-safe: one grader
-  per thread.
+  output never raises; an empty gold raises ValueError. A MathGrader is not thread-safe
+  (one per thread); `is_equiv` shares one 1-worker grader behind a lock.
 
 False negatives accepted (zero false positives comes first):
   * Rounded decimals of non-terminating values (`0.333` for 1/3, `3.1416` for pi).
@@ -52,6 +52,7 @@ import multiprocessing.connection
 import random
 import re
 import signal
+import threading
 import time
 from typing import Any
 
@@ -214,7 +215,7 @@ _THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 def _clean(ans: str) -> str:
   """Meaning-preserving cleanup; keeps spaces, so the result is still valid LaTeX."""
-  s = ans.strip().replace("\n", " ")
+  s = re.sub(r"(\d)\\,(?=\d{3}(?!\d))", r"\1", ans.strip().replace("\n", " "))  # 1\,000
   # Thin spaces `\,` `\;` `\ ` -> space, `\!` -> nothing; a `\\` row break is kept.
   s = re.sub(r"\\\\|\\[,;: !]",
              lambda m: m.group(0) if m.group(0) == "\\\\" else " " * (m.group(0) != "\\!"), s)
@@ -266,7 +267,9 @@ def normalize_answer(ans: str) -> str:
     return ""
   s = _clean(ans)
   s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
-  s = re.sub(r"\s+", "", s)
+  # Spaces go, except between digits: `2 3` is not `23` (nor `6`, as sympy reads it).
+  s = re.sub(r"\s+", lambda m: " " if re.fullmatch(r"\d\s+\d", s[max(m.start() - 1, 0):
+                                                             m.end() + 1]) else "", s)
   s = _fix_fracs(s)
   m = re.fullmatch(r"(-?\d+)/(\d+)", s)
   if m:
@@ -391,6 +394,8 @@ def _symbolic_equal(gold: str, pred: str) -> bool:
   from math_verify import LatexExtractionConfig, parse, verify  # pylint: disable=import-outside-toplevel
   if ("\\pm" in gold) != ("\\pm" in pred) or ("\\mp" in gold) != ("\\mp" in pred):
     return False
+  if re.search(r"\d\s+\d", gold + " x " + pred):
+    return False  # `2 3`: sympy multiplies, a reader sees 23 or a list. Strings only.
   # math_verify's own timeouts off: they would reset our timer, which covers it all.
   g, p = (parse("$" + x + "$", extraction_config=[LatexExtractionConfig()],
                 parsing_timeout=None) for x in (gold, pred))
@@ -579,6 +584,7 @@ class MathGrader:
 
 
 _SHARED: MathGrader | None = None
+_SHARED_LOCK = threading.Lock()  # A grader is not thread-safe; is_equiv may be called from many.
 
 
 def is_equiv(gold: str, pred: str, *, timeout_s: float = 5.0) -> bool:
@@ -588,7 +594,8 @@ def is_equiv(gold: str, pred: str, *, timeout_s: float = 5.0) -> bool:
     raise ValueError(f"is_equiv: gold answer is empty or not a string: {gold!r}")
   if not isinstance(pred, str) or not pred.strip():
     return False
-  if _SHARED is None:
-    _SHARED = MathGrader(num_workers=1, timeout_s=timeout_s)
-    atexit.register(_SHARED.close)
-  return _SHARED._grade([gold], [pred.strip()], float(timeout_s))[0] == 1.0  # pylint: disable=protected-access
+  with _SHARED_LOCK:
+    if _SHARED is None:
+      _SHARED = MathGrader(num_workers=1, timeout_s=timeout_s)
+      atexit.register(_SHARED.close)
+    return _SHARED._grade([gold], [pred.strip()], float(timeout_s))[0] == 1.0  # pylint: disable=protected-access

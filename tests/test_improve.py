@@ -1,0 +1,151 @@
+"""M-step tests: early stopping on the best evaluation, exact resume, loud failures."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from restem_jax import checkpoints as C, improve as I, model as M
+from test_training import host, mesh1, tiny_cfg, train_cfg
+
+MAX_STEPS = 12
+# Validation reward by step: rises to step 4, then falls (so patience 2 stops at 8).
+SCORES = {2: 0.1, 4: 0.5, 6: 0.3, 8: 0.2, 10: 0.6, 12: 0.7}
+
+
+def examples(n=6):
+  rng = np.random.default_rng(0)
+  return [I.Example(prompt=[int(i + 1), int(rng.integers(1, 64))],
+                    target=list(map(int, rng.integers(1, 64, int(rng.integers(2, 6))))),
+                    weight=1.0) for i in range(n)]
+
+
+def cfg(**kw):
+  base = dict(batch_size=4, max_steps=MAX_STEPS, eval_every=2, patience=2, checkpoint_every=3,
+              keep_checkpoints=2, warmup_steps=1)
+  base.update(kw)
+  return train_cfg(**base)
+
+
+def fingerprint(params) -> bytes:
+  return b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(host(params)))
+
+
+@pytest.fixture(scope="module")
+def init():
+  return M.init_params(tiny_cfg(), mesh1(), jax.random.key(1))
+
+
+def run(workdir, init, eval_fn, **kw):
+  return I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(**kw), mesh=mesh1(), init_params=init,
+                   examples=examples(), seq_len=10, eval_fn=eval_fn, workdir=str(workdir),
+                   seed=3, log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def reference(init, tmp_path_factory):
+  """An uninterrupted run that never stops early: params at every evaluation."""
+  by_step = {}
+
+  def record(params):
+    by_step[2 * (len(by_step) + 1)] = host(params)
+    return 0.0
+
+  run(tmp_path_factory.mktemp("ref"), init, record, patience=100)
+  assert sorted(by_step) == sorted(SCORES)
+  # Scores are looked up by the params themselves, so an evaluation at a given
+  # step scores the same in every run (resumed ones included).
+  table = {fingerprint(p): SCORES[s] for s, p in by_step.items()}
+  return by_step, table
+
+
+def scorer(table, calls):
+  def eval_fn(params):
+    calls.append(1)
+    return table[fingerprint(params)]
+  return eval_fn
+
+
+def test_early_stopping_keeps_best_and_resume_is_exact(init, reference, tmp_path):
+  by_step, table = reference
+  calls = []
+  best, info = run(tmp_path / "a", init, scorer(table, calls))
+  assert info == {"best_step": 4, "best_score": 0.5, "steps": 8, "stopped": "patience",
+                  "evals": [(2, 0.1), (4, 0.5), (6, 0.3), (8, 0.2)]}
+  assert fingerprint(best) == fingerprint(by_step[4])
+  assert len(calls) == 4
+
+  # Interrupted: the 4th evaluation (step 8) dies; the latest checkpoint is step 6
+  # (checkpoint_every=3), taken after the evaluation at 6 (one bad eval counted).
+  class Killed(Exception):
+    pass
+
+  n = []
+
+  def dies_at_fourth(params):
+    n.append(1)
+    if len(n) == 4:
+      raise Killed()
+    return table[fingerprint(params)]
+
+  with pytest.raises(Killed):
+    run(tmp_path / "b", init, dies_at_fourth)
+  assert C.TrainCheckpointer(str(tmp_path / "b" / "checkpoints")).all_steps() == [3, 6]
+
+  # A damaged latest checkpoint is an error, never a silent fresh start.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tmp_path / "b", damaged)
+  shutil.rmtree(damaged / "checkpoints" / "6" / "state" / "d")
+  os.remove(damaged / "checkpoints" / "6" / "state" / "manifest.ocdbt")
+  with pytest.raises(C.CheckpointError, match=str(damaged / "checkpoints" / "6")):
+    run(damaged, init, scorer(table, []))
+
+  calls = []
+  best_r, info_r = run(tmp_path / "b", init, scorer(table, calls))
+  assert info_r == info
+  assert fingerprint(best_r) == fingerprint(best)
+  assert len(calls) == 1  # only step 8 was evaluated again
+
+  # Finished M-steps return their stored result without training or evaluating.
+  calls = []
+  best_d, info_d = run(tmp_path / "b", init, scorer(table, calls))
+  assert info_d == info and fingerprint(best_d) == fingerprint(best) and not calls
+  with pytest.raises(C.CheckpointError, match="seed=3 and 6 examples, not seed=4"):
+    I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(), mesh=mesh1(), init_params=init,
+              examples=examples(), seq_len=10, eval_fn=None, workdir=str(tmp_path / "b"),
+              seed=4, log=lambda _: None)
+  # The caller's params were never donated.
+  assert not any(x.is_deleted() for x in jax.tree.leaves(init))
+
+
+def test_without_eval_fn_trains_max_steps(init, reference, tmp_path):
+  by_step, _ = reference
+  final, info = run(tmp_path, init, None)
+  assert info == {"best_step": MAX_STEPS, "best_score": None, "steps": MAX_STEPS,
+                  "evals": [], "stopped": "max_steps"}
+  assert fingerprint(final) == fingerprint(by_step[MAX_STEPS])
+
+
+def test_empty_examples_fail_before_anything(init, tmp_path):
+  with pytest.raises(ValueError, match="no kept samples to train on: .*lower the bar"):
+    I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(), mesh=mesh1(), init_params=init,
+              examples=[], seq_len=10, eval_fn=None, workdir=str(tmp_path / "w"), seed=0)
+  assert not (tmp_path / "w").exists()
+  with pytest.raises(ValueError, match="1 of 2 examples are longer than seq_len=10"):
+    I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(), mesh=mesh1(), init_params=init,
+              examples=[I.Example([1], [2] * 3, 1.0), I.Example([1], [2] * 10, 1.0)],
+              seq_len=10, eval_fn=None, workdir=str(tmp_path / "w"), seed=0)
+
+
+def test_batch_stream_epochs_are_permutations():
+  ex = examples(5)
+  stream = I.BatchStream(ex, batch_size=3, seq_len=10, seed=1)
+  flat = [i for s in range(5) for i in stream.indices(s)]  # 15 positions = 3 epochs
+  for e in range(3):
+    assert sorted(flat[5 * e:5 * e + 5]) == list(range(5))
+  assert flat[:5] != flat[5:10]  # each epoch reshuffled
+  fresh = I.BatchStream(ex, batch_size=3, seq_len=10, seed=1)
+  assert fresh.indices(4) == stream.indices(4)  # any step, without replaying the others
+  assert I.BatchStream(ex, 3, 10, seed=2).indices(0) != stream.indices(0) or \
+      I.BatchStream(ex, 3, 10, seed=2).indices(1) != stream.indices(1)
