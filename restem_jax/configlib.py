@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.max_operand = 10
   c.task.max_value = 40
   c.task.allow_mul = True
+  # embedded_arith: the reward also requires every equation of the worked
+  # solution to be true (small answers are otherwise hit by chance; see embedded.py).
+  c.task.verify_steps = True
   c.task.apps_difficulty = ""  # apps: keep one difficulty ("introductory" in the paper).
   c.task.grader_workers = 2  # Processes for math-verify / sandboxes for programs.
   c.task.grader_timeout_s = 5.0  # Per-answer symbolic-check timeout.
@@ -139,6 +142,56 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 20  # Steps between training log lines.
   c.lock()
   return c
+
+
+def parse_config_arg(arg: str | None) -> dict[str, str]:
+  """'runlocal,bucket=gs://b' -> {'runlocal': '1', 'bucket': 'gs://b'} (big_vision style)."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    k, _, v = part.partition("=")
+    out[k.strip()] = v.strip() if v else "1"
+  return out
+
+
+def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
+  """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
+  (tiny model of the same family, offline embedded task, seconds per phase).
+  Optimizer, tying and loss settings are kept, so their code paths still run."""
+  c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
+  c.model.d_model = 64
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.d_ff = 128
+  c.model.max_seq_len = 256
+  c.model.dtype = "float32"
+  c.mesh.shape = (-1, 1, 1)
+  c.distributed.initialize = "auto"
+  c.base.source = "pretrain"
+  c.base.path = ""
+  c.base.steps = 20
+  c.task.name = "embedded_arith"
+  c.task.data_dir = ""
+  c.task.vocab_path = ""
+  c.task.few_shot = 2
+  c.task.num_train = 16
+  c.task.num_val = 8
+  c.task.num_test = 8
+  c.sampling.num_samples = 4
+  c.sampling.max_new_tokens = 32
+  c.sampling.max_batch = 64
+  c.restem.num_iterations = 2
+  c.train.batch_size = 8
+  c.train.warmup_steps = 2
+  c.train.max_steps = 10
+  c.train.eval_every = 5
+  c.train.checkpoint_every = 5
+  c.eval.num_samples = 4
+  c.eval.pass_k = (1, 4)
+  c.eval.majority_k = 4
+  c.eval.num_train_eval = 8
+  c.log_every = 5
 
 
 MODEL_KEYS = tuple(default_config().model.keys())

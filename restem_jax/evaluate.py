@@ -58,6 +58,18 @@ def _answer_key(task: Any) -> Callable[[str], str | None] | None:
   return key
 
 
+def train_subset(train_problems: Sequence[Problem], n: int) -> list[Problem]:
+  """The training problems ReST-EM learns from (answer-only ones), evenly spaced.
+
+  Problems that carry a human solution were seen by the base model's
+  pretraining; measuring them would report memorisation, not Fig. 4's gap.
+  """
+  pool = [p for p in train_problems if not p.target] or list(train_problems)
+  if len(pool) <= n:
+    return pool
+  return [pool[int(i * len(pool) / n)] for i in range(n)]
+
+
 def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
              test_problems: Sequence[Problem], train_problems: Sequence[Problem],
              eval_cfg: ml_collections.ConfigDict, max_new_tokens: int, max_batch: int,
@@ -72,7 +84,7 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
                                                        greedy_test),
   }
   if eval_cfg.on_train and train_problems:
-    subset = list(train_problems)[: eval_cfg.num_train_eval]
+    subset = train_subset(train_problems, eval_cfg.num_train_eval)
     greedy_train = greedy_rewards(sampler, params, task, subset,
                                   max_new_tokens=max_new_tokens, max_batch=max_batch)
     result["pass@1_greedy_train"] = float(np.mean(greedy_train))

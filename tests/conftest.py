@@ -17,3 +17,32 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def subprocess_env() -> dict:
+  """Environment of a plain user run: one CPU device, quiet TensorFlow."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def main_cmd(workdir: str, *extra: str, config: str = TINY_CONFIG) -> list:
+  return [sys.executable, "-m", "restem_jax.main", f"--config={config}",
+          f"--workdir={workdir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One uninterrupted run of configs/tiny.py, shared by the tests that read a workdir."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  p = subprocess.run(main_cmd(workdir), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                     text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return workdir, p

@@ -9,25 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one device: the subprocess is a plain user run
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
-def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "restem_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
-          *extra]
+from conftest import ROOT, main_cmd as _cmd, subprocess_env as _env
 
 
 def _run(workdir, *extra, timeout=400):
@@ -65,12 +51,9 @@ def _evals(workdir):
   return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  p = _run(workdir)
-  assert p.returncode == 0, p.stderr[-3000:]
-  return workdir, p
+@pytest.fixture
+def uninterrupted(tiny_run):
+  return tiny_run
 
 
 def test_two_iterations_layout_and_eval_fields(uninterrupted):

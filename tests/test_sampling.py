@@ -36,7 +36,7 @@ def mesh_of(shape, devices=None):
 def env():
   cfg = tiny_cfg()
   mesh = mesh_of((1, 1, 1), jax.devices()[:1])
-  params = M.init_params(cfg, mesh, jax.random.key(0))
+  params = M.init_params(cfg, mesh, jax.random.key(1))  # A seed whose greedy rows end both ways.
   return cfg, mesh, params, S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD)
 
 

@@ -160,7 +160,7 @@ def test_score_tolerates_bad_items_but_not_a_broken_reward(small_embedded, monke
   t = tasks.get_task(task_cfg(num_train=50, num_val=5, num_test=10, num_human=5))
   ps = t.problems("test")[:3]
 
-  def flaky(gold, completion):
+  def flaky(gold, completion, verify_steps=False):
     if "boom" in completion:
       raise ValueError("boom")
     return 1.0
@@ -351,3 +351,15 @@ def test_samples_task(tmp_path):
     samples.read_samples(str(tmp_path))
   with pytest.raises(FileNotFoundError):
     samples.read_samples(str(tmp_path / "missing"))
+
+
+def test_embedded_reward_checks_the_worked_equations():
+  # Right final answer reached through a false equation: a chance hit.
+  lucky = "12 + 9 = 20. 20 - 3 = 17. The answer is 18."
+  honest = "12 + 9 = 21. 21 - 3 = 18. The answer is 18."
+  assert embedded.exact_int_reward("18", lucky, verify_steps=True) == 0.0
+  assert embedded.exact_int_reward("18", lucky, verify_steps=False) == 1.0
+  assert embedded.exact_int_reward("18", honest, verify_steps=True) == 1.0
+  assert embedded.exact_int_reward("18", "3 * 6 = 18. The answer is 18.", verify_steps=True) == 1.0
+  assert embedded.exact_int_reward("18", "3 * 6 = 17. The answer is 18.", verify_steps=True) == 0.0
+  assert embedded.exact_int_reward("18", "The answer is 17.", verify_steps=True) == 0.0

@@ -215,8 +215,10 @@ class Task:
     if not problems:
       return []
     if self.reward_kind == "exact_int":
+      verify = bool(self._cfg.get("verify_steps", False))
       batch_fn = lambda idx: [embedded.exact_int_reward(problems[i].gold,
-                                                        self.postprocess(completions[i]))
+                                                        self.postprocess(completions[i]),
+                                                        verify_steps=verify)
                               for i in idx]
     elif self.reward_kind == "math":
       batch_fn = lambda idx: self._math_grader().score(

@@ -181,7 +181,26 @@ def extract_int_answer(text: str) -> Optional[int]:
     return None
 
 
-def exact_int_reward(gold: str, completion: str) -> float:
-  """1.0 iff the completion's final integer answer equals `gold` as an integer."""
+_EQUATION_RE = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def equations_hold(completion: str) -> bool:
+  """Whether every "a op b = c" the completion writes is arithmetically true."""
+  return all(_OPS[op](int(a), int(b)) == int(c)
+             for a, op, b, c in _EQUATION_RE.findall(completion))
+
+
+def exact_int_reward(gold: str, completion: str, verify_steps: bool = False) -> float:
+  """1.0 iff the final integer answer equals `gold` (and, with verify_steps,
+  every equation of the worked solution is true).
+
+  Why verify_steps exists: answers here are small integers, so a sample with
+  wrong arithmetic reaches the right number by chance often (14% of the kept
+  samples of a first demo iteration had a false equation); training on those
+  teaches false facts. Checking the shown work is this task's analogue of unit
+  tests for programs - still one binary reward per sample.
+  """
   got = extract_int_answer(completion)
-  return float(got is not None and got == int(gold.replace(",", "").strip()))
+  ok = got is not None and got == int(gold.replace(",", "").strip())
+  return float(ok and (not verify_steps or equations_hold(completion)))
