@@ -24,14 +24,23 @@ def get_config(arg: str | None = None):
   c.model.max_seq_len = 128
 
   c.base.source = "pretrain"
-  c.base.steps = 500
+  c.base.steps = 400
   c.base.learning_rate = 3e-3
   c.base.batch_size = 32
 
   c.task.name = "embedded_arith"
   c.task.num_train = 2000
-  c.task.num_val = 64
   c.task.num_test = 400
+  c.task.num_val = 128
+  # Small numbers, no x2/x3 events: the arithmetic facts are few enough that
+  # 400 worked solutions teach most of them; what the base model lacks is
+  # chaining them over 1-4 events, which self-training on answer-only problems
+  # can teach. (With numbers up to 40 the base model got the facts themselves
+  # wrong and no iteration improved test accuracy: see README.)
+  c.task.max_value = 20
+  c.task.max_operand = 6
+  c.task.max_start = 10
+  c.task.allow_mul = False
 
   c.sampling.num_samples = 8
   c.sampling.temperature = 0.7
@@ -47,9 +56,9 @@ def get_config(arg: str | None = None):
   c.train.batch_size = 32
   c.train.max_steps = 300
   c.train.warmup_steps = 20
-  c.train.eval_every = 50
+  c.train.eval_every = 100
   c.train.patience = 2
-  c.train.checkpoint_every = 50
+  c.train.checkpoint_every = 100
 
   c.eval.num_samples = 8
   c.eval.pass_k = (1, 4, 8)

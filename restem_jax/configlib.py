@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- Task (restem_jax/tasks). ---
   c.task = ml_collections.ConfigDict()
-  c.task.name = "embedded_arith"  # embedded_arith | gsm8k | math | apps | humaneval.
+  c.task.name = "embedded_arith"  # embedded_arith | gsm8k | gsm8k_tfds | math | apps | humaneval.
   c.task.data_dir = ""  # Directory holding the official files (not for embedded/humaneval).
   c.task.num_train = 0  # Training problems used; 0 = all (paper's data-size ablation).
   c.task.num_val = 64  # Held-out part of train used as D_val for early stopping.

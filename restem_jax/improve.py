@@ -69,8 +69,12 @@ class BatchStream:
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     chosen = [self.examples[i] for i in self.indices(step)]
+    # Pad to this batch's longest example rounded up to 16, not to seq_len:
+    # short batches cost less, at one compile per distinct length (a handful).
+    longest = max(len(e.prompt) + len(e.target) for e in chosen)
+    length = min(self.seq_len, -(-longest // 16) * 16)
     return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
-                               [e.weight for e in chosen], self.seq_len, self.pad_id)
+                               [e.weight for e in chosen], length, self.pad_id)
 
 
 def _validate(examples: Sequence[Example], seq_len: int, train_cfg: ml_collections.ConfigDict,

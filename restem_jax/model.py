@@ -139,8 +139,12 @@ class Block(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, key_pos_BxS: jax.Array,
-               key_valid_BxS: jax.Array, layer_cache: Cache | None):
+  def __call__(self, carry: tuple[jax.Array, Cache | None], positions_BxL: jax.Array,
+               key_pos_BxS: jax.Array, key_valid_BxS: jax.Array, layer: jax.Array):
+    # The whole stacked cache rides in the scan carry and each layer updates its
+    # own slice in place: passing per-layer slices in and stacking them back out
+    # made XLA copy the full cache on every decode step.
+    x_BxLxD, cache = carry
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(stddev=d ** -0.5)
@@ -160,23 +164,23 @@ class Block(nn.Module):
                      ("act_batch", "act_len", "act_heads", None))
     k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_base)
 
-    if layer_cache is None:
+    if cache is None:
       keys_BxSxKxH, values_BxSxKxH = k_BxLxKxH, v_BxLxKxH
-      new_cache = None
     else:
-      # Scatter the new keys/values into each row's own slots.
+      # Scatter the new keys/values into this layer's slots of each row.
       b_idx = jnp.arange(x_BxLxD.shape[0])[:, None]
-      keys_BxSxKxH = layer_cache["k"].at[b_idx, positions_BxL].set(
-          k_BxLxKxH.astype(layer_cache["k"].dtype), mode="drop")
-      values_BxSxKxH = layer_cache["v"].at[b_idx, positions_BxL].set(
-          v_BxLxKxH.astype(layer_cache["v"].dtype), mode="drop")
-      new_cache = {"k": keys_BxSxKxH, "v": values_BxSxKxH}
-      keys_BxSxKxH, values_BxSxKxH = keys_BxSxKxH.astype(dt), values_BxSxKxH.astype(dt)
+      cache = {
+          "k": cache["k"].at[layer, b_idx, positions_BxL].set(
+              k_BxLxKxH.astype(cache["k"].dtype), mode="drop"),
+          "v": cache["v"].at[layer, b_idx, positions_BxL].set(
+              v_BxLxKxH.astype(cache["v"].dtype), mode="drop")}
+      keys_BxSxKxH = cache["k"][layer].astype(dt)
+      values_BxSxKxH = cache["v"][layer].astype(dt)
 
     g = n // k
     b, l = q_BxLxNxH.shape[:2]
     q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, g, h)
-    decode = layer_cache is not None and l == 1
+    decode = cache is not None and l == 1
     if decode:
       # One query per row: multiply-reduce reads the cache once in its stored
       # [b, s, k, h] layout. A dot_general batched over (b, k) would first
@@ -217,7 +221,7 @@ class Block(nn.Module):
     hidden_BxLxF = cons(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
     x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
     x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
-    return x_BxLxD, new_cache
+    return (x_BxLxD, cache), None
 
 
 class Transformer(nn.Module):
@@ -272,7 +276,8 @@ class Transformer(nn.Module):
         # Prefill and training stay rolled (compile time flat in depth).
         unroll=cfg.n_layers if (cache is not None and l == 1) else 1,
     )(cfg, self.mesh, name="layers")
-    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, key_pos_BxS, key_valid_BxS, cache)
+    (x_BxLxD, new_cache), _ = layers((x_BxLxD, cache), positions_BxL, key_pos_BxS,
+                                     key_valid_BxS, jnp.arange(cfg.n_layers))
 
     x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:

