@@ -66,12 +66,14 @@ class RunContext:
           f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no room for a prompt "
           f"in model.max_seq_len={self.model_cfg.max_seq_len}")
     self.train = self.task.problems("train", max_prompt_len=max_prompt)
-    self.val = self.task.problems("validation", max_prompt_len=max_prompt)
+    self.val = (self.task.problems("validation", max_prompt_len=max_prompt)
+                if config.task.num_val > 0 else [])
     self.test = self.task.problems("test", max_prompt_len=max_prompt)
     for name, split in (("train", self.train), ("test", self.test)):
       if not split:
-        raise ValueError(f"task {config.task.name!r} has no {name} problems that fit "
-                         f"max_prompt_len={max_prompt}; check task.data_dir and model.max_seq_len")
+        raise partitioning.ConfigError(
+            f"task {config.task.name!r} has no {name} problems that fit max_prompt_len="
+            f"{max_prompt}; check task.data_dir and model.max_seq_len")
     self.sampler = sampling.Sampler(self.model_cfg, self.mesh, eos_id=vocab.eos_id,
                                     pad_id=vocab.pad_id)
 

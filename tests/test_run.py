@@ -113,3 +113,27 @@ def test_changed_config_is_refused_unless_override(uninterrupted, tmp_path):
   assert p.returncode != 0
   assert "config differs from the one saved" in p.stderr
   assert "sampling.num_samples" in p.stderr
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--config.base.source=checkpoint", "--config.base.path=/nonexistent/base"],
+     "/nonexistent/base"),
+    (["--config.model.n_kv_heads=3"], "n_heads=2 is not divisible by model.n_kv_heads=3"),
+    (["--config.task.name=gsm8k", "--config.task.data_dir=/nonexistent/gsm8k"],
+     "/nonexistent/gsm8k"),
+    (["--config.sampling.max_new_tokens=96"], "leaves no room for a prompt"),
+])
+def test_bad_input_fails_in_one_line_before_work(tmp_path, flags, expect):
+  workdir = str(tmp_path / "w")
+  p = _run(workdir, *flags, timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expect in last, last
+  assert "Traceback" not in p.stderr
+  assert not os.path.exists(os.path.join(workdir, "base"))  # no long work started
+
+
+def test_misspelt_config_key_is_refused(tmp_path):
+  p = _run(str(tmp_path / "w"), "--config.trian.max_steps=3", timeout=120)
+  assert p.returncode != 0
+  assert "trian" in p.stderr

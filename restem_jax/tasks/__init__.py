@@ -82,7 +82,7 @@ class Task:
 
     self.dataset: str = task_cfg.name
     if self.dataset not in DATASETS:
-      raise ValueError(f"unknown task.name {self.dataset!r}; one of {DATASETS}")
+      raise DataLayoutError(f"unknown task.name {self.dataset!r}; one of {DATASETS}")
     self.data_dir: str = os.path.abspath(task_cfg.data_dir) if task_cfg.data_dir else ""
     sources.check_layout(self.dataset, self.data_dir)
     self._cfg = task_cfg
@@ -167,7 +167,7 @@ class Task:
     if key not in self._problem_cache:
       rows = registry.read_split(self.seqio_task, split)
       if not rows:
-        raise ValueError(f"task {self.dataset} ({self.name}): split {split!r} is empty "
+        raise DataLayoutError(f"task {self.dataset} ({self.name}): split {split!r} is empty "
                          f"(data_dir={self.data_dir!r}, num_val={self._cfg.num_val})")
       kept, skipped = [], 0
       for r in rows:
@@ -184,7 +184,7 @@ class Task:
                     "max_seq_len=%s tokens", self.dataset, split, skipped, len(rows),
                     max_prompt_len, max_seq_len)
       if not kept:
-        raise ValueError(f"task {self.dataset}: every {split} example is longer than "
+        raise DataLayoutError(f"task {self.dataset}: every {split} example is longer than "
                          f"max_prompt_len={max_prompt_len} / max_seq_len={max_seq_len}")
       self.skipped[split] = skipped
       self._problem_cache[key] = kept
