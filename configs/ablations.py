@@ -22,7 +22,8 @@ _spec.loader.exec_module(_demo)
 
 VARIANTS = {
     "rest": {"restem.finetune_from": "previous"},
-    "one_iter_3x": {"restem.num_iterations": 1, "sampling.num_samples": 24},
+    "one_iter_3x": {"restem.num_iterations": 1,
+                    "sampling.num_samples": 3 * _demo.get_config().sampling.num_samples},
     "rest_star": {"restem.max_per_problem": 1},
     "train_500": {"task.num_train": 500},
     "sft_only": {"restem.num_iterations": 0, "restem.sft_baseline": True},

@@ -54,11 +54,11 @@ def get_config(arg: str | None = None):
 
   c.train.learning_rate = 1e-3
   c.train.batch_size = 32
-  c.train.max_steps = 300
+  c.train.max_steps = 200
   c.train.warmup_steps = 20
-  c.train.eval_every = 100
+  c.train.eval_every = 50
   c.train.patience = 2
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 50
 
   c.eval.num_samples = 8
   c.eval.pass_k = (1, 4, 8)

@@ -3,13 +3,13 @@
     workdir/
       config.json                the config the run was started with
       progress.json              finished phases, in order (the resume point)
-      base/                      base model params (Orbax)
-      eval_000.json              base model evaluation
+      base/                      base model params (Orbax; pretrained runs only)
+      base_eval/eval.json        base model evaluation (iteration "000")
       iter_001/samples/          E-step shards (kept samples + per-problem counts)
       iter_001/improve/          M-step mid-phase checkpoints (resume)
       iter_001/model/            this iteration's best params (Orbax)
       iter_001/eval.json         this iteration's metrics
-      sft/...                    the SFT-on-human-data baseline, same layout
+      sft/                       the SFT-on-human-data baseline: model/, improve/, eval.json
       summary.json, summary.txt, pass_at_1.png, tb/
 
 Resume order: a phase is recorded in progress.json only after all its outputs
