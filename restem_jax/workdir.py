@@ -4,6 +4,7 @@
       config.json                the config the run was started with
       progress.json              finished phases, in order (the resume point)
       base/                      base model params (Orbax; pretrained runs only)
+      base_train/                the base pretraining's mid-phase checkpoints
       base_eval/eval.json        base model evaluation (iteration "000")
       iter_001/samples/          E-step shards (kept samples + per-problem counts)
       iter_001/improve/          M-step mid-phase checkpoints (resume)
