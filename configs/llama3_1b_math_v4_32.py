@@ -63,25 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.shape = (4, 4, 1)
   c.distributed.initialize = "always"  # 4 hosts; TPU VMs discover their peers.
 
-  c.base.source = "checkpoint"
-  c.base.path = f"{workdir}/base"
-
-  c.task.name = "math"
-  c.task.data_dir = f"{bucket}/data/MATH"
-  c.task.few_shot = 4
-  c.task.num_val = 500
-  c.task.vocab_path = f"{workdir}/tokenizer.json"
-
-  c.sampling.num_samples = 32
-  c.sampling.temperature = 0.7
-  c.sampling.top_k = 40
-  c.sampling.top_p = 1.0
-  c.sampling.max_new_tokens = 512
+  configlib.paper_math_recipe(c, bucket=bucket, workdir=workdir)
   c.sampling.max_batch = 512  # Multiple of 16; bf16 KV cache ~32 GB total, ~2 GB/chip.
-
-  c.restem.num_iterations = 3
-  c.restem.max_per_problem = 10
-  c.restem.finetune_from = "base"
 
   c.train.optimizer = "adamw"
   c.train.learning_rate = 2e-5
@@ -92,11 +75,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_every = 250
   c.train.patience = 2
   c.train.checkpoint_every = 250
-
-  c.eval.num_samples = 32
-  c.eval.pass_k = (1, 4, 16, 32)
-  c.eval.majority_k = 32
-  c.log_every = 50
 
   if "runlocal" in args:
     configlib.shrink_to_runlocal(c)

@@ -200,3 +200,14 @@ def tpu_vm_plan(spec: LaunchSpec, create: bool = False, version: str = "",
   plan.append(ssh_argv(spec, setup_command(spec)))
   plan.append(ssh_argv(spec, run_command(spec)))
   return plan
+
+
+def parse_kv(items: Sequence[str], what: str) -> dict[str, str]:
+  """["K=V", ...] from a repeated flag -> {K: V}; `what` names the flag in errors."""
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise LaunchError(f"{what} {item!r} must look like KEY=VALUE")
+    k, v = item.split("=", 1)
+    out[k] = v
+  return out

@@ -43,22 +43,12 @@ _SKIP_SETUP = flags.DEFINE_bool("skip_setup", False, "Only run (code already ins
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 
-def parse_env(items: Sequence[str]) -> dict[str, str]:
-  env = {}
-  for item in items:
-    if "=" not in item:
-      raise commands.LaunchError(f"--env {item!r} must look like KEY=VALUE")
-    k, v = item.split("=", 1)
-    env[k] = v
-  return env
-
-
 def spec_from_flags() -> commands.LaunchSpec:
   return commands.LaunchSpec(
       config=_CONFIG.value, workdir=_WORKDIR.value, tpu_name=_TPU.value, zone=_ZONE.value,
       project=_PROJECT.value, accelerator_type=_ACCEL.value, num_workers=_WORKERS.value,
       overrides=tuple(_OVERRIDES.value), repo_url=_REPO.value, branch=_BRANCH.value,
-      tarball=_TARBALL.value, extra_env=parse_env(_ENV.value), pip_extra=_EXTRA.value,
+      tarball=_TARBALL.value, extra_env=commands.parse_kv(_ENV.value, "--env"), pip_extra=_EXTRA.value,
       detach=_DETACH.value)
 
 

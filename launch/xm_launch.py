@@ -44,16 +44,6 @@ _TITLE = flags.DEFINE_string("title", "restem-jax", "Experiment title.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job spec; do not import xmanager.")
 
 
-def _parse_kv(items: Sequence[str], what: str) -> dict[str, str]:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise commands.LaunchError(f"{what} {item!r} must look like KEY=VALUE")
-    k, v = item.split("=", 1)
-    out[k] = v
-  return out
-
-
 def job_spec(spec: commands.LaunchSpec, *, executor: str, accelerator: str = "",
              base_image: str = "python:3.11", pip_extra: str = "",
              title: str = "restem-jax", path: str = REPO_ROOT) -> dict[str, Any]:
@@ -61,7 +51,7 @@ def job_spec(spec: commands.LaunchSpec, *, executor: str, accelerator: str = "",
   commands.validate(spec, need_tpu=False, need_source=False)
   requirements: dict[str, int] = {}
   if accelerator:
-    name, count = _parse_kv([accelerator], "--accelerator").popitem()
+    name, count = commands.parse_kv([accelerator], "--accelerator").popitem()
     requirements[name.lower()] = int(count)
   if not pip_extra and requirements:
     pip_extra = "tpu" if any(k.startswith("tpu") for k in requirements) else "gpu"
@@ -114,7 +104,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     spec = commands.LaunchSpec(config=_CONFIG.value, workdir=_WORKDIR.value,
                                overrides=tuple(_OVERRIDES.value),
-                               extra_env=_parse_kv(_ENV.value, "--env"))
+                               extra_env=commands.parse_kv(_ENV.value, "--env"))
     job = job_spec(spec, executor=_EXECUTOR.value, accelerator=_ACCEL.value,
                    base_image=_IMAGE.value, pip_extra=_EXTRA.value, title=_TITLE.value)
   except (commands.LaunchError, ValueError) as e:

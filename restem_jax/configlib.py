@@ -153,6 +153,39 @@ def parse_config_arg(arg: str | None) -> dict[str, str]:
   return out
 
 
+def paper_math_recipe(c: ml_collections.ConfigDict, *, bucket: str, workdir: str) -> None:
+  """The paper's MATH settings (Singh et al. 2024), shared by the pod configs.
+
+  4-shot Minerva prompt, N=32 samples at T=0.7 / top-k 40, at most 10 kept per
+  problem, 3 iterations, every M-step from the base; base model and tokenizer
+  imported into `workdir`, MATH unpacked under `bucket`/data/MATH. Model, mesh,
+  sampling batch and optimizer stay per config (they depend on the model size).
+  """
+  c.base.source = "checkpoint"
+  c.base.path = f"{workdir}/base"
+
+  c.task.name = "math"
+  c.task.data_dir = f"{bucket}/data/MATH"
+  c.task.few_shot = 4
+  c.task.num_val = 500
+  c.task.vocab_path = f"{workdir}/tokenizer.json"
+
+  c.sampling.num_samples = 32
+  c.sampling.temperature = 0.7
+  c.sampling.top_k = 40
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 512
+
+  c.restem.num_iterations = 3
+  c.restem.max_per_problem = 10
+  c.restem.finetune_from = "base"
+
+  c.eval.num_samples = 32
+  c.eval.pass_k = (1, 4, 16, 32)
+  c.eval.majority_k = 32
+  c.log_every = 50
+
+
 def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
   (tiny model of the same family, offline embedded task, seconds per phase).
@@ -193,5 +226,3 @@ def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   c.eval.num_train_eval = 8
   c.log_every = 5
 
-
-MODEL_KEYS = tuple(default_config().model.keys())

@@ -17,13 +17,10 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
                  problems: Sequence[Problem], *, num_samples: int, mode: sampling.SamplingMode,
                  max_new_tokens: int, max_batch: int, rng: jax.Array) -> list[list[str]]:
   """[P][N] completions, in chunks of <= max_batch rows (memory bound)."""
-  per_chunk = max(1, max_batch // num_samples)
   texts: list[list[str]] = []
-  for s in range(0, len(problems), per_chunk):
-    idx = list(range(s, min(s + per_chunk, len(problems))))
-    out = sampler.sample(params, [vocab.encode(problems[i].prompt) for i in idx],
-                         num_samples=num_samples, max_new_tokens=max_new_tokens, mode=mode,
-                         rng=rng, prompt_ids=idx)
+  for _, out in sampler.sample_chunked(params, [vocab.encode(p.prompt) for p in problems],
+                                       num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                       mode=mode, rng=rng, max_batch=max_batch):
     texts += decode_completions(vocab, out)
   return texts
 

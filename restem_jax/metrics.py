@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import math
 from typing import Hashable, Sequence
 
 
@@ -66,6 +65,3 @@ def by_bucket(levels: Sequence[str], values: Sequence[float]) -> dict[str, float
     sums[lvl].append(v)
   return {lvl: sum(v) / len(v) for lvl, v in sorted(sums.items())}
 
-
-def binomial_stderr(p: float, n: int) -> float:
-  return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))

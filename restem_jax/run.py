@@ -166,7 +166,8 @@ def phase_eval(ctx: RunContext, progress: wd.Progress, name: str, out_dir: str, 
     return wd.read_json(path)
   result = {**ctx.evaluate(params, seed=ctx.config.seed), **extra, "iteration": name}
   ctx.write_json(path, result)
-  report.write_tensorboard(ctx.workdir, name, result)
+  if distributed.is_coordinator():
+    report.write_tensorboard(ctx.workdir, name, result)
   progress.mark(f"eval_{name}", write=distributed.is_coordinator())
   return result
 
@@ -234,10 +235,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
   if c.restem.sft_baseline:
     out_dir = os.path.join(workdir, "sft")
     model_dir = os.path.join(out_dir, "model")
+    human = ctx.task.human_solutions()
     if progress.is_done("improve_sft"):
       sft = ctx.restore(model_dir)
     else:
-      human = ctx.task.human_solutions()
       ctx.log(f"SFT baseline: fine-tuning the base on {len(human)} human solutions")
       examples = ctx.examples([(p.prompt, p.target) for p in human], [1.0] * len(human))
       sft, info = ctx.finetune(base, examples, out_dir, seed=c.seed + 1000)
@@ -245,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
       ctx.write_json(os.path.join(out_dir, "improve.json"), info)
       progress.mark("improve_sft", write=distributed.is_coordinator())
     results.append(phase_eval(ctx, progress, "sft", out_dir, sft,
-                              {"samples_kept": len(ctx.task.human_solutions())}))
+                              {"samples_kept": len(human)}))
 
   if distributed.is_coordinator():
     report.write_summary(workdir, results, c.eval)
