@@ -60,7 +60,11 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
   none at `path`: restore then fails loudly instead of reading a mix).
   """
   path_p = epath.Path(path)
-  tmp = path_p.parent / f"{path_p.name}.new-{uuid.uuid4().hex[:8]}"
+  # One name on every host (Orbax's processes meet in the same directory); a
+  # leftover from a save that crashed is cleared first.
+  tmp = path_p.parent / f"{path_p.name}.new"
+  if jax.process_index() == 0 and tmp.exists():
+    tmp.rmtree()
   _sync(f"restem_save_params_start:{path}")
   ckptr = _params_checkpointer()
   try:

@@ -28,6 +28,7 @@ from typing import Mapping
 
 import jax
 import ml_collections
+import numpy as np
 
 from restem_jax.partitioning import ConfigError
 
@@ -172,3 +173,15 @@ def sync(name: str) -> None:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_coordinator(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of `x` on every process (identity with one process).
+
+  For decisions that must agree across hosts, e.g. which E-step chunks are
+  left to do: every host then runs the same collective programs.
+  """
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.broadcast_one_to_all(x))

@@ -1,16 +1,27 @@
 """Generate (E-step): sample N solutions per problem, score, keep <= cap correct.
 
 Problems are processed in chunks of `max_batch // num_samples` prompts, so
-memory is flat in the number of problems. Each chunk writes two files with
-atomic renames:
-  samples/shard_CCCCC.jsonl   one line per KEPT sample: {problem_id, prompt,
-                              sample, reward, iteration, seed}
-  samples/stats_CCCCC.jsonl   one line per problem: {problem_id, level,
-                              num_samples, num_correct, num_kept} (written
-                              last: its presence marks the chunk complete)
-A restarted E-step skips complete chunks. Randomness is keyed by (seed,
+memory is flat in the number of problems. Each chunk writes, per process H,
+two files with atomic renames:
+  samples/shard_CCCCC_pHHH.jsonl  one line per KEPT sample: {problem_id,
+                                  prompt, sample, reward, iteration, seed}
+  samples/stats_CCCCC_pHHH.jsonl  one line per problem: {problem_id, level,
+                                  num_samples, num_correct, num_kept}
+                                  (written last)
+A chunk is complete when its stats files hold a line for each of its
+problems; a restarted E-step skips complete chunks and redoes the others
+(process 0 first deletes their partial files, so nothing is counted twice,
+even if the number of processes changed). Randomness is keyed by (seed,
 iteration, problem index) - both the sampler's PRNG and the choice of which
-correct samples to keep - so a resumed run writes exactly the same shards.
+correct samples to keep - so a resumed run writes exactly the same samples.
+
+Multi-host: sampling is one SPMD program over the global mesh, so every
+process walks the same chunks in the same order (a chunk's rows are spread
+over all devices of all hosts: each host's chips sample their share of the
+rows). Each process then scores and writes its own contiguous share of the
+chunk's problems (`distributed.process_shard`), so reward computation (e.g.
+running programs) is spread over the hosts. The workdir must be a filesystem
+every host sees (the M-step reads all hosts' shards).
 """
 from __future__ import annotations
 
@@ -62,14 +73,13 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   n = sampling_cfg.num_samples
   per_chunk = max(1, sampling_cfg.max_batch // n)
   chunks = [range(s, min(s + per_chunk, len(problems))) for s in range(0, len(problems), per_chunk)]
-  mine = distributed.process_shard(len(chunks))
   mode = sampling.SamplingMode(temperature=sampling_cfg.temperature, top_k=sampling_cfg.top_k,
                                top_p=sampling_cfg.top_p)
   key = jax.random.fold_in(jax.random.key(seed), iteration)
   vocab = task.vocabulary
   os.makedirs(out_dir, exist_ok=True)
-  t0, done_problems = time.time(), 0
-  todo = [c for c in mine if not os.path.exists(_stats_path(out_dir, c))]
+  todo = _chunks_to_do(out_dir, chunks)
+  me, t0, done_problems = jax.process_index(), time.time(), 0
   total = sum(len(chunks[c]) for c in todo)
   for c in todo:
     idx = chunks[c]
@@ -78,19 +88,21 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
     out = sampler.sample(params, prompts, num_samples=n,
                          max_new_tokens=sampling_cfg.max_new_tokens, mode=mode, rng=key,
                          prompt_ids=list(idx))
-    texts = decode_completions(vocab, out)
-    flat_problems = [p for p in chunk for _ in range(n)]
+    share = distributed.process_shard(len(chunk))  # this host scores and writes these
+    texts = decode_completions(vocab, out)[share.start:share.stop]
+    mine = [(idx[j], chunk[j]) for j in share]
+    flat_problems = [p for _, p in mine for _ in range(n)]
     rewards = task.score(flat_problems, [t for row in texts for t in row])
     kept_rows, stat_rows = [], []
-    for j, (i, p) in enumerate(zip(idx, chunk)):
+    for j, (i, p) in enumerate(mine):
       r = rewards[j * n:(j + 1) * n]
       keep = choose_kept(r, max_per_problem, (seed, iteration, i))
       kept_rows += [dict(problem_id=p.id, prompt=p.prompt, sample=texts[j][k], reward=float(r[k]),
                          iteration=iteration, seed=seed) for k in keep]
       stat_rows.append(dict(problem_id=p.id, level=p.level, num_samples=n,
                             num_correct=int(sum(x > 0 for x in r)), num_kept=len(keep)))
-    wd.write_lines_atomic(os.path.join(out_dir, f"shard_{c:05d}.jsonl"), kept_rows)
-    wd.write_lines_atomic(_stats_path(out_dir, c), stat_rows)  # last: marks the chunk done
+    wd.write_lines_atomic(os.path.join(out_dir, f"shard_{c:05d}_p{me:03d}.jsonl"), kept_rows)
+    wd.write_lines_atomic(os.path.join(out_dir, f"stats_{c:05d}_p{me:03d}.jsonl"), stat_rows)
     done_problems += len(idx)
     rate = done_problems / max(time.time() - t0, 1e-9)
     log(f"generate iter {iteration}: {done_problems}/{total} problems, {rate:.1f} problems/s, "
@@ -99,15 +111,40 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   return summarize(out_dir)
 
 
-def _stats_path(out_dir: str, chunk: int) -> str:
-  return os.path.join(out_dir, f"stats_{chunk:05d}.jsonl")
+def _chunk_files(out_dir: str, chunk: int) -> list[str]:
+  return sorted(glob.glob(os.path.join(out_dir, f"shard_{chunk:05d}_p*.jsonl"))
+                + glob.glob(os.path.join(out_dir, f"stats_{chunk:05d}_p*.jsonl")))
+
+
+def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
+  """Chunks whose stats do not yet cover every problem; their partial files are removed.
+
+  Process 0 decides and tells the others, so every host runs the same
+  collective sampling calls even if they see the filesystem at different times.
+  """
+  todo = np.ones((len(chunks),), np.int32)
+  if distributed.is_coordinator():
+    for c, idx in enumerate(chunks):
+      rows = sum(len(_read_jsonl(p)) for p in _chunk_files(out_dir, c) if "/stats_" in p)
+      if rows == len(idx):
+        todo[c] = 0
+      else:
+        for path in _chunk_files(out_dir, c):
+          os.remove(path)
+  todo = distributed.broadcast_from_coordinator(todo)
+  distributed.sync("generate_cleanup")
+  return [c for c in range(len(chunks)) if todo[c]]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def read_stats(out_dir: str) -> list[dict]:
   rows = []
   for path in sorted(glob.glob(os.path.join(out_dir, "stats_*.jsonl"))):
-    with open(path) as f:
-      rows += [json.loads(line) for line in f if line.strip()]
+    rows += _read_jsonl(path)
   return rows
 
 

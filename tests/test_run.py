@@ -91,7 +91,7 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
   full_dir, _ = uninterrupted
   workdir = str(tmp_path / "killed")
   # Kill once inside Generate (after its first chunk), once inside Improve.
-  assert _run_until(workdir, "iter_001/samples/stats_00000.jsonl")
+  assert _run_until(workdir, "iter_001/samples/stats_00000_p000.jsonl")
   assert _run_until(workdir, "iter_002/improve/*")
   p = _run(workdir)
   assert p.returncode == 0, p.stderr[-3000:]
