@@ -25,8 +25,6 @@ every host sees (the M-step reads all hosts' shards).
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 import time
@@ -35,6 +33,7 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from restem_jax import distributed, sampling, workdir as wd
 from restem_jax.tasks import Problem
@@ -77,7 +76,7 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
                                top_p=sampling_cfg.top_p)
   key = jax.random.fold_in(jax.random.key(seed), iteration)
   vocab = task.vocabulary
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   todo = _chunks_to_do(out_dir, chunks)
   me, t0, done_problems = jax.process_index(), time.time(), 0
   total = sum(len(chunks[c]) for c in todo)
@@ -112,8 +111,8 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
 
 
 def _chunk_files(out_dir: str, chunk: int) -> list[str]:
-  return sorted(glob.glob(os.path.join(out_dir, f"shard_{chunk:05d}_p*.jsonl"))
-                + glob.glob(os.path.join(out_dir, f"stats_{chunk:05d}_p*.jsonl")))
+  return (wd.glob(out_dir, f"shard_{chunk:05d}_p*.jsonl")
+          + wd.glob(out_dir, f"stats_{chunk:05d}_p*.jsonl"))
 
 
 def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
@@ -125,27 +124,19 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
   todo = np.ones((len(chunks),), np.int32)
   if distributed.is_coordinator():
     for c, idx in enumerate(chunks):
-      rows = sum(len(_read_jsonl(p)) for p in _chunk_files(out_dir, c) if "/stats_" in p)
+      rows = sum(len(wd.read_lines(p)) for p in wd.glob(out_dir, f"stats_{c:05d}_p*.jsonl"))
       if rows == len(idx):
         todo[c] = 0
       else:
         for path in _chunk_files(out_dir, c):
-          os.remove(path)
+          epath.Path(path).unlink()
   todo = distributed.broadcast_from_coordinator(todo)
   distributed.sync("generate_cleanup")
   return [c for c in range(len(chunks)) if todo[c]]
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def read_stats(out_dir: str) -> list[dict]:
-  rows = []
-  for path in sorted(glob.glob(os.path.join(out_dir, "stats_*.jsonl"))):
-    rows += _read_jsonl(path)
-  return rows
+  return [row for path in wd.glob(out_dir, "stats_*.jsonl") for row in wd.read_lines(path)]
 
 
 def summarize(out_dir: str) -> dict:

@@ -1,10 +1,12 @@
 """Run outputs for people: the summary table, the pass@1 plot, TensorBoard."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
 import ml_collections
+from etils import epath
 
 from restem_jax import workdir as wd
 
@@ -58,16 +60,17 @@ def plot_pass_at_1(results: Sequence[dict], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
+  buf = io.BytesIO()  # via bytes: savefig cannot write to gs:// itself
+  fig.savefig(buf, format="png")
   plt.close(fig)
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 def write_summary(workdir: str, results: Sequence[dict], eval_cfg: ml_collections.ConfigDict
                   ) -> str:
   table = summary_table(results, eval_cfg)
   wd.write_json_atomic(os.path.join(workdir, "summary.json"), list(results))
-  with open(os.path.join(workdir, "summary.txt"), "w") as f:
-    f.write(table + "\n")
+  wd.write_text_atomic(os.path.join(workdir, "summary.txt"), table + "\n")
   plot_pass_at_1(results, os.path.join(workdir, "pass_at_1.png"))
   print(table, flush=True)
   return table

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from restem_jax import (checkpoints, distributed, evaluate, generate, improve, model,
                         partitioning, report, sampling, tasks, workdir as wd)
@@ -36,7 +37,7 @@ def load_vocabulary(task_cfg: ml_collections.ConfigDict) -> Any:
   path = task_cfg.vocab_path
   if not path:
     return None
-  if not os.path.exists(path):
+  if not wd.exists(path):
     raise partitioning.ConfigError(f"task.vocab_path={path!r} does not exist; point it at a "
                                    "SentencePiece .model, a tokenizer.json or a .gguf file")
   if path.endswith(".model"):
@@ -175,7 +176,7 @@ def phase_eval(ctx: RunContext, progress: wd.Progress, name: str, out_dir: str, 
 def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False) -> list[dict]:
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
   distributed.initialize(config.distributed)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   wd.check_or_save_config(workdir, config, override, write=distributed.is_coordinator())
   ctx = RunContext(config, workdir)  # all input checks happen here, before long work
   progress = wd.Progress(workdir)

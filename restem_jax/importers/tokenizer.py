@@ -28,6 +28,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, pre_tokenizers
 
 from restem_jax.importers.common import ImportFormatError
@@ -198,18 +199,17 @@ def _token_id(tok: tokenizers.Tokenizer, value: Any) -> int | None:
 def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
                        pad_id: int | None = None) -> BPEVocabulary:
   """tokenizer.json of an HF model directory (or the file itself)."""
-  directory = src if os.path.isdir(src) else os.path.dirname(src)
-  path = os.path.join(src, "tokenizer.json") if os.path.isdir(src) else src
-  if not os.path.isfile(path):
+  # epath: the file may be local or on gs:// (the pod configs keep it in the workdir).
+  is_dir = epath.Path(src).is_dir()
+  directory = epath.Path(src) if is_dir else epath.Path(src).parent
+  path = epath.Path(src) / "tokenizer.json" if is_dir else epath.Path(src)
+  if not path.is_file():
     raise ImportFormatError(f"{src}: no tokenizer.json")
-  tok = tokenizers.Tokenizer.from_file(path)
+  tok = tokenizers.Tokenizer.from_str(path.read_text())
 
   def read_json(name):
-    p = os.path.join(directory, name)
-    if not os.path.isfile(p):
-      return {}
-    with open(p) as f:
-      return json.load(f)
+    p = directory / name
+    return json.loads(p.read_text()) if p.is_file() else {}
 
   tcfg = read_json("tokenizer_config.json")
   if eos_id is None:
@@ -223,7 +223,7 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
                             "pass eos_id")
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
                        unk_id=_token_id(tok, tcfg.get("unk_token")),
-                       bos_id=_token_id(tok, tcfg.get("bos_token")), name=directory)
+                       bos_id=_token_id(tok, tcfg.get("bos_token")), name=str(directory))
 
 
 def load_vocabulary(path: str, **kwargs: Any) -> BPEVocabulary:

@@ -20,6 +20,7 @@ import os
 import re
 from typing import Any, Callable, Optional, Sequence
 
+from restem_jax import workdir as wd
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
 from restem_jax.tasks import sources
@@ -83,7 +84,7 @@ class Task:
     self.dataset: str = task_cfg.name
     if self.dataset not in DATASETS:
       raise DataLayoutError(f"unknown task.name {self.dataset!r}; one of {DATASETS}")
-    self.data_dir: str = os.path.abspath(task_cfg.data_dir) if task_cfg.data_dir else ""
+    self.data_dir: str = wd.absolute(task_cfg.data_dir) if task_cfg.data_dir else ""
     sources.check_layout(self.dataset, self.data_dir)
     self._cfg = task_cfg
     self.reward_kind: str = REWARD_KINDS[self.dataset]

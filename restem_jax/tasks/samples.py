@@ -7,10 +7,13 @@ seed. Features: inputs = prompt, targets = sample (+EOS), weight = reward
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
+
+from etils import epath
+
+from restem_jax import workdir as wd
 
 REQUIRED_KEYS = ("problem_id", "prompt", "sample", "reward", "iteration", "seed")
 
@@ -18,17 +21,17 @@ REQUIRED_KEYS = ("problem_id", "prompt", "sample", "reward", "iteration", "seed"
 def shard_paths(samples_dir: str) -> list[str]:
   # Only finished shards: in-progress files are written under another name and
   # renamed, so a "*.jsonl" is complete. Sorted for a stable order.
-  return sorted(glob.glob(os.path.join(samples_dir, "shard_*.jsonl")))
+  return sorted(str(p) for p in epath.Path(samples_dir).glob("shard_*.jsonl"))
 
 
 def read_samples(samples_dir: str) -> list[dict]:
   """All samples, shard by shard in name order, each line as written."""
-  if not os.path.isdir(samples_dir):
+  if not epath.Path(samples_dir).is_dir():
     raise FileNotFoundError(f"samples dir {samples_dir!r} does not exist; expected "
                             "shard_*.jsonl files written by the E-step")
   out = []
   for path in shard_paths(samples_dir):
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       for lineno, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -53,7 +56,7 @@ def register_samples_task(samples_dir: str, vocabulary) -> str:
   import seqio  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  samples_dir = os.path.abspath(samples_dir)
+  samples_dir = wd.absolute(samples_dir)
   name = "restem_samples_" + hashlib.sha1(samples_dir.encode()).hexdigest()[:12]
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int = 0) -> tf.data.Dataset:

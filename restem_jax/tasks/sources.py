@@ -10,7 +10,6 @@ the seqio layer (registry.py) turns these into tf.data.
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import logging
@@ -18,6 +17,9 @@ import os
 import re
 from typing import Optional
 
+from etils import epath
+
+from restem_jax import workdir as wd
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
 
@@ -127,7 +129,7 @@ def _gsm8k_record(name: str, data_dir: str, rid: str, question: str, answer: str
 def _read_gsm8k(data_dir: str, split: str) -> list[dict]:
   path = os.path.join(data_dir, f"{split}.jsonl")
   out = []
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -179,10 +181,9 @@ def _read_gsm8k_tfds(data_dir: str, split: str) -> list[dict]:
 
 def _read_math(data_dir: str, split: str) -> list[dict]:
   out = []
-  for path in sorted(glob.glob(os.path.join(data_dir, split, "*", "*.json"))):
+  for path in wd.glob(data_dir, f"{split}/*/*.json"):
     try:
-      with open(path) as f:
-        ex = json.load(f)
+      ex = json.loads(epath.Path(path).read_text())
       problem, solution = ex["problem"], ex["solution"]
       gold = math_gold(solution)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -199,15 +200,12 @@ def _read_math(data_dir: str, split: str) -> list[dict]:
 
 def _read_apps(data_dir: str, split: str, difficulty: str = "") -> list[dict]:
   out, untestable = [], 0
-  for folder in sorted(glob.glob(os.path.join(data_dir, split, "[0-9]" * 5))):
+  for folder in wd.glob(data_dir, f"{split}/" + "[0-9]" * 5):
     pid = os.path.basename(folder)
 
     def read(name, folder=folder):
-      p = os.path.join(folder, name)
-      if not os.path.exists(p):
-        return None
-      with open(p) as f:
-        return f.read()
+      p = epath.Path(folder) / name
+      return p.read_text() if p.exists() else None
 
     question, meta_text = read("question.txt"), read("metadata.json")
     if question is None or meta_text is None:
@@ -273,21 +271,21 @@ def check_layout(name: str, data_dir: str) -> None:
     return
   if not data_dir:
     raise _layout_error(name, data_dir, "is not set (task.data_dir)")
-  if not os.path.isdir(data_dir):
+  if not epath.Path(data_dir).is_dir():
     raise _layout_error(name, data_dir, "does not exist")
   if name == "gsm8k":
     missing = [s for s in ("train.jsonl", "test.jsonl")
-               if not os.path.isfile(os.path.join(data_dir, s))]
+               if not epath.Path(data_dir, s).is_file()]
     if missing:
       raise _layout_error(name, data_dir, f"lacks {', '.join(missing)}")
   elif name == "math":
-    if not glob.glob(os.path.join(data_dir, "train", "*", "*.json")):
+    if not wd.glob(data_dir, "train/*/*.json"):
       raise _layout_error(name, data_dir, "has no train/<type>/<id>.json files")
   elif name == "apps":
-    if not glob.glob(os.path.join(data_dir, "train", "[0-9]" * 5, "question.txt")):
+    if not wd.glob(data_dir, "train/" + "[0-9]" * 5 + "/question.txt"):
       raise _layout_error(name, data_dir, "has no train/<5-digit id>/question.txt")
   elif name == "gsm8k_tfds":
-    if not glob.glob(os.path.join(data_dir, "gsm8k", "*", "dataset_info.json")):
+    if not wd.glob(data_dir, "gsm8k/*/dataset_info.json"):
       raise _layout_error(name, data_dir, "has no prepared gsm8k/<version>/dataset_info.json")
     splits = _load_gsm8k_tfds(data_dir)  # Lazy datasets: fails fast, reads nothing yet.
     missing = [s for s in ("train", "test") if s not in splits]
