@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -185,3 +185,23 @@ def broadcast_from_coordinator(x: np.ndarray) -> np.ndarray:
     return x
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def score_shared(score_fn: Callable[[Sequence[Any]], Sequence[float]],
+                 items: Sequence[Any]) -> list[float]:
+  """score_fn(items) with each process scoring only its share; every process gets all scores.
+
+  For evaluation, where every host needs every reward (all compute the same
+  metrics) but running e.g. programs on every host would repeat the slowest
+  part of the work process_count times.
+  """
+  if jax.process_count() == 1:
+    return [float(x) for x in score_fn(items)]
+  share = process_shard(len(items))
+  width = -(-len(items) // jax.process_count())  # equal shapes for the gather
+  local = np.full((width,), np.nan, np.float32)
+  local[:len(share)] = np.asarray(score_fn(items[share.start:share.stop]), np.float32)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = np.asarray(multihost_utils.process_allgather(local))  # [process_count, width]
+  return [float(gathered[p, j]) for p in range(jax.process_count())
+          for j in range(len(process_shard(len(items), p)))]

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from restem_jax import metrics, sampling
+from restem_jax import distributed, metrics, sampling
 from restem_jax.generate import decode_completions
 from restem_jax.tasks import Problem
 
@@ -25,13 +25,20 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
   return texts
 
 
+def _score(task: Any, problems: Sequence[Problem], texts: Sequence[str]) -> list[float]:
+  """task.score over (problem, text) pairs, each host scoring its share."""
+  def score(pairs):
+    return task.score([p for p, _ in pairs], [t for _, t in pairs]) if pairs else []
+  return distributed.score_shared(score, list(zip(problems, texts)))
+
+
 def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
                    problems: Sequence[Problem], *, max_new_tokens: int,
                    max_batch: int) -> list[float]:
   texts = sample_texts(sampler, params, task.vocabulary, problems, num_samples=1,
                        mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
                        rng=jax.random.key(0))
-  return list(task.score(list(problems), [t[0] for t in texts]))
+  return _score(task, list(problems), [t[0] for t in texts])
 
 
 def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[Problem], *,
@@ -93,8 +100,8 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
                          mode=mode, max_new_tokens=max_new_tokens, max_batch=max_batch,
                          rng=jax.random.fold_in(jax.random.key(seed), 7919))
-    flat = task.score([p for p in test_problems for _ in range(n)],
-                      [t for row in texts for t in row])
+    flat = _score(task, [p for p in test_problems for _ in range(n)],
+                  [t for row in texts for t in row])
     rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)
     counts = [int(c) for c in (rewards > 0).sum(1)]
     for k in eval_cfg.pass_k:

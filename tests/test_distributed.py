@@ -119,8 +119,12 @@ _CHILD = textwrap.dedent("""
     x = jax.make_array_from_process_local_data(sharding, local, (8,))
     total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
     distributed.sync("after_sum")
+    seen = []
+    scores = distributed.score_shared(lambda xs: seen.extend(xs) or [10.0 * x for x in xs],
+                                      list(range(7)))
+    assert scores == [10.0 * x for x in range(7)], scores
     print(f"RESULT pid={jax.process_index()} coord={distributed.is_coordinator()} "
-          f"rows={rows.start}:{rows.stop} total={float(total)}", flush=True)
+          f"rows={rows.start}:{rows.stop} total={float(total)} scored={seen}", flush=True)
 """)
 
 
@@ -155,8 +159,8 @@ def test_two_real_processes_on_localhost():
     assert p.returncode == 0, out[-3000:]
   results = sorted(line for out in outs for line in out.splitlines() if line.startswith("RESULT"))
   assert results == [
-      "RESULT pid=0 coord=True rows=0:4 total=28.0",
-      "RESULT pid=1 coord=False rows=4:8 total=28.0",
+      "RESULT pid=0 coord=True rows=0:4 total=28.0 scored=[0, 1, 2, 3]",
+      "RESULT pid=1 coord=False rows=4:8 total=28.0 scored=[4, 5, 6]",
   ], outs
 
 
