@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -134,6 +135,33 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _run_both(argvs: list, env: dict, budget_s: float) -> list:
+  """Runs the peer processes together (they block on each other); their outputs.
+
+  Output goes to files, not pipes: a peer blocked on a full pipe that nobody
+  reads yet would stall the collective the other peer is waiting in.
+  """
+  logs = [tempfile.TemporaryFile("w+") for _ in argvs]
+  procs = [subprocess.Popen(a, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+           for a, log in zip(argvs, logs)]
+  deadline = time.monotonic() + budget_s  # one budget for all of them
+  try:
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  outs = []
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
+    assert p.returncode == 0, outs[-1][-3000:]
+  return outs
+
+
 @pytest.mark.timeout(90)
 def test_two_real_processes_on_localhost():
   env = dict(os.environ)
@@ -142,21 +170,8 @@ def test_two_real_processes_on_localhost():
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID"):
     env.pop(k, None)
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(i), port], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  deadline = time.monotonic() + 60  # one budget for both children
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  outs = _run_both([[sys.executable, "-c", _CHILD, str(i), port] for i in range(2)], env,
+                   budget_s=60)
   results = sorted(line for out in outs for line in out.splitlines() if line.startswith("RESULT"))
   assert results == [
       "RESULT pid=0 coord=True rows=0:4 total=28.0 scored=[0, 1, 2, 3]",
@@ -202,23 +217,10 @@ def test_tiny_run_on_two_processes_equals_one_process(tmp_path):
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID"):
     env.pop(k, None)
-  procs = [subprocess.Popen(
-      main_cmd(two, mesh, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  errs = []
-  deadline = time.monotonic() + 700
-  try:
-    for proc in procs:
-      errs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for proc, err in zip(procs, errs):
-    assert proc.returncode == 0, err[-3000:]
+  _run_both([main_cmd(two, mesh, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                      "--config.distributed.num_processes=2",
+                      f"--config.distributed.process_id={i}") for i in range(2)], env,
+            budget_s=700)
 
   evals = _read_tree(one, "*/eval.json")
   assert set(evals) == {"base_eval/eval.json", "iter_001/eval.json", "iter_002/eval.json",
