@@ -170,8 +170,8 @@ class IdTokenizer:
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
-  """{name: median seconds}, {name: last output}: one warm-up each, then A B A B ..."""
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict, dict]:
+  """{name: median s}, {name: last output}, {name: all times}: one warm-up each, then A B A B."""
   outs = {k: jax.block_until_ready(f()) for k, f in fns.items()}
   times = {k: [] for k in fns}
   for _ in range(repeats):
@@ -179,7 +179,7 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
       t0 = time.perf_counter()
       outs[k] = jax.block_until_ready(f())
       times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}, outs
+  return {k: statistics.median(v) for k, v in times.items()}, outs, times
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -213,33 +213,50 @@ def bench_sampling(cfg, params, tmodel, args, rng) -> dict:
   mode = S.SamplingMode(temperature=args.temperature, top_k=args.top_k)
   n, new = args.samples, args.new_tokens
   rep_text = [s for s in text for _ in range(n)]
-  calls = {"n": 0}
+  calls = {"n": 0, "new": new}
 
   def run_ours():
     calls["n"] += 1
-    out = ours.sample(params, prompts, num_samples=n, max_new_tokens=new, mode=mode,
+    t = calls["new"]
+    out = ours.sample(params, prompts, num_samples=n, max_new_tokens=t, mode=mode,
                       rng=jax.random.key(calls["n"]))
-    assert out.tokens.shape == (len(prompts), n, new) and (out.lengths == new).all()
+    assert out.tokens.shape == (len(prompts), n, t) and (out.lengths == t).all()
     return out.tokens
 
   def run_tunix():
     calls["n"] += 1
-    out = theirs(rep_text, max_generation_steps=new, max_prompt_length=PROMPT_BUCKET,
+    t = calls["new"]
+    out = theirs(rep_text, max_generation_steps=t, max_prompt_length=PROMPT_BUCKET,
                  eos_tokens=[NO_EOS], temperature=args.temperature, top_p=1.0,
                  top_k=args.top_k, seed=calls["n"])
-    assert len(out.tokens) == len(rep_text) and all(len(x) == new for x in out.tokens)
+    assert len(out.tokens) == len(rep_text) and all(len(x) == t for x in out.tokens)
     return out.tokens
 
-  med, outs = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
+  med, outs, times = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
   tokens = len(prompts) * n * new
-  # Sanity: sampled tokens are in the top-k of... at least not degenerate (distinct rows).
+  breakdown = {}
+  if args.breakdown:
+    # Same calls with a 1-token budget: prefill + one step + host overhead. The
+    # difference over new - 1 steps is the cost of one decode step. (Tunix keeps
+    # its cache of 64 + new_tokens slots; ours shrinks to 64 + 1.)
+    calls["new"] = 1
+    med1, _, _ = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
+    calls["new"] = new
+    for k in ("ours", "tunix"):
+      breakdown[k] = {"call_1_token_s": med1[k],
+                      "decode_step_ms": (med[k] - med1[k]) / (new - 1) * 1e3}
+    print(f"  breakdown: 1-token call ours {med1['ours'] * 1e3:.0f} ms, tunix "
+          f"{med1['tunix'] * 1e3:.0f} ms; per decode step ours "
+          f"{breakdown['ours']['decode_step_ms']:.2f} ms, tunix "
+          f"{breakdown['tunix']['decode_step_ms']:.2f} ms")
+  # Sanity: the N samples of a prompt differ (not degenerate).
   distinct = len({tuple(r) for r in np.asarray(outs["ours"]).reshape(-1, new)})
   res = {"prompts": len(prompts), "samples": n, "new_tokens": new, "top_k": args.top_k,
          "temperature": args.temperature, "tokens_per_call": tokens,
          "ours_s": med["ours"], "tunix_s": med["tunix"],
          "ours_tok_s": tokens / med["ours"], "tunix_tok_s": tokens / med["tunix"],
          "ratio": med["tunix"] / med["ours"], "greedy": greedy,
-         "ours_distinct_rows": distinct}
+         "ours_distinct_rows": distinct, "times_s": times, "breakdown": breakdown}
   print(f"  sampling {len(prompts)} prompts x N={n} x {new} tokens: ours {med['ours']:.2f} s "
         f"({res['ours_tok_s']:.0f} tok/s), tunix {med['tunix']:.2f} s "
         f"({res['tunix_tok_s']:.0f} tok/s); ours/tunix {res['ratio']:.2f}x")
@@ -295,7 +312,7 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
     first.setdefault("tunix", loss)
     return loss
 
-  med, _ = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
+  med, _, times = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
   tokens = b * seq
   rel = abs(first["ours"] - first["tunix"]) / abs(first["tunix"])
   res = {"batch": b, "seq_len": seq, "tokens_per_step": tokens,
@@ -303,7 +320,8 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
          "ours_s": med["ours"], "tunix_s": med["tunix"],
          "ours_tok_s": tokens / med["ours"], "tunix_tok_s": tokens / med["tunix"],
          "ratio": med["tunix"] / med["ours"],
-         "first_loss": {"ours": first["ours"], "tunix": first["tunix"], "rel_diff": rel}}
+         "first_loss": {"ours": first["ours"], "tunix": first["tunix"], "rel_diff": rel},
+         "times_s": times}
   print(f"  first-step loss: ours {first['ours']:.5f}, tunix {first['tunix']:.5f} "
         f"(rel diff {rel:.1e})")
   print(f"  train step {b} x {seq} tokens: ours {med['ours'] * 1e3:.0f} ms "
@@ -329,6 +347,8 @@ def main() -> None:
   ap.add_argument("--check_tokens", type=int, default=32, help="greedy tokens compared")
   ap.add_argument("--train_batch", type=int, default=0, help="default 8 (4 for SmolLM2 on CPU)")
   ap.add_argument("--train_len", type=int, default=0, help="default 256 (128 for SmolLM2 on CPU)")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="also time 1-token calls: prefill cost and per-decode-step cost")
   ap.add_argument("--skip", default="", help="comma list: sampling,training")
   ap.add_argument("--json", default="", help="write the results here")
   args = ap.parse_args()
