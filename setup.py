@@ -42,6 +42,11 @@ EXTRAS = {
     # Launchers only, in a separate environment: xmanager pulls Google Cloud
     # clients and downgrades protobuf, which breaks seqio (see launch/README.md).
     "launch": ["xmanager==0.8.5.post1"],
+    # benchmarks/vs_tunix.py only: google-tunix beside the pinned jax/flax/optax/orbax
+    # (it resolves to the same versions). Not with [import]/[test]: tunix 0.1.7
+    # requires safetensors<0.8, so this extra brings gguf/ml_dtypes itself and lets
+    # tunix choose safetensors (0.7.x; restem_jax/importers/hf.py works with it).
+    "bench": ["google-tunix==0.1.7", "gguf==0.19.0", "ml_dtypes"],
 }
 
 setuptools.setup(
