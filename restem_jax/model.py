@@ -152,7 +152,8 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Arr
 
 
 class Block(nn.Module):
-  """Pre-norm block: GQA attention + SwiGLU MLP. Scanned over layers."""
+  """Pre-norm block: GQA attention + SwiGLU MLP. Transformer scans it over the layers;
+  decode_step applies it layer by layer."""
   cfg: ModelConfig
   mesh: Mesh | None = None
 
