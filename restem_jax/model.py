@@ -210,11 +210,7 @@ class Block(nn.Module):
     attn_BxLxKxGxH = jnp.einsum(f"bkgls,{kv_layout}->blkgh", probs_BxKxGxLxS, values)
     attn_BxLxNxH = cons(attn_BxLxKxGxH.reshape(b, l, n, h),
                         ("act_batch", "act_len", "act_heads", None))
-    # Output projection as one [B, L, N*H] x [N*H, D] contraction (both reshapes
-    # are free): over (n, h) XLA picked an [h, n] order and transposed o's
-    # weights on every call.
-    x_BxLxD = x_BxLxD + jnp.einsum("bli,id->bld", attn_BxLxNxH.reshape(b, l, n * h),
-                                   wo.reshape(n * h, d).astype(dt))
+    x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
     x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
 
     # --- SwiGLU MLP. ---
