@@ -52,17 +52,25 @@ def best_of(fn, repeats):
 
 
 def python_loop_greedy(cfg, params, prompts, new_tokens, eos_id):
-  """Baseline: prefill, then one jitted decode-step dispatch per token from Python."""
+  """Baseline: prefill, then one jitted decode-step dispatch per token from Python.
+
+  The step is the Sampler's own (M.decode_step on per-layer weights and caches),
+  so only the loop differs: Python dispatch vs the Sampler's on-device loop.
+  """
   model = M.Transformer(cfg)
-  step = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, cache=c))
+  prefill = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, cache=c))
+  step = jax.jit(lambda lp, t, pos, cs: M.decode_step(cfg, None, lp, t, pos, cs),
+                 donate_argnums=3)
   b, length = len(prompts), len(prompts[0])
   cache = M.init_cache(cfg, b)
-  logits, cache = step(params, jnp.asarray(prompts), jnp.broadcast_to(jnp.arange(length),
-                                                                      (b, length)), cache)
+  logits, cache = prefill(params, jnp.asarray(prompts),
+                          jnp.broadcast_to(jnp.arange(length), (b, length)), cache)
+  layered_params = M.split_params(cfg, params)
+  caches = M.split_layers(cache, cfg.n_layers)
   tok = jnp.argmax(logits[:, -1], -1)
   out = [tok]
   for i in range(new_tokens - 1):
-    logits, cache = step(params, tok[:, None], jnp.full((b, 1), length + i), cache)
+    logits, caches = step(layered_params, tok[:, None], jnp.full((b, 1), length + i), caches)
     tok = jnp.argmax(logits[:, -1], -1)
     out.append(tok)
   toks = np.asarray(jnp.stack(out, 1))

@@ -1,10 +1,10 @@
 """A Llama-family decoder-only transformer in Flax linen.
 
-One forward serves training, scoring and decoding:
+One forward serves training, scoring and prefill:
   * no cache: attention over the L given tokens (training, no-cache reference);
   * with a cache: the L new tokens' keys/values are written into the cache at
     their per-row positions and the queries attend to cache slots <= their own
-    position. Prefill is L = prompt bucket, decode is L = 1.
+    position. Prefill is L = prompt bucket.
 
 Positions are per row, so right-padded prompts of different lengths share one
 batch: row b's next token goes to slot positions[b], which overwrites the
@@ -13,13 +13,15 @@ sees only slots <= p and slots < p hold real tokens).
 
 Layers are stacked with nn.scan (params carry a leading "layers" axis), which
 keeps compile time flat in depth: a 30-layer model compiles like a 1-layer one.
-RoPE uses the rotate-half (Hugging Face Llama) layout, so HF checkpoints import
-without permutation.
+Token-by-token decoding instead goes through `decode_step`, which runs the same
+Block layer by layer on weights and caches split per layer once, before the
+decode loop (see its docstring for why). RoPE uses the rotate-half (Hugging
+Face Llama) layout, so HF checkpoints import without permutation.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,7 +31,12 @@ from jax.sharding import Mesh
 
 from restem_jax import partitioning
 
-Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, max_seq_len, kv_heads, head_dim]
+# KV caches keep heads ahead of length ([batch, kv_heads, length, head_dim]) so
+# attention is a dot_general batched over the leading (batch, kv_heads) dims,
+# reading the cache in place; with length ahead of heads XLA transposed (or, on
+# CPU, strided-reduced) the whole cache in every layer of every decode step.
+Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_heads, max_seq_len, head_dim]
+LayerCache = dict[str, jax.Array]  # {"k", "v"}: [batch, kv_heads, max_seq_len, head_dim]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -86,19 +93,30 @@ class ModelConfig:
     return _DTYPES[self.param_dtype]
 
 
+def cache_shape(cfg: ModelConfig, batch: int, length: int | None = None) -> tuple[int, ...]:
+  """Shape of a stacked Cache; [1:] is a LayerCache's."""
+  length = cfg.max_seq_len if length is None else length
+  return (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+
+
 def init_cache(cfg: ModelConfig, batch: int, dtype: Any | None = None) -> Cache:
-  shape = (cfg.n_layers, batch, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+  shape = cache_shape(cfg, batch)
   dtype = cfg.compute_dtype if dtype is None else dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_len", "act_kv_heads", "head_dim")
+CACHE_AXES = ("cache_layers", "cache_batch", "act_kv_heads", "cache_len", "head_dim")
+LAYER_CACHE_AXES = CACHE_AXES[1:]
 
 
 def cache_shardings(mesh: Mesh, cfg: ModelConfig, batch: int) -> dict[str, Any]:
-  shape = (cfg.n_layers, batch, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
-  s = partitioning.sharding_for(mesh, CACHE_AXES, shape)
+  s = partitioning.sharding_for(mesh, CACHE_AXES, cache_shape(cfg, batch))
   return {"k": s, "v": s}
+
+
+def split_layers(tree: Any, n_layers: int) -> list[Any]:
+  """Per-layer slices of a tree whose leaves carry a leading layers axis (params["layers"], a Cache)."""
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n_layers)]
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -134,17 +152,16 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Arr
 
 
 class Block(nn.Module):
-  """Pre-norm block: GQA attention + SwiGLU MLP. Scanned over layers."""
+  """Pre-norm block: GQA attention + SwiGLU MLP. Transformer scans it over the layers;
+  decode_step applies it layer by layer."""
   cfg: ModelConfig
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, carry: tuple[jax.Array, Cache | None], positions_BxL: jax.Array,
-               key_pos_BxS: jax.Array, key_valid_BxS: jax.Array, layer: jax.Array):
-    # The whole stacked cache rides in the scan carry and each layer updates its
-    # own slice in place: passing per-layer slices in and stacking them back out
-    # made XLA copy the full cache on every decode step.
-    x_BxLxD, cache = carry
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, key_pos_BxS: jax.Array,
+               key_valid_BxS: jax.Array, cache: LayerCache | None
+               ) -> tuple[jax.Array, LayerCache | None]:
+    """Returns (new residual stream, this layer's updated cache or None)."""
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(stddev=d ** -0.5)
@@ -164,47 +181,33 @@ class Block(nn.Module):
                      ("act_batch", "act_len", "act_heads", None))
     k_BxLxKxH = rope(k_BxLxKxH, positions_BxL, cfg.rope_base)
 
+    # keys/values are [B, S, K, H] (the L new tokens, S = L) without a cache and
+    # the cache's own [B, K, S, H] with one; the einsums take either layout as is.
     if cache is None:
-      keys_BxSxKxH, values_BxSxKxH = k_BxLxKxH, v_BxLxKxH
+      kv_layout, keys, values = "bskh", k_BxLxKxH, v_BxLxKxH
     else:
-      # Scatter the new keys/values into this layer's slots of each row.
-      b_idx = jnp.arange(x_BxLxD.shape[0])[:, None]
+      # Scatter the new keys/values into each row's slots, in place (nothing
+      # reads the old cache after this).
+      b_idx_Bx1 = jnp.arange(x_BxLxD.shape[0])[:, None]
       cache = {
-          "k": cache["k"].at[layer, b_idx, positions_BxL].set(
+          "k": cache["k"].at[b_idx_Bx1, :, positions_BxL].set(
               k_BxLxKxH.astype(cache["k"].dtype), mode="drop"),
-          "v": cache["v"].at[layer, b_idx, positions_BxL].set(
+          "v": cache["v"].at[b_idx_Bx1, :, positions_BxL].set(
               v_BxLxKxH.astype(cache["v"].dtype), mode="drop")}
-      keys_BxSxKxH = cache["k"][layer].astype(dt)
-      values_BxSxKxH = cache["v"][layer].astype(dt)
+      kv_layout, keys, values = "bksh", cache["k"].astype(dt), cache["v"].astype(dt)
 
     g = n // k
     b, l = q_BxLxNxH.shape[:2]
     q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, g, h)
-    decode = cache is not None and l == 1
-    if decode:
-      # One query per row: multiply-reduce reads the cache once in its stored
-      # [b, s, k, h] layout. A dot_general batched over (b, k) would first
-      # transpose the whole cache, every layer of every decode step.
-      logits_BxSxKxG = jnp.sum(
-          q_BxLxKxGxH.astype(jnp.float32) * keys_BxSxKxH[:, :, :, None, :].astype(jnp.float32),
-          axis=-1)
-      logits_BxKxGxLxS = logits_BxSxKxG.transpose(0, 2, 3, 1)[:, :, :, None, :] * (h ** -0.5)
-    else:
-      logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, keys_BxSxKxH,
-                                    preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits_BxKxGxLxS = jnp.einsum(f"blkgh,{kv_layout}->bkgls", q_BxLxKxGxH, keys,
+                                  preferred_element_type=jnp.float32) * (h ** -0.5)
     # Causal by position (not by index): a query at position p sees keys at
     # positions <= p that are valid (not padding).
     mask_BxLxS = ((key_pos_BxS[:, None, :] <= positions_BxL[:, :, None])
                   & key_valid_BxS[:, None, :])
     logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, -1e30)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
-    if decode:
-      probs_BxSxKxG = probs[:, :, :, 0, :].transpose(0, 3, 1, 2)
-      attn_BxLxKxGxH = jnp.sum(
-          probs_BxSxKxG[..., None].astype(jnp.float32)
-          * values_BxSxKxH[:, :, :, None, :].astype(jnp.float32), axis=1)[:, None].astype(dt)
-    else:
-      attn_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs, values_BxSxKxH)
+    probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
+    attn_BxLxKxGxH = jnp.einsum(f"bkgls,{kv_layout}->blkgh", probs_BxKxGxLxS, values)
     attn_BxLxNxH = cons(attn_BxLxKxGxH.reshape(b, l, n, h),
                         ("act_batch", "act_len", "act_heads", None))
     x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
@@ -221,7 +224,25 @@ class Block(nn.Module):
     hidden_BxLxF = cons(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
     x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
     x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
-    return (x_BxLxD, cache), None
+    return x_BxLxD, cache
+
+
+def _cache_keys(b: int, s: int) -> tuple[jax.Array, jax.Array]:
+  """(key positions, key validity) [B, S] of a cache: slot i holds position i."""
+  return (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), jnp.ones((b, s), bool))
+
+
+def _embed(cfg: ModelConfig, mesh: Mesh | None, embedding_VxD: jax.Array,
+           tokens_BxL: jax.Array) -> jax.Array:
+  x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+  return partitioning.constrain(x_BxLxD, mesh, ("act_batch", "act_len", "act_embed"))
+
+
+def _unembed(cfg: ModelConfig, mesh: Mesh | None, x_BxLxD: jax.Array,
+             w_out_DxV: jax.Array) -> jax.Array:
+  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_out_DxV.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+  return partitioning.constrain(logits_BxLxV, mesh, ("act_batch", "act_len", "act_vocab"))
 
 
 class Transformer(nn.Module):
@@ -252,17 +273,17 @@ class Transformer(nn.Module):
       key_valid_BxS = (jnp.ones((b, l), bool) if input_mask_BxL is None
                        else input_mask_BxL.astype(bool))
     else:
-      s = cache["k"].shape[2]
-      key_pos_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-      key_valid_BxS = jnp.ones((b, s), bool)
+      key_pos_BxS, key_valid_BxS = _cache_keys(b, cache["k"].shape[3])
 
     # std d^-1/2: with tied embeddings the same matrix is the output projection,
     # and std 1 would start training from logits of std sqrt(d).
     embedding = _param(self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                        nn.initializers.normal(stddev=cfg.d_model ** -0.5), cfg.weight_dtype)
-    x_BxLxD = jnp.take(embedding, tokens_BxL, axis=0).astype(cfg.compute_dtype)
-    x_BxLxD = partitioning.constrain(x_BxLxD, self.mesh, ("act_batch", "act_len", "act_embed"))
+    x_BxLxD = _embed(cfg, self.mesh, embedding, tokens_BxL)
 
+    # Each layer gets its slice of the cache (scan xs) and returns it updated
+    # (scan ys, restacked). That copies the cache once per call: fine for
+    # prefill, which is why token-by-token decoding uses decode_step instead.
     layers = nn.scan(
         Block,
         variable_axes={"params": 0},
@@ -270,14 +291,8 @@ class Transformer(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-        # Decode steps (one token, with a cache) unroll the layers: the rolled
-        # loop's per-iteration overhead dominated small-model decode on an H100
-        # (step time fell ~20-35% with this and the multiply-reduce attention).
-        # Prefill and training stay rolled (compile time flat in depth).
-        unroll=cfg.n_layers if (cache is not None and l == 1) else 1,
     )(cfg, self.mesh, name="layers")
-    (x_BxLxD, new_cache), _ = layers((x_BxLxD, cache), positions_BxL, key_pos_BxS,
-                                     key_valid_BxS, jnp.arange(cfg.n_layers))
+    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, key_pos_BxS, key_valid_BxS, cache)
 
     x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
@@ -285,11 +300,47 @@ class Transformer(nn.Module):
     else:
       w_out_DxV = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                          nn.initializers.normal(stddev=cfg.d_model ** -0.5), cfg.weight_dtype)
-    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_out_DxV.astype(cfg.compute_dtype),
-                              preferred_element_type=jnp.float32)
-    logits_BxLxV = partitioning.constrain(logits_BxLxV, self.mesh,
-                                          ("act_batch", "act_len", "act_vocab"))
-    return logits_BxLxV, new_cache
+    return _unembed(cfg, self.mesh, x_BxLxD, w_out_DxV), new_cache
+
+
+def split_params(cfg: ModelConfig, params: Any) -> dict[str, Any]:
+  """The (unboxed) params with params["layers"] split into a list of per-layer trees, for decode_step.
+
+  Call it once, outside the decode loop: the split copies every layer's
+  weights, which is what decode_step avoids doing on every step.
+  """
+  return {**params, "layers": split_layers(params["layers"], cfg.n_layers)}
+
+
+def decode_step(cfg: ModelConfig, mesh: Mesh | None, layered_params: dict[str, Any],
+                tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                layer_caches: Sequence[LayerCache]) -> tuple[jax.Array, list[LayerCache]]:
+  """Transformer(cfg, mesh).apply(..., cache=...) for per-layer weights and caches.
+
+  Same math as the cached Transformer call (the same Block, layer by layer), but
+  shaped for a lax.while_loop that feeds one token per step:
+    * weights come pre-split (split_params): slicing layer i out of the stacked
+      [layers, ...] params inside the loop body copied every layer's weights on
+      every step (XLA does not hoist those slices out of the loop);
+    * each layer's cache is its own array (split_layers of a Cache), updated
+      in place by a scatter at each row's position: reading a layer out of a
+      stacked cache also copied it on every step.
+  Returns (float32 logits [B, L, V], the updated per-layer caches).
+  """
+  b = tokens_BxL.shape[0]
+  key_pos_BxS, key_valid_BxS = _cache_keys(b, layer_caches[0]["k"].shape[2])
+  x_BxLxD = _embed(cfg, mesh, layered_params["embedding"], tokens_BxL)
+  block = Block(cfg, mesh)
+  new_caches = []
+  for weights, cache in zip(layered_params["layers"], layer_caches):
+    x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, key_pos_BxS,
+                                 key_valid_BxS, cache)
+    new_caches.append(cache)
+  x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype).apply(
+      {"params": layered_params["final_norm"]}, x_BxLxD)
+  w_out_DxV = (layered_params["embedding"].T if cfg.tie_embeddings
+               else layered_params["lm_head"])
+  return _unembed(cfg, mesh, x_BxLxD, w_out_DxV), new_caches
 
 
 def abstract_params(cfg: ModelConfig) -> Any:

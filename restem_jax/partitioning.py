@@ -38,7 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # KV cache: [layers, batch, length, kv_heads, head_dim].
+    # KV cache: [layers, batch, kv_heads, length, head_dim] (kv_heads use act_kv_heads).
     ("cache_layers", None),
     ("cache_batch", BATCH_AXES),
     ("cache_len", None),

@@ -142,8 +142,13 @@ def sample_from_logits(logits_BxV: jax.Array, keys_B: jax.Array,
 
 def _cache_sharding(cfg: M.ModelConfig, mesh: Mesh, batch: int,
                     length: int) -> jax.sharding.NamedSharding:
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-  return partitioning.sharding_for(mesh, M.CACHE_AXES, shape)
+  return partitioning.sharding_for(mesh, M.CACHE_AXES, M.cache_shape(cfg, batch, length))
+
+
+def _layer_cache_sharding(cfg: M.ModelConfig, mesh: Mesh, batch: int,
+                          length: int) -> jax.sharding.NamedSharding:
+  return partitioning.sharding_for(mesh, M.LAYER_CACHE_AXES,
+                                   M.cache_shape(cfg, batch, length)[1:])
 
 
 def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.Array,
@@ -158,7 +163,7 @@ def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.
   any query can see them (a query at position q sees slots <= q only).
   """
   num_p, prompt_len = prompts_PxL.shape
-  shape = (cfg.n_layers, num_p, prompt_len, cfg.n_kv_heads, cfg.head_dim)
+  shape = M.cache_shape(cfg, num_p, prompt_len)
   sharding = _cache_sharding(cfg, mesh, num_p, prompt_len)
   cache = {k: jax.lax.with_sharding_constraint(jnp.zeros(shape, cfg.compute_dtype), sharding)
            for k in ("k", "v")}
@@ -166,7 +171,7 @@ def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.
   _, cache = M.Transformer(cfg, mesh).apply({"params": params}, prompts_PxL, positions_PxL,
                                             cache=cache)
   # Rows of one prompt land on the prompt's own shard: the repeat is local.
-  pad = ((0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0))
+  pad = ((0, 0), (0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0))
   out_sharding = _cache_sharding(cfg, mesh, num_p * num_samples, cache_len)
   return {k: jax.lax.with_sharding_constraint(jnp.repeat(jnp.pad(c, pad), num_samples, axis=1),
                                               out_sharding) for k, c in cache.items()}
@@ -354,12 +359,15 @@ class Sampler:
     num_p, prompt_len = prompts_PxL.shape
     b = num_p * n
     cache_len = min(cfg.max_seq_len, prompt_len + T)
-    model = M.Transformer(cfg, mesh)
-    variables = {"params": params}
 
     # 1-2. Prefill each prompt once; its cache is copied into its n rows.
     cache = prefill_cache(cfg, mesh, params, prompts_PxL, n, cache_len)
-    decode_sharding = _cache_sharding(cfg, mesh, b, cache_len)
+    # The loop carries one cache array per layer and decodes with weights split
+    # per layer, both split here, once (M.decode_step says why).
+    layer_sharding = _layer_cache_sharding(cfg, mesh, b, cache_len)
+    layer_caches = [jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, layer_sharding), lc)
+                    for lc in M.split_layers(cache, cfg.n_layers)]
+    layered_params = M.split_params(cfg, params)
     last_P = jnp.take_along_axis(prompts_PxL, (prompt_lengths_P - 1)[:, None], axis=1)[:, 0]
     token_B = jnp.repeat(last_P, n)
     position_B = jnp.repeat(prompt_lengths_P - 1, n)
@@ -376,9 +384,9 @@ class Sampler:
       return (t < T) & ~jnp.all(done_B)
 
     def body(state):
-      t, cache, token_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW = state
-      logits_Bx1xV, cache = model.apply(variables, token_B[:, None], position_B[:, None],
-                                        cache=cache)
+      t, caches, token_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW = state
+      logits_Bx1xV, caches = M.decode_step(cfg, mesh, layered_params, token_B[:, None],
+                                           position_B[:, None], caches)
       logits_BxV = logits_Bx1xV[:, 0]
       step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
       new_B = choose_tokens(logits_BxV, step_keys_B, static, temperature, top_p)
@@ -399,10 +407,10 @@ class Sampler:
       done_B = done_B | (active_B & stopped_B)
       length_B = length_B + active_B.astype(jnp.int32)
       position_B = position_B + active_B.astype(jnp.int32)
-      cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, decode_sharding), cache)
-      return (t + 1, cache, new_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW)
+      caches = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, layer_sharding), caches)
+      return (t + 1, caches, new_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW)
 
-    state = (jnp.int32(0), cache, token_B, position_B, jnp.zeros((b,), bool),
+    state = (jnp.int32(0), layer_caches, token_B, position_B, jnp.zeros((b,), bool),
              jnp.zeros((b,), jnp.int32), jnp.full((b, T), self.pad_id, jnp.int32),
              jnp.zeros((b, T), jnp.float32), jnp.full((b, window), -1, jnp.int32))
     steps, _, _, _, done_B, length_B, out_BxT, logp_BxT, _ = jax.lax.while_loop(cond, body, state)
