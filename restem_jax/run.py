@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
 from restem_jax import (checkpoints, distributed, evaluate, generate, improve, model,

@@ -7,7 +7,6 @@ re-implemented in the test, and the GGUF's own token list for token ids.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 
-import ml_collections
 import pytest
 import sentencepiece as spm
 
