@@ -110,25 +110,27 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   return summarize(out_dir)
 
 
-def _chunk_files(out_dir: str, chunk: int) -> list[str]:
-  return (wd.glob(out_dir, f"shard_{chunk:05d}_p*.jsonl")
-          + wd.glob(out_dir, f"stats_{chunk:05d}_p*.jsonl"))
-
-
 def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
   """Chunks whose stats do not yet cover every problem; their partial files are removed.
 
   Process 0 decides and tells the others, so every host runs the same
   collective sampling calls even if they see the filesystem at different times.
+  The directory is listed once (on gs:// every listing is a request).
   """
   todo = np.ones((len(chunks),), np.int32)
   if distributed.is_coordinator():
+    files: dict[int, list[str]] = {}  # chunk -> its shard_/stats_ files, any process
+    for path in wd.glob(out_dir, "*_p[0-9][0-9][0-9].jsonl"):
+      kind, chunk = os.path.basename(path).split("_")[:2]
+      if kind in ("shard", "stats"):
+        files.setdefault(int(chunk), []).append(path)
     for c, idx in enumerate(chunks):
-      rows = sum(len(wd.read_lines(p)) for p in wd.glob(out_dir, f"stats_{c:05d}_p*.jsonl"))
+      mine = files.get(c, [])
+      rows = sum(len(wd.read_lines(p)) for p in mine if os.path.basename(p).startswith("stats_"))
       if rows == len(idx):
         todo[c] = 0
       else:
-        for path in _chunk_files(out_dir, c):
+        for path in mine:
           epath.Path(path).unlink()
   todo = distributed.broadcast_from_coordinator(todo)
   distributed.sync("generate_cleanup")

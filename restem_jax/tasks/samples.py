@@ -20,7 +20,7 @@ REQUIRED_KEYS = ("problem_id", "prompt", "sample", "reward", "iteration", "seed"
 def shard_paths(samples_dir: str) -> list[str]:
   # Only finished shards: in-progress files are written under another name and
   # renamed, so a "*.jsonl" is complete. Sorted for a stable order.
-  return sorted(str(p) for p in epath.Path(samples_dir).glob("shard_*.jsonl"))
+  return wd.glob(samples_dir, "shard_*.jsonl")
 
 
 def read_samples(samples_dir: str) -> list[dict]:
