@@ -33,6 +33,17 @@ def subprocess_env() -> dict:
   return env
 
 
+def task_cfg(name="embedded_arith", data_dir="", **kw):
+  """config.task of the default config with name, data_dir and any fields overridden."""
+  from restem_jax import configlib  # pylint: disable=import-outside-toplevel
+  cfg = configlib.default_config().task
+  cfg.unlock()
+  cfg.name, cfg.data_dir = name, data_dir
+  for k, v in kw.items():
+    cfg[k] = v
+  return cfg
+
+
 def main_cmd(workdir: str, *extra: str, config: str = TINY_CONFIG) -> list:
   return [sys.executable, "-m", "restem_jax.main", f"--config={config}",
           f"--workdir={workdir}", *extra]

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from restem_jax import configlib
+from conftest import task_cfg
 from restem_jax import tasks
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
@@ -17,13 +17,6 @@ from restem_jax.tasks import prompts
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-def task_cfg(name="embedded_arith", data_dir="", **kw):
-  cfg = configlib.default_config().task
-  cfg.unlock()
-  cfg.name, cfg.data_dir = name, data_dir
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from restem_jax import configlib
+from conftest import task_cfg
 from restem_jax import tasks
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -20,13 +20,6 @@ tf = pytest.importorskip("tensorflow")  # Imported up front: the timed checks ti
 GSM8K_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gsm8k")
 
 
-def task_cfg(name, data_dir, **kw):
-  cfg = configlib.default_config().task
-  cfg.unlock()
-  cfg.name, cfg.data_dir = name, data_dir
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
 
 
 def _fixture_downloads(requested):
