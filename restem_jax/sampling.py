@@ -140,41 +140,22 @@ def sample_from_logits(logits_BxV: jax.Array, keys_B: jax.Array,
                        jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))
 
 
-def _cache_sharding(cfg: M.ModelConfig, mesh: Mesh, batch: int,
-                    length: int) -> jax.sharding.NamedSharding:
-  return partitioning.sharding_for(mesh, M.CACHE_AXES, M.cache_shape(cfg, batch, length))
+def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.Array) -> M.Cache:
+  """KV cache [layers, P, K, L, H] of P right-padded prompts, one row per prompt (traceable).
 
-
-def _layer_cache_sharding(cfg: M.ModelConfig, mesh: Mesh, batch: int,
-                          length: int) -> jax.sharding.NamedSharding:
-  return partitioning.sharding_for(mesh, M.LAYER_CACHE_AXES,
-                                   M.cache_shape(cfg, batch, length)[1:])
-
-
-def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.Array,
-                  num_samples: int, cache_len: int) -> M.Cache:
-  """KV cache of P right-padded prompts, each repeated into num_samples rows (traceable).
-
-  The prompts run through the model once, into a cache only as long as the
-  prompt bucket L (attention is L x L, not L x cache_len); the logits are
-  unused, so XLA drops the output projection. The cache is then padded to
-  cache_len and repeated: row p * num_samples + j holds prompt p. Slots at and
-  after a prompt's length hold padding keys that decoding overwrites before
-  any query can see them (a query at position q sees slots <= q only).
+  The prompts run through the model once, into a cache as long as the prompt
+  bucket L; the logits are unused, so XLA drops the output projection. Slots
+  at and after a prompt's length hold padding keys that the decode masks out.
   """
   num_p, prompt_len = prompts_PxL.shape
-  shape = M.cache_shape(cfg, num_p, prompt_len)
-  sharding = _cache_sharding(cfg, mesh, num_p, prompt_len)
-  cache = {k: jax.lax.with_sharding_constraint(jnp.zeros(shape, cfg.compute_dtype), sharding)
+  sharding = partitioning.sharding_for(mesh, M.CACHE_AXES, M.cache_shape(cfg, num_p, prompt_len))
+  cache = {k: jax.lax.with_sharding_constraint(
+      jnp.zeros(M.cache_shape(cfg, num_p, prompt_len), cfg.compute_dtype), sharding)
            for k in ("k", "v")}
   positions_PxL = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompts_PxL.shape)
   _, cache = M.Transformer(cfg, mesh).apply({"params": params}, prompts_PxL, positions_PxL,
                                             cache=cache)
-  # Rows of one prompt land on the prompt's own shard: the repeat is local.
-  pad = ((0, 0), (0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0))
-  out_sharding = _cache_sharding(cfg, mesh, num_p * num_samples, cache_len)
-  return {k: jax.lax.with_sharding_constraint(jnp.repeat(jnp.pad(c, pad), num_samples, axis=1),
-                                              out_sharding) for k, c in cache.items()}
+  return cache
 
 
 def _next_pow2(n: int) -> int:
@@ -358,14 +339,15 @@ class Sampler:
     cfg, mesh, n, T = self.cfg, self.mesh, num_samples, max_new_tokens
     num_p, prompt_len = prompts_PxL.shape
     b = num_p * n
-    cache_len = min(cfg.max_seq_len, prompt_len + T)
 
-    # 1-2. Prefill each prompt once; its cache is copied into its n rows.
-    cache = prefill_cache(cfg, mesh, params, prompts_PxL, n, cache_len)
-    # The loop carries one cache array per layer and decodes with weights split
-    # per layer, both split here, once (M.decode_step says why).
-    layer_sharding = _layer_cache_sharding(cfg, mesh, b, cache_len)
-    layer_caches = [jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, layer_sharding), lc)
+    # 1-2. Prefill each prompt once. Its n rows share that cache while decoding
+    # (M.SharedPrefixCache); each layer's cache is its own array and the weights
+    # are split per layer, both here, once (M.decode_step says why). Decode
+    # step 0 feeds the last prompt token again (its logits give the first new
+    # token), so its prefill slot is masked out: it would be attended twice.
+    cache = prefill_cache(cfg, mesh, params, prompts_PxL)
+    prompt_valid_PxL = jnp.arange(prompt_len)[None, :] < (prompt_lengths_P - 1)[:, None]
+    layer_caches = [M.SharedPrefixCache.create(lc, prompt_valid_PxL, n, T).constrain(mesh)
                     for lc in M.split_layers(cache, cfg.n_layers)]
     layered_params = M.split_params(cfg, params)
     last_P = jnp.take_along_axis(prompts_PxL, (prompt_lengths_P - 1)[:, None], axis=1)[:, 0]
@@ -407,7 +389,7 @@ class Sampler:
       done_B = done_B | (active_B & stopped_B)
       length_B = length_B + active_B.astype(jnp.int32)
       position_B = position_B + active_B.astype(jnp.int32)
-      caches = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, layer_sharding), caches)
+      caches = [c.constrain(mesh) for c in caches]
       return (t + 1, caches, new_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW)
 
     state = (jnp.int32(0), layer_caches, token_B, position_B, jnp.zeros((b,), bool),

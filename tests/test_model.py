@@ -162,6 +162,37 @@ def test_cache_decoding_matches_full_forward(setup):
     pos = pos + 1
 
 
+def test_shared_prefix_decoding_matches_float64_reference(setup):
+  """decode_step on a SharedPrefixCache: 2 prompts (lengths 3 and 6) x N = 3 rows that
+  feed different tokens, so rows of one prompt share its keys but not their own."""
+  cfg, params, tokens = setup
+  lens, n, steps = [3, 6], 3, 5
+  prompt = np.zeros((2, 6), np.int32)
+  for p, length in enumerate(lens):
+    prompt[p, :length] = tokens[p, :length]
+  _, cache = M.Transformer(cfg).apply({"params": params}, jnp.asarray(prompt),
+                                      cache=M.init_cache(cfg, 2))
+  cache = jax.tree.map(lambda c: c[:, :, :, :6], cache)  # the prompt bucket: 6 slots
+  # Decode step 0 feeds each prompt's last token again, so its prefill slot is masked.
+  valid = jnp.arange(6)[None, :] < jnp.asarray(lens)[:, None] - 1
+  caches = [M.SharedPrefixCache.create(lc, valid, n, steps)
+            for lc in M.split_layers(cache, cfg.n_layers)]
+  layered = M.split_params(cfg, params)
+  rows = np.repeat(np.arange(2), n)  # row b = prompt b // n
+  feed = np.array(jax.random.randint(jax.random.key(7), (2 * n, steps), 0, cfg.vocab_size))
+  feed[:, 0] = prompt[rows, np.asarray(lens)[rows] - 1]
+  pos = np.asarray(lens)[rows] - 1
+  step = jax.jit(lambda lp, t, q, cs: M.decode_step(cfg, None, lp, t, q, cs))
+  for t in range(steps):
+    logits, caches = step(layered, jnp.asarray(feed[:, t:t + 1]), jnp.asarray(pos[:, None] + t),
+                          caches)
+    for b in range(2 * n):
+      seq = np.concatenate([prompt[rows[b], :lens[rows[b]] - 1], feed[b, :t + 1]])
+      ref = numpy_forward(params, cfg, seq[None])[0, -1]
+      np.testing.assert_allclose(logits[b, 0], ref, rtol=1e-4, atol=1e-4)
+  assert int(caches[0].step) == steps
+
+
 def test_bfloat16_compute_close_to_float32(setup):
   cfg, params, tokens = setup
   ref = np.asarray(apply(cfg, params, tokens))
