@@ -6,15 +6,18 @@ program:
   1. prefill: the right-padded prompts [P, L] go through the model once, filling a
      KV cache of length L (only the cache is kept: the prefill logits are dead
      code and XLA drops the output projection);
-  2. expand: each prompt's cache is padded to the decode length and repeated into
-     its N sample rows (row = prompt * N + sample), so a prompt is prefilled
-     once, not N times;
-  3. decode: a lax.while_loop feeds one token per row per step. Step 0 re-feeds
-     the last prompt token at its own position (rewriting the identical K/V) and
-     samples the first new token from its logits; this gives every row of a
-     variable-length batch the same loop without a ragged prefill gather. The
-     loop exits as soon as every row has emitted EOS (or a stop sequence) or
-     the max_new_tokens budget is reached. No host syncs inside the loop.
+  2. share: the N sample rows of a prompt (row = prompt * N + sample) read that
+     one prompt cache while decoding (model.SharedPrefixCache), so a prompt is
+     prefilled once and stored once, not N times; each row's generated tokens
+     get their own keys/values;
+  3. decode: lax.while_loops feed one token per row per step. Step 0 re-feeds
+     the last prompt token at its own position (its prefill slot is masked out)
+     and samples the first new token from its logits; this gives every row of
+     a variable-length batch the same loop without a ragged prefill gather.
+     The loop runs in phases (decode_chunks): phase j attends over the
+     generated slots of phases 0..j only, not over all max_new_tokens. It
+     exits as soon as every row has emitted EOS (or a stop sequence) or the
+     max_new_tokens budget is reached. No host syncs inside the loop.
 
 Shapes are bucketed so new inputs rarely recompile:
   * prompt length L: next power of two >= the longest prompt, at least
@@ -22,8 +25,7 @@ Shapes are bucketed so new inputs rarely recompile:
   * prompt count P: next power of two >= the number of prompts, rounded up to a
     multiple of partitioning.data_parallel_size(mesh) (padding prompts are
     dropped from the output);
-  * decode cache length: min(max_seq_len, L + max_new_tokens), the most any row
-    can reach, so a short generation does not attend over the whole context;
+  * generated cache length: max_new_tokens, split into phases;
   * num_samples and max_new_tokens are static (they shape the output).
 `sample_chunked` uses one (P, L) shape for all its chunks: one compile per E-step.
 
@@ -158,6 +160,23 @@ def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.
   return cache
 
 
+MIN_PHASE_TOKENS = 32
+
+
+def decode_chunks(max_new_tokens: int, max_phases: int) -> list[int]:
+  """Sizes of the generated-cache chunks, one per decode phase.
+
+  Phase j decodes the tokens of chunk j while attending over chunks 0..j, so
+  J phases read on average (J + 1) / 2J of the generated slots. Each phase is
+  its own copy of the loop body in the compiled program, so J is capped
+  (max_phases) and phases are at least MIN_PHASE_TOKENS long: short
+  generations (tests, greedy evaluation of short answers) compile one loop.
+  """
+  phases = max(1, min(max_phases, max_new_tokens // MIN_PHASE_TOKENS))
+  size = -(-max_new_tokens // phases)
+  return [size] * (phases - 1) + [max_new_tokens - size * (phases - 1)]
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
@@ -177,11 +196,14 @@ class Sampler:
     pad_id: written after a row stops.
     stop_sequences: optional token sequences that also stop a row (included in
       the output, like EOS).
+    max_decode_phases: the decode loop runs in up to this many phases (see
+      decode_chunks); 1 attends over all max_new_tokens slots at every step.
   """
 
   def __init__(self, model_cfg: M.ModelConfig, mesh: Mesh, *, eos_id: int, pad_id: int = 0,
-               stop_sequences: Sequence[Sequence[int]] = ()):
+               stop_sequences: Sequence[Sequence[int]] = (), max_decode_phases: int = 4):
     partitioning.check_model_fits_mesh(model_cfg, mesh)
+    self.max_decode_phases = int(max_decode_phases)
     self.cfg, self.mesh = model_cfg, mesh
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
     self.stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
@@ -347,7 +369,8 @@ class Sampler:
     # token), so its prefill slot is masked out: it would be attended twice.
     cache = prefill_cache(cfg, mesh, params, prompts_PxL)
     prompt_valid_PxL = jnp.arange(prompt_len)[None, :] < (prompt_lengths_P - 1)[:, None]
-    layer_caches = [M.SharedPrefixCache.create(lc, prompt_valid_PxL, n, T).constrain(mesh)
+    chunks = decode_chunks(T, self.max_decode_phases)
+    layer_caches = [M.SharedPrefixCache.create(lc, prompt_valid_PxL, n, chunks).constrain(mesh)
                     for lc in M.split_layers(cache, cfg.n_layers)]
     layered_params = M.split_params(cfg, params)
     last_P = jnp.take_along_axis(prompts_PxL, (prompt_lengths_P - 1)[:, None], axis=1)[:, 0]
@@ -360,10 +383,11 @@ class Sampler:
     stops = self.stop_sequences
     window = max((len(s) for s in stops), default=1)
 
-    # 3. Decode until every row stopped or the budget is spent.
-    def cond(state):
+    # 3. Decode until every row stopped or the budget is spent, in phases: phase
+    # j fills generated-cache chunk j and attends over chunks 0..j only.
+    def cond(state, end):
       t, done_B = state[0], state[4]
-      return (t < T) & ~jnp.all(done_B)
+      return (t < end) & ~jnp.all(done_B)
 
     def body(state):
       t, caches, token_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW = state
@@ -395,5 +419,10 @@ class Sampler:
     state = (jnp.int32(0), layer_caches, token_B, position_B, jnp.zeros((b,), bool),
              jnp.zeros((b,), jnp.int32), jnp.full((b, T), self.pad_id, jnp.int32),
              jnp.zeros((b, T), jnp.float32), jnp.full((b, window), -1, jnp.int32))
-    steps, _, _, _, done_B, length_B, out_BxT, logp_BxT, _ = jax.lax.while_loop(cond, body, state)
+    end = 0
+    for phase, size in enumerate(chunks):
+      end += size
+      state = (state[0], [c.replace(active=phase + 1) for c in state[1]]) + state[2:]
+      state = jax.lax.while_loop(functools.partial(cond, end=end), body, state)
+    steps, _, _, _, done_B, length_B, out_BxT, logp_BxT, _ = state
     return out_BxT, length_B, logp_BxT, done_B, steps

@@ -164,7 +164,8 @@ def test_cache_decoding_matches_full_forward(setup):
 
 def test_shared_prefix_decoding_matches_float64_reference(setup):
   """decode_step on a SharedPrefixCache: 2 prompts (lengths 3 and 6) x N = 3 rows that
-  feed different tokens, so rows of one prompt share its keys but not their own."""
+  feed different tokens, so rows of one prompt share its keys but not their own;
+  generated keys in two chunks, the second one read from step 2 on."""
   cfg, params, tokens = setup
   lens, n, steps = [3, 6], 3, 5
   prompt = np.zeros((2, 6), np.int32)
@@ -175,7 +176,8 @@ def test_shared_prefix_decoding_matches_float64_reference(setup):
   cache = jax.tree.map(lambda c: c[:, :, :, :6], cache)  # the prompt bucket: 6 slots
   # Decode step 0 feeds each prompt's last token again, so its prefill slot is masked.
   valid = jnp.arange(6)[None, :] < jnp.asarray(lens)[:, None] - 1
-  caches = [M.SharedPrefixCache.create(lc, valid, n, steps)
+  # Generated slots in two chunks (the sampler's decode phases): 2 + 3.
+  caches = [M.SharedPrefixCache.create(lc, valid, n, [2, steps - 2])
             for lc in M.split_layers(cache, cfg.n_layers)]
   layered = M.split_params(cfg, params)
   rows = np.repeat(np.arange(2), n)  # row b = prompt b // n
@@ -184,6 +186,7 @@ def test_shared_prefix_decoding_matches_float64_reference(setup):
   pos = np.asarray(lens)[rows] - 1
   step = jax.jit(lambda lp, t, q, cs: M.decode_step(cfg, None, lp, t, q, cs))
   for t in range(steps):
+    caches = [c.replace(active=1 if t < 2 else 2) for c in caches]
     logits, caches = step(layered, jnp.asarray(feed[:, t:t + 1]), jnp.asarray(pos[:, None] + t),
                           caches)
     for b in range(2 * n):

@@ -239,6 +239,34 @@ def test_eos_stops_rows_and_loop_exits_early(env):
   assert out.steps == 3
 
 
+def test_decode_chunks_hand_count():
+  assert S.decode_chunks(10, 4) == [10]  # shorter than two phases: one loop
+  assert S.decode_chunks(64, 4) == [32, 32]
+  assert S.decode_chunks(96, 4) == [32, 32, 32]
+  assert S.decode_chunks(100, 4) == [34, 34, 32]
+  assert S.decode_chunks(512, 4) == [128] * 4
+  assert S.decode_chunks(512, 1) == [512]
+
+
+def test_decode_phases_equal_one_phase():
+  """3 phases (attending over generated chunks 0..j) vs one loop over all 96 slots."""
+  cfg = tiny_cfg(max_seq_len=112)
+  mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+  params = M.init_params(cfg, mesh, jax.random.key(1))
+  # eos_id -1: no row stops, so every row runs through all three phases.
+  one, three = (S.Sampler(cfg, mesh, eos_id=-1, pad_id=PAD, max_decode_phases=k)
+                for k in (1, 3))
+  kw = dict(num_samples=2, max_new_tokens=96, mode=PAPER, rng=jax.random.key(3))
+  a, b = one.sample(params, PROMPTS, **kw), three.sample(params, PROMPTS, **kw)
+  assert a.steps == b.steps == 96
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  # Every row stops in phase 0: the later phases' loops run no step.
+  stops = S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD, max_decode_phases=3)
+  out = stops.sample(markov_params(cfg, mesh), [[5, 6], [13]], **{**kw, "mode": S.GREEDY})
+  assert out.steps == 5 and out.done.all()
+
+
 def test_n_samples_share_prefill(env, greedy_ref, full_forward):
   _, _, params, sampler = env
   out = sampler.sample(params, PROMPTS, num_samples=2, max_new_tokens=T_NEW, mode=PAPER,
