@@ -110,11 +110,6 @@ CACHE_AXES = ("cache_layers", "cache_batch", "act_kv_heads", "cache_len", "head_
 LAYER_CACHE_AXES = CACHE_AXES[1:]
 
 
-def cache_shardings(mesh: Mesh, cfg: ModelConfig, batch: int) -> dict[str, Any]:
-  s = partitioning.sharding_for(mesh, CACHE_AXES, cache_shape(cfg, batch))
-  return {"k": s, "v": s}
-
-
 @flax.struct.dataclass
 class SharedPrefixCache:
   """One layer's KV cache for decoding N samples of each of P prompts (B = P * N rows).
