@@ -177,12 +177,16 @@ def gpu_bandwidth(cfg, mesh, params, prompt_len: int, reps: int) -> None:
   peak = 4.8e12 if "H200" in kind else 3.35e12 if "H100" in kind else float("nan")
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   steps = 128
-  cache_len = prompt_len + steps + 1
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   sampler = S.Sampler(cfg, mesh, eos_id=NO_EOS)
+  # Slots a step reads, averaged over the call: the prompt, plus in decode phase
+  # j the generated chunks 0..j (whole chunks: attention masks, it does not skip).
+  chunks = S.decode_chunks(steps + 1, sampler.max_decode_phases)
+  ends = np.cumsum(chunks)
+  slots = prompt_len + float(np.dot(chunks, ends)) / (steps + 1)
   rng = np.random.default_rng(1)
   print(f"decode on {kind} (HBM peak {peak / 1e12:.2f} TB/s); bytes/step = weights "
-        f"{weight_bytes / 1e6:.1f} MB + KV cache read (2 x layers x batch x {cache_len} slots x "
+        f"{weight_bytes / 1e6:.1f} MB + KV cache read (2 x layers x batch x {slots:.1f} slots x "
         f"kv_heads x head_dim x {itemsize} B)")
   for mode_name, mode in (("greedy", S.GREEDY), ("top-k 40, T 0.7", S.SamplingMode(0.7, 40))):
     for batch in (1, 64, 256):
@@ -194,7 +198,7 @@ def gpu_bandwidth(cfg, mesh, params, prompt_len: int, reps: int) -> None:
       # Prefill cancels; the T=1 call's generated cache is 1 slot instead of
       # steps + 1, so this slightly overstates the step time (conservative).
       step = (t_long - t_short) / steps
-      kv_bytes = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim * itemsize
+      kv_bytes = 2 * cfg.n_layers * batch * slots * cfg.n_kv_heads * cfg.head_dim * itemsize
       bw = (weight_bytes + kv_bytes) / step
       print(f"  {mode_name:16s} batch {batch:3d}: step {step * 1e6:7.1f} us, "
             f"{batch / step:10.0f} tokens/s, {bw / 1e12:.2f} TB/s = {bw / peak:.0%} of peak")

@@ -150,9 +150,9 @@ def prefill_cache(cfg: M.ModelConfig, mesh: Mesh, params: Any, prompts_PxL: jax.
   at and after a prompt's length hold padding keys that the decode masks out.
   """
   num_p, prompt_len = prompts_PxL.shape
-  sharding = partitioning.sharding_for(mesh, M.CACHE_AXES, M.cache_shape(cfg, num_p, prompt_len))
-  cache = {k: jax.lax.with_sharding_constraint(
-      jnp.zeros(M.cache_shape(cfg, num_p, prompt_len), cfg.compute_dtype), sharding)
+  shape = M.cache_shape(cfg, num_p, prompt_len)
+  sharding = partitioning.sharding_for(mesh, M.CACHE_AXES, shape)
+  cache = {k: jax.lax.with_sharding_constraint(jnp.zeros(shape, cfg.compute_dtype), sharding)
            for k in ("k", "v")}
   positions_PxL = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompts_PxL.shape)
   _, cache = M.Transformer(cfg, mesh).apply({"params": params}, prompts_PxL, positions_PxL,

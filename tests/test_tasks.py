@@ -17,8 +17,6 @@ from restem_jax.tasks import prompts
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
-
-
 @pytest.fixture(scope="module")
 def small_embedded():
   return tasks.get_task(task_cfg(num_train=300, num_val=20, num_test=60, num_human=40))

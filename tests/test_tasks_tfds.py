@@ -20,8 +20,6 @@ tf = pytest.importorskip("tensorflow")  # Imported up front: the timed checks ti
 GSM8K_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gsm8k")
 
 
-
-
 def _fixture_downloads(requested):
   """Local fixture paths for the builder's URL dict ({"train": ".../train.jsonl", ...});
   the *_socratic files get the plain ones (same jsonl format)."""
