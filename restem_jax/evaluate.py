@@ -52,6 +52,9 @@ def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[
 
 def _answer_key(task: Any) -> Callable[[str], str | None] | None:
   """How majority voting groups samples: by normalised final answer (math only)."""
+  if task.reward_kind == "reasoning_gym":
+    from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
+    return reasoning_gym.answer_key
   if task.reward_kind not in ("math", "exact_int"):
     return None
   from restem_jax.rewards import math as math_reward

@@ -23,14 +23,17 @@ from typing import Any, Callable, Optional, Sequence
 from restem_jax import workdir as wd
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
+from restem_jax.tasks import reasoning_gym as rg
 from restem_jax.tasks import sources
 from restem_jax.tasks.sources import DataLayoutError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds")
+DATASETS = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds",
+            "reasoning_gym")
 REWARD_KINDS = {"embedded_arith": "exact_int", "gsm8k": "math", "math": "math",
-                "apps": "code", "humaneval": "code", "gsm8k_tfds": "math"}
+                "apps": "code", "humaneval": "code", "gsm8k_tfds": "math",
+                "reasoning_gym": "reasoning_gym"}
 PROMPT_KINDS = {"gsm8k_tfds": "gsm8k"}  # Same data from another source: same prompts.
 EMBEDDED_VOCAB = os.path.join(prompts.DATA_DIR, "embedded_arith.model")
 
@@ -90,7 +93,12 @@ class Task:
     self.reward_kind: str = REWARD_KINDS[self.dataset]
     self.vocabulary = vocabulary if vocabulary is not None else embedded_vocabulary()
     self.prompt_kind: str = PROMPT_KINDS.get(self.dataset, self.dataset)
-    self.format = _prompt_format(self.prompt_kind, int(task_cfg.few_shot))
+    if self.dataset == "reasoning_gym":
+      self._rg = _rg_splits(task_cfg)
+      self.format = prompts.PromptFormat(
+          rg.exemplar_block(self._rg["exemplars"]), rg.QUESTION_BEFORE, rg.QUESTION_AFTER)
+    else:
+      self.format = _prompt_format(self.prompt_kind, int(task_cfg.few_shot))
     self.stop_strings: tuple[str, ...] = prompts.STOP_STRINGS[self.prompt_kind]
     self.num_human = 0  # Train problems (listed first) that carry a human solution.
     self.skipped: dict[str, int] = {}  # Too-long examples skipped per split (last read).
@@ -98,7 +106,10 @@ class Task:
     key = {"data_dir": self.data_dir, "few_shot": int(task_cfg.few_shot),
            "seed": int(task_cfg.seed), "num_val": int(task_cfg.num_val),
            "num_train": int(task_cfg.num_train), "num_test": int(task_cfg.num_test)}
-    if self.dataset == "embedded_arith":
+    if self.dataset == "reasoning_gym":
+      key["rg_datasets"] = repr(rg.parse_mix(task_cfg.rg_datasets))
+      build = lambda split: self._rg[split]
+    elif self.dataset == "embedded_arith":
       arith = _arith_config(task_cfg)
       key.update(dataclasses.asdict(arith), num_human=int(task_cfg.get("num_human", -1)))
       build = self._embedded_builder(arith)
@@ -224,6 +235,9 @@ class Task:
                                                         self.postprocess(completions[i]),
                                                         verify_steps=verify)
                               for i in idx]
+    elif self.reward_kind == "reasoning_gym":
+      batch_fn = lambda idx: self._rg_grader().score(
+          [problems[i].gold for i in idx], [self.postprocess(completions[i]) for i in idx])
     elif self.reward_kind == "math":
       batch_fn = lambda idx: self._math_grader().score(
           [problems[i].gold for i in idx], [self.postprocess(completions[i]) for i in idx])
@@ -248,10 +262,43 @@ class Task:
           fallback_last_number=bool(self._cfg.get("fallback_last_number", False)))
     return self._grader
 
+  def _rg_grader(self):
+    if self._grader is None:
+      from restem_jax.rewards.reasoning_gym import ReasoningGymGrader  # pylint: disable=import-outside-toplevel
+      self._grader = ReasoningGymGrader(
+          num_workers=int(self._cfg.get("grader_workers", 2)),
+          timeout_s=float(self._cfg.get("grader_timeout_s", 5.0)))
+    return self._grader
+
   def _code_executor(self):
     if self._executor is None:
       self._executor = _shared_executor(int(self._cfg.get("code_workers", 2)))
     return self._executor
+
+
+RG_DEFAULT_SIZES = {"train": 2000, "validation": 128, "test": 500}
+
+
+def _rg_splits(task_cfg) -> dict[str, list[dict]]:
+  """reasoning_gym: every split drawn once from the mix (disjoint on question text)."""
+  sources = rg.parse_mix(task_cfg.rg_datasets)
+  sizes = {"train": int(task_cfg.num_train) or RG_DEFAULT_SIZES["train"],
+           "validation": int(task_cfg.num_val),
+           "test": int(task_cfg.num_test) or RG_DEFAULT_SIZES["test"]}
+  splits = rg.build_splits(sources, sizes, int(task_cfg.seed), int(task_cfg.few_shot))
+  fields = ("id", "question", "hint", "target", "gold", "level")
+  out = {}
+  for split, rows in splits.items():
+    out[split] = []
+    for r in rows:
+      # Worked solutions (where the dataset has them) are the human data of train;
+      # exemplars always show the answer format.
+      target = (rg.format_solution(r["reasoning"], r["answer"])
+                if r["reasoning"] and split == "train" else "")
+      out[split].append({**{k: r[k] for k in fields}, "target": target})
+    if split == "exemplars":
+      out[split] = rows
+  return out
 
 
 @functools.lru_cache(maxsize=None)

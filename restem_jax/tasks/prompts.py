@@ -105,6 +105,7 @@ STOP_STRINGS = {
     # Codex stop sequences: a new top-level statement ends the function body.
     "humaneval": ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert "),
     "embedded_arith": ("\n",),
+    "reasoning_gym": ("\n\nQuestion:", "\nQuestion:"),
 }
 
 

@@ -1,0 +1,63 @@
+"""Binary reward for reasoning-gym problems: the dataset's own `score_answer`, in workers.
+
+A reasoning-gym scorer is third-party Python run on model output (some parse
+expressions, simulate puzzles or call sympy), so it runs where math-verify runs:
+in the grader's spawned worker processes, under a CPU-time timer, with a worker
+that hangs in C or dies replaced alone. A hanging or crashing scorer costs that
+one sample (reward 0), never the run. The pool is MathGrader's; only the check
+each worker runs differs.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import signal
+
+from restem_jax.rewards import math as math_reward
+
+
+def _score_in_worker(gold: str, answer: str, timeout_s: float) -> bool:
+  from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
+  signal.signal(signal.SIGPROF, math_reward._on_timer)  # pylint: disable=protected-access
+  signal.setitimer(signal.ITIMER_PROF, timeout_s)
+  try:
+    return reasoning_gym.score_answer(gold, answer) == 1.0
+  except BaseException:  # pylint: disable=broad-except
+    return False  # A scorer that raises (or runs out of time) scores 0 for this sample.
+  finally:
+    signal.setitimer(signal.ITIMER_PROF, 0)
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+  logging.disable(logging.WARNING)
+  import reasoning_gym  # pylint: disable=import-outside-toplevel,unused-import  # warm the import
+  try:
+    conn.send("ready")
+    while (task := conn.recv()) is not None:
+      try:
+        ok = _score_in_worker(*task)
+      except BaseException:  # pylint: disable=broad-except
+        ok = False  # The timer fired between the check and its cancellation.
+      conn.send(ok)
+  except (EOFError, OSError):
+    pass  # The grader went away: exit quietly.
+
+
+class ReasoningGymGrader(math_reward.MathGrader):
+  """Scores (gold locator, completion) pairs with the source datasets' own scorers."""
+
+  _worker_target = staticmethod(_worker_main)
+
+  def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
+    super().__init__(num_workers=num_workers, timeout_s=timeout_s)
+
+  def score(self, golds: list[str], outputs: list[str]) -> list[float]:
+    if len(golds) != len(outputs):
+      raise ValueError(f"score: {len(golds)} golds but {len(outputs)} outputs")
+    from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
+    answers = [reasoning_gym.extract_answer(o) for o in outputs]
+    # Unique (gold, answer) pairs only: samples repeat answers, and each check is a
+    # round trip to a worker. No answer line = reward 0 without a check.
+    unique = list(dict.fromkeys((g, a) for g, a in zip(golds, answers) if a is not None))
+    verdict = dict(zip(unique, self._run(unique, self.timeout_s))) if unique else {}
+    return [1.0 if a is not None and verdict[(g, a)] else 0.0 for g, a in zip(golds, answers)]

@@ -1,0 +1,154 @@
+"""reasoning-gym task: disjoint splits, the datasets' own scoring, robust workers."""
+import json
+import signal
+import time
+
+import pytest
+import reasoning_gym as rg  # In the [test] extra: if missing, collection fails (not a skip).
+
+from restem_jax.rewards import reasoning_gym as rrg
+from restem_jax.tasks import reasoning_gym as R
+
+# Every dataset (and config) that a config in configs/ trains or evaluates on.
+USED = (
+    ("chain_sum", 1.0, {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}),
+    ("basic_arithmetic", 1.0, {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                               "max_digits": 1, "allow_parentheses": False,
+                               "allow_negation": False}),
+    ("gsm_symbolic", 0.5, {}),
+    ("leg_counting", 1.0, {"min_animals": 1, "max_animals": 2, "min_instances": 1,
+                           "max_instances": 3}),
+)
+
+
+@pytest.fixture(scope="module")
+def splits():
+  return R.build_splits(R.parse_mix(USED), {"test": 60, "validation": 20, "train": 120},
+                        task_seed=3, num_exemplars=4)
+
+
+def test_splits_are_disjoint_sized_and_mixed(splits):
+  sizes = {k: len(v) for k, v in splits.items()}
+  assert sizes == {"exemplars": 4, "test": 60, "validation": 20, "train": 120}
+  seen = {}
+  for split, rows in splits.items():
+    for r in rows:
+      assert r["question"] not in seen, (split, seen.get(r["question"]))
+      seen[r["question"]] = split
+  # Shares follow the weights (3.5 in all): test 60 -> 17 / 17 / 9 / 17 by hand.
+  by_source = {}
+  for r in splits["test"]:
+    by_source[r["id"].split("/")[1]] = by_source.get(r["id"].split("/")[1], 0) + 1
+  assert by_source == {"chain_sum": 17, "basic_arithmetic": 17, "gsm_symbolic": 9,
+                       "leg_counting": 17}
+  assert len({r["id"] for rows in splits.values() for r in rows}) == 204
+
+
+def test_splits_depend_on_the_seed_only():
+  a = R.build_splits(R.parse_mix(USED[:2]), {"test": 10}, task_seed=1, num_exemplars=0)
+  b = R.build_splits(R.parse_mix(USED[:2]), {"test": 10}, task_seed=1, num_exemplars=0)
+  c = R.build_splits(R.parse_mix(USED[:2]), {"test": 10}, task_seed=2, num_exemplars=0)
+  assert a == b
+  assert [r["question"] for r in a["test"]] != [r["question"] for r in c["test"]]
+
+
+def test_allocation_by_hand():
+  assert R.allocate(10, [1, 1, 1]) == [4, 3, 3]
+  assert R.allocate(7, [2, 1]) == [5, 2]  # 4.67 / 2.33: remainders .67 > .33
+  assert R.allocate(0, [1, 2]) == [0, 0]
+
+
+def test_exhausted_generator_is_named():
+  # Two one-digit terms without negation: at most 10 * 10 * 2 questions.
+  mix = R.parse_mix((("chain_sum", 1.0, {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                        "max_digits": 1}),))
+  with pytest.raises(R.ReasoningGymError, match="chain_sum.*distinct"):
+    R.build_splits(mix, {"test": 150, "train": 150}, task_seed=0, num_exemplars=0)
+
+
+@pytest.mark.parametrize("value, match", [
+    ((("chain_summ", 1.0, {}),), "unknown reasoning-gym dataset 'chain_summ'"),
+    ((("chain_sum", 0.0, {}),), "weight 0.0 must be > 0"),
+    ((("chain_sum", 1.0, {"bogus": 1}),), "bogus"),
+    ((("chain_sum", 1.0, {"min_terms": 5, "max_terms": 2}),), "max_terms must be >= min_terms"),
+    ((("chain_sum", 1.0, {"seed": 3}),), "seed and size are set per split"),
+    ((), "is empty"),
+])
+def test_bad_mix_is_one_line_naming_the_field(value, match):
+  with pytest.raises(R.ReasoningGymError, match=match) as e:
+    R.parse_mix(value)
+  assert str(e.value).startswith("task.rg_datasets") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Answer: 42", "42"),
+    (" Answer:  -7 \n\nQuestion: next", "-7"),
+    ("Solution: 3 + 4 = 7.\nAnswer: 7\nAnswer: 8", "7"),  # the first answer line counts
+    ("The answer is 7", None),
+    ("Answer:\n7", None),  # an empty answer line is no answer
+    ("Solution: a\nAnswer: thought, sentence, Only", "thought, sentence, Only"),
+])
+def test_extract_answer_by_hand(text, want):
+  assert R.extract_answer(text) == want
+
+
+def test_reward_equals_the_datasets_own_scoring(splits):
+  """For every record: reference answer -> 1; the dataset's score of a near miss decides it."""
+  rows = [r for rows in splits.values() for r in rows]
+  completions, want = [], []
+  for r in rows:
+    loc = json.loads(r["gold"])
+    ds = rg.create_dataset(loc["source"], seed=loc["seed"], size=loc["size"], **loc["config"])
+    entry = ds[loc["index"]]
+    assert entry["question"].strip() == r["question"]  # the locator finds the same entry
+    completions.append(R.format_solution(r["reasoning"], r["answer"]) + "\n\nQuestion: x")
+    want.append(1.0)
+    near = r["answer"] + "0"  # partial credit in some datasets: must not count
+    completions.append(f"Answer: {near}")
+    want.append(1.0 if ds.score_answer(near, entry) == 1.0 else 0.0)
+  golds = [r["gold"] for r in rows for _ in range(2)]
+  with rrg.ReasoningGymGrader(num_workers=2) as g:
+    assert g.score(golds, completions) == want
+  # Not vacuous: nearly every near miss scores 0 by its own dataset (basic_arithmetic
+  # accepts a float within its tolerance, e.g. 5 / 9 with one more digit).
+  assert len(rows) <= sum(want) < len(rows) * 1.05
+
+
+def test_worked_solutions_only_where_the_dataset_has_them(splits):
+  for r in splits["train"]:
+    assert bool(r["reasoning"]) == r["id"].startswith("rg/gsm_symbolic/")
+
+
+def _score_that_hangs(gold, answer, timeout_s):
+  if answer == "hang":
+    time.sleep(3600)  # SIGPROF blocked: only the parent's kill ends this.
+  if answer == "crash":
+    import os
+    os._exit(3)  # A scorer that takes its process down.
+  return _real_score(gold, answer, timeout_s)
+
+
+_real_score = rrg._score_in_worker
+
+
+def _faulty_worker_main(conn):
+  signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPROF])
+  rrg._score_in_worker = _score_that_hangs
+  rrg._worker_main(conn)
+
+
+class _FaultyGrader(rrg.ReasoningGymGrader):
+  _worker_target = staticmethod(_faulty_worker_main)
+  hang_grace_s = 1.0
+
+
+def test_hanging_or_crashing_scorer_costs_one_sample(splits):
+  r = splits["test"][0]
+  good = f"Answer: {r['answer']}"
+  bad_locator = json.dumps({"source": "chain_sum", "config": {}, "seed": 0, "size": 1,
+                            "index": "not an index"})
+  with _FaultyGrader(num_workers=2, timeout_s=1.0) as g:
+    out = g.score([r["gold"]] * 4 + [bad_locator],
+                  [good, "Answer: hang", "Answer: crash", good + " ", good])
+    assert out == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert g.score([r["gold"]], [good]) == [1.0]  # the pool recovered
