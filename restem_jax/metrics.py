@@ -65,3 +65,14 @@ def by_bucket(levels: Sequence[str], values: Sequence[float]) -> dict[str, float
     sums[lvl].append(v)
   return {lvl: sum(v) / len(v) for lvl, v in sorted(sums.items())}
 
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+  """95% Wilson score interval of a binomial proportion (better than p +- 1.96 se near 0/1)."""
+  if n <= 0 or not 0 <= successes <= n:
+    raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes}/{n}")
+  p = successes / n
+  denom = 1 + z * z / n
+  center = (p + z * z / (2 * n)) / denom
+  half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+  return max(0.0, center - half), min(1.0, center + half)

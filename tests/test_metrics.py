@@ -51,3 +51,10 @@ def test_by_bucket_hand_count():
   levels = ["L1", "L2", "L1", "L3", "L1"]
   vals = [1.0, 0.0, 0.0, 1.0, 1.0]
   assert metrics.by_bucket(levels, vals) == {"L1": pytest.approx(2 / 3), "L2": 0.0, "L3": 1.0}
+
+
+@pytest.mark.parametrize("k,n", [(81, 263), (0, 20), (20, 20), (50, 100), (3, 500)])
+def test_wilson_interval_matches_scipy(k, n):
+  from scipy.stats import binomtest  # Independent implementation (scipy comes with jax).
+  ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+  assert metrics.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
