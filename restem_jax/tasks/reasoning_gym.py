@@ -13,7 +13,8 @@ Splits are disjoint by construction and checked: exemplars, test, validation and
 train are drawn with different seeds (in that order), and a problem whose
 question text already occurs in an earlier-drawn split (or earlier in its own) is
 redrawn. A generator that cannot produce enough distinct questions within
-`MAX_DRAW_FACTOR` x the requested number of draws is an error naming it.
+`MAX_DRAW_FACTOR` x the requested number (+ `MIN_EXTRA_DRAWS`) of draws is an
+error naming it.
 
 The answer format (one place): every solution ends with a line `Answer: <answer>`.
 A worked solution (gsm_symbolic's `answer_cot`, the only dataset here that has
@@ -39,7 +40,10 @@ ANSWER_PREFIX = "Answer:"
 SOLUTION_PREFIX = "Solution:"
 # Where a completion stops being an answer: the model starting the next exemplar.
 STOP_STRINGS = ("\n\nQuestion:", "\nQuestion:")
-MAX_DRAW_FACTOR = 4  # Draws per requested problem before a generator is declared exhausted.
+# Draws allowed before a generator is declared exhausted: 4 per requested problem,
+# plus slack for small requests from small question spaces (draws are lazy: free).
+MAX_DRAW_FACTOR = 4
+MIN_EXTRA_DRAWS = 1000
 SPLIT_SALT = {"exemplars": 0, "test": 1, "validation": 2, "train": 3}
 
 _ANSWER_RE = re.compile(r"(?:^|\n)\s*Answer:[ \t]*([^\n]*)")
@@ -175,7 +179,7 @@ def draw(sources: Sequence[Source], split: str, n: int, task_seed: int,
   per_source: list[list[dict]] = []
   for si, (src, count) in enumerate(zip(sources, counts)):
     seed = split_seed(task_seed, split, si)
-    size = max(1, count * MAX_DRAW_FACTOR)
+    size = count * MAX_DRAW_FACTOR + MIN_EXTRA_DRAWS
     ds = _dataset(src.name, src.config, seed, size)
     rows, idx = [], 0
     while len(rows) < count:
