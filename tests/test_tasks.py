@@ -319,30 +319,6 @@ def test_registration_is_idempotent_and_keyed_by_data_dir(tmp_path):
   assert ex["targets"][-1] == a.vocabulary.eos_id and ex["gold"] == b"800"
 
 
-def test_samples_task(tmp_path):
-  import seqio
-  from restem_jax.tasks import samples
-  rows = [{"problem_id": f"p{i}", "prompt": f"Q: {i}?\nA:", "sample": f"The answer is {i}.",
-           "reward": float(i % 2), "iteration": 1, "seed": 7 + i} for i in range(5)]
-  for shard, part in (("shard_00001.jsonl", rows[3:]), ("shard_00000.jsonl", rows[:3])):
-    (tmp_path / shard).write_text("".join(json.dumps(r) + "\n" for r in part))
-  (tmp_path / "shard_00002.jsonl.tmp").write_text("{partial")  # in-progress: ignored
-  assert samples.read_samples(str(tmp_path)) == rows
-  vocab = tasks.embedded_vocabulary()
-  name = samples.register_samples_task(str(tmp_path), vocab)
-  assert samples.register_samples_task(str(tmp_path), vocab) == name
-  exs = list(seqio.get_mixture_or_task(name).get_dataset(
-      None, split="train", shuffle=False).as_numpy_iterator())
-  assert [e["inputs_pretokenized"].decode() for e in exs] == [r["prompt"] for r in rows]
-  assert [float(e["weight"]) for e in exs] == [r["reward"] for r in rows]
-  assert list(exs[2]["targets"]) == vocab.encode(rows[2]["sample"]) + [vocab.eos_id]
-  (tmp_path / "shard_00003.jsonl").write_text('{"prompt": "x"}\n')
-  with pytest.raises(ValueError, match="shard_00003.jsonl:1"):
-    samples.read_samples(str(tmp_path))
-  with pytest.raises(FileNotFoundError):
-    samples.read_samples(str(tmp_path / "missing"))
-
-
 def test_embedded_reward_checks_the_worked_equations():
   # Right final answer reached through a false equation: a chance hit.
   lucky = "12 + 9 = 20. 20 - 3 = 17. The answer is 18."
