@@ -138,24 +138,24 @@ class Layout:
   @property
   def base(self) -> ModelPaths:
     return ModelPaths(name="000", model=os.path.join(self.root, "base"),
-                 train=os.path.join(self.root, "base_train", "improve"),
-                 eval_json=os.path.join(self.root, "base_eval", "eval.json"),
-                 trained="base", evaluated="eval_000")
+                      train=os.path.join(self.root, "base_train", "improve"),
+                      eval_json=os.path.join(self.root, "base_eval", "eval.json"),
+                      trained="base", evaluated="eval_000")
 
   def iteration(self, i: int) -> ModelPaths:
     d = os.path.join(self.root, f"iter_{i:03d}")
     return ModelPaths(name=f"{i:03d}", model=os.path.join(d, "model"),
-                 train=os.path.join(d, "improve"), eval_json=os.path.join(d, "eval.json"),
-                 trained=f"improve_{i:03d}", evaluated=f"eval_{i:03d}",
-                 improve_json=os.path.join(d, "improve.json"),
-                 samples=os.path.join(d, "samples"), generated=f"generate_{i:03d}")
+                      train=os.path.join(d, "improve"), eval_json=os.path.join(d, "eval.json"),
+                      trained=f"improve_{i:03d}", evaluated=f"eval_{i:03d}",
+                      improve_json=os.path.join(d, "improve.json"),
+                      samples=os.path.join(d, "samples"), generated=f"generate_{i:03d}")
 
   @property
   def sft(self) -> ModelPaths:
     d = os.path.join(self.root, "sft")
     return ModelPaths(name="sft", model=os.path.join(d, "model"), train=os.path.join(d, "improve"),
-                 eval_json=os.path.join(d, "eval.json"), trained="improve_sft",
-                 evaluated="eval_sft", improve_json=os.path.join(d, "improve.json"))
+                      eval_json=os.path.join(d, "eval.json"), trained="improve_sft",
+                      evaluated="eval_sft", improve_json=os.path.join(d, "improve.json"))
 
 
 class Progress:
