@@ -38,8 +38,6 @@ class Task:
   """One dataset (its spec) with its splits, prompt format, vocabulary and reward."""
 
   def __init__(self, task_cfg, vocabulary=None):
-    from restem_jax.tasks import seqio_tasks  # pylint: disable=import-outside-toplevel
-
     self.spec = datasets.get_spec(task_cfg.name)
     self.dataset: str = self.spec.name
     self.data_dir: str = data_dir_of(task_cfg)
@@ -47,14 +45,15 @@ class Task:
     self.spec.check_readable(self.data_dir)
     self._cfg = task_cfg
     self.reward_kind: str = self.spec.reward
-    self.vocabulary = vocabulary if vocabulary is not None else embedded_vocabulary()
     self.format = self.spec.prompt_format(int(task_cfg.few_shot))
+    self.vocabulary = vocabulary if vocabulary is not None else embedded_vocabulary()
     self.stop_strings: tuple[str, ...] = self.spec.stop_strings
     # Majority voting's grouping of completions (None: the dataset has no voting).
     self.answer_key: Optional[Callable[[str], Optional[str]]] = self.spec.answer_key
     self.skipped: dict[str, int] = {}  # Too-long examples skipped per split (last read).
     self.workers = scoring.Workers(task_cfg)
 
+    from restem_jax.tasks import seqio_tasks  # pylint: disable=import-outside-toplevel
     key = {"data_dir": self.data_dir, "few_shot": int(task_cfg.few_shot),
            "seed": int(task_cfg.seed), "num_val": int(task_cfg.num_val),
            "num_train": int(task_cfg.num_train), "num_test": int(task_cfg.num_test),
