@@ -13,6 +13,7 @@ from conftest import task_cfg
 from restem_jax import tasks
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
+from restem_jax.tasks import scoring
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -181,7 +182,7 @@ def test_gsm8k_fixture():
   t = tasks.get_task(task_cfg("gsm8k", os.path.join(FIXTURES, "gsm8k"), num_val=1, few_shot=8))
   assert t.reward_kind == "math"
   got = all_problems(t)
-  shots = prompts.load_exemplars("gsm8k")
+  shots = prompts.load_exemplars(tasks.get_spec("gsm8k").exemplars)
   assert len(shots) == 8
   for split in ("train", "test"):
     with open(os.path.join(FIXTURES, "gsm8k", f"{split}.jsonl")) as f:
@@ -249,7 +250,7 @@ def test_apps_fixture():
     assert job["inputs"] == io["inputs"] and job["outputs"] == io["outputs"]
     assert job["kind"] == ("call_based" if io.get("fn_name") else "stdio")
     assert job.get("fn_name") == io.get("fn_name")
-    assert t.completion_to_program(p, f"```python\n{sols[0]}```\nQUESTION:\nmore") == sols[0]
+    assert t.spec.completion_to_program(p, f"```python\n{sols[0]}```\nQUESTION:\nmore") == sols[0]
   two_shot = tasks.get_task(task_cfg("apps", os.path.join(FIXTURES, "apps"), num_val=0, few_shot=2))
   assert two_shot.problems("test")[0].prompt.count("\nQUESTION:\n") == 3
 
@@ -266,7 +267,7 @@ def test_humaneval_from_package():
     job = json.loads(p.gold)
     assert (job["kind"], job["test"], job["entry_point"]) == ("humaneval", row["test"], row["entry_point"])
   body = test[0].target + "\n\ndef extra():\n    pass\n"
-  program = t.completion_to_program(test[0], body)
+  program = t.spec.completion_to_program(test[0], body)
   assert program.rstrip() == (test[0].prompt + test[0].target).rstrip()
   with pytest.raises(ValueError, match="empty"):
     t.problems("train")
@@ -293,7 +294,8 @@ def test_code_rewards_of_official_solutions():
   ps = list(all_problems(apps).values())
   rewards = apps.score(ps, [p.target for p in ps])
   if rewards != [1.0] * len(ps):  # say why: the executor's verdict per failing job
-    outcomes = apps._code_executor().score_detailed([apps.code_job(p, p.target) for p in ps])
+    outcomes = apps.workers.code_executor().score_detailed(
+        [scoring.code_job(apps.spec, p, p.target) for p in ps])
     pytest.fail(f"official APPS solutions not all rewarded: {list(zip(rewards, outcomes))}")
   assert apps.score(ps[:2], ["print(0)\n", "def nothing(): pass\n"]) == [0.0, 0.0]
   he = tasks.get_task(task_cfg("humaneval", num_val=0))

@@ -12,8 +12,7 @@ import pytest
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from restem_jax import generate, samples, workdir as wd
-from restem_jax.tasks import sources
+from restem_jax import generate, samples, tasks, workdir as wd
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -68,12 +67,13 @@ def test_official_data_reads_the_same_from_a_url(bucket, name):
   local = os.path.join(FIXTURES, name)
   shutil.copytree(local, bucket / "bucket" / "data" / name)
   url = f"gs://bucket/data/{name}"
-  sources.check_layout(name, url)
+  spec = tasks.get_spec(name)
+  spec.check_layout(url)
   for split in ("train", "test"):
-    assert sources.read_official(name, url, split) == sources.read_official(name, local, split)
+    assert spec.read(url, split) == spec.read(local, split)
   assert not (bucket / "gs:").exists()
-  with pytest.raises(sources.DataLayoutError, match="does not exist"):
-    sources.check_layout(name, "gs://bucket/nowhere")
+  with pytest.raises(tasks.DataLayoutError, match="does not exist"):
+    spec.check_layout("gs://bucket/nowhere")
 
 
 def test_layout_names_the_paths_existing_workdirs_have():
