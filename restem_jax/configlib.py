@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   # else a SentencePiece .model, a tokenizer.json or a .gguf file (imported models).
   c.task.vocab_path = ""
   # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
-  # (("chain_sum", 1.0, {"max_terms": 3}),); see restem_jax/tasks/reasoning_gym.py.
+  # (("chain_sum", 1.0, {"max_terms": 3}),); see tasks/datasets/reasoning_gym.py.
   c.task.rg_datasets = ()
 
   # --- Generate (E-step) sampling. ---
@@ -210,9 +210,6 @@ def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   c.task.name = "embedded_arith"
   c.task.data_dir = ""
   c.task.vocab_path = ""
-  # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
-  # (("chain_sum", 1.0, {"max_terms": 3}),); see restem_jax/tasks/reasoning_gym.py.
-  c.task.rg_datasets = ()
   c.task.few_shot = 2
   c.task.num_train = 16
   c.task.num_val = 8

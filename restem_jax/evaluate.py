@@ -50,21 +50,6 @@ def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[
   return fn
 
 
-def _answer_key(task: Any) -> Callable[[str], str | None] | None:
-  """How majority voting groups samples: by normalised final answer (math only)."""
-  if task.reward_kind == "reasoning_gym":
-    from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
-    return reasoning_gym.answer_key
-  if task.reward_kind not in ("math", "exact_int"):
-    return None
-  from restem_jax.rewards import math as math_reward
-
-  def key(text: str) -> str | None:
-    ans = math_reward.extract_answer(text)
-    return None if ans is None else math_reward.normalize_answer(ans)
-  return key
-
-
 def train_subset(train_problems: Sequence[Problem], n: int) -> list[Problem]:
   """The training problems ReST-EM learns from (answer-only ones), evenly spaced.
 
@@ -111,7 +96,7 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
       if k <= n:
         result[f"pass@{k}"] = metrics.mean_pass_at_k(counts, n, k)
     result["pass@1_sampled"] = metrics.mean_pass_at_k(counts, n, 1)
-    key = _answer_key(task)
+    key = task.answer_key
     if key is not None and eval_cfg.majority_k <= n:
       k = eval_cfg.majority_k
       maj = [metrics.majority_correct([key(t) for t in row[:k]], list(r[:k]))

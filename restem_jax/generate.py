@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from restem_jax import distributed, sampling, workdir as wd
+from restem_jax import distributed, sampling, samples, workdir as wd
 from restem_jax.tasks import Problem
 
 
@@ -96,18 +96,19 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
     for j, (i, p) in enumerate(mine):
       r = rewards[j * n:(j + 1) * n]
       keep = choose_kept(r, max_per_problem, (seed, iteration, i))
-      kept_rows += [dict(problem_id=p.id, prompt=p.prompt, sample=texts[j][k], reward=float(r[k]),
-                         iteration=iteration, seed=seed) for k in keep]
-      stat_rows.append(dict(problem_id=p.id, level=p.level, num_samples=n,
-                            num_correct=int(sum(x > 0 for x in r)), num_kept=len(keep)))
-    wd.write_lines_atomic(os.path.join(out_dir, f"shard_{c:05d}_p{me:03d}.jsonl"), kept_rows)
-    wd.write_lines_atomic(os.path.join(out_dir, f"stats_{c:05d}_p{me:03d}.jsonl"), stat_rows)
+      kept_rows += [samples.KeptSample(problem_id=p.id, prompt=p.prompt, sample=texts[j][k],
+                                       reward=float(r[k]), iteration=iteration, seed=seed)
+                    for k in keep]
+      stat_rows.append(samples.ProblemStats(problem_id=p.id, level=p.level, num_samples=n,
+                                            num_correct=int(sum(x > 0 for x in r)),
+                                            num_kept=len(keep)))
+    samples.write_chunk(out_dir, c, me, kept_rows, stat_rows)
     done_problems += len(idx)
     rate = done_problems / max(time.time() - t0, 1e-9)
     log(f"generate iter {iteration}: {done_problems}/{total} problems, {rate:.1f} problems/s, "
         f"ETA {(total - done_problems) / max(rate, 1e-9):.0f}s")
   distributed.sync(f"generate_{iteration}")
-  return summarize(out_dir)
+  return samples.summarize(out_dir)
 
 
 def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
@@ -135,15 +136,3 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
   todo = distributed.broadcast_from_coordinator(todo)
   distributed.sync("generate_cleanup")
   return [c for c in range(len(chunks)) if todo[c]]
-
-
-def read_stats(out_dir: str) -> list[dict]:
-  return [row for path in wd.glob(out_dir, "stats_*.jsonl") for row in wd.read_lines(path)]
-
-
-def summarize(out_dir: str) -> dict:
-  rows = read_stats(out_dir)
-  return dict(problems=len(rows), samples=sum(r["num_samples"] for r in rows),
-              correct=sum(r["num_correct"] for r in rows),
-              kept=sum(r["num_kept"] for r in rows),
-              problems_solved=sum(r["num_correct"] > 0 for r in rows))

@@ -33,11 +33,41 @@ from restem_jax import checkpoints, training
 from restem_jax import model as model_lib
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Example:
   prompt: list[int]
-  target: list[int]
+  target: list[int]  # ends with EOS
   weight: float
+
+
+def make_examples(vocab: Any, pairs: Sequence[tuple[str, str]], max_seq_len: int,
+                  weights: Sequence[float] | None = None) -> list[Example]:
+  """Tokenised (prompt, target) pairs, target + EOS; ones longer than max_seq_len are skipped.
+
+  Skipping (with a count in the log) rather than truncating: a cut target would
+  teach the model to stop mid-solution.
+  """
+  weights = [1.0] * len(pairs) if weights is None else weights
+  out, skipped = [], 0
+  for (prompt, target), w in zip(pairs, weights, strict=True):
+    p, t = vocab.encode(prompt), vocab.encode(target) + [vocab.eos_id]
+    if len(p) + len(t) > max_seq_len:
+      skipped += 1
+      continue
+    out.append(Example(prompt=p, target=t, weight=float(w)))
+  if skipped:
+    logging.warning("skipped %d of %d training examples longer than model.max_seq_len=%d",
+                    skipped, len(pairs), max_seq_len)
+  return out
+
+
+def padded_length(longest: int, seq_len: int) -> int:
+  """A batch's length: its longest example rounded up to 16, at most seq_len.
+
+  Short batches then cost less than padding to seq_len, at one compile of the
+  train step per distinct length (at most seq_len / 16 of them, a handful in practice).
+  """
+  return min(seq_len, -(-longest // 16) * 16)
 
 
 class BatchStream:
@@ -69,10 +99,7 @@ class BatchStream:
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     chosen = [self.examples[i] for i in self.indices(step)]
-    # Pad to this batch's longest example rounded up to 16, not to seq_len:
-    # short batches cost less, at one compile per distinct length (a handful).
-    longest = max(len(e.prompt) + len(e.target) for e in chosen)
-    length = min(self.seq_len, -(-longest // 16) * 16)
+    length = padded_length(max(len(e.prompt) + len(e.target) for e in chosen), self.seq_len)
     return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
                                [e.weight for e in chosen], length, self.pad_id)
 
@@ -96,6 +123,9 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
             eval_fn: Callable[[Any], float] | None, workdir: str, seed: int,
             log: Callable[[str], None] = logging.info) -> tuple[Any, dict]:
   """One M-step. Returns (best params, info); see the module docstring.
+
+  Every example must fit in seq_len tokens (prompt + target); each batch is
+  padded to `padded_length` of its own longest example.
 
   info = {"best_step", "best_score", "steps", "evals": [(step, score)],
           "stopped": "patience" | "max_steps"}. Without eval_fn the final params are

@@ -6,12 +6,17 @@
       base/                      base model params (Orbax; pretrained runs only)
       base_train/                the base pretraining's mid-phase checkpoints
       base_eval/eval.json        base model evaluation (iteration "000")
-      iter_001/samples/          E-step shards (kept samples + per-problem counts)
+      iter_001/samples/          E-step shards (kept samples + per-problem counts, samples.py)
       iter_001/improve/          M-step mid-phase checkpoints (resume)
       iter_001/model/            this iteration's best params (Orbax)
+      iter_001/improve.json      the M-step's info (steps, evals, best step, why it stopped)
       iter_001/eval.json         this iteration's metrics
-      sft/                       the SFT-on-human-data baseline: model/, improve/, eval.json
+      sft/                       the SFT-on-human-data baseline: model/, improve/,
+                                 improve.json, eval.json
       summary.json, summary.txt, pass_at_1.png, tb/
+
+`Layout(workdir)` names these paths (samples.py names the shards inside
+samples/, report.py the summary files).
 
 Resume order: a phase is recorded in progress.json only after all its outputs
 are written (atomic renames), so a killed run redoes at most the phase it was
@@ -24,6 +29,7 @@ must be shared by all hosts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -98,32 +104,80 @@ def glob(directory: str, pattern: str) -> list[str]:
   return sorted(str(p) for p in epath.Path(directory).glob(pattern))
 
 
-def iter_dir(workdir: str, iteration: int | str) -> str:
-  name = iteration if isinstance(iteration, str) else f"iter_{iteration:03d}"
-  return os.path.join(workdir, name)
+@dataclasses.dataclass(frozen=True)
+class ModelPaths:
+  """Where one model of the run lives, and its entries in progress.json.
+
+  name is the model's "iteration" in eval.json and summary.json: "000" (the
+  base), "001", ..., "sft".
+  """
+  name: str
+  model: str  # the params (Orbax)
+  train: str  # the fine-tuning's mid-phase checkpoints (improve()'s workdir)
+  eval_json: str
+  trained: str  # progress entry once `model` (and improve_json) are written
+  evaluated: str  # progress entry once eval_json is written
+  improve_json: str | None = None  # the M-step's info; None for the base
+  samples: str | None = None  # the E-step's shards (samples.py), iterations only
+  generated: str | None = None  # progress entry once the E-step's shards are complete
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The paths of a run's workdir (see the module docstring)."""
+  root: str
+
+  @property
+  def config(self) -> str:
+    return os.path.join(self.root, "config.json")
+
+  @property
+  def progress(self) -> str:
+    return os.path.join(self.root, "progress.json")
+
+  @property
+  def base(self) -> ModelPaths:
+    return ModelPaths(name="000", model=os.path.join(self.root, "base"),
+                      train=os.path.join(self.root, "base_train", "improve"),
+                      eval_json=os.path.join(self.root, "base_eval", "eval.json"),
+                      trained="base", evaluated="eval_000")
+
+  def iteration(self, i: int) -> ModelPaths:
+    d = os.path.join(self.root, f"iter_{i:03d}")
+    return ModelPaths(name=f"{i:03d}", model=os.path.join(d, "model"),
+                      train=os.path.join(d, "improve"), eval_json=os.path.join(d, "eval.json"),
+                      trained=f"improve_{i:03d}", evaluated=f"eval_{i:03d}",
+                      improve_json=os.path.join(d, "improve.json"),
+                      samples=os.path.join(d, "samples"), generated=f"generate_{i:03d}")
+
+  @property
+  def sft(self) -> ModelPaths:
+    d = os.path.join(self.root, "sft")
+    return ModelPaths(name="sft", model=os.path.join(d, "model"), train=os.path.join(d, "improve"),
+                      eval_json=os.path.join(d, "eval.json"), trained="improve_sft",
+                      evaluated="eval_sft", improve_json=os.path.join(d, "improve.json"))
 
 
 class Progress:
-  """Which phases are complete; persisted after each one."""
+  """Which phases are complete; persisted (when `write`) after each one."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "progress.json")
-    self.done: list[str] = read_json(self.path)["done"] if exists(self.path) else []
+  def __init__(self, path: str, write: bool = True):
+    self.path, self.write = path, write
+    self.done: list[str] = read_json(path)["done"] if exists(path) else []
 
   def is_done(self, phase: str) -> bool:
     return phase in self.done
 
-  def mark(self, phase: str, write: bool = True) -> None:
+  def mark(self, phase: str) -> None:
     if phase not in self.done:
       self.done.append(phase)
-      if write:
+      if self.write:
         write_json_atomic(self.path, {"done": self.done})
 
 
-def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, override: bool,
+def check_or_save_config(path: str, config: ml_collections.ConfigDict, override: bool,
                          write: bool = True) -> None:
   """A restarted run must use the config it started with (or say --override)."""
-  path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if exists(path):
     saved = read_json(path)

@@ -48,7 +48,7 @@ def main(argv):
   from restem_jax import configlib, evaluate, metrics, partitioning, sampling  # pylint: disable=import-outside-toplevel
   from restem_jax import tasks  # pylint: disable=import-outside-toplevel
   from restem_jax.importers import import_model, load_vocabulary  # pylint: disable=import-outside-toplevel
-  from restem_jax.tasks import reasoning_gym as R  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks.datasets import reasoning_gym as R  # pylint: disable=import-outside-toplevel
 
   c = configlib.default_config()
   mesh = partitioning.make_mesh(c.mesh)

@@ -22,7 +22,7 @@ import sentencepiece as spm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from restem_jax.tasks import embedded  # noqa: E402
-from restem_jax.tasks import prompts  # noqa: E402
+from restem_jax.tasks.datasets import embedded_arith  # noqa: E402
 
 _CORPUS_SEED = 987654  # Not a seed experiments use.
 DEFAULT_OUT = os.path.join(os.path.dirname(embedded.__file__), "data",
@@ -43,7 +43,7 @@ def write_exemplars(path: str, num: int = 8) -> None:
 def corpus_lines(num_problems: int = 20000) -> list[str]:
   lines = []
   for p in embedded.generate(_CORPUS_SEED, "train", num_problems):
-    lines.append(prompts.embedded_prompt(p.question, []) + " " + p.solution)
+    lines.append(embedded_arith.format_with([]).render(p.question) + " " + p.solution)
   return lines
 
 

@@ -2,7 +2,7 @@
 import json
 import os
 
-from restem_jax import generate
+from restem_jax import generate, samples
 
 
 def _stat(pid):
@@ -33,5 +33,5 @@ def test_resume_skips_complete_chunks_and_clears_partial_ones(tmp_path):
   # the complete chunk's are untouched.
   assert sorted(os.listdir(d)) == ["shard_00000_p000.jsonl", "shard_00000_p001.jsonl",
                                    "stats_00000_p000.jsonl", "stats_00000_p001.jsonl"]
-  assert generate.summarize(d) == dict(problems=3, samples=12, correct=3, kept=3,
-                                      problems_solved=3)
+  assert samples.summarize(d) == dict(problems=3, samples=12, correct=3, kept=3,
+                                     problems_solved=3)

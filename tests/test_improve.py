@@ -149,3 +149,32 @@ def test_batch_stream_epochs_are_permutations():
   assert fresh.indices(4) == stream.indices(4)  # any step, without replaying the others
   assert I.BatchStream(ex, 3, 10, seed=2).indices(0) != stream.indices(0) or \
       I.BatchStream(ex, 3, 10, seed=2).indices(1) != stream.indices(1)
+
+
+class _CharVocab:
+  """One token per character (a hand count of lengths), eos = 1."""
+  eos_id = 1
+
+  def encode(self, text):
+    return [ord(ch) for ch in text]
+
+
+def test_make_examples_adds_eos_and_skips_the_too_long_with_a_count(caplog):
+  pairs = [("ab", "cd"), ("abcdef", "ghij"), ("a", "bcdefgh"), ("", "")]
+  # Lengths prompt + target + EOS: 5, 11, 9, 1; max 9 keeps the 1st, 3rd and 4th.
+  with caplog.at_level("WARNING"):
+    ex = I.make_examples(_CharVocab(), pairs, max_seq_len=9, weights=[0.5, 1.0, 2.0, 3.0])
+  assert ex == [I.Example([97, 98], [99, 100, 1], 0.5),
+                I.Example([97], [98, 99, 100, 101, 102, 103, 104, 1], 2.0),
+                I.Example([], [1], 3.0)]
+  assert "skipped 1 of 4 training examples longer than model.max_seq_len=9" in caplog.text
+  assert [e.weight for e in I.make_examples(_CharVocab(), pairs[:1], 9)] == [1.0]
+
+
+def test_batches_pad_to_their_longest_rounded_up_to_16_at_most_seq_len():
+  assert [I.padded_length(n, 40) for n in (1, 16, 17, 32, 33, 40)] == [16, 16, 32, 32, 40, 40]
+  ex = [I.Example([1] * 3, [2] * 15, 1.0), I.Example([1], [2], 1.0)]  # lengths 18 and 2
+  # Batch of one: the 18-long example pads to 32, the 2-long one to 16.
+  stream = I.BatchStream(ex, batch_size=1, seq_len=40, seed=0)
+  widths = {stream.indices(s)[0]: stream.batch(s)["tokens_BxL"].shape[1] for s in range(2)}
+  assert widths == {0: 32, 1: 16}

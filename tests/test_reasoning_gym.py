@@ -7,7 +7,7 @@ import pytest
 import reasoning_gym as rg  # In the [test] extra: if missing, collection fails (not a skip).
 
 from restem_jax.rewards import reasoning_gym as rrg
-from restem_jax.tasks import reasoning_gym as R
+from restem_jax.tasks.datasets import reasoning_gym as R
 
 # Every dataset (and config) that a config in configs/ trains or evaluates on.
 USED = (
@@ -154,3 +154,26 @@ def test_hanging_or_crashing_scorer_costs_one_sample(splits):
                   [good, "Answer: hang", "Answer: crash", good + " ", good])
     assert out == [1.0, 0.0, 0.0, 1.0, 0.0]
     assert g.score([r["gold"]], [good]) == [1.0]  # the pool recovered
+
+
+def test_task_composes_the_spec():
+  from conftest import task_cfg
+  cfg = task_cfg(name="reasoning_gym", rg_datasets=USED[:3], num_train=30, num_val=6,
+                 num_test=12, few_shot=3)
+  from restem_jax import tasks
+  task = tasks.get_task(cfg)
+  test, train = task.problems("test"), task.problems("train")
+  assert (len(train), len(task.problems("validation")), len(test)) == (30, 6, 12)
+  exemplars = R.splits_for(cfg)["exemplars"]
+  for p in test:  # few-shot block of the drawn exemplars, then the question line
+    assert p.prompt == R.exemplar_block(exemplars) + "Question: " + p.question + "\n"
+    assert p.target == ""
+  human = task.human_solutions()
+  assert human and all(p.id.startswith("rg/gsm_symbolic/train/") for p in human)
+  assert all(p.target.startswith("Solution: ") and "\nAnswer: " in p.target for p in human)
+  # Rewards through Task: reference solutions 1, a model running on into the next
+  # exemplar is cut there, a missing answer line is 0.
+  comps = [p.target + "\n\nQuestion: What is 1 + 1?\nAnswer: 2" for p in human]
+  assert task.score(human, comps) == [1.0] * len(human)
+  assert task.score(human[:1], ["Solution: no answer line"]) == [0.0]
+  assert task.answer_key("Answer: 7\n\nQuestion: x\nAnswer: 9") == "7"

@@ -13,6 +13,7 @@ from conftest import task_cfg
 from restem_jax import tasks
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts
+from restem_jax.tasks import scoring
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -181,7 +182,7 @@ def test_gsm8k_fixture():
   t = tasks.get_task(task_cfg("gsm8k", os.path.join(FIXTURES, "gsm8k"), num_val=1, few_shot=8))
   assert t.reward_kind == "math"
   got = all_problems(t)
-  shots = prompts.load_exemplars("gsm8k")
+  shots = prompts.load_exemplars(tasks.get_spec("gsm8k").exemplars)
   assert len(shots) == 8
   for split in ("train", "test"):
     with open(os.path.join(FIXTURES, "gsm8k", f"{split}.jsonl")) as f:
@@ -249,7 +250,7 @@ def test_apps_fixture():
     assert job["inputs"] == io["inputs"] and job["outputs"] == io["outputs"]
     assert job["kind"] == ("call_based" if io.get("fn_name") else "stdio")
     assert job.get("fn_name") == io.get("fn_name")
-    assert t.completion_to_program(p, f"```python\n{sols[0]}```\nQUESTION:\nmore") == sols[0]
+    assert t.spec.completion_to_program(p, f"```python\n{sols[0]}```\nQUESTION:\nmore") == sols[0]
   two_shot = tasks.get_task(task_cfg("apps", os.path.join(FIXTURES, "apps"), num_val=0, few_shot=2))
   assert two_shot.problems("test")[0].prompt.count("\nQUESTION:\n") == 3
 
@@ -266,7 +267,7 @@ def test_humaneval_from_package():
     job = json.loads(p.gold)
     assert (job["kind"], job["test"], job["entry_point"]) == ("humaneval", row["test"], row["entry_point"])
   body = test[0].target + "\n\ndef extra():\n    pass\n"
-  program = t.completion_to_program(test[0], body)
+  program = t.spec.completion_to_program(test[0], body)
   assert program.rstrip() == (test[0].prompt + test[0].target).rstrip()
   with pytest.raises(ValueError, match="empty"):
     t.problems("train")
@@ -293,7 +294,8 @@ def test_code_rewards_of_official_solutions():
   ps = list(all_problems(apps).values())
   rewards = apps.score(ps, [p.target for p in ps])
   if rewards != [1.0] * len(ps):  # say why: the executor's verdict per failing job
-    outcomes = apps._code_executor().score_detailed([apps.code_job(p, p.target) for p in ps])
+    outcomes = apps.workers.code_executor().score_detailed(
+        [scoring.code_job(apps.spec, p, p.target) for p in ps])
     pytest.fail(f"official APPS solutions not all rewarded: {list(zip(rewards, outcomes))}")
   assert apps.score(ps[:2], ["print(0)\n", "def nothing(): pass\n"]) == [0.0, 0.0]
   he = tasks.get_task(task_cfg("humaneval", num_val=0))
@@ -317,30 +319,6 @@ def test_registration_is_idempotent_and_keyed_by_data_dir(tmp_path):
   ds = seqio.get_mixture_or_task(a.name).get_dataset(None, split="test", shuffle=False)
   ex = next(ds.as_numpy_iterator())
   assert ex["targets"][-1] == a.vocabulary.eos_id and ex["gold"] == b"800"
-
-
-def test_samples_task(tmp_path):
-  import seqio
-  from restem_jax.tasks import samples
-  rows = [{"problem_id": f"p{i}", "prompt": f"Q: {i}?\nA:", "sample": f"The answer is {i}.",
-           "reward": float(i % 2), "iteration": 1, "seed": 7 + i} for i in range(5)]
-  for shard, part in (("shard_00001.jsonl", rows[3:]), ("shard_00000.jsonl", rows[:3])):
-    (tmp_path / shard).write_text("".join(json.dumps(r) + "\n" for r in part))
-  (tmp_path / "shard_00002.jsonl.tmp").write_text("{partial")  # in-progress: ignored
-  assert samples.read_samples(str(tmp_path)) == rows
-  vocab = tasks.embedded_vocabulary()
-  name = samples.register_samples_task(str(tmp_path), vocab)
-  assert samples.register_samples_task(str(tmp_path), vocab) == name
-  exs = list(seqio.get_mixture_or_task(name).get_dataset(
-      None, split="train", shuffle=False).as_numpy_iterator())
-  assert [e["inputs_pretokenized"].decode() for e in exs] == [r["prompt"] for r in rows]
-  assert [float(e["weight"]) for e in exs] == [r["reward"] for r in rows]
-  assert list(exs[2]["targets"]) == vocab.encode(rows[2]["sample"]) + [vocab.eos_id]
-  (tmp_path / "shard_00003.jsonl").write_text('{"prompt": "x"}\n')
-  with pytest.raises(ValueError, match="shard_00003.jsonl:1"):
-    samples.read_samples(str(tmp_path))
-  with pytest.raises(FileNotFoundError):
-    samples.read_samples(str(tmp_path / "missing"))
 
 
 def test_embedded_reward_checks_the_worked_equations():

@@ -17,7 +17,7 @@ from restem_jax.rewards import math as math_reward
 
 
 def _score_in_worker(gold: str, answer: str, timeout_s: float) -> bool:
-  from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
   signal.signal(signal.SIGPROF, math_reward._on_timer)  # pylint: disable=protected-access
   signal.setitimer(signal.ITIMER_PROF, timeout_s)
   try:
@@ -54,7 +54,7 @@ class ReasoningGymGrader(math_reward.MathGrader):
   def score(self, golds: list[str], outputs: list[str]) -> list[float]:
     if len(golds) != len(outputs):
       raise ValueError(f"score: {len(golds)} golds but {len(outputs)} outputs")
-    from restem_jax.tasks import reasoning_gym  # pylint: disable=import-outside-toplevel
+    from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
     answers = [reasoning_gym.extract_answer(o) for o in outputs]
     # Unique (gold, answer) pairs only: samples repeat answers, and each check is a
     # round trip to a worker. No answer line = reward 0 without a check.

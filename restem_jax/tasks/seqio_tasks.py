@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import random
 from typing import Callable, Sequence
 
 import seqio
@@ -23,38 +22,6 @@ from restem_jax.tasks import prompts
 SPLITS = ("train", "validation", "test")
 STRING_FEATURES = ("id", "question", "gold", "level")
 _RAW_FIELDS = ("id", "question", "hint", "target", "gold", "level")
-
-
-def select(records: Sequence[dict], num_val: int, num_train: int, seed: int,
-           protect: int = 0) -> tuple[list[dict], list[dict]]:
-  """(train, validation) from the official train records, deterministic in `seed`.
-
-  Validation is a seeded random subset of records[protect:]; the first `protect`
-  records (the embedded task's human-solution problems) always stay in train.
-  `num_train` > 0 keeps a seeded random subset of train (protected ones first);
-  order within a split is the source order.
-  """
-  rng = random.Random(f"restem_split/{seed}")
-  candidates = list(range(protect, len(records)))
-  rng.shuffle(candidates)
-  val_idx = set(candidates[:num_val])
-  rest = list(range(protect)) + candidates[num_val:]
-  if num_train > 0:
-    rest = rest[:num_train]
-  keep = set(rest)
-  train = [r for i, r in enumerate(records) if i in keep]
-  val = [r for i, r in enumerate(records) if i in val_idx]
-  return train, val
-
-
-def cap(records: Sequence[dict], n: int, seed: int) -> list[dict]:
-  """A seeded random subset of n records in source order (all when n <= 0)."""
-  if n <= 0 or n >= len(records):
-    return list(records)
-  idx = list(range(len(records)))
-  random.Random(f"restem_cap/{seed}").shuffle(idx)
-  keep = set(idx[:n])
-  return [r for i, r in enumerate(records) if i in keep]
 
 
 class SplitCache:

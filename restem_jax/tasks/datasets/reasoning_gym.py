@@ -1,8 +1,9 @@
-"""reasoning-gym (Open-Thought/reasoning-gym 0.1.25) as a ReST-EM task, offline.
+"""reasoning_gym: reasoning-gym's procedural datasets (0.1.25) as one ReST-EM task, offline.
 
 reasoning-gym's generators draw problems from a seed, and each dataset scores an
-answer with its own `score_answer(answer, entry)`. This module is everything the
-task needs from it; nothing here knows about seqio or the model.
+answer with its own `score_answer(answer, entry)`. No data_dir: every split is
+drawn from the generators (task.seed; sizes task.num_train / num_val / num_test,
+0 = DEFAULT_SIZES).
 
 The mix: `task.rg_datasets` is a list of (name, weight, config) — e.g.
 `(("chain_sum", 1.0, {"min_terms": 2, "max_terms": 3}), ("leg_counting", 0.5, {}))`.
@@ -35,6 +36,10 @@ import json
 import random
 import re
 from typing import Any, Iterable, Sequence
+
+from restem_jax.tasks import prompts
+from restem_jax.tasks import scoring
+from restem_jax.tasks.spec import DatasetSpec, Problem, SplitBuilder
 
 ANSWER_PREFIX = "Answer:"
 SOLUTION_PREFIX = "Solution:"
@@ -249,3 +254,68 @@ def exemplar_block(exemplars: Iterable[dict]) -> str:
 
 QUESTION_BEFORE = "Question: "
 QUESTION_AFTER = "\n"  # The model continues with "Solution:" or "Answer:".
+DEFAULT_SIZES = {"train": 2000, "validation": 0, "test": 500}
+_RECORD_FIELDS = ("id", "question", "hint", "target", "gold", "level")
+
+
+@functools.lru_cache(maxsize=8)
+def _splits_of(mix: tuple[Source, ...], sizes: tuple[tuple[str, int], ...], seed: int,
+               few_shot: int) -> dict[str, list[dict]]:
+  # Cached: the prompt format (exemplars) and the split builder read the same draw.
+  return build_splits(mix, dict(sizes), seed, few_shot)
+
+
+def splits_for(task_cfg: Any) -> dict[str, list[dict]]:
+  """task_cfg's draw: {"exemplars", "test", "validation", "train"} raw rows."""
+  sizes = {"train": int(task_cfg.num_train) or DEFAULT_SIZES["train"],
+           "validation": int(task_cfg.num_val),
+           "test": int(task_cfg.num_test) or DEFAULT_SIZES["test"]}
+  return _splits_of(parse_mix(task_cfg.rg_datasets), tuple(sorted(sizes.items())),
+                    int(task_cfg.seed), int(task_cfg.few_shot))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningGym(DatasetSpec):
+
+  def config_key(self, task_cfg: Any) -> dict:
+    return {"rg_datasets": repr(parse_mix(task_cfg.rg_datasets))}
+
+  def split_builder(self, task_cfg: Any, data_dir: str) -> SplitBuilder:
+    del data_dir
+    draw_ = splits_for(task_cfg)
+
+    def build(split: str) -> list[dict]:
+      # Worked solutions (where the dataset has them) are train's human data.
+      return [{**{k: r[k] for k in _RECORD_FIELDS},
+               "target": (format_solution(r["reasoning"], r["answer"])
+                          if r["reasoning"] and split == "train" else "")}
+              for r in draw_[split]]
+    return build
+
+  def prompt_format(self, few_shot: int) -> prompts.PromptFormat:
+    if few_shot:
+      raise ValueError("reasoning_gym draws its exemplars from the mix: use prompt_format_for")
+    return prompts.PromptFormat("", QUESTION_BEFORE, QUESTION_AFTER)
+
+  def prompt_format_for(self, task_cfg: Any) -> prompts.PromptFormat:
+    return prompts.PromptFormat(exemplar_block(splits_for(task_cfg)["exemplars"]),
+                                QUESTION_BEFORE, QUESTION_AFTER)
+
+  def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
+            workers: scoring.Workers) -> list[float]:
+    def make():
+      from restem_jax.rewards.reasoning_gym import ReasoningGymGrader  # pylint: disable=import-outside-toplevel
+      return ReasoningGymGrader(num_workers=int(task_cfg.get("grader_workers", 2)),
+                                timeout_s=float(task_cfg.get("grader_timeout_s", 5.0)))
+    return workers.get("reasoning_gym", make).score(
+        [p.gold for p in problems], [self.postprocess(c) for c in completions])
+
+
+SPEC = ReasoningGym(
+    name="reasoning_gym",
+    reward="reasoning_gym",  # 1 iff the source dataset's score_answer returns 1.0
+    stop_strings=STOP_STRINGS,
+    difficulty="<dataset> <its per-item difficulty values>",
+    splits=("train", "validation", "test"),
+    answer_key=answer_key,
+)

@@ -1,0 +1,135 @@
+"""The E-step's output: kept samples and per-problem counts, their files, writer and readers.
+
+For chunk C of the training problems, process H writes (atomic renames, in this order):
+  shard_CCCCC_pHHH.jsonl  one KeptSample per line: a correct sample the M-step trains on
+  stats_CCCCC_pHHH.jsonl  one ProblemStats per line: each of its problems' counts
+A chunk is complete once its stats files hold a line for each of its problems
+(generate.py resumes on that). Lines are `json.dumps(row, sort_keys=True)`, one
+object per line. Only finished files match `*.jsonl` (in-progress ones are
+written under another name and renamed), read in name order for a stable order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Sequence
+
+from etils import epath
+
+from restem_jax import workdir as wd
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptSample:
+  """One correct sample the E-step kept: the M-step's (prompt, target, weight)."""
+  problem_id: str
+  prompt: str
+  sample: str  # the completion as decoded (EOS dropped)
+  reward: float  # the training weight
+  iteration: int
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemStats:
+  """How one training problem fared in the E-step."""
+  problem_id: str
+  level: str
+  num_samples: int
+  num_correct: int
+  num_kept: int
+
+
+REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(KeptSample))
+
+
+def write_chunk(samples_dir: str, chunk: int, process: int, kept: Sequence[KeptSample],
+                stats: Sequence[ProblemStats]) -> None:
+  """This process's rows of one chunk; the stats file last, as it marks the chunk complete."""
+  name = f"{chunk:05d}_p{process:03d}.jsonl"
+  wd.write_lines_atomic(os.path.join(samples_dir, "shard_" + name),
+                        [dataclasses.asdict(r) for r in kept])
+  wd.write_lines_atomic(os.path.join(samples_dir, "stats_" + name),
+                        [dataclasses.asdict(r) for r in stats])
+
+
+def shard_paths(samples_dir: str) -> list[str]:
+  return wd.glob(samples_dir, "shard_*.jsonl")
+
+
+def read_samples(samples_dir: str) -> list[KeptSample]:
+  """All kept samples, shard by shard in name order; a malformed line names its file:line."""
+  if not epath.Path(samples_dir).is_dir():
+    raise FileNotFoundError(f"samples dir {samples_dir!r} does not exist; expected "
+                            "shard_*.jsonl files written by the E-step")
+  out = []
+  for path in shard_paths(samples_dir):
+    with epath.Path(path).open() as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+          raise ValueError(f"{path}:{lineno}: sample lacks {missing}; "
+                           f"each line needs {list(REQUIRED_KEYS)}")
+        out.append(KeptSample(**{k: rec[k] for k in REQUIRED_KEYS}))
+  return out
+
+
+def read_stats(samples_dir: str) -> list[ProblemStats]:
+  return [ProblemStats(**row) for path in wd.glob(samples_dir, "stats_*.jsonl")
+          for row in wd.read_lines(path)]
+
+
+def summarize(samples_dir: str) -> dict:
+  """Counts over all problems: problems, samples, correct, kept, problems_solved."""
+  rows = read_stats(samples_dir)
+  return dict(problems=len(rows), samples=sum(r.num_samples for r in rows),
+              correct=sum(r.num_correct for r in rows),
+              kept=sum(r.num_kept for r in rows),
+              problems_solved=sum(r.num_correct > 0 for r in rows))
+
+
+def register_samples_task(samples_dir: str, vocabulary) -> str:
+  """Registers (or re-registers) a seqio task over `samples_dir`; returns its name.
+
+  Features: inputs = prompt, targets = sample (+EOS), weight = reward (float32),
+  and problem_id / iteration / seed passed through. The source re-reads the
+  shards on every get_dataset, so a task registered while the E-step was still
+  writing sees the final shards when read later.
+  """
+  import seqio  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  samples_dir = wd.absolute(samples_dir)
+  name = "restem_samples_" + hashlib.sha1(samples_dir.encode()).hexdigest()[:12]
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int = 0) -> tf.data.Dataset:
+    del split, shuffle_files, seed
+    recs = read_samples(samples_dir)
+    return tf.data.Dataset.from_tensor_slices({
+        "problem_id": tf.constant([str(r.problem_id) for r in recs], tf.string),
+        "inputs": tf.constant([r.prompt for r in recs], tf.string),
+        "targets": tf.constant([r.sample for r in recs], tf.string),
+        "weight": tf.constant([float(r.reward) for r in recs], tf.float32),
+        "iteration": tf.constant([int(r.iteration) for r in recs], tf.int32),
+        "seed": tf.constant([int(r.seed) for r in recs], tf.int64),
+    })
+
+  seqio.TaskRegistry.remove(name)  # Idempotent: same dir, possibly new vocabulary.
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(dataset_fn, splits=("train",)),
+      output_features={
+          "inputs": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+          "targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
+      },
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+  )
+  return name
