@@ -111,16 +111,16 @@ class SlotCgroups:
         d = _dir_of(root, point, own[""])
         if d:
           bases += [(2, d), (2, os.path.dirname(d.rstrip("/")))]
-    why = "no cgroup hierarchy with the memory controller"
+    why = [] if bases else ["no cgroup hierarchy with the memory controller"]
     for version, base in bases:
       if version == 2:
         try:
           with open(os.path.join(base, "cgroup.subtree_control")) as f:
             if "memory" not in f.read().split():
-              why = f"{base} does not delegate the memory controller (cgroup v2)"
+              why.append(f"{base} does not delegate the memory controller (cgroup v2)")
               continue
         except OSError as e:
-          why = f"{base}: {e.strerror}"
+          why.append(f"{base}: {e.strerror}")
           continue
       _remove_stale(base)
       group = os.path.join(base, f"{_PREFIX}{os.getpid()}-{tag}")
@@ -134,9 +134,9 @@ class SlotCgroups:
           self._limit(d, limit_bytes)
         return self, ""
       except OSError as e:
-        why = f"cannot create a memory cgroup under {base} ({e.strerror or e})"
+        why.append(f"cannot create a memory cgroup under {base} ({e.strerror or e})")
         self.close()
-    return None, why
+    return None, "; ".join(why)
 
   def _limit(self, d: str, limit_bytes: int) -> None:
     if self.version == 1:
