@@ -59,7 +59,9 @@ create cgroups (root, or a delegated cgroup v2 subtree; `memcg.py`) each slot ha
 a memory cgroup capped at `sandbox_memory_mb` for the whole sandbox, kernel
 memory and tmpfs pages included, and candidates are the OOM killer's first
 choice. Elsewhere a warning is logged and memory is bounded per process only
-(memory_mb * max_procs per sandbox); `memory_cgroup` tells which.
+(memory_mb * max_procs per sandbox); `memory_cgroup` tells which. What then
+stays outside every rlimit is kernel memory the job frees when it ends: tmpfs
+inodes (empty files in /tmp, ~1 KB each), pipe and socket buffers.
 
 Unforgeable verdict
 -------------------
@@ -103,9 +105,10 @@ its own prompt that the test calls (as in the original harness); arguments are
 passed by value (tests that inspect in-place mutation are unsupported).
 
 `unsafe_local_exec=True` (only where a user explicitly asks, e.g. a machine
-without bubblewrap) runs the same runner without bwrap: rlimits, wall timeout,
-process-group kill and the nonce-checked verdict stay, but there is no
-filesystem/network/pid isolation and, when run as root, no RLIMIT_NPROC.
+without bubblewrap) runs the same runner without bwrap: rlimits, the seccomp filter, the memory
+cgroup, wall timeout, process-group kill and the nonce-checked verdict stay, but
+there is no filesystem/network/pid isolation, when run as root no RLIMIT_NPROC,
+and a program can kill its checker (counted as a "checker died" fault).
 """
 from __future__ import annotations
 
