@@ -20,6 +20,7 @@ round-robin so that load changes hit all of them alike.
 """
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,26 +86,34 @@ def main() -> None:
   variants["runner, no bwrap"] = CodeExecutor(limits, num_workers=1, unsafe_local_exec=True)
   print(f"memory cgroup available: {variants['bwrap sandbox'].memory_cgroup}")
   times = {name: [] for name in variants}
+  cpu = {name: [] for name in variants}  # CPU of the whole sandbox tree: less load-sensitive
   for _ in range(n):
     for name, ex in variants.items():
+      before = resource.getrusage(resource.RUSAGE_CHILDREN)
       times[name].append(_median_time(lambda: ex.score([trivial]), 1))
+      after = resource.getrusage(resource.RUSAGE_CHILDREN)
+      cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
   for ex in variants.values():
     ex.close()
   per = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  per_cpu = {name: statistics.median(t) * 1e3 for name, t in cpu.items()}
   for name, flags in (("plain python", ["-I"]), ("plain python -S", ["-I", "-S"])):
     cmd = [sys.executable, *flags, "-c", "pass"]
     per[name] = statistics.median(
         [_median_time(lambda: subprocess.run(cmd, check=True), 1) for _ in range(n)]) * 1e3
   for name, ms in per.items():
-    print(f"trivial program, {name:17s}: {ms:7.1f} ms (median of {n})")
+    extra = f", CPU {per_cpu[name]:6.1f} ms" if name in per_cpu else ""
+    print(f"trivial program, {name:17s}: {ms:7.1f} ms{extra} (median of {n})")
   print(f"isolation overhead vs plain python: {per['bwrap sandbox'] - per['plain python']:.1f} ms "
         f"({per['bwrap sandbox'] / per['plain python']:.1f}x); "
         f"bwrap alone adds {per['bwrap sandbox'] - per['runner, no bwrap']:.1f} ms "
         f"({per['bwrap sandbox'] / per['runner, no bwrap']:.2f}x of the unsandboxed runner)")
   for what, name in (("the seccomp filter", "  without seccomp"),
                      ("the memory cgroup", "  without memcg"), ("both", "  without both")):
-    print(f"per-program cost of {what}: {per['bwrap sandbox'] - per[name]:+.1f} ms "
-          f"({per['bwrap sandbox'] / per[name]:.3f}x)")
+    print(f"per-program cost of {what}: {per['bwrap sandbox'] - per[name]:+.1f} ms wall "
+          f"({per['bwrap sandbox'] / per[name]:.3f}x), "
+          f"{per_cpu['bwrap sandbox'] - per_cpu[name]:+.1f} ms CPU "
+          f"({per_cpu['bwrap sandbox'] / per_cpu[name]:.3f}x)")
 
 
 if __name__ == "__main__":
