@@ -7,17 +7,22 @@ the test asserts `candidate() == 1`, so reward 0 is evidence of containment
 (positive controls prove the same shape of program can score 1). Forgery
 attacks face an impossible test (`r == 1 and r == 2`): any PASS would be forged.
 """
+import ctypes
+import errno
 import json
+import logging
 import os
 import random
 import shutil
 import signal
 import socket
+import threading
 import time
 
 import pytest
 
 from restem_jax.rewards import code as code_lib
+from restem_jax.rewards import seccomp
 from restem_jax.rewards.code import CodeExecutor, Limits, apps_tests
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
@@ -25,7 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = Limits(cpu_s=2, wall_s=3, memory_mb=256, max_procs=16, file_size_mb=1,
-                open_files=64, max_output_kb=64, scratch_mb=16)
+                open_files=64, max_output_kb=64, scratch_mb=16, sandbox_memory_mb=384)
 TOKEN = f"{os.getpid()}_{random.randrange(10**9)}"
 SECRET = f"s3cr3t-{TOKEN}"
 ORACLE = "def check(candidate):\n    assert candidate() == 1\n"
@@ -324,3 +329,288 @@ def test_battery_leaves_nothing_behind(ex, battery):
   assert ex.run_humaneval("def f():\n    return 1\n", ORACLE, "f") == 1.0
   assert os.environ["SECRET"] == SECRET
   assert signal.getsignal(signal.SIGTERM) is not None
+  assert not ex.faults  # hostile programs get FAIL verdicts: none counts as a grader fault
+
+
+# --------------------------------------------------------------- escape classes (issue 19)
+# Each class is checked by its side effect: the call fails with the filter's errno
+# (and, run without the filter, the same call succeeds: the denial is the filter's
+# doing), a key is not in the kernel afterwards, memory is not held beyond the cap,
+# the checker's own memory stays bounded, a verdict is still written.
+
+NR = {n: seccomp.syscall_number(n) for n in (
+    "add_key", "request_key", "keyctl", "unshare", "clone", "clone3", "shmget", "semget",
+    "msgget", "mq_open", "memfd_create", "ptrace", "userfaultfd", "io_uring_setup")}
+KEY_DESC = f"restem_key_{TOKEN}"
+KEY_SPEC_SESSION, KEY_SPEC_USER, KEY_SPEC_USER_SESSION = -3, -4, -5
+CLONE_NEWUSER, CLONE_NEWNS, SIGCHLD = 0x10000000, 0x00020000, 17
+PROBE_HEAD = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "def child_exits(r):\n    if r == 0:\n        os._exit(0)\n    return r\n")
+# name: expression whose value is a syscall's return value (>= 0 = success)
+SYSCALL_PROBES = {
+    "add_key_user": f"libc.syscall({NR['add_key']}, b'user', b'{KEY_DESC}', b'x', 1, {KEY_SPEC_USER})",
+    "add_key_session": f"libc.syscall({NR['add_key']}, b'user', b'{KEY_DESC}', b'x', 1, {KEY_SPEC_SESSION})",
+    "keyctl_user_keyring": f"libc.syscall({NR['keyctl']}, 0, {KEY_SPEC_USER}, 0)",
+    "request_key": f"libc.syscall({NR['request_key']}, b'user', b'{KEY_DESC}', None, 0)",
+    "unshare_user_ns": f"libc.syscall({NR['unshare']}, {CLONE_NEWUSER | CLONE_NEWNS})",
+    "clone_new_user_ns": f"child_exits(libc.syscall({NR['clone']}, {CLONE_NEWUSER | SIGCHLD}, 0, 0, 0, 0))",
+    "clone3_new_user_ns": f"child_exits(libc.syscall({NR['clone3']}, (ctypes.c_uint64 * 11)({CLONE_NEWUSER}, 0, 0, 0, {SIGCHLD}), 88))",
+    "shmget_1536mb": f"libc.syscall({NR['shmget']}, 0, 1536 << 20, 0o1600)",
+    "semget": f"libc.syscall({NR['semget']}, 0, 1, 0o1600)",
+    "msgget": f"libc.syscall({NR['msgget']}, 0, 0o1600)",
+    "mq_open": f"libc.syscall({NR['mq_open']}, b'restem', 0o102, 0o600, None)",
+    "memfd_create": f"libc.syscall({NR['memfd_create']}, b'x', 0)",
+    "ptrace_traceme": f"libc.syscall({NR['ptrace']}, 0, 0, 0, 0)",
+    "userfaultfd": f"libc.syscall({NR['userfaultfd']}, 1)",
+}
+# What succeeds without the filter (slot uid, root mode); the rest the kernel or
+# its sysctls may refuse anyway.
+WORK_UNFILTERED = ["add_key_user", "add_key_session", "keyctl_user_keyring",
+                   "shmget_1536mb", "semget", "msgget", "memfd_create", "ptrace_traceme"]
+
+
+def syscall_probe(expr, expect):
+  src = PROBE_HEAD + f"def f():\n    r = {expr}\n    return 0 if r >= 0 else ctypes.get_errno()\n"
+  return he(src, f"def check(candidate):\n    r = candidate()\n    assert r == {expect}, r\n")
+
+
+@pytest.fixture(scope="module")
+def unfiltered():
+  """The same sandbox without the seccomp filter (the benchmark-only switch)."""
+  with CodeExecutor(LIMITS, num_workers=1, _benchmark_without_seccomp=True) as executor:
+    yield executor
+
+
+def test_filtered_syscalls_fail_with_the_filters_errno(ex, unfiltered):
+  jobs = [syscall_probe(expr, errno.ENOSYS if name.startswith("clone3") else errno.EPERM)
+          for name, expr in SYSCALL_PROBES.items()]
+  outs = dict(zip(SYSCALL_PROBES, ex.score_detailed(jobs)))
+  assert {n: o.reason for n, o in outs.items() if o.reward != 1.0} == {}
+  if ex.sandbox_uids:  # root mode: these work for the slot uid unless filtered
+    names = WORK_UNFILTERED + ["unshare_user_ns", "clone_new_user_ns"]
+    outs = unfiltered.score_detailed([syscall_probe(SYSCALL_PROBES[n], 0) for n in names])
+    assert {n: o.reason for n, o in zip(names, outs) if o.reward != 1.0} == {}
+
+
+def test_ordinary_process_work_still_allowed(ex):
+  prog = ("import os, threading, subprocess, sys, multiprocessing as mp\n"
+          "def f():\n"
+          "    t = threading.Thread(target=lambda: None); t.start(); t.join()\n"
+          "    pid = os.fork()\n"
+          "    if pid == 0:\n        os._exit(3)\n"
+          "    assert os.waitpid(pid, 0)[1] >> 8 == 3\n"
+          "    out = subprocess.run([sys.executable, '-I', '-S', '-c', 'print(7)'], capture_output=True).stdout\n"
+          "    with mp.get_context('fork').Pool(2) as pool:\n"
+          "        sq = pool.map(abs, [-1, -2])\n"
+          "    r, w = os.pipe(); os.write(w, b'ok')\n"
+          "    return [int(out), sq, os.read(r, 2).decode()]\n")
+  out = ex.score_detailed([he(prog, "def check(candidate):\n    r = candidate()\n    assert r == [7, [1, 2], 'ok'], r\n")])[0]
+  assert out.reward == 1.0, out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _keys_visible_to(uid):
+  """Search KEY_DESC in a uid's user and user-session keyrings, as that uid (forked child)."""
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    try:
+      os.setgroups([])
+      os.setresgid(uid, uid, uid)
+      os.setresuid(uid, uid, uid)
+      found = [_libc.syscall(NR["keyctl"], 10, ring, b"user", KEY_DESC.encode(), 0)
+               for ring in (KEY_SPEC_USER, KEY_SPEC_USER_SESSION)]
+      os.write(w, json.dumps(found).encode())
+    finally:
+      os._exit(0)
+  os.close(w)
+  os.waitpid(pid, 0)
+  with os.fdopen(r) as f:
+    return [k for k in json.loads(f.read()) if k > 0]
+
+
+ADD_AND_FIND = PROBE_HEAD + (
+    "def f():\n    found = []\n"
+    f"    for ring in ({KEY_SPEC_USER}, {KEY_SPEC_USER_SESSION}, {KEY_SPEC_SESSION}):\n"
+    f"        libc.syscall({NR['add_key']}, b'user', b'{KEY_DESC}', b'{SECRET}', {len(SECRET)}, ring)\n"
+    f"        found.append(libc.syscall({NR['keyctl']}, 10, ring, b'user', b'{KEY_DESC}', 0) > 0)\n"
+    "    return found\n")
+FIND = PROBE_HEAD + (
+    "def f():\n"
+    f"    return [libc.syscall({NR['keyctl']}, 10, ring, b'user', b'{KEY_DESC}', 0) > 0\n"
+    f"            for ring in ({KEY_SPEC_USER}, {KEY_SPEC_USER_SESSION}, {KEY_SPEC_SESSION})]\n")
+EXPECT = "def check(candidate):\n    r = candidate()\n    assert r == {}, r\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-slot uids (and their keyrings) exist in root mode only")
+def test_no_key_outlives_its_sandbox(ex, unfiltered):
+  # With the filter, no key can be added at all (nor found).
+  assert ex.score([he(ADD_AND_FIND, EXPECT.format([False] * 3))]) == [1.0]
+  for uid in ex.sandbox_uids:
+    assert _keys_visible_to(uid) == [], uid
+  # Defence in depth, filter off: the keys are really created (and readable)
+  # inside the sandbox, yet gone from the kernel once the job ends, and the next
+  # program in the slot finds none.
+  assert unfiltered.score([he(ADD_AND_FIND, EXPECT.format([True] * 3))]) == [1.0]
+  assert _keys_visible_to(unfiltered.sandbox_uids[0]) == []
+  assert unfiltered.score([he(FIND, EXPECT.format([False] * 3))]) == [1.0]
+  # ... and the harness's own session keyring did not receive one.
+  assert _libc.syscall(NR["keyctl"], 10, KEY_SPEC_SESSION, b"user", KEY_DESC.encode(), 0) < 0
+
+
+def _hold_memory(children, mb):
+  """f() returns 1 iff `children` processes hold `mb` MB each, all at the same time."""
+  return he(
+      "import os, select, time\n"
+      "def f():\n    r, w = os.pipe()\n    pids = []\n"
+      f"    for _ in range({children}):\n"
+      "        pid = os.fork()\n"
+      "        if pid == 0:\n"
+      f"            held = b'\\x01' * ({mb} << 20)\n"
+      "            os.write(w, b'+')\n            time.sleep(30)\n            os._exit(0)\n"
+      "        pids.append(pid)\n"
+      "    got, deadline = b'', time.monotonic() + 2.0\n"
+      f"    while len(got) < {children} and select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:\n"
+      "        got += os.read(r, 64)\n"
+      "    alive = [os.waitpid(p, os.WNOHANG) == (0, 0) for p in pids]\n"
+      f"    return int(len(got) == {children} and all(alive))\n")
+
+
+def test_sandbox_memory_is_capped_as_a_whole():
+  with CodeExecutor(LIMITS, num_workers=1) as solo:
+    if not solo.memory_cgroup:
+      pytest.skip("no memory cgroup can be created here (see the warning logged)")
+    cap = LIMITS.sandbox_memory_mb << 20
+    # 180 MB is under RLIMIT_AS (256 MB) for each process; 3 x 180 MB is over the cap.
+    assert solo.score([_hold_memory(1, 180)]) == [1.0]
+    peak = solo._cgroups.peak_bytes(0)
+    assert peak is None or peak >= 180 << 20  # the sandbox's pages are charged to its slot
+    out = solo.score_detailed([_hold_memory(3, 180)])[0]
+    assert out.reward == 0.0 and out.fault is None, out  # the program's failure, not a fault
+    assert peak is None or solo._cgroups.peak_bytes(0) <= cap
+    assert solo.score([_hold_memory(1, 180)]) == [1.0]
+
+
+def test_no_memory_cgroup_degrades_with_a_warning(monkeypatch, caplog):
+  monkeypatch.setattr(code_lib.memcg, "_mounts", lambda: [])
+  with caplog.at_level(logging.WARNING, logger=code_lib.__name__):
+    with CodeExecutor(LIMITS, num_workers=1) as plain:
+      assert not plain.memory_cgroup
+      assert plain.run_humaneval("def f():\n    return 1\n", ORACLE, "f") == 1.0
+  assert "no memory cgroup" in caplog.text
+
+
+def _raw_reply(blob_expr):
+  """f() writes a hand-made reply straight into the checker's pipe."""
+  return he("import os, sys, time\ndef f():\n"
+            f"    os.write(int(sys.argv[3]), {blob_expr})\n    time.sleep(30)\n")
+
+
+def test_checker_reads_are_bounded(ex):
+  jobs = {
+      "baseline": he("def f():\n    return 1\n"),
+      "legit_200k_ints": he("def f():\n    return list(range(200_000))\n",
+                            "def check(candidate):\n    assert candidate() == list(range(200_000))\n"),
+      "reply_32mb": _raw_reply("b'{\"value\": [' + b'[1, 2], ' * 4_000_000 + b'[]]}\\n'"),
+      "reply_1m_lists": _raw_reply("b'{\"value\": [' + b'[],' * 1_300_000 + b'[]]}\\n'"),
+      "reply_deep_json": _raw_reply("b'{\"value\": ' + b'[' * 100_000 + b']' * 100_000 + b'}\\n'"),
+      "reply_deep_tags": _raw_reply("b'{\"value\": ' + b'[' * 500 + b']' * 500 + b'}\\n'"),
+  }
+  outs = dict(zip(jobs, ex.score_detailed(list(jobs.values()))))
+  assert outs["baseline"].reward == 1.0 and outs["legit_200k_ints"].reward == 1.0, outs
+  base = outs["baseline"].checker_rss_mb
+  assert base is not None and base < 100
+  for name in ("reply_32mb", "reply_1m_lists", "reply_deep_json", "reply_deep_tags"):
+    out = outs[name]
+    assert out.reward == 0.0 and out.fault is None and out.reason.startswith("FAIL"), out
+    # Parsing 1.3 M lists would cost the checker ~100 MB (32 MB: ~1 GB, as measured
+    # in issue 19); the caps refuse them first.
+    assert out.checker_rss_mb < base + 24, (name, out)
+  assert "too large" in outs["reply_32mb"].reason
+  assert "too many values" in outs["reply_1m_lists"].reason
+  assert "nested too deeply" in outs["reply_deep_tags"].reason
+
+
+def test_verdict_survives_any_exception_text(ex):
+  jobs = [he("def f():\n    raise ValueError('bad \\ud800 surrogate')\n"),
+          he("def f():\n    return 'x\\udcff'\n",
+             "def check(candidate):\n    assert candidate() == 1, candidate()\n"),
+          he("def f():\n    raise KeyError('\\ud800' * 5000)\n")]
+  outs = ex.score_detailed(jobs)
+  for out in outs:
+    assert out.reward == 0.0 and out.fault is None and out.reason.startswith("FAIL"), out
+    assert out.reason.isascii()
+  assert "ValueError: bad \\ud800 surrogate" in outs[0].reason
+  assert "AssertionError: x\\udcff" in outs[1].reason
+
+
+# --------------------------------------------------------------- grader faults
+
+def _checker_pids():
+  """Running trusted checkers: `python -I -S /sandbox/runner.py check ...` (not bwrap)."""
+  pids = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    except OSError:
+      continue
+    if argv[1:5] == [b"-I", b"-S", b"/sandbox/runner.py", b"check"]:
+      pids.append(int(pid))
+  return pids
+
+
+def _while_running(executor, job, action):
+  """Score `job`; once its checker is up, apply `action(checker_pid)` from outside."""
+  done, acted = [], []
+
+  def act():
+    deadline = time.monotonic() + 20
+    while not done and time.monotonic() < deadline:
+      pids = _checker_pids()
+      if pids:
+        time.sleep(0.3)  # let it start the candidate
+        for pid in pids:
+          action(pid)
+        acted.extend(pids)
+        return
+      time.sleep(0.01)
+  t = threading.Thread(target=act, daemon=True)
+  t.start()
+  out = executor.score_detailed([job])[0]
+  done.append(True)
+  t.join()
+  assert len(acted) == 1, acted  # one checker: this executor's (the others are idle)
+  return out
+
+
+SLOW_PASS = he("import time\ndef f():\n    time.sleep(1.5)\n    return 1\n")
+
+
+def test_grader_faults_cost_one_sample_and_the_pool_recovers(caplog):
+  with CodeExecutor(LIMITS, num_workers=1) as solo, \
+       caplog.at_level(logging.WARNING, logger=code_lib.__name__):
+    assert solo.score([SLOW_PASS]) == [1.0]  # control: undisturbed, it passes
+    # The checker dies mid-job (as an OOM kill would: SIGKILL from outside).
+    died = _while_running(solo, SLOW_PASS, lambda pid: os.kill(pid, signal.SIGKILL))
+    assert died.reward == 0.0 and died.fault == "checker died", died
+    assert solo.score([SLOW_PASS]) == [1.0]
+    # The checker hangs (stopped): the harness's deadline ends the job.
+    hung = _while_running(solo, SLOW_PASS, lambda pid: os.kill(pid, signal.SIGSTOP))
+    assert hung.reward == 0.0 and hung.fault == "sandbox hung", hung
+    assert LIMITS.wall_s + 1 <= hung.wall_s < LIMITS.wall_s + 3
+    for uid in solo.sandbox_uids:
+      assert code_lib._procs_of_uid(uid) == []
+    assert solo.score([SLOW_PASS]) == [1.0]
+    # bwrap itself fails to set up the sandbox.
+    good_argv = solo._bwrap_argv
+    solo._bwrap_argv = lambda slot: [solo._bwrap, "--no-such-option"] + good_argv(slot)[1:]
+    broken = solo.score_detailed([SLOW_PASS, he("def f():\n    return 1\n")])
+    solo._bwrap_argv = good_argv
+    assert [o.fault for o in broken] == ["sandbox failed to start"] * 2, broken
+    assert solo.score([SLOW_PASS, he("def f():\n    return 1\n")]) == [1.0, 1.0]
+    assert solo.faults == {"checker died": 1, "sandbox hung": 1, "sandbox failed to start": 2}
+  for kind in ("checker died", "sandbox hung", "sandbox failed to start"):
+    assert f"code sandbox fault in slot 0: {kind}" in caplog.text

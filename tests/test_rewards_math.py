@@ -1,4 +1,8 @@
 """Math reward: extraction, normalisation, symbolic equivalence, pool robustness."""
+import logging
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -264,11 +268,16 @@ class _HangingGrader(rm.MathGrader):
   hang_grace_s = 1.0
 
 
-def test_hung_worker_is_killed_and_grader_recovers():
+def test_hung_worker_is_killed_and_grader_recovers(caplog):
   with _HangingGrader(num_workers=2, timeout_s=1.0) as g:
     t0 = time.monotonic()
-    out = g.score(["1", "hang", "3", "4"], [B + "{1}", B + "{2}", B + r"{\sqrt9}", B + "{4.0}"])
-    assert out == [1.0, 0.0, 1.0, 1.0]
+    with caplog.at_level(logging.WARNING, logger=rm.__name__):
+      out = g.score_detailed(["1", "hang", "3", "4"],
+                             [B + "{1}", B + "{2}", B + r"{\sqrt9}", B + "{4.0}"])
+    assert [o.reward for o in out] == [1.0, 0.0, 1.0, 1.0]
+    assert [o.fault for o in out] == [None, "worker hung", None, None]
+    assert g.faults == {"worker hung": 1}
+    assert "worker hung" in caplog.text
     assert time.monotonic() - t0 < 30
     assert g.score(["2"], [B + r"{\sqrt{4}}"]) == [1.0]
     assert len(g._workers) == 2 and all(w.proc.is_alive() for w in g._workers)
@@ -279,6 +288,58 @@ def test_crashed_worker_is_replaced():
     assert g.score(["2"], [B + r"{\sqrt{4}}"]) == [1.0]
     g._workers[0].proc.kill()  # Simulate a segfault / OOM kill.
     g._workers[0].proc.join()
+    assert g.score(["2", "3"], [B + r"{\sqrt{4}}", B + r"{\sqrt{9}}"]) == [1.0, 1.0]
+    assert not g.faults  # It died idle: no sample was lost.
+
+
+def _check_that_blocks(gold, pred, timeout_s):
+  if gold == "block":  # Sleeping uses no CPU: only a kill from outside ends this.
+    marker = os.environ["RESTEM_TEST_BLOCK_MARKER"]
+    with open(marker + ".tmp", "w") as f:
+      f.write(str(os.getpid()))
+    os.rename(marker + ".tmp", marker)
+    time.sleep(600)
+  return _real_check(gold, pred, timeout_s)
+
+
+def _blocking_worker_main(conn):
+  rm._check_in_worker = _check_that_blocks
+  rm._worker_main(conn)
+
+
+class _BlockingGrader(rm.MathGrader):
+  _worker_target = staticmethod(_blocking_worker_main)
+
+
+def test_worker_killed_mid_batch_costs_one_sample(tmp_path, monkeypatch, caplog):
+  marker = tmp_path / "busy_worker_pid"
+  monkeypatch.setenv("RESTEM_TEST_BLOCK_MARKER", str(marker))
+  killed = []
+
+  def kill_the_busy_worker():  # As an OOM kill would, from outside, mid-check.
+    deadline = time.monotonic() + 300
+    while not marker.exists() and time.monotonic() < deadline:
+      time.sleep(0.02)
+    pid = int(marker.read_text())
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+
+  killer = threading.Thread(target=kill_the_busy_worker, daemon=True)
+  killer.start()
+  with _BlockingGrader(num_workers=2, timeout_s=5.0) as g:
+    with caplog.at_level(logging.WARNING, logger=rm.__name__):
+      out = g.score_detailed(["1", "block", "3", "4", "block"],
+                             [B + "{1}", B + "{2}", B + r"{\sqrt9}", B + "{4.0}", B + "{2}"])
+    killer.join(5)
+    assert killed
+    # The two "block" samples share one (gold, answer) pair: both lose it, nothing else.
+    assert [o.reward for o in out] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert [o.fault for o in out] == [None, "worker died", None, None, "worker died"]
+    assert g.faults == {"worker died": 2}
+    assert "worker died" in caplog.text
+    # A replacement took the dead worker's place; the next batch is graded normally.
+    assert len(g._workers) == 2 and all(w.proc.is_alive() for w in g._workers)
+    assert killed[0] not in [w.proc.pid for w in g._workers]
     assert g.score(["2", "3"], [B + r"{\sqrt{4}}", B + r"{\sqrt{9}}"]) == [1.0, 1.0]
 
 

@@ -1,17 +1,20 @@
 """Trusted runner executed inside the code sandbox (see code.py for the design).
 
 Standard library only, never imported by the harness: `code.py` starts it as a
-script. Two roles, chosen by argv[1]:
+script. Roles, chosen by argv[1]:
 
 * ``check``: the trusted checker. Drops root (when asked), makes itself
   non-dumpable, reads the job spec (with the harness's nonce) from stdin, runs the
-  tests and writes exactly one verdict line ``<nonce> PASS|FAIL <reason>`` to the
-  stdout it inherited from the harness. Candidate code never runs in this
-  process: the candidate runs in separate processes that talk to the checker over
-  pipes, and the checker does every comparison on plain decoded values.
+  tests and writes exactly one verdict line ``<nonce> PASS|FAIL <peak RSS kB>
+  <reason>`` to the stdout it inherited from the harness. Candidate code never
+  runs in this process: the candidate runs in separate processes (rlimits and the
+  seccomp filter from the spec applied between fork and exec) that talk to the
+  checker over pipes, and the checker does every comparison on plain decoded
+  values, read under size, count and depth caps.
 * ``serve``: the candidate process for HumanEval / call-based jobs. Executes the
   program, then answers ``call``/``describe`` requests. Untrusted by design: it
   can answer anything, so its answers only ever become plain data in the checker.
+* ``script``: the candidate process of a stdio job.
 """
 import builtins
 import json
@@ -28,8 +31,18 @@ def _checker_imports() -> None:
   global ast, resource, select, signal, subprocess, time
   import ast, resource, select, signal, subprocess, time  # noqa: E401
 
-_MSG_CAP = 64 << 20  # one RPC message (encoded args or result)
+# Bounds on what the checker reads from a candidate. A reply is one JSON line of
+# at most _MSG_CAP bytes and _MAX_ITEMS values (counted as brackets + braces +
+# commas, a C-speed over-estimate taken before parsing), nested at most
+# _MAX_DEPTH deep. Each parsed value costs the checker <= ~100 bytes twice (json,
+# then decode), so a hostile reply costs it tens of MB, not the ~30x of its size.
+_MSG_CAP = 4 << 20
+_MAX_ITEMS = 1 << 18
+_MAX_DEPTH = 200
 _MARGIN_S = 0.15  # report a clean FAIL before the harness kills the sandbox
+# keyctl(2) operations and special keyring ids (linux/keyctl.h).
+_KEYCTL_JOIN_SESSION_KEYRING, _KEYCTL_CLEAR = 1, 7
+_KEY_SPEC_USER_KEYRING, _KEY_SPEC_USER_SESSION_KEYRING = -4, -5
 
 
 class _Abort(BaseException):
@@ -45,7 +58,7 @@ class _Abort(BaseException):
 # __eq__ (or any other behaviour) cannot reach the checker.
 
 def encode(x, depth: int = 0):
-  if depth > 200:
+  if depth > _MAX_DEPTH:
     raise TypeError("value nested too deeply")
   d = depth + 1
   if x is None or isinstance(x, bool):
@@ -73,39 +86,72 @@ def encode(x, depth: int = 0):
 
 
 _TAGS = {
-    "tuple": lambda v: tuple(decode(e) for e in v),
-    "dict": lambda v: {decode(k): decode(e) for k, e in v},
-    "set": lambda v: {decode(e) for e in v},
-    "frozenset": lambda v: frozenset(decode(e) for e in v),
-    "bytes": bytes.fromhex,
-    "complex": lambda v: complex(float(v[0]), float(v[1])),
+    "tuple": lambda v, d: tuple(decode(e, d) for e in v),
+    "dict": lambda v, d: {decode(k, d): decode(e, d) for k, e in v},
+    "set": lambda v, d: {decode(e, d) for e in v},
+    "frozenset": lambda v, d: frozenset(decode(e, d) for e in v),
+    "bytes": lambda v, d: bytes.fromhex(v),
+    "complex": lambda v, d: complex(float(v[0]), float(v[1])),
 }
 
 
-def decode(x):
+def decode(x, depth: int = 0):
+  if depth > _MAX_DEPTH:
+    raise _Abort("value from candidate nested too deeply")
   t = type(x)
   if x is None or t in (bool, int, float, str):
     return x
   if t is list:
-    return [decode(e) for e in x]
+    return [decode(e, depth + 1) for e in x]
   if t is dict and set(x) == {"$", "v"} and x["$"] in _TAGS:
-    return _TAGS[x["$"]](x["v"])
+    return _TAGS[x["$"]](x["v"], depth + 1)
   raise _Abort("malformed value from candidate")
 
 
 # ---------------------------------------------------------------- processes
 
-def _prctl(option: int, arg: int) -> None:
+def _libc():
   import ctypes  # lazily: only the checker needs it
-  libc = ctypes.CDLL(None, use_errno=True)
-  if libc.prctl(option, arg, 0, 0, 0) != 0:
+  return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, arg: int) -> None:
+  import ctypes
+  if _libc().prctl(option, arg, 0, 0, 0) != 0:
     raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
-def _candidate_preexec(limits: dict):
-  """rlimits applied in the child between fork and exec (checker is single-threaded)."""
+def _keyrings(keyctl_nr: int, own_uid: bool) -> None:
+  """Keyring hygiene (defence in depth: the seccomp filter denies keyctl to candidates).
+
+  A fresh anonymous session keyring, so candidates never possess the harness's
+  (it dies with the sandbox). With a uid of its own (root mode), the slot uid's
+  user and user-session keyrings are emptied: they are per uid and outlive every
+  process, so whatever a run left there would reach the next run in the slot.
+  Never without one: there they would be the user's own keyrings.
+  """
+  libc = _libc()
+  libc.syscall(keyctl_nr, _KEYCTL_JOIN_SESSION_KEYRING, None)
+  if own_uid:
+    for ring in (_KEY_SPEC_USER_KEYRING, _KEY_SPEC_USER_SESSION_KEYRING):
+      libc.syscall(keyctl_nr, _KEYCTL_CLEAR, ring)
+
+
+def _seccomp_fprog(prog: bytes):
+  """A `struct sock_fprog` for prog (built before fork; kept alive by the caller)."""
   import ctypes
-  libc = ctypes.CDLL(None, use_errno=True)  # resolved before fork
+
+  class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+  buf = ctypes.create_string_buffer(prog, len(prog))
+  return SockFprog(len(prog) // 8, ctypes.addressof(buf)), buf
+
+
+def _candidate_preexec(limits: dict, seccomp: bytes):
+  """Runs in the child between fork and exec (the checker is single-threaded)."""
+  import ctypes
+  libc = _libc()  # resolved before fork
+  fprog = _seccomp_fprog(seccomp) if seccomp else None
 
   def apply():
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the checker
@@ -119,6 +165,10 @@ def _candidate_preexec(limits: dict):
       # Soft == hard, except CPU: SIGXCPU at the soft limit, SIGKILL 1 s later.
       hard = val + 1 if res == resource.RLIMIT_CPU else val
       resource.setrlimit(res, (val, hard))
+    if fprog is not None:  # last: from here on only execve of the interpreter
+      # PR_SET_SECCOMP, SECCOMP_MODE_FILTER (no_new_privs is set in check_main)
+      if libc.prctl(22, 2, ctypes.byref(fprog[0]), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter refused by the kernel")
   return apply
 
 
@@ -130,6 +180,7 @@ class _Ctx:
     self.deadline = time.monotonic() + spec["limits"]["wall_s"] - _MARGIN_S
     self.env = {"PATH": "/usr/bin:/bin", "HOME": spec["scratch"],
                 "TMPDIR": spec["scratch"], "LANG": "C.UTF-8"}
+    self.preexec = _candidate_preexec(spec["limits"], bytes.fromhex(spec["seccomp"]))
 
   def remaining(self) -> float:
     left = self.deadline - time.monotonic()
@@ -142,7 +193,7 @@ class _Ctx:
     return subprocess.Popen(
         argv, stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL,
         cwd=self.spec["scratch"], env=self.env, close_fds=True, pass_fds=pass_fds,
-        start_new_session=True, preexec_fn=_candidate_preexec(self.spec["limits"]))
+        start_new_session=True, preexec_fn=self.preexec)
 
   def reap(self, proc) -> None:
     """Kill a candidate and everything it started, then reap it."""
@@ -193,14 +244,16 @@ class _Server:
                           subprocess.DEVNULL, subprocess.DEVNULL, (req_r, resp_w))
     os.close(req_r)
     os.close(resp_w)
-    self.buf = b""
+    self.buf = bytearray()
     reply = self.request({"program": program})
     if "error" in reply:
       raise _Abort(str(reply["error"])[:300])
 
   def request(self, msg: dict) -> dict:
     _write_all(self.req_w, json.dumps(msg).encode() + b"\n", self.ctx)
-    while b"\n" not in self.buf:
+    while (end := self.buf.find(b"\n")) < 0:
+      if len(self.buf) > _MSG_CAP:
+        raise _Abort("candidate reply too large")
       r, _, _ = select.select([self.resp_r], [], [], self.ctx.remaining())
       if not r:
         continue
@@ -208,9 +261,12 @@ class _Server:
       if not chunk:
         raise _Abort("candidate process died")
       self.buf += chunk
-      if len(self.buf) > _MSG_CAP:
-        raise _Abort("candidate reply too large")
-    line, self.buf = self.buf.split(b"\n", 1)
+    if end > _MSG_CAP:
+      raise _Abort("candidate reply too large")
+    line = bytes(self.buf[:end])
+    del self.buf[:end + 1]
+    if line.count(b"[") + line.count(b"{") + line.count(b",") > _MAX_ITEMS:
+      raise _Abort("candidate reply has too many values")
     try:
       reply = json.loads(line)
     except (ValueError, RecursionError):
@@ -384,6 +440,23 @@ def _drop_privileges(uid: int, gid: int) -> None:
     raise SystemExit("privilege drop failed")
 
 
+def _write_verdict(fd: int, nonce: str, ok: bool, reason) -> None:
+  """One line `<nonce> PASS|FAIL <peak RSS kB> <reason>`; cannot raise on any reason.
+
+  ASCII with backslash escapes: a candidate's text (a lone surrogate, say) can
+  reach the reason through an exception message.
+  """
+  try:
+    text = " ".join(str(reason).split())[:300]
+  except BaseException:  # a str() that raises
+    text = "unprintable reason"
+  rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  line = f"{nonce} {'PASS' if ok else 'FAIL'} {rss_kb} {text}"
+  view = memoryview(line.encode("ascii", "backslashreplace")[:2000] + b"\n")
+  while view:
+    view = view[os.write(fd, view):]
+
+
 def check_main(argv: list) -> int:
   _checker_imports()
   _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: no setuid/file-cap binary can regain privileges
@@ -396,17 +469,23 @@ def check_main(argv: list) -> int:
   os.dup2(devnull, 0)
   os.dup2(devnull, 1)  # prints of the (trusted) test code must not reach the verdict channel
   os.chdir(spec["scratch"])
+  own_uid = len(argv) == 2
+  _keyrings(spec["keyctl_nr"], own_uid)
   ok, reason = False, ""
   try:
     {"humaneval": _check_humaneval, "call_based": _check_call_based,
      "stdio": _check_stdio}[spec["kind"]](_Ctx(spec))
     ok = True
   except _Abort as e:
-    reason = str(e)
+    reason = e
   except BaseException as e:  # failed assert, wrong answer, exception from candidate
-    reason = f"{type(e).__name__}: {e}"
-  reason = " ".join(reason.split())[:300]
-  os.write(verdict_fd, f"{spec['nonce']} {'PASS' if ok else 'FAIL'} {reason}\n".encode())
+    try:
+      reason = f"{type(e).__name__}: {e}"
+    except BaseException:
+      reason = type(e).__name__
+  if own_uid:  # every candidate is dead (reaped): leave the slot's keyrings empty
+    _keyrings(spec["keyctl_nr"], own_uid)
+  _write_verdict(verdict_fd, spec["nonce"], ok, reason)
   return 0
 
 
@@ -425,13 +504,22 @@ class _Quitter:
     raise SystemExit(code)
 
 
-def _candidate_builtins() -> None:
+def _candidate_start() -> None:
   builtins.exit, builtins.quit = _Quitter("exit"), _Quitter("quit")
+  # Under memory pressure (the sandbox's memory cgroup, or the host) the OOM
+  # killer takes candidates before the checker, whose death is a grader fault.
+  # Here, after exec: the child is dumpable again, so its /proc/self is its own
+  # (a program can lower it back only to the checker's value).
+  try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+      f.write("1000")
+  except OSError:
+    pass
 
 
 def script_main(path: str) -> None:
   """Untrusted: run a stdio program as `__main__`, like `python path` would."""
-  _candidate_builtins()
+  _candidate_start()
   sys.argv = [path]
   with open(path, encoding="utf-8") as f:
     code = compile(f.read(), path, "exec")
@@ -440,7 +528,7 @@ def script_main(path: str) -> None:
 
 def serve_main(req_fd: int, resp_fd: int) -> int:
   """Untrusted: runs the program, then answers requests until EOF."""
-  _candidate_builtins()
+  _candidate_start()
   rf, wf = os.fdopen(req_fd, "rb"), os.fdopen(resp_fd, "wb")
 
   def reply(obj):

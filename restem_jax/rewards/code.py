@@ -30,9 +30,20 @@ fail to start), and lets the harness SIGKILL everything owned by that uid after
 a run without touching unrelated `nobody` daemons. When the harness is not root
 it is already unprivileged: bwrap then uses `--unshare-all` with a user
 namespace and `--disable-userns`, and RLIMIT_NPROC is counted on top of the
-processes the caller already owns. Residual risk in root mode: the program may
-still create an unprivileged user namespace of its own (kernel attack surface,
-no access gained to anything outside the sandbox); a seccomp filter would close it.
+processes the caller already owns.
+
+Seccomp. Every candidate process runs under a seccomp-BPF deny list
+(`seccomp.py`, installed by the checker between fork and exec, inherited by
+everything the program starts): no keyrings (per-uid kernel state that would
+outlive the sandbox and reach the next program in the slot), no new namespaces
+or mounts (a user namespace of its own would let a program mount an uncapped
+tmpfs), no System V IPC, POSIX message queues or memfd (memory RLIMIT_AS does
+not count), no ptrace / bpf / io_uring / userfaultfd / perf. Denied calls fail
+with EPERM. The self-test at construction checks that the filter is in force
+and raises SandboxError where the kernel refuses it: there is no unfiltered
+fallback. As defence in depth the checker gives candidates a fresh session
+keyring and, with a slot uid of its own, empties that uid's keyrings before
+and after every job (after a grader fault a fresh checker does it).
 
 Limits. Candidate processes get RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
 RLIMIT_NOFILE (soft == hard: an unprivileged program cannot raise them) and
@@ -43,8 +54,14 @@ kills whatever is left (daemons that double-forked and called setsid included).
 The harness enforces `wall_s` for the whole job: on timeout it SIGKILLs that
 init, reaps bwrap (no orphan is left for a host init that may not reap), then
 kills any process still owned by the slot's uid. Candidates run with `-I -S`
-(stdlib only: no site-packages, no .pth hooks). Memory is bounded per process;
-the aggregate is at most memory_mb * max_procs per sandbox (no cgroup is assumed).
+(stdlib only: no site-packages, no .pth hooks). Memory: where the harness can
+create cgroups (root, or a delegated cgroup v2 subtree; `memcg.py`) each slot has
+a memory cgroup capped at `sandbox_memory_mb` for the whole sandbox, kernel
+memory and tmpfs pages included, and candidates are the OOM killer's first
+choice. Elsewhere a warning is logged and memory is bounded per process only
+(memory_mb * max_procs per sandbox); `memory_cgroup` tells which. What then
+stays outside every rlimit is kernel memory the job frees when it ends: tmpfs
+inodes (empty files in /tmp, ~1 KB each), pipe and socket buffers.
 
 Unforgeable verdict
 -------------------
@@ -71,22 +88,36 @@ Candidate code never runs in a process that can produce the verdict:
   timeout or a protocol error is a FAIL (fail-closed). Even a process that got
   hold of the pipe could not write a verdict without the nonce, which lives only
   in the harness and the non-dumpable checker.
+* The checker reads a candidate's replies under caps (4 MB, 2^18 values, depth
+  200) and writes its verdict as escaped ASCII: no reply and no exception text
+  can make it balloon or crash.
+
+Grader faults
+-------------
+A sandbox that fails to start, hangs past `wall_s` + 1 s, or whose checker dies
+(OOM kill, a signal from outside) costs its sample only: reward 0, a warning
+logged, `Outcome.fault` set and `faults[kind]` counted; the slot is cleaned
+and the next job runs normally. A wrong, crashing or slow *program* is a FAIL
+verdict, not a fault.
 
 Known, documented gaps: a HumanEval completion may redefine helper functions of
 its own prompt that the test calls (as in the original harness); arguments are
 passed by value (tests that inspect in-place mutation are unsupported).
 
 `unsafe_local_exec=True` (only where a user explicitly asks, e.g. a machine
-without bubblewrap) runs the same runner without bwrap: rlimits, wall timeout,
-process-group kill and the nonce-checked verdict stay, but there is no
-filesystem/network/pid isolation and, when run as root, no RLIMIT_NPROC.
+without bubblewrap) runs the same runner without bwrap: rlimits, the seccomp filter, the memory
+cgroup, wall timeout, process-group kill and the nonce-checked verdict stay, but
+there is no filesystem/network/pid isolation, when run as root no RLIMIT_NPROC,
+and a program can kill its checker (counted as a "checker died" fault).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import dataclasses
 import json
+import logging
 import os
 import queue
 import secrets
@@ -95,7 +126,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+from restem_jax.rewards import memcg, seccomp
 
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
 _SANDBOX_RUNNER = "/sandbox/runner.py"
@@ -105,6 +139,11 @@ _INSTALL_HINT = ("bubblewrap (`bwrap`) is required to run generated code in a sa
                  "install it with `apt-get install bubblewrap` (Debian/Ubuntu; "
                  "`dnf install bubblewrap` on Fedora). Only if you accept running "
                  "untrusted code unisolated, pass CodeExecutor(unsafe_local_exec=True).")
+_LOG = logging.getLogger(__name__)
+# Self-test program: prints 42 only where the seccomp filter denies memfd_create.
+_PROBE = ("import os\ntry:\n    os.memfd_create('probe')\n    print('memfd_create allowed')\n"
+          "except PermissionError:\n    print(6 * 7)\n")
+_EMPTY_JOB = {"kind": "stdio", "program": "", "inputs": [""], "outputs": [""]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +156,19 @@ class Limits:
   open_files: int = 64
   max_output_kb: int = 256  # stdout of one stdio run
   scratch_mb: int = 64  # size of the private /tmp
+  sandbox_memory_mb: int = 1024  # all processes of one sandbox together (memory cgroup)
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
+  """One job's result. `fault` is None when the checker delivered a verdict (PASS
+  or FAIL: the program's doing); otherwise the grader failed on this sample
+  ("sandbox hung", "checker died", "sandbox failed to start") and reward is 0."""
   reward: float
   reason: str
   wall_s: float
+  fault: str | None = None
+  checker_rss_mb: float | None = None  # the checker's peak resident memory
 
 
 class SandboxError(RuntimeError):
@@ -178,7 +223,7 @@ class CodeExecutor:
 
   def __init__(self, limits: Limits = Limits(), num_workers: int = 2,
                unsafe_local_exec: bool = False, *, python: str | None = None,
-               uid_base: int | None = None):
+               uid_base: int | None = None, _benchmark_without_seccomp: bool = False):
     self.limits = limits
     self.num_workers = max(1, int(num_workers))
     self.unsafe_local_exec = unsafe_local_exec
@@ -189,27 +234,50 @@ class CodeExecutor:
       self._bwrap = shutil.which("bwrap")
       if self._bwrap is None:
         raise SandboxError(_INSTALL_HINT)
+    try:
+      self._keyctl_nr = seccomp.syscall_number("keyctl")
+      # Only benchmarks/rewards.py turns the filter off, to measure what it costs.
+      self._seccomp = b"" if _benchmark_without_seccomp else seccomp.filter_bytes()
+    except OSError as e:
+      raise SandboxError(f"code sandbox: {e}") from None
+    # Grader faults (not wrong programs) by kind, over the executor's lifetime.
+    self.faults: collections.Counter[str] = collections.Counter()
+    self._faults_lock = threading.Lock()
     # One uid per worker slot (root only): separate NPROC budgets, precise sweep.
     # The range is private to this process and executor, so two scorers running
     # at once (two runs, two test processes) never sweep each other's sandboxes.
+    instance = next(_INSTANCES)
     if uid_base is None:
       if self.num_workers > 64:
         raise ValueError(f"num_workers={num_workers}: at most 64 sandboxes per executor")
       uid_base = (DEFAULT_UID_BASE + (os.getpid() % 1_000_000) * 256
-                  + (next(_INSTANCES) % 4) * 64)
+                  + (instance % 4) * 64)
     self.sandbox_uids = ([uid_base + i for i in range(self.num_workers)]
                          if self._root and not unsafe_local_exec else [])
+    self._cgroups, why = memcg.SlotCgroups.create(
+        self.num_workers, limits.sandbox_memory_mb << 20, str(instance))
+    if self._cgroups is None:
+      _LOG.warning("code sandbox: no memory cgroup (%s); memory is bounded per process "
+                   "only: %d MB x %d processes per sandbox", why, limits.memory_mb,
+                   limits.max_procs)
     self._slots: queue.Queue[int] = queue.Queue()
     for i in range(self.num_workers):
       self._slots.put(i)
     self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers,
                                                        thread_name_prefix="sandbox")
     # Fail loudly now, not with a silent 0 reward per program later.
-    probe = self._run({"kind": "stdio", "program": "print(6 * 7)",
-                       "inputs": [""], "outputs": ["42"]})
+    expect = "memfd_create allowed" if _benchmark_without_seccomp else "42"
+    probe = self._run({"kind": "stdio", "program": _PROBE, "inputs": [""], "outputs": [expect]})
     if probe.reward != 1.0:
       self.close()
-      raise SandboxError(f"sandbox self-test failed: {probe.reason}")
+      hint = " (the seccomp filter is not in force)" if "allowed" in probe.reason else ""
+      raise SandboxError(f"sandbox self-test failed: {probe.reason}{hint}")
+    self.faults.clear()
+
+  @property
+  def memory_cgroup(self) -> bool:
+    """Whether each sandbox has a memory cgroup (Limits.sandbox_memory_mb in force)."""
+    return self._cgroups is not None
 
   # ------------------------------------------------------------------ API
   def run_humaneval(self, program: str, test: str, entry_point: str) -> float:
@@ -233,6 +301,8 @@ class CodeExecutor:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+    if self._cgroups is not None:
+      self._cgroups.close()
 
   def __enter__(self) -> "CodeExecutor":
     return self
@@ -253,7 +323,7 @@ class CodeExecutor:
     finally:
       self._slots.put(slot)
 
-  def _run_in_slot(self, job: dict, slot: int) -> Outcome:
+  def _run_in_slot(self, job: dict, slot: int, cleanup: bool = False) -> Outcome:
     nonce = secrets.token_hex(16)
     lim = dataclasses.asdict(self.limits)
     scratch = None
@@ -264,14 +334,23 @@ class CodeExecutor:
     else:
       argv, env = self._bwrap_argv(slot), {"PATH": "/usr/bin:/bin"}
       lim["nproc"] = self.limits.max_procs + (0 if self._root else self._procs_of_me())
+    if self._cgroups is not None:
+      argv = self._cgroups.wrap(slot, argv)
     spec = dict(job, nonce=nonce, limits=lim, python=self.python,
                 runner=_RUNNER if self.unsafe_local_exec else _SANDBOX_RUNNER,
-                scratch=scratch or "/tmp", pidns=not self.unsafe_local_exec)
+                scratch=scratch or "/tmp", pidns=not self.unsafe_local_exec,
+                seccomp=self._seccomp.hex(), keyctl_nr=self._keyctl_nr)
     data = json.dumps(spec).encode()
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, start_new_session=True,
-                            close_fds=True)
+    try:
+      proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env, start_new_session=True,
+                              close_fds=True)
+    except OSError as e:  # EAGAIN / ENOMEM / EMFILE on a loaded host
+      if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+      return self._fault(slot, "sandbox failed to start", f"{e}", time.monotonic() - t0,
+                         cleanup)
     timed_out = False
     try:
       out, err = proc.communicate(data, timeout=self.limits.wall_s + 1.0)
@@ -285,19 +364,35 @@ class CodeExecutor:
       if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.monotonic() - t0
-    if timed_out:
-      return Outcome(0.0, "timeout", elapsed)
+    if timed_out:  # the checker's own deadline is wall_s - 0.15 s: it is stuck
+      return self._fault(slot, "sandbox hung", f"no verdict after {elapsed:.1f}s", elapsed,
+                         cleanup)
     lines = out.decode("utf-8", "replace").splitlines()
     if not lines or not lines[0].startswith(nonce + " "):
-      msg = err.decode("utf-8", "replace").strip()
+      msg = " ".join(err.decode("utf-8", "replace").split())
       if msg.startswith("bwrap:"):  # set-up failed before any candidate code ran
-        raise SandboxError(f"sandbox failed to start: {msg[:500]}")
-      # The checker was killed (e.g. by the program's `kill -9 -1`) or crashed.
-      return Outcome(0.0, f"no verdict (exit {proc.returncode}) {' '.join(msg[-300:].split())}",
-                     elapsed)
-    verdict = lines[0][len(nonce) + 1:]
-    passed = verdict.split(" ", 1)[0] == "PASS" and elapsed <= self.limits.wall_s + 1.0
-    return Outcome(1.0 if passed else 0.0, verdict, elapsed)
+        return self._fault(slot, "sandbox failed to start", msg[:500], elapsed, cleanup)
+      # The checker crashed or was killed (OOM, a signal from outside the sandbox).
+      return self._fault(slot, "checker died", f"exit {proc.returncode} {msg[-300:]}", elapsed,
+                         cleanup)
+    word, rss_kb, reason = (lines[0][len(nonce) + 1:].split(" ", 2) + ["", ""])[:3]
+    passed = word == "PASS" and elapsed <= self.limits.wall_s + 1.0
+    rss = int(rss_kb) / 1024 if rss_kb.isdigit() else None
+    return Outcome(1.0 if passed else 0.0, f"{word} {reason}", elapsed, checker_rss_mb=rss)
+
+  def _fault(self, slot: int, kind: str, detail: str, elapsed: float,
+             cleanup: bool) -> Outcome:
+    """The grader, not the program, failed on this sample: reward 0, logged, counted."""
+    _LOG.warning("code sandbox fault in slot %d: %s (%s)%s", slot, kind, detail[:300],
+                 "" if cleanup else "; the sample scores 0")
+    if not cleanup:
+      with self._faults_lock:
+        self.faults[kind] += 1
+      if self.sandbox_uids:
+        # The checker empties the slot uid's keyrings when it starts and ends; this
+        # one may have died first, so a fresh checker does it now.
+        self._run_in_slot(_EMPTY_JOB, slot, cleanup=True)
+    return Outcome(0.0, f"{kind}: {detail}", elapsed, fault=kind)
 
   def _procs_of_me(self) -> int:
     return len(_procs_of_uid(os.getuid()))

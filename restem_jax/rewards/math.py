@@ -28,7 +28,8 @@ Equivalence (`is_equiv`, `MathGrader`): equal iff
   `4\sqrt{2}` / `4\sqrt(2)`, and its rounding (`0.333333` vs 1/3, `3.14159265` vs pi).
   Symbolic checks run in spawned worker processes (math_verify relies on signals, which
   fail in threads) under a CPU-time timer of timeout_s; a worker silent for 2*timeout_s
-  + grace (stuck in C) or dead is killed and replaced, and its pair scores 0.0. Model
+  + grace (stuck in C) or dead is killed and replaced, and its pair scores 0.0 (logged,
+  `Grade.fault` set by `score_detailed`, counted in `MathGrader.faults`). Model
   output never raises; an empty gold raises ValueError. A MathGrader is not thread-safe
   (one per thread); `is_equiv` shares one 1-worker grader behind a lock.
 
@@ -46,6 +47,8 @@ False negatives accepted (zero false positives comes first):
 from __future__ import annotations
 
 import atexit
+import collections
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -435,6 +438,16 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
 
 # ----------------------------------------------------------------------------- process pool
 
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grade:
+  """One sample's reward; `fault` says why the grader (not the answer) failed it:
+  "worker died" (crashed, OOM-killed) or "worker hung" (killed past its deadline)."""
+  reward: float
+  fault: str | None = None
+
 
 class _Worker:
 
@@ -477,12 +490,18 @@ class MathGrader:
     self.fallback_last_number = fallback_last_number
     self._ctx = multiprocessing.get_context("spawn")
     self._workers: list[_Worker] = []  # Started lazily: string matches need none.
+    # Samples lost to grader faults, by kind, over the grader's lifetime.
+    self.faults: collections.Counter[str] = collections.Counter()
 
   def _new_worker(self) -> _Worker:
     return _Worker(self._ctx, self._worker_target)
 
   def score(self, golds: list[str], outputs: list[str]) -> list[float]:
     """1.0/0.0 per (gold answer, full model output) pair."""
+    return [g.reward for g in self.score_detailed(golds, outputs)]
+
+  def score_detailed(self, golds: list[str], outputs: list[str]) -> list[Grade]:
+    """Like `score`, with the grader fault (if any) that cost each sample."""
     if len(golds) != len(outputs):
       raise ValueError(f"score: {len(golds)} golds but {len(outputs)} outputs")
     for i, g in enumerate(golds):
@@ -496,25 +515,29 @@ class MathGrader:
         preds.append(None)  # Never let odd output crash a generation run.
     return self._grade(list(golds), preds, self.timeout_s)
 
-  def _grade(self, golds: list[str], preds: list[str | None], timeout_s: float) -> list[float]:
-    scores = [0.0] * len(golds)
+  def _grade(self, golds: list[str], preds: list[str | None], timeout_s: float) -> list[Grade]:
+    grades = [Grade(0.0)] * len(golds)
     todo: dict[tuple[str, str], list[int]] = {}  # Unique pairs: samples repeat answers.
     for i, (g, p) in enumerate(zip(golds, preds)):
       if not p or len(p) > _MAX_ANSWER_CHARS:
         continue
       if normalize_answer(g) == normalize_answer(p):
-        scores[i] = 1.0
+        grades[i] = Grade(1.0)
       else:
         todo.setdefault((_clean(g), _clean(p)), []).append(i)
     if todo:
       pairs = list(todo)
-      for pair, ok in zip(pairs, self._run(pairs, timeout_s)):
+      for pair, (ok, fault) in zip(pairs, self._run(pairs, timeout_s)):
         for i in todo[pair]:
-          scores[i] = 1.0 if ok else 0.0
-    return scores
+          grades[i] = Grade(1.0 if ok else 0.0, fault)
+          if fault:
+            self.faults[fault] += 1
+    return grades
 
-  def _run(self, pairs: list[tuple[str, str]], timeout_s: float) -> list[bool]:
-    results = [False] * len(pairs)
+  def _run(self, pairs: list[tuple[str, str]],
+           timeout_s: float) -> list[tuple[bool, str | None]]:
+    """(equal, fault) per pair. A worker that dies or hangs costs its pair only."""
+    results: list[tuple[bool, str | None]] = [(False, None)] * len(pairs)
     queue = list(range(len(pairs)))[::-1]
     limit = 2 * timeout_s + self.hang_grace_s  # Wall clock: the CPU timer may lag it.
     while len(self._workers) < self.num_workers:
@@ -533,27 +556,31 @@ class MathGrader:
       multiprocessing.connection.wait([w.conn for w in self._workers], timeout=0.05)
       now = time.monotonic()
       for k, w in enumerate(self._workers):
-        dead = False
+        fault = None
         try:
           while w.conn.poll():
             msg = w.conn.recv()
             if msg == "ready":
               w.ready, failed_starts = True, 0
             elif w.task is not None:
-              results[w.task], w.task = bool(msg), None
+              results[w.task], w.task = (bool(msg), None), None
         except (EOFError, OSError):
-          dead = True  # Crashed (segfault, OOM kill): its pair scores 0.
-        if w.task is not None and now - w.started > limit:
-          dead = True  # Hung beyond the in-worker timer: stuck in C code.
-        if not w.ready and now - w.born > self.startup_timeout_s:
-          dead = True
-        if dead:
+          fault = "worker died"  # Crashed (segfault, OOM kill): its pair scores 0.
+        if fault is None and w.task is not None and now - w.started > limit:
+          fault = "worker hung"  # Hung beyond the in-worker timer: stuck in C code.
+        if fault is None and not w.ready and now - w.born > self.startup_timeout_s:
+          fault = "worker hung"
+        if fault:
           failed_starts += 0 if w.ready else 1
           if not w.ready and failed_starts >= 3:
             self.close()
             raise RuntimeError(
                 "MathGrader: checker processes fail to start (math-verify missing, or the "
                 "main script lacks `if __name__ == '__main__':`, which spawn needs)")
+          if w.task is not None:
+            results[w.task] = (False, fault)
+            _LOG.warning("math grader: %s (exit code %s) on gold %.80r vs %.80r; replaced, "
+                         "the pair scores 0", fault, w.proc.exitcode, *pairs[w.task])
           w.kill()
           self._workers[k] = self._new_worker()
     return results
@@ -598,4 +625,4 @@ def is_equiv(gold: str, pred: str, *, timeout_s: float = 5.0) -> bool:
     if _SHARED is None:
       _SHARED = MathGrader(num_workers=1, timeout_s=timeout_s)
       atexit.register(_SHARED.close)
-    return _SHARED._grade([gold], [pred.strip()], float(timeout_s))[0] == 1.0  # pylint: disable=protected-access
+    return _SHARED._grade([gold], [pred.strip()], float(timeout_s))[0].reward == 1.0  # pylint: disable=protected-access
