@@ -153,6 +153,7 @@ def test_hanging_or_crashing_scorer_costs_one_sample(splits):
     out = g.score([r["gold"]] * 4 + [bad_locator],
                   [good, "Answer: hang", "Answer: crash", good + " ", good])
     assert out == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert g.faults == {"worker hung": 1, "worker died": 1}  # the raising scorer is no fault
     assert g.score([r["gold"]], [good]) == [1.0]  # the pool recovered
 
 

@@ -52,6 +52,10 @@ class ReasoningGymGrader(math_reward.MathGrader):
     super().__init__(num_workers=num_workers, timeout_s=timeout_s)
 
   def score(self, golds: list[str], outputs: list[str]) -> list[float]:
+    return [g.reward for g in self.score_detailed(golds, outputs)]
+
+  def score_detailed(self, golds: list[str], outputs: list[str]) -> list[math_reward.Grade]:
+    """Grades of (gold locator, post-processed completion) pairs, with grader faults."""
     if len(golds) != len(outputs):
       raise ValueError(f"score: {len(golds)} golds but {len(outputs)} outputs")
     from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
@@ -60,4 +64,10 @@ class ReasoningGymGrader(math_reward.MathGrader):
     # round trip to a worker. No answer line = reward 0 without a check.
     unique = list(dict.fromkeys((g, a) for g, a in zip(golds, answers) if a is not None))
     verdict = dict(zip(unique, self._run(unique, self.timeout_s))) if unique else {}
-    return [1.0 if a is not None and verdict[(g, a)] else 0.0 for g, a in zip(golds, answers)]
+    grades = []
+    for g, a in zip(golds, answers):
+      ok, fault = verdict.get((g, a), (False, None))
+      if fault:
+        self.faults[fault] += 1
+      grades.append(math_reward.Grade(1.0 if ok else 0.0, fault))
+    return grades
