@@ -131,6 +131,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.majority_k = 8  # Majority voting over this many samples (math tasks).
   c.eval.on_train = True  # Also greedy pass@1 on (a subset of) train: Fig. 4's gap.
   c.eval.num_train_eval = 256  # Train problems in that measurement.
+  # Tasks evaluated (greedy pass@1 on their test split) on every model but never
+  # trained on: each a dict of config.task overrides plus an optional "label",
+  # e.g. ({"label": "gsm8k", "name": "gsm8k", "data_dir": "...", "few_shot": 8},).
+  c.eval.transfer_tasks = ()
 
   # --- Multi-host (jax.distributed). ---
   c.distributed = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """Evaluate a model: greedy pass@1 (test and train), pass@k, maj@k, by difficulty."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,31 @@ def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
                        mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
                        rng=jax.random.key(0))
   return _score(task, list(problems), [t[0] for t in texts])
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferTask:
+  """A task evaluated on every iteration's model but never trained on (Figs. 2, 3, 9, 10)."""
+  label: str  # Column name: eval.json keys are "transfer/<label>/...".
+  task: Any  # tasks.Task, with the run's vocabulary.
+  problems: list[Problem]  # Its test split.
+
+
+def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[TransferTask],
+                     *, max_new_tokens: int, max_batch: int) -> dict:
+  """Greedy pass@1 on each transfer task, and how many distinct answers gave it."""
+  out: dict[str, Any] = {}
+  for t in transfer:
+    texts = [row[0] for row in sample_texts(
+        sampler, params, t.task.vocabulary, t.problems, num_samples=1, mode=sampling.GREEDY,
+        max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0))]
+    rewards = _score(t.task, list(t.problems), texts)
+    out[f"transfer/{t.label}/pass@1_greedy"] = float(np.mean(rewards))
+    out[f"transfer/{t.label}/num_test"] = len(t.problems)
+    if t.task.answer_key is not None:
+      keys = {t.task.answer_key(t.task.postprocess(x)) for x in texts}
+      out[f"transfer/{t.label}/distinct_answers"] = len(keys - {None})
+  return out
 
 
 def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[Problem], *,

@@ -27,6 +27,11 @@ def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict) 
   if eval_cfg.majority_k <= n:
     cols.append((f"maj@{eval_cfg.majority_k}", f"maj@{eval_cfg.majority_k}"))
   cols.append(("samples kept", "samples_kept"))
+  # Transfer tasks (never trained on) and answer diversity, where the run has them.
+  for key in sorted({k for r in results for k in r if k.startswith("transfer/")}):
+    label, metric = key.split("/")[1:]
+    if metric == "pass@1_greedy":
+      cols.append((f"{label} (transfer)", key))
   lines = ["| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "---|" * len(cols)]
   for r in results:
@@ -50,6 +55,10 @@ def plot_pass_at_1(results: Sequence[dict], path: str) -> None:
   if all("pass@1_greedy_train" in r for r in iters):
     ax.plot(xs, [100 * r["pass@1_greedy_train"] for r in iters], "s--", alpha=0.7,
             label="ReST-EM (train)")
+  for key in sorted({k for r in iters for k in r if k.endswith("/pass@1_greedy")}):
+    if all(key in r for r in iters):
+      ax.plot(xs, [100 * r[key] for r in iters], "^:", alpha=0.8,
+              label=f"{key.split('/')[1]} (transfer)")
   for r in results:
     if r.get("iteration") == "sft":
       ax.axhline(100 * r["pass@1_greedy_test"], color="gray", ls=":",

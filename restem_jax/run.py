@@ -83,6 +83,31 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
   return splits
 
 
+def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
+                  model_cfg: model.ModelConfig) -> list[evaluate.TransferTask]:
+  """eval.transfer_tasks: each a dict of config.task overrides (+ an optional "label")."""
+  out = []
+  max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
+  for i, overrides in enumerate(config.eval.transfer_tasks):
+    overrides = dict(overrides)
+    label = str(overrides.pop("label", "") or overrides.get("name", f"task{i}"))
+    task_cfg = ml_collections.ConfigDict(config.task.to_dict())
+    unknown = sorted(set(overrides) - set(task_cfg))
+    if unknown:
+      raise partitioning.ConfigError(
+          f"eval.transfer_tasks[{i}] sets {unknown}, which are not task fields; use keys of "
+          "config.task (and 'label')")
+    task_cfg.update(overrides)
+    task = tasks.get_task(task_cfg, vocabulary=vocab)
+    out.append(evaluate.TransferTask(label, task, task.problems("test",
+                                                                max_prompt_len=max_prompt)))
+  labels = [t.label for t in out]
+  if len(set(labels)) != len(labels):
+    raise partitioning.ConfigError(f"eval.transfer_tasks: labels {labels} repeat; give each a "
+                                   "distinct 'label'")
+  return out
+
+
 class RunContext:
   """What every phase needs (config, mesh, task, splits, sampler, workdir), and how it resumes."""
 
@@ -100,6 +125,7 @@ class RunContext:
     self.task = tasks.get_task(config.task, vocabulary=load_vocabulary(config.task))
     self.splits = load_splits(config, self.task, self.model_cfg)
     vocab = self.task.vocabulary
+    self.transfer = load_transfer(config, vocab, self.model_cfg)
     self.sampler = sampling.Sampler(self.model_cfg, self.mesh, eos_id=vocab.eos_id,
                                     pad_id=vocab.pad_id)
     self.progress = wd.Progress(self.layout.progress, write=self.coordinator)
@@ -158,6 +184,9 @@ class RunContext:
                                  test_problems=self.splits.test, train_problems=self.splits.train,
                                  eval_cfg=c.eval, max_new_tokens=c.sampling.max_new_tokens,
                                  max_batch=c.sampling.max_batch, seed=c.seed, log=self.log)
+      result.update(evaluate.transfer_metrics(params, self.sampler, self.transfer,
+                                              max_new_tokens=c.sampling.max_new_tokens,
+                                              max_batch=c.sampling.max_batch))
       return {**result, **extra, "iteration": m.name}
 
     def save(result: dict) -> None:
@@ -251,8 +280,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
     results.append(ctx.evaluated(it, current, samples_kept=stats["kept"],
                                  problems_solved=stats["problems_solved"]))
 
-  if c.restem.sft_baseline:
-    human = ctx.task.human_solutions()
+  human = ctx.task.human_solutions() if c.restem.sft_baseline else []
+  if c.restem.sft_baseline and not human:
+    # An outcome of the data, not bad input: nothing to fine-tune on.
+    logging.warning("restem.sft_baseline: skipped, task %r has no human solutions in its "
+                    "train split (e.g. reasoning-gym generators without worked solutions)",
+                    c.task.name)
+  elif human:
     sft = ctx.trained(layout.sft, functools.partial(sft_baseline, ctx, base, human))
     results.append(ctx.evaluated(layout.sft, sft, samples_kept=len(human)))
 
