@@ -92,6 +92,8 @@ def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
     overrides = dict(overrides)
     label = str(overrides.pop("label", "") or overrides.get("name", f"task{i}"))
     task_cfg = ml_collections.ConfigDict(config.task.to_dict())
+    # Only its test split is read: no train/validation draws unless asked for.
+    task_cfg.update(num_train=1, num_val=0)
     unknown = sorted(set(overrides) - set(task_cfg))
     if unknown:
       raise partitioning.ConfigError(

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 from restem_jax.tasks import prompts
 from restem_jax.tasks import scoring
-from restem_jax.tasks.spec import DatasetSpec, Problem, SplitBuilder
+from restem_jax.tasks.spec import DataLayoutError, DatasetSpec, Problem, SplitBuilder
 
 ANSWER_PREFIX = "Answer:"
 SOLUTION_PREFIX = "Solution:"
@@ -54,7 +54,7 @@ SPLIT_SALT = {"exemplars": 0, "test": 1, "validation": 2, "train": 3}
 _ANSWER_RE = re.compile(r"(?:^|\n)\s*Answer:[ \t]*([^\n]*)")
 
 
-class ReasoningGymError(ValueError):
+class ReasoningGymError(DataLayoutError):
   """A reasoning-gym mix that cannot be built; the message names the field or dataset."""
 
 
