@@ -20,14 +20,14 @@ import jax
 import ml_collections
 from etils import epath
 
-from restem_jax import (checkpoints, distributed, evaluate, generate, improve, model,
-                        partitioning, report, sampling, tasks, workdir as wd)
+from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate, improve,
+                        model, partitioning, report, sampling, tasks, workdir as wd)
 from restem_jax.improve import Example
 from restem_jax.tasks import samples as samples_lib
 from restem_jax.training import NonFiniteLossError
 
 # Errors that mean "your input is wrong": main.py prints them as one line.
-USER_ERRORS = (partitioning.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
+USER_ERRORS = (errors.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
                tasks.DataLayoutError, NonFiniteLossError)
 
 
@@ -134,12 +134,7 @@ def ensure_base(ctx: RunContext, progress: wd.Progress) -> Any:
   """theta_base: restored from a checkpoint, or pretrained on the human solutions."""
   c = ctx.config
   if c.base.source == "checkpoint":
-    if not c.base.path:
-      raise partitioning.ConfigError("base.source='checkpoint' needs base.path (an Orbax "
-                                     "params dir, e.g. made by python -m restem_jax.importers)")
     return ctx.restore(c.base.path)
-  if c.base.source != "pretrain":
-    raise partitioning.ConfigError(f"base.source={c.base.source!r}: use 'pretrain' or 'checkpoint'")
   path = os.path.join(ctx.workdir, "base")
   if progress.is_done("base"):
     return ctx.restore(path)
@@ -174,6 +169,7 @@ def phase_eval(ctx: RunContext, progress: wd.Progress, name: str, out_dir: str, 
 
 def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False) -> list[dict]:
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
+  configlib.validate(config)  # main did already; here for callers of the library
   distributed.initialize(config.distributed)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   wd.check_or_save_config(workdir, config, override, write=distributed.is_coordinator())
@@ -187,12 +183,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
   teacher = None
   if c.restem.sample_from == "teacher":
     teacher = ctx.restore(c.restem.teacher_path)
-  elif c.restem.sample_from != "self":
-    raise partitioning.ConfigError(f"restem.sample_from={c.restem.sample_from!r}: use 'self' or "
-                                   "'teacher'")
-  if c.restem.finetune_from not in ("base", "previous"):
-    raise partitioning.ConfigError(f"restem.finetune_from={c.restem.finetune_from!r}: use 'base' "
-                                   "or 'previous'")
 
   current = base
   for i in range(1, c.restem.num_iterations + 1):
