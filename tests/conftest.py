@@ -44,6 +44,16 @@ def task_cfg(name="embedded_arith", data_dir="", **kw):
   return cfg
 
 
+def load_config(path):
+  """A configs/*.py file as a module, loaded by path as config_flags loads it."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def tiny_cfg(**kw):
   """A small GQA ModelConfig (4 query heads, 2 KV heads) for unit tests; kw overrides fields."""
   from restem_jax import model  # pylint: disable=import-outside-toplevel

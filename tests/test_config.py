@@ -6,7 +6,6 @@ The runs go through a small process pool; each must end within 5 s of CPU time
 of its own, and none may create the workdir: nothing may start before the check.
 """
 import concurrent.futures
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, main_cmd, subprocess_env
+from conftest import ROOT, TINY_CONFIG, load_config, main_cmd, subprocess_env
 from restem_jax import configlib, errors
 
 # "Fails within 5 s" is measured as the process's own CPU time, which the other
@@ -135,21 +134,13 @@ def test_every_problem_is_reported_on_its_own_line(tmp_path):
     assert sum(field in line for line in errs) == 1, (field, errs)
 
 
-def _load(path):
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_good_configs_pass_validate():
   configs = os.path.join(ROOT, "configs")
-  configlib.validate(_load(TINY_CONFIG).get_config())
-  demo = _load(os.path.join(configs, "demo.py"))
+  configlib.validate(load_config(TINY_CONFIG).get_config())
+  demo = load_config(os.path.join(configs, "demo.py"))
   configlib.validate(demo.get_config())
   configlib.validate(demo.get_config("runlocal"))
-  ablations = _load(os.path.join(configs, "ablations.py"))
+  ablations = load_config(os.path.join(configs, "ablations.py"))
   for name in sorted(ablations.VARIANTS):
     if name != "distill":  # needs a teacher checkpoint: checked just below
       configlib.validate(ablations.get_config(name))
@@ -160,7 +151,7 @@ def test_good_configs_pass_validate():
   configlib.validate(distill)
   # The pod configs name gs:// paths of another machine: everything but the files.
   for name in ("llama3_1b_math_v4_32", "llama3_8b_math_v5p_128"):
-    mod = _load(os.path.join(configs, name + ".py"))
+    mod = load_config(os.path.join(configs, name + ".py"))
     configlib.validate(mod.get_config("bucket=gs://b"), check_files=False)
     configlib.validate(mod.get_config("runlocal"))
 
@@ -214,6 +205,6 @@ def test_partitioning_still_exports_config_error():
                                   "llama3_8b_math_v5p_128"])
 def test_config_files_refuse_an_unknown_argument(name):
   # `file.py:arg` goes through configlib.parse_config_arg: a typo is an error, not ignored.
-  mod = _load(os.path.join(ROOT, "configs", name + ".py"))
+  mod = load_config(os.path.join(ROOT, "configs", name + ".py"))
   with pytest.raises(errors.ConfigError, match="runlcoal"):
     mod.get_config("runlcoal")
