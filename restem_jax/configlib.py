@@ -219,7 +219,9 @@ def choice_problem(field: str, value: Any, choices: Iterable[str] | None = None)
 
 def check_choice(field: str, value: Any) -> None:
   """For the code that acts on a CHOICES field: the same error as validate's."""
-  errors.raise_if([p for p in [choice_problem(field, value)] if p])
+  problem = choice_problem(field, value)
+  if problem:
+    raise errors.ConfigError(problem)
 
 
 def model_shape_problems(m: Any, dtypes: bool = True) -> list[str]:
@@ -299,6 +301,69 @@ def _range_problems(c: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
+def _shape_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
+  """The model's shape, the mesh's, and what the mesh must divide (heads, batches)."""
+  out = []
+  if not bad & {"model.n_heads", "model.n_kv_heads", "model.d_model", "model.head_dim"}:
+    out += model_shape_problems(c.model, dtypes=False)  # dtypes: with the other CHOICES
+  mesh = mesh_shape_problems(c.mesh.shape)
+  if mesh:
+    return out + mesh
+  data, fsdp, tensor = c.mesh.shape  # -1: known once the devices are (make_mesh checks then)
+  if tensor != -1 and not bad & {"model.n_heads", "model.n_kv_heads"}:
+    out += tensor_axis_problems(c.model, tensor)
+  if not bad & {"train.micro_batches", "train.batch_size", "base.batch_size"}:
+    micro, dp = c.train.micro_batches, (data * fsdp if -1 not in (data, fsdp) else 1)
+    sizes = ["train.batch_size"] + (["base.batch_size"] if c.base.source == "pretrain" else [])
+    out += [f"{f}={_get(c, f)} must be a multiple of train.micro_batches={micro} x the mesh's "
+            f"data-parallel size {dp} (mesh.shape data x fsdp)"
+            for f in sizes if _get(c, f) % (micro * dp)]
+  return out
+
+
+def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
+  out = []
+  if not bad & {"sampling.max_new_tokens", "model.max_seq_len"} and \
+      c.sampling.max_new_tokens >= c.model.max_seq_len:
+    out.append(f"sampling.max_new_tokens={c.sampling.max_new_tokens} leaves no room for a "
+               f"prompt in model.max_seq_len={c.model.max_seq_len}; lower it or raise "
+               "model.max_seq_len")
+  if "eval.num_samples" not in bad:
+    n = c.eval.num_samples
+    out += [f"eval.pass_k={tuple(c.eval.pass_k)}: k={k!r} is not in [1, eval.num_samples={n}]; "
+            "pass@k needs k of the samples drawn"
+            for k in c.eval.pass_k if not isinstance(k, int) or not 1 <= k <= n]
+    if c.eval.majority_k > n:
+      out.append(f"eval.majority_k={c.eval.majority_k} > eval.num_samples={n}: majority voting "
+                 "needs that many samples; lower it or raise eval.num_samples")
+  if c.base.source == "checkpoint" and not c.base.path:
+    out.append("base.source='checkpoint' needs base.path (an Orbax params dir, e.g. made by "
+               "python -m restem_jax.importers)")
+  if c.restem.sample_from == "teacher" and not c.restem.teacher_path:
+    out.append("restem.sample_from='teacher' needs restem.teacher_path (a params checkpoint, "
+               "e.g. another run's iter_003/model)")
+  return out
+
+
+def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
+  out = []
+  if c.base.source == "checkpoint" and c.base.path:
+    out.append(_missing_path_problem(
+        "base.path", c.base.path,
+        "import a model there first (python -m restem_jax.importers --out=...) or fix the path"))
+  if c.restem.sample_from == "teacher" and c.restem.teacher_path:
+    out.append(_missing_path_problem(
+        "restem.teacher_path", c.restem.teacher_path,
+        "point it at a params checkpoint (e.g. another run's iter_003/model)"))
+  if c.task.vocab_path:
+    out.append(_missing_path_problem(
+        "task.vocab_path", c.task.vocab_path,
+        "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
+  if c.task.name in _dataset_names():
+    out.append(_data_layout_problem(c.task.name, c.task.data_dir))
+  return out
+
+
 def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> list[str]:
   """Every problem of `config`, one line each naming the field; [] for a config that works.
 
@@ -307,66 +372,13 @@ def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> lis
   machines (a pod config's gs:// paths).
   """
   c = config
-  out = [p for p in (choice_problem(f, _get(c, f)) for f in CHOICES) if p]
-  p = choice_problem("task.name", c.task.name, _dataset_names())
-  out += [p] if p else []
+  out = [choice_problem(f, _get(c, f)) for f in CHOICES]
+  out.append(choice_problem("task.name", c.task.name, _dataset_names()))
   ranges = _range_problems(c)
-  out += ranges
-  bad = {line.split("=")[0] for line in ranges}
-
-  if not bad & {"model.n_heads", "model.n_kv_heads", "model.d_model", "model.head_dim"}:
-    out += model_shape_problems(c.model, dtypes=False)  # dtypes: in CHOICES above
-    mesh = mesh_shape_problems(c.mesh.shape)
-    out += mesh
-    if not mesh:
-      data, fsdp, tensor = c.mesh.shape
-      if tensor != -1:
-        out += tensor_axis_problems(c.model, tensor)
-      if not bad & {"train.micro_batches", "train.batch_size", "base.batch_size"}:
-        micro = c.train.micro_batches
-        dp = data * fsdp if -1 not in (data, fsdp) else 1
-        sizes = ["train.batch_size"] + (["base.batch_size"] if c.base.source == "pretrain" else [])
-        for field in sizes:
-          if _get(c, field) % (micro * dp):
-            out.append(f"{field}={_get(c, field)} must be a multiple of train.micro_batches="
-                       f"{micro} x the mesh's data-parallel size {dp} (mesh.shape data x fsdp)")
-
-  if not bad & {"sampling.max_new_tokens", "model.max_seq_len"}:
-    if c.sampling.max_new_tokens >= c.model.max_seq_len:
-      out.append(f"sampling.max_new_tokens={c.sampling.max_new_tokens} leaves no room for a "
-                 f"prompt in model.max_seq_len={c.model.max_seq_len}; lower it or raise "
-                 "model.max_seq_len")
-  if not bad & {"eval.num_samples"}:
-    n = c.eval.num_samples
-    for k in c.eval.pass_k:
-      if not isinstance(k, int) or not 1 <= k <= n:
-        out.append(f"eval.pass_k={tuple(c.eval.pass_k)}: k={k!r} is not in [1, eval.num_samples="
-                   f"{n}]; pass@k needs k of the samples drawn")
-    if c.eval.majority_k > n:
-      out.append(f"eval.majority_k={c.eval.majority_k} > eval.num_samples={n}: majority voting "
-                 "needs that many samples; lower it or raise eval.num_samples")
-
-  if c.base.source == "checkpoint" and not c.base.path:
-    out.append("base.source='checkpoint' needs base.path (an Orbax params dir, e.g. made by "
-               "python -m restem_jax.importers)")
-  if c.restem.sample_from == "teacher" and not c.restem.teacher_path:
-    out.append("restem.sample_from='teacher' needs restem.teacher_path (a params checkpoint, "
-               "e.g. another run's iter_003/model)")
+  bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
+  out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
   if check_files:
-    if c.base.source == "checkpoint" and c.base.path:
-      out.append(_missing_path_problem(
-          "base.path", c.base.path, "import a model there first (python -m restem_jax.importers "
-          "--out=...) or fix the path"))
-    if c.restem.sample_from == "teacher" and c.restem.teacher_path:
-      out.append(_missing_path_problem(
-          "restem.teacher_path", c.restem.teacher_path,
-          "point it at a params checkpoint (e.g. another run's iter_003/model)"))
-    if c.task.vocab_path:
-      out.append(_missing_path_problem(
-          "task.vocab_path", c.task.vocab_path,
-          "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
-    if c.task.name in _dataset_names():
-      out.append(_data_layout_problem(c.task.name, c.task.data_dir))
+    out += _file_problems(c)
   return [p for p in out if p]
 
 
