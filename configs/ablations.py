@@ -1,6 +1,6 @@
 r"""The paper's ablations as data: `--config=configs/ablations.py:<name>`.
 
-Each variant is the demo config with a few fields changed (no code branches):
+Each variant is the demo config (configs/demo.py) with a few fields changed:
     rest          ReST-style: every M-step fine-tunes the previous iterate
     one_iter_3x   one iteration with 3x the samples per problem
     rest_star     ReST*: at most one correct sample per problem
@@ -12,18 +12,14 @@ Each variant is the demo config with a few fields changed (no code branches):
     python -m restem_jax.main --config=configs/ablations.py:distill \
         --config.restem.teacher_path=/tmp/restem_demo/iter_003/model --workdir=/tmp/distill
 """
-import importlib.util
-import os
+import ml_collections
 
-_spec = importlib.util.spec_from_file_location(
-    "demo_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+from restem_jax import recipes
 
 VARIANTS = {
     "rest": {"restem.finetune_from": "previous"},
     "one_iter_3x": {"restem.num_iterations": 1,
-                    "sampling.num_samples": 3 * _demo.get_config().sampling.num_samples},
+                    "sampling.num_samples": 3 * recipes.embedded_demo().sampling.num_samples},
     "rest_star": {"restem.max_per_problem": 1},
     "train_500": {"task.num_train": 500},
     "sft_only": {"restem.num_iterations": 0, "restem.sft_baseline": True},
@@ -31,10 +27,10 @@ VARIANTS = {
 }
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in VARIANTS:
     raise ValueError(f"unknown ablation {arg!r}; choose one of {sorted(VARIANTS)}")
-  c = _demo.get_config()
+  c = recipes.embedded_demo()
   c.restem.sft_baseline = False
   for dotted, value in VARIANTS[arg].items():
     section, field = dotted.split(".")

@@ -1,8 +1,7 @@
 r"""ReST-EM on MATH with Llama-3.2-1B on a Cloud TPU v4-32 (16 chips, 4 hosts).
 
-Paper settings (Singh et al. 2024, MATH): 4-shot Minerva prompt, N=32 samples per
-problem at T=0.7 / top-k 40, at most 10 correct kept per problem, 3 iterations,
-every M-step fine-tunes the base model.
+The paper's MATH recipe (restem_jax/recipes.py: paper_math_pod, which lists the
+paths under the bucket) with this model, mesh, sampling batch and optimizer.
 
 Mesh (data, fsdp, tensor) = (4, 4, 1) on 16 devices (v4 megacore: 1 device/chip):
   * fsdp=4 shards params + AdamW state (1.24B x 12 B/param ~ 15 GB f32) to ~4 GB
@@ -12,22 +11,18 @@ Mesh (data, fsdp, tensor) = (4, 4, 1) on 16 devices (v4 megacore: 1 device/chip)
   * tensor=1: a 1B model does not need it (2048-wide matmuls would be tiny per chip).
   Batches must be multiples of data*fsdp = 16.
 
-Commands (B = your bucket; run from the repo root on your workstation):
-
-  # 1. Data: the MATH release (hendrycks) unpacked to gs://B/data/MATH (train/, test/).
-  # 2. Import the base model once, from a local HF snapshot (safetensors + tokenizer.json,
-  #    e.g. `huggingface-cli download meta-llama/Llama-3.2-1B --local-dir $HOME/hf/Llama-3.2-1B`):
+Commands, from the repo root (B = your bucket, MATH unpacked to gs://B/data/MATH):
+  # Import the base model once, from a local HF snapshot (safetensors + tokenizer.json):
+  huggingface-cli download meta-llama/Llama-3.2-1B --local-dir $HOME/hf/Llama-3.2-1B
   python -m restem_jax.importers --format=hf --src=$HOME/hf/Llama-3.2-1B \
       --out=gs://B/restem/llama3_1b_math/base
   gsutil cp $HOME/hf/Llama-3.2-1B/tokenizer.json gs://B/restem/llama3_1b_math/tokenizer.json
-  # 3. Launch on every worker (add --create the first time):
+  # Launch on every worker (add --create the first time; rerun it to resume):
   python -m launch.tpu_vm --tpu_name=restem-v4 --zone=us-central2-b --project=P \
       --accelerator_type=v4-32 --repo_url=https://github.com/ORG/restem-jax \
       --config=configs/llama3_1b_math_v4_32.py:bucket=gs://B \
       --workdir=gs://B/restem/llama3_1b_math --detach
-  # 4. Resume after preemption / a kill: rerun exactly the same command.
-
-CPU smoke test of the same pipeline (tiny model, offline embedded task):
+  # CPU smoke test of the same pipeline (tiny model, offline embedded task):
   python -m restem_jax.main --config=configs/llama3_1b_math_v4_32.py:runlocal \
       --workdir=/tmp/restem_1b_runlocal
 """
@@ -35,16 +30,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from restem_jax import configlib
+from restem_jax import configlib, recipes
 
 NAME = "llama3_1b_math"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_config_arg(arg)
-  bucket = args.get("bucket", "gs://YOUR_BUCKET")
-  workdir = f"{bucket}/restem/{NAME}"
-  c = configlib.default_config()
+  args = configlib.parse_config_arg(arg, allowed=("bucket", "runlocal"))
+  c = recipes.paper_math_pod(NAME, bucket=args.get("bucket", "gs://YOUR_BUCKET"))
 
   # Llama-3.2-1B.
   c.model.vocab_size = 128256
@@ -59,11 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.max_seq_len = 2048  # ~700-token 4-shot prompt + question + 512 new tokens.
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
-
   c.mesh.shape = (4, 4, 1)
-  c.distributed.initialize = "always"  # 4 hosts; TPU VMs discover their peers.
 
-  configlib.paper_math_recipe(c, bucket=bucket, workdir=workdir)
   # Multiple of 16. bf16 KV cache (32 KB/slot): 16 prompts x 1024 prompt slots (shared by
   # their 32 samples) + 512 rows x 512 generated slots = ~9 GB total, ~0.6 GB/chip.
   c.sampling.max_batch = 512
@@ -75,9 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch_size = 64
   c.train.max_steps = 3000
   c.train.eval_every = 250
-  c.train.patience = 2
   c.train.checkpoint_every = 250
 
   if "runlocal" in args:
-    configlib.shrink_to_runlocal(c)
+    recipes.shrink_to_runlocal(c)
   return c

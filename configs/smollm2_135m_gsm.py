@@ -37,7 +37,7 @@ def smollm2_gguf_path() -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = dict(p.partition("=")[::2] for p in filter(None, (arg or "").split(",")))
+  args = configlib.parse_config_arg(arg, allowed=("workdir",))
   workdir = args.get("workdir", "/tmp/restem_smollm2")
   c = configlib.default_config()
 

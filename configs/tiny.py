@@ -2,11 +2,13 @@ r"""The smallest end-to-end run (tests): two iterations in about a minute on CPU
 
     python -m restem_jax.main --config=configs/tiny.py --workdir=/tmp/restem_tiny
 """
+import ml_collections
+
 from restem_jax import configlib
 
 
-def get_config(arg: str | None = None):
-  del arg
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  configlib.parse_config_arg(arg, allowed=())
   c = configlib.default_config()
   c.model.vocab_size = 512
   c.model.d_model = 64

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
+from restem_jax import distributed
 from restem_jax import model as model_lib
 
 _PARAMS, _META = "params", "metadata"
@@ -34,12 +35,6 @@ class CheckpointError(RuntimeError):
 def _one_line(e: BaseException, limit: int = 300) -> str:
   msg = " ".join(f"{type(e).__name__}: {e}".split())
   return msg if len(msg) <= limit else msg[:limit] + "..."
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------- params
@@ -65,7 +60,7 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
   tmp = path_p.parent / f"{path_p.name}.new"
   if jax.process_index() == 0 and tmp.exists():
     tmp.rmtree()
-  _sync(f"restem_save_params_start:{path}")
+  distributed.sync(f"restem_save_params_start:{path}")
   ckptr = _params_checkpointer()
   try:
     ckptr.save(tmp, args=ocp.args.Composite(**{
@@ -81,7 +76,7 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
     tmp.rename(path_p)
     if old is not None:
       old.rmtree()
-  _sync(f"restem_save_params_done:{path}")
+  distributed.sync(f"restem_save_params_done:{path}")
 
 
 def _check_exists(path: str, what: str) -> epath.Path:

@@ -1,13 +1,59 @@
-"""Every config field, its default and what it means.
+"""Every config field, its default, what it means and which values work.
 
 Experiment configs (configs/*.py) start from `default_config()` and override
 fields. The returned ConfigDict is locked, so a misspelt key in a config file or
 on the command line (`--config.trian.steps=3`) fails at once instead of being
-silently ignored.
+silently ignored. `validate(config)` then checks the values (choices, ranges,
+model shape vs mesh, paths) before anything is loaded: `main` calls it first,
+and every problem is one `error: <field>=<value>: <what to do>` line.
+
+This module imports only ml_collections (plus the cheap task registry and
+workdir helpers inside `validate`), so checking a config costs well under a
+second: no JAX, SeqIO or TensorFlow.
 """
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import ml_collections
+
+from restem_jax import errors
+
+# Fields that take one of a few strings (task.name: the dataset registry, see
+# `_dataset_names`). The code that acts on a field checks it against this table too.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "base.source": ("pretrain", "checkpoint"),
+    "restem.finetune_from": ("base", "previous"),
+    "restem.sample_from": ("self", "teacher"),
+    "train.optimizer": ("adamw", "adafactor"),
+    "train.schedule": ("cosine", "constant"),
+    "train.loss_normalization": ("token", "sequence"),
+    "distributed.initialize": ("auto", "never", "always"),
+}
+
+# Numeric fields: the smallest value that works. Fields not listed take any
+# value of their type (seed, the embedded task's generator knobs, ...).
+AT_LEAST: dict[str, int] = {
+    "model.vocab_size": 1, "model.d_model": 1, "model.n_layers": 1, "model.n_heads": 1,
+    "model.n_kv_heads": 1, "model.d_ff": 1, "model.head_dim": 0, "model.max_seq_len": 2,
+    "base.steps": 1, "base.batch_size": 1,
+    "task.num_train": 0, "task.num_val": 0, "task.num_test": 0, "task.few_shot": 0,
+    "task.grader_workers": 1, "task.code_workers": 1,
+    "sampling.num_samples": 1, "sampling.temperature": 0, "sampling.top_k": 0,
+    "sampling.max_new_tokens": 1, "sampling.max_batch": 1,
+    "restem.num_iterations": 0, "restem.max_per_problem": 1,
+    "train.warmup_steps": 0, "train.weight_decay": 0, "train.grad_clip": 0,
+    "train.batch_size": 1, "train.micro_batches": 1, "train.max_steps": 1,
+    "train.eval_every": 1, "train.patience": 1, "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 1,
+    "eval.num_samples": 1, "eval.temperature": 0, "eval.top_k": 0, "eval.majority_k": 1,
+    "eval.num_train_eval": 0,
+}
+POSITIVE = ("model.rope_base", "model.norm_eps", "base.learning_rate", "train.learning_rate",
+            "task.grader_timeout_s")  # > 0
+FRACTIONS = ("sampling.top_p", "eval.top_p")  # in [0, 1]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-5  # RMSNorm epsilon.
   c.model.tie_embeddings = True  # Output projection = embedding transposed.
   c.model.max_seq_len = 256  # Longest prompt + completion (KV-cache length).
-  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16.
+  c.model.dtype = "float32"  # Compute dtype: float32, bfloat16 or float16.
   c.model.param_dtype = "float32"  # Parameter storage dtype.
 
   # --- Device mesh (restem_jax/partitioning.py). ---
@@ -145,91 +191,239 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # host:port of process 0 (non-TPU clusters).
   c.distributed.num_processes = 0  # 0 = discover.
   c.distributed.process_id = -1  # -1 = discover.
-
-  c.log_every = 20  # Steps between training log lines.
   c.lock()
   return c
 
 
-def parse_config_arg(arg: str | None) -> dict[str, str]:
-  """'runlocal,bucket=gs://b' -> {'runlocal': '1', 'bucket': 'gs://b'} (big_vision style)."""
+def parse_config_arg(arg: str | None, allowed: Iterable[str]) -> dict[str, str]:
+  """The argument after `config.py:`, big_vision style: 'runlocal,bucket=gs://b' ->
+  {'runlocal': '1', 'bucket': 'gs://b'}. A key not in `allowed` is a ConfigError."""
   out = {}
   for part in filter(None, (arg or "").split(",")):
     k, _, v = part.partition("=")
     out[k.strip()] = v.strip() if v else "1"
+  unknown = sorted(set(out) - set(allowed))
+  if unknown:
+    raise errors.ConfigError(f"config argument(s) {unknown} in {arg!r}: this config file "
+                             f"takes {', '.join(sorted(allowed)) or 'no argument'}")
   return out
 
 
-def paper_math_recipe(c: ml_collections.ConfigDict, *, bucket: str, workdir: str) -> None:
-  """The paper's MATH settings (Singh et al. 2024), shared by the pod configs.
+# ----------------------------------------------------------------------------- checks
 
-  4-shot Minerva prompt, N=32 samples at T=0.7 / top-k 40, at most 10 kept per
-  problem, 3 iterations, every M-step from the base; base model and tokenizer
-  imported into `workdir`, MATH unpacked under `bucket`/data/MATH. Model, mesh,
-  sampling batch and optimizer stay per config (they depend on the model size).
+
+def _get(c: Any, field: str) -> Any:
+  section, name = field.split(".")
+  return c[section][name]
+
+
+def choice_problem(field: str, value: Any, choices: Iterable[str] | None = None) -> str | None:
+  choices = tuple(CHOICES[field] if choices is None else choices)
+  if value in choices:
+    return None
+  return f"{field}={value!r}: use one of {', '.join(map(repr, choices))}"
+
+
+def check_choice(field: str, value: Any) -> None:
+  """For the code that acts on a CHOICES field: the same error as validate's."""
+  problem = choice_problem(field, value)
+  if problem:
+    raise errors.ConfigError(problem)
+
+
+def model_shape_problems(m: Any, dtypes: bool = True) -> list[str]:
+  """Head counts, head size (and dtypes) the decoder can be built with.
+
+  `m` is config.model or a model.ModelConfig (whose __post_init__ calls this).
   """
-  c.base.source = "checkpoint"
-  c.base.path = f"{workdir}/base"
-
-  c.task.name = "math"
-  c.task.data_dir = f"{bucket}/data/MATH"
-  c.task.few_shot = 4
-  c.task.num_val = 500
-  c.task.vocab_path = f"{workdir}/tokenizer.json"
-
-  c.sampling.num_samples = 32
-  c.sampling.temperature = 0.7
-  c.sampling.top_k = 40
-  c.sampling.top_p = 1.0
-  c.sampling.max_new_tokens = 512
-
-  c.restem.num_iterations = 3
-  c.restem.max_per_problem = 10
-  c.restem.finetune_from = "base"
-
-  c.eval.num_samples = 32
-  c.eval.pass_k = (1, 4, 16, 32)
-  c.eval.majority_k = 32
-  c.log_every = 50
+  out = []
+  if m.n_heads < 1 or m.n_kv_heads < 1:
+    return out  # The range check names those fields.
+  if m.n_heads % m.n_kv_heads:
+    out.append(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; "
+               "grouped-query attention needs n_heads = g * n_kv_heads")
+  if m.head_dim == 0 and m.d_model % m.n_heads:
+    out.append(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+               "set model.head_dim explicitly")
+  elif (m.head_dim or m.d_model // m.n_heads) % 2:
+    size = (f"model.head_dim={m.head_dim}" if m.head_dim else
+            f"model.head_dim=0: d_model // n_heads = {m.d_model // m.n_heads}")
+    out.append(f"{size} is odd: rotary embeddings rotate pairs of dimensions; use an even "
+               "head size")
+  for field in ("model.dtype", "model.param_dtype") if dtypes else ():
+    p = choice_problem(field, getattr(m, field.split(".")[1]))
+    out += [p] if p else []
+  return out
 
 
-def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
-  """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
-  (tiny model of the same family, offline embedded task, seconds per phase).
-  Optimizer, tying and loss settings are kept, so their code paths still run."""
-  c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
-  c.model.d_model = 64
-  c.model.n_layers = 2
-  c.model.n_heads = 4
-  c.model.n_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.d_ff = 128
-  c.model.max_seq_len = 256
-  c.model.dtype = "float32"
-  c.mesh.shape = (-1, 1, 1)
-  c.distributed.initialize = "auto"
-  c.base.source = "pretrain"
-  c.base.path = ""
-  c.base.steps = 20
-  c.task.name = "embedded_arith"
-  c.task.data_dir = ""
-  c.task.vocab_path = ""
-  c.task.few_shot = 2
-  c.task.num_train = 16
-  c.task.num_val = 8
-  c.task.num_test = 8
-  c.sampling.num_samples = 4
-  c.sampling.max_new_tokens = 32
-  c.sampling.max_batch = 64
-  c.restem.num_iterations = 2
-  c.train.batch_size = 8
-  c.train.warmup_steps = 2
-  c.train.max_steps = 10
-  c.train.eval_every = 5
-  c.train.checkpoint_every = 5
-  c.eval.num_samples = 4
-  c.eval.pass_k = (1, 4)
-  c.eval.majority_k = 4
-  c.eval.num_train_eval = 8
-  c.log_every = 5
+def mesh_shape_problems(shape: Any) -> list[str]:
+  """The (data, fsdp, tensor) shape before devices are known: at most one -1 (fill)."""
+  shape = list(shape)
+  if len(shape) != 3:
+    return [f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}"]
+  if shape.count(-1) > 1:
+    return [f"mesh.shape may contain at most one -1, got {tuple(shape)}"]
+  if any(not isinstance(s, int) or (s < 1 and s != -1) for s in shape):
+    return [f"mesh.shape={tuple(shape)}: entries are device counts >= 1, or -1 for all "
+            "remaining devices"]
+  return []
 
+
+def tensor_axis_problems(m: Any, tensor: int) -> list[str]:
+  """Head counts the mesh's tensor axis cannot split (m: config.model or a ModelConfig)."""
+  return [f"model.{name}={getattr(m, name)} is not divisible by the mesh's tensor axis "
+          f"({tensor}); choose mesh.shape with a tensor size that divides both head counts"
+          for name in ("n_heads", "n_kv_heads") if getattr(m, name) % tensor]
+
+
+def _dataset_names() -> tuple[str, ...]:
+  from restem_jax import tasks  # pylint: disable=import-outside-toplevel  (cheap: no seqio)
+  return tasks.dataset_names()
+
+
+def _data_problems(task_cfg: Any, field: str = "task") -> list[str]:
+  """The dataset's own cheap checks of a task config (paths only, reads no data)."""
+  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
+  try:
+    tasks.check_data(task_cfg)
+  except tasks.DataLayoutError as e:
+    return [f"{field}.data_dir: {e}"]
+  if task_cfg.name == "reasoning_gym":
+    from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
+    try:
+      reasoning_gym.parse_mix(task_cfg.rg_datasets, field=f"{field}.rg_datasets")
+    except reasoning_gym.ReasoningGymError as e:
+      return [str(e)]
+  return []
+
+
+def transfer_label(overrides: dict) -> str:
+  """A transfer task's name in eval.json ("transfer/<label>/..."): its "label", else its task."""
+  return str(overrides.get("label") or overrides.get("name") or "task")
+
+
+def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
+  """eval.transfer_tasks: dicts of config.task fields (+ "label"), each a valid task."""
+  out = []
+  labels = [transfer_label(t) for t in c.eval.transfer_tasks if isinstance(t, dict)]
+  if len(set(labels)) != len(labels):
+    out.append(f"eval.transfer_tasks: labels {labels} repeat; give each a distinct 'label'")
+  for i, overrides in enumerate(c.eval.transfer_tasks):
+    field = f"eval.transfer_tasks[{i}]"
+    if not isinstance(overrides, dict):
+      out.append(f"{field}={overrides!r}: give a dict of config.task fields (and 'label')")
+      continue
+    unknown = sorted(set(overrides) - set(c.task) - {"label"})
+    if unknown:
+      out.append(f"{field} sets {unknown}, which are not task fields; use keys of config.task "
+                 "(and 'label')")
+      continue
+    task_cfg = ml_collections.ConfigDict(c.task.to_dict())
+    task_cfg.update({k: v for k, v in overrides.items() if k != "label"})
+    if task_cfg.name not in _dataset_names():
+      out.append(choice_problem(f"{field}.name", task_cfg.name, _dataset_names()))
+    else:
+      out += _data_problems(task_cfg, field)
+  return out
+
+
+def _missing_path_problem(field: str, path: str, what: str) -> str | None:
+  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  return None if wd.exists(path) else f"{field}={path!r} does not exist; {what}"
+
+
+def _range_problems(c: ml_collections.ConfigDict) -> list[str]:
+  out = []
+  for field, low in AT_LEAST.items():
+    if _get(c, field) < low:
+      out.append(f"{field}={_get(c, field)!r}: must be >= {low}")
+  out += [f"{f}={_get(c, f)!r}: must be > 0" for f in POSITIVE if not _get(c, f) > 0]
+  out += [f"{f}={_get(c, f)!r}: must be in [0, 1]" for f in FRACTIONS
+          if not 0 <= _get(c, f) <= 1]
+  return out
+
+
+def _shape_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
+  """The model's shape, the mesh's, and what the mesh must divide (heads, batches)."""
+  out = []
+  if not bad & {"model.n_heads", "model.n_kv_heads", "model.d_model", "model.head_dim"}:
+    out += model_shape_problems(c.model, dtypes=False)  # dtypes: with the other CHOICES
+  mesh = mesh_shape_problems(c.mesh.shape)
+  if mesh:
+    return out + mesh
+  data, fsdp, tensor = c.mesh.shape  # -1: known once the devices are (make_mesh checks then)
+  if tensor != -1 and not bad & {"model.n_heads", "model.n_kv_heads"}:
+    out += tensor_axis_problems(c.model, tensor)
+  if not bad & {"train.micro_batches", "train.batch_size", "base.batch_size"}:
+    micro, dp = c.train.micro_batches, (data * fsdp if -1 not in (data, fsdp) else 1)
+    sizes = ["train.batch_size"] + (["base.batch_size"] if c.base.source == "pretrain" else [])
+    out += [f"{f}={_get(c, f)} must be a multiple of train.micro_batches={micro} x the mesh's "
+            f"data-parallel size {dp} (mesh.shape data x fsdp)"
+            for f in sizes if _get(c, f) % (micro * dp)]
+  return out
+
+
+def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
+  out = []
+  if not bad & {"sampling.max_new_tokens", "model.max_seq_len"} and \
+      c.sampling.max_new_tokens >= c.model.max_seq_len:
+    out.append(f"sampling.max_new_tokens={c.sampling.max_new_tokens} leaves no room for a "
+               f"prompt in model.max_seq_len={c.model.max_seq_len}; lower it or raise "
+               "model.max_seq_len")
+  if "eval.num_samples" not in bad:
+    n = c.eval.num_samples
+    out += [f"eval.pass_k={tuple(c.eval.pass_k)}: k={k!r} is not in [1, eval.num_samples={n}]; "
+            "pass@k needs k of the samples drawn"
+            for k in c.eval.pass_k if not isinstance(k, int) or not 1 <= k <= n]
+    if c.eval.majority_k > n:
+      out.append(f"eval.majority_k={c.eval.majority_k} > eval.num_samples={n}: majority voting "
+                 "needs that many samples; lower it or raise eval.num_samples")
+  if c.base.source == "checkpoint" and not c.base.path:
+    out.append("base.source='checkpoint' needs base.path (an Orbax params dir, e.g. made by "
+               "python -m restem_jax.importers)")
+  if c.restem.sample_from == "teacher" and not c.restem.teacher_path:
+    out.append("restem.sample_from='teacher' needs restem.teacher_path (a params checkpoint, "
+               "e.g. another run's iter_003/model)")
+  return out
+
+
+def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
+  out = []
+  if c.base.source == "checkpoint" and c.base.path:
+    out.append(_missing_path_problem(
+        "base.path", c.base.path,
+        "import a model there first (python -m restem_jax.importers --out=...) or fix the path"))
+  if c.restem.sample_from == "teacher" and c.restem.teacher_path:
+    out.append(_missing_path_problem(
+        "restem.teacher_path", c.restem.teacher_path,
+        "point it at a params checkpoint (e.g. another run's iter_003/model)"))
+  if c.task.vocab_path:
+    out.append(_missing_path_problem(
+        "task.vocab_path", c.task.vocab_path,
+        "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
+  if c.task.name in _dataset_names():
+    out += _data_problems(c.task)
+  return out + _transfer_problems(c)
+
+
+def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> list[str]:
+  """Every problem of `config`, one line each naming the field; [] for a config that works.
+
+  check_files: also check the paths the config names (base.path, teacher_path,
+  task.data_dir's layout, task.vocab_path). False for a config meant for other
+  machines (a pod config's gs:// paths).
+  """
+  c = config
+  out = [choice_problem(f, _get(c, f)) for f in CHOICES]
+  out.append(choice_problem("task.name", c.task.name, _dataset_names()))
+  ranges = _range_problems(c)
+  bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
+  out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
+  if check_files:
+    out += _file_problems(c)
+  return [p for p in out if p]
+
+
+def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> None:
+  """Raises one ConfigError listing every problem of `config` (see `problems`)."""
+  errors.raise_if(problems(config, check_files=check_files))

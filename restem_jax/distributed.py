@@ -30,9 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from restem_jax.partitioning import ConfigError
-
-MODES = ("auto", "never", "always")
+from restem_jax import configlib, errors
 
 # Environment variables whose presence means "a scheduler / TPU runtime will
 # tell jax.distributed.initialize() the process count and id", so the config
@@ -70,8 +68,7 @@ def initialize_kwargs(dist_cfg: ml_collections.ConfigDict,
   """
   env = os.environ if env is None else env
   mode = dist_cfg.initialize
-  if mode not in MODES:
-    raise ConfigError(f"distributed.initialize={mode!r} is not one of {MODES}")
+  configlib.check_choice("distributed.initialize", mode)
   if mode == "never":
     return None
   coordinator = dist_cfg.coordinator_address or ""
@@ -92,17 +89,17 @@ def initialize_kwargs(dist_cfg: ml_collections.ConfigDict,
   # inside. Say so in one line instead.
   explicit = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
   if explicit and not _has_cluster_env(env) and (num_processes <= 0 or process_id < 0):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"distributed: coordinator_address={explicit!r} is set but "
         f"num_processes={num_processes} / process_id={process_id} are not, and no TPU/SLURM/MPI "
         "environment can supply them; set --config.distributed.num_processes=N and "
         "--config.distributed.process_id=I on every host (or use a TPU VM)")
   if (num_processes > 0) != (process_id >= 0) and not _has_cluster_env(env):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"distributed: set both num_processes and process_id, or neither "
         f"(got num_processes={num_processes}, process_id={process_id})")
   if 0 < num_processes <= process_id:
-    raise ConfigError(
+    raise errors.ConfigError(
         f"distributed.process_id={process_id} must be in [0, num_processes={num_processes})")
   return kwargs
 

@@ -3,6 +3,9 @@ r"""ReST-EM: `python -m restem_jax.main --config=configs/demo.py --workdir=/tmp/
 Rerun the same command to resume a killed run. Override fields on the command
 line (`--config.sampling.num_samples=8`); a config that differs from the one
 saved in the workdir stops the run unless --override is given.
+
+The config is checked (configlib.validate) before JAX, SeqIO and TensorFlow are
+imported, so a bad value fails in about a second, one `error:` line per problem.
 """
 import logging as pylogging
 import sys
@@ -10,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from restem_jax import run
+from restem_jax import configlib, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -27,16 +30,26 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def _exit_bad_input(e: Exception) -> None:
+  """Bad input (config, data, checkpoint, workdir): one line per problem, no traceback."""
+  for line in str(e).splitlines() or [type(e).__name__]:
+    print(f"error: {line}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
+    configlib.validate(_CONFIG.value)
+  except errors.ConfigError as e:
+    _exit_bad_input(e)
+  from restem_jax import run  # pylint: disable=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
+  try:
     run.run(_CONFIG.value, _WORKDIR.value, override=_OVERRIDE.value)
   except run.USER_ERRORS as e:
-    # Bad input (config, data, checkpoint, workdir): one line, no traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_bad_input(e)
 
 
 if __name__ == "__main__":

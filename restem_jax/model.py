@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from restem_jax import partitioning
+from restem_jax import configlib, errors, partitioning
 
 # KV caches keep heads ahead of length ([batch, kv_heads, length, head_dim]) so
 # attention is a dot_general batched over the leading (batch, kv_heads) dims,
@@ -39,7 +39,7 @@ from restem_jax import partitioning
 Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_heads, max_seq_len, head_dim]
 LayerCache = dict[str, jax.Array]  # {"k", "v"}: [batch, kv_heads, max_seq_len, head_dim]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {name: getattr(jnp, name) for name in configlib.CHOICES["model.dtype"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,20 +60,9 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
+    errors.raise_if(configlib.model_shape_problems(self))
     if self.head_dim == 0:
-      if self.d_model % self.n_heads:
-        raise partitioning.ConfigError(
-            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-            "set model.head_dim explicitly")
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-    if self.n_heads % self.n_kv_heads:
-      raise partitioning.ConfigError(
-          f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
-          "grouped-query attention needs n_heads = g * n_kv_heads")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise partitioning.ConfigError(
-            f"model.{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict | dict) -> "ModelConfig":
@@ -81,7 +70,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise partitioning.ConfigError(
+      raise errors.ConfigError(
           f"unknown model config keys {unknown}; known keys are {sorted(known)}")
     return cls(**d)
 

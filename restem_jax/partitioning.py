@@ -15,6 +15,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from restem_jax import configlib, errors
+from restem_jax.errors import ConfigError  # noqa: F401  (re-export; use errors.ConfigError)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # Batch-like dimensions are split over both data-parallel axes: fsdp shards the
 # parameters *and* the batch (ZeRO-3 style), data only the batch.
@@ -45,27 +48,20 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot work; the message says what to change."""
-
-
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh; one entry may be -1 (fill)."""
   devices = list(jax.devices() if devices is None else devices)
+  errors.raise_if(configlib.mesh_shape_problems(mesh_cfg.shape))
   shape = list(mesh_cfg.shape)
-  if len(shape) != 3:
-    raise ConfigError(f"mesh.shape must have 3 entries (data, fsdp, tensor), got {shape}")
-  if shape.count(-1) > 1:
-    raise ConfigError(f"mesh.shape may contain at most one -1, got {tuple(shape)}")
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % rest:
-      raise ConfigError(
+      raise errors.ConfigError(
           f"mesh.shape {tuple(mesh_cfg.shape)}: {len(devices)} devices are not divisible by {rest}")
     shape[shape.index(-1)] = len(devices) // rest
   if int(np.prod(shape)) != len(devices):
-    raise ConfigError(
+    raise errors.ConfigError(
         f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices but {len(devices)} are "
         "available; set mesh.shape to match (one entry may be -1)")
   # Auto axis types: GSPMD propagates shardings from the constraints we place;
@@ -88,18 +84,12 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def check_model_fits_mesh(model_cfg: Any, mesh: Mesh) -> None:
-  """Fails early, in one line, on head counts the mesh cannot split."""
-  if model_cfg.n_heads % model_cfg.n_kv_heads:
-    raise ConfigError(
-        f"model.n_heads={model_cfg.n_heads} is not divisible by model.n_kv_heads="
-        f"{model_cfg.n_kv_heads}; grouped-query attention needs n_heads = g * n_kv_heads")
-  t = mesh.shape["tensor"]
-  for name in ("n_heads", "n_kv_heads"):
-    value = getattr(model_cfg, name)
-    if value % t:
-      raise ConfigError(
-          f"model.{name}={value} is not divisible by the mesh's tensor axis ({t}); "
-          "choose mesh.shape with a tensor size that divides both head counts")
+  """Fails early, one line per problem, on head counts the mesh cannot split.
+
+  The same check as configlib.validate's, here with the mesh's real tensor size
+  (the config may say -1). n_heads vs n_kv_heads is ModelConfig's own check.
+  """
+  errors.raise_if(configlib.tensor_axis_problems(model_cfg, mesh.shape["tensor"]))
 
 
 def spec_for(mesh: Mesh, logical_axes: Sequence[str | None],
@@ -139,6 +129,18 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
+  """Host array (the same on every process) -> global array with `sharding`.
+
+  Each device takes its slice of `x`, so no process needs to hold another's
+  devices' data; a jax.Array already placed with `sharding` is returned as is.
+  """
+  if isinstance(x, jax.Array):
+    return x if x.sharding == sharding else jax.device_put(x, sharding)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def tree_shardings(mesh: Mesh, boxed_tree: Any) -> Any:

@@ -23,13 +23,14 @@ import jax
 import ml_collections
 from etils import epath
 
-from restem_jax import (checkpoints, distributed, evaluate, generate, improve, model,
-                        partitioning, report, samples, sampling, tasks, workdir as wd)
+from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
+                        improve, model, partitioning, report, samples, sampling, tasks,
+                        workdir as wd)
 from restem_jax.tasks import Problem
 from restem_jax.training import NonFiniteLossError
 
 # Errors that mean "your input is wrong": main.py prints them as one line.
-USER_ERRORS = (partitioning.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
+USER_ERRORS = (errors.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
                tasks.DataLayoutError, NonFiniteLossError)
 
 T = TypeVar("T")
@@ -41,7 +42,7 @@ def load_vocabulary(task_cfg: ml_collections.ConfigDict) -> Any:
   if not path:
     return None
   if not wd.exists(path):
-    raise partitioning.ConfigError(f"task.vocab_path={path!r} does not exist; point it at a "
+    raise errors.ConfigError(f"task.vocab_path={path!r} does not exist; point it at a "
                                    "SentencePiece .model, a tokenizer.json or a .gguf file")
   if path.endswith(".model"):
     import seqio  # pylint: disable=import-outside-toplevel
@@ -62,12 +63,12 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
   """The task's problems whose prompts leave room for sampling.max_new_tokens."""
   vocab = task.vocabulary
   if vocab.vocab_size > model_cfg.vocab_size:
-    raise partitioning.ConfigError(
+    raise errors.ConfigError(
         f"the task's vocabulary has {vocab.vocab_size} tokens but model.vocab_size="
         f"{model_cfg.vocab_size}; raise model.vocab_size")
   max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
   if max_prompt <= 0:
-    raise partitioning.ConfigError(
+    raise errors.ConfigError(
         f"sampling.max_new_tokens={config.sampling.max_new_tokens} leaves no room for a prompt "
         f"in model.max_seq_len={model_cfg.max_seq_len}")
   splits = Splits(
@@ -77,7 +78,7 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
       test=task.problems("test", max_prompt_len=max_prompt))
   for name in ("train", "test"):
     if not getattr(splits, name):
-      raise partitioning.ConfigError(
+      raise errors.ConfigError(
           f"task {config.task.name!r} has no {name} problems that fit max_prompt_len="
           f"{max_prompt}; check task.data_dir and model.max_seq_len")
   return splits
@@ -85,28 +86,18 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
 
 def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
                   model_cfg: model.ModelConfig) -> list[evaluate.TransferTask]:
-  """eval.transfer_tasks: each a dict of config.task overrides (+ an optional "label")."""
+  """eval.transfer_tasks (checked by configlib.validate): config.task with each dict's
+  overrides, its test split only, under the dict's "label" (default: its task name)."""
   out = []
   max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
-  for i, overrides in enumerate(config.eval.transfer_tasks):
-    overrides = dict(overrides)
-    label = str(overrides.pop("label", "") or overrides.get("name", f"task{i}"))
+  for overrides in config.eval.transfer_tasks:
     task_cfg = ml_collections.ConfigDict(config.task.to_dict())
     # Only its test split is read: no train/validation draws unless asked for.
     task_cfg.update(num_train=1, num_val=0)
-    unknown = sorted(set(overrides) - set(task_cfg))
-    if unknown:
-      raise partitioning.ConfigError(
-          f"eval.transfer_tasks[{i}] sets {unknown}, which are not task fields; use keys of "
-          "config.task (and 'label')")
-    task_cfg.update(overrides)
+    task_cfg.update({k: v for k, v in overrides.items() if k != "label"})
     task = tasks.get_task(task_cfg, vocabulary=vocab)
-    out.append(evaluate.TransferTask(label, task, task.problems("test",
-                                                                max_prompt_len=max_prompt)))
-  labels = [t.label for t in out]
-  if len(set(labels)) != len(labels):
-    raise partitioning.ConfigError(f"eval.transfer_tasks: labels {labels} repeat; give each a "
-                                   "distinct 'label'")
+    out.append(evaluate.TransferTask(configlib.transfer_label(overrides), task,
+                                     task.problems("test", max_prompt_len=max_prompt)))
   return out
 
 
@@ -260,6 +251,7 @@ def sft_baseline(ctx: RunContext, base: Any, human: list[Problem]) -> tuple[Any,
 
 def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False) -> list[dict]:
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
+  configlib.validate(config)  # main did already; here for callers of the library
   distributed.initialize(config.distributed)
   ctx = RunContext(config, workdir, override)  # all input checks happen here, before long work
   c, layout = config, ctx.layout

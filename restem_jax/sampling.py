@@ -322,8 +322,7 @@ class Sampler:
 
     def put(x: np.ndarray) -> jax.Array:
       # Every host holds the whole (small) prompt batch; each device takes its rows.
-      sharding = partitioning.batch_sharding(mesh, x.ndim)
-      return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+      return partitioning.put_global(x, partitioning.batch_sharding(mesh, x.ndim))
 
     out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P),
              jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))

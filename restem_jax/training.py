@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
+from restem_jax import configlib, errors
 from restem_jax import model as model_lib
 from restem_jax import partitioning
 
-NORMALIZATIONS = ("token", "sequence")
+NORMALIZATIONS = configlib.CHOICES["train.loss_normalization"]
 BATCH_KEYS = ("tokens_BxL", "loss_mask_BxL", "weights_B")
 _COUNT_KEYS = ("tokens", "examples", "nll_sum", "weighted_nll")
 
@@ -121,9 +122,7 @@ def _denominator(counts: dict[str, jax.Array], normalization: str) -> jax.Array:
 
 
 def check_normalization(normalization: str) -> None:
-  if normalization not in NORMALIZATIONS:
-    raise partitioning.ConfigError(
-        f"train.loss_normalization={normalization!r} is not one of {NORMALIZATIONS}")
+  configlib.check_choice("train.loss_normalization", normalization)
 
 
 def loss_fn(params: Any, batch: dict, model: nn.Module,
@@ -140,14 +139,13 @@ def loss_fn(params: Any, batch: dict, model: nn.Module,
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  # configlib.validate checked the choice already; this is for library callers.
+  configlib.check_choice("train.schedule", train_cfg.schedule)
   peak, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
   if train_cfg.schedule == "constant":
     after = optax.constant_schedule(peak)
-  elif train_cfg.schedule == "cosine":
+  else:  # cosine
     after = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup, 1))
-  else:
-    raise partitioning.ConfigError(
-        f"train.schedule={train_cfg.schedule!r} is not one of ('cosine', 'constant')")
   if warmup <= 0:
     return after
   # Warmup starts at peak/warmup, not 0: step 0 must already move the params.
@@ -164,16 +162,13 @@ def _decay_mask(params: Any) -> Any:
 def make_optimizer(train_cfg: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (b2 = 0.95, the usual LM value) or Adafactor, after global-norm clipping."""
+  configlib.check_choice("train.optimizer", train_cfg.optimizer)
   schedule = make_schedule(train_cfg, total_steps)
   wd = float(train_cfg.weight_decay)
   if train_cfg.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd, mask=_decay_mask)
-  elif train_cfg.optimizer == "adafactor":
-    # Factored second moments: O(rows + cols) state per matrix, for large models.
+  else:  # adafactor: factored second moments, O(rows + cols) state per matrix.
     opt = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
-  else:
-    raise partitioning.ConfigError(
-        f"train.optimizer={train_cfg.optimizer!r} is not one of ('adamw', 'adafactor')")
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(float(train_cfg.grad_clip)), opt)
   return opt, schedule
@@ -213,14 +208,6 @@ def _copy_tree(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
 
-def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
-  """Host array (the same on every process) -> global array with `sharding`."""
-  if isinstance(x, jax.Array):
-    return x if x.sharding == sharding else jax.device_put(x, sharding)
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
 class Trainer:
   """Sharded reward-weighted NLL training of `model_lib.Transformer`."""
 
@@ -235,7 +222,7 @@ class Trainer:
     dp = partitioning.data_parallel_size(mesh)
     bs = int(train_cfg.batch_size)
     if self.micro_batches < 1 or bs % (self.micro_batches * dp):
-      raise partitioning.ConfigError(
+      raise errors.ConfigError(
           f"train.batch_size={bs} must be a multiple of train.micro_batches="
           f"{self.micro_batches} x the mesh's data-parallel size {dp}")
     self.batch_size = bs
@@ -279,7 +266,7 @@ class Trainer:
 
   def init_state(self, params: Any) -> TrainState:
     """Fresh optimizer state around a *copy* of `params` (the caller's stay valid)."""
-    params = jax.tree.map(put_global, params, self.param_shardings)
+    params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
     return self._init(params)
 
   def copy_params(self, params: Any) -> Any:
@@ -330,7 +317,8 @@ class Trainer:
     if batch["tokens_BxL"].shape[0] != self.batch_size:
       raise ValueError(f"batch has {batch['tokens_BxL'].shape[0]} rows but train.batch_size="
                        f"{self.batch_size}")
-    device_batch = {k: put_global(batch[k], self.batch_shardings[k]) for k in BATCH_KEYS}
+    device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
+                    for k in BATCH_KEYS}
     step_before = int(state.step)
     state, metrics = self._step(state, device_batch)
     # Checked every step: the metrics come back to the host anyway (the device
@@ -344,5 +332,6 @@ class Trainer:
 
   def loss(self, params: Any, batch: dict) -> float:
     """Eval loss (train.loss_normalization) of `batch`; no update."""
-    device_batch = {k: put_global(batch[k], self.batch_shardings[k]) for k in BATCH_KEYS}
+    device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
+                    for k in BATCH_KEYS}
     return float(self._loss(params, device_batch))

@@ -1,6 +1,5 @@
 """launch/ command construction (no cloud, no network) and the configs in configs/."""
 import glob
-import importlib.util
 import inspect
 import json
 import os
@@ -12,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import load_config
 from launch import commands, xm_launch
 from restem_jax import model, partitioning
 
@@ -165,14 +165,6 @@ POD_CONFIGS = {
 }
 
 
-def _load(path):
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def _config_args(mod):
   """Which get_config args a config file supports: its VARIANTS, else None (+ runlocal)."""
   if hasattr(mod, "VARIANTS"):
@@ -185,7 +177,7 @@ def _config_args(mod):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_loads_and_model_builds(path):
-  mod = _load(path)
+  mod = load_config(path)
   for arg in _config_args(mod):
     cfg = mod.get_config(arg) if arg is not None else mod.get_config()
     mcfg = model.ModelConfig.from_config(cfg.model)
@@ -198,7 +190,7 @@ def test_config_loads_and_model_builds(path):
 @pytest.mark.parametrize("name", sorted(POD_CONFIGS))
 def test_pod_config_fits_its_slice(name):
   accel, devices, known = POD_CONFIGS[name]
-  mod = _load(os.path.join(ROOT, "configs", name + ".py"))
+  mod = load_config(os.path.join(ROOT, "configs", name + ".py"))
   cfg = mod.get_config("bucket=gs://b")
   assert cfg.base.path == f"gs://b/restem/{mod.NAME}/base"
   assert cfg.base.source == "checkpoint" and cfg.task.name == "math"

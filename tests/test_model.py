@@ -4,20 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import mesh_of, tiny_cfg
 from restem_jax import configlib, model as M, partitioning as P
-
-
-def tiny_cfg(**kw) -> M.ModelConfig:
-  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-              rope_base=10000.0, tie_embeddings=False, max_seq_len=24)
-  base.update(kw)
-  return M.ModelConfig(**base)
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
 
 
 def numpy_forward(params, cfg: M.ModelConfig, tokens):

@@ -3,13 +3,17 @@
 Compiles are the cost here, so samplers live in module fixtures and tests share
 shapes (prompt bucket 16, batch bucket 8, max_new_tokens 10) where they can.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 
-from restem_jax import configlib, model as M, partitioning as P, sampling as S
+import conftest
+from conftest import mesh_of
+from restem_jax import model as M, sampling as S
 
 EOS = 2
 PAD = 0
@@ -19,17 +23,7 @@ PROMPTS = [[5, 9, 3], [7, 1, 8, 4, 6, 11, 13], [21], [3, 3, 4, 5, 60, 61, 62, 30
            [17, 18, 19, 20, 22]]
 
 
-def tiny_cfg(**kw) -> M.ModelConfig:
-  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-              tie_embeddings=False, max_seq_len=48)
-  base.update(kw)
-  return M.ModelConfig(**base)
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
+tiny_cfg = functools.partial(conftest.tiny_cfg, max_seq_len=48)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
+from conftest import mesh_of
 from restem_jax import configlib, model as M, partitioning as P, training as T
-from test_model import mesh_of, numpy_forward
+from test_model import numpy_forward
 
 V = 64
-
-
-def tiny_cfg(**kw) -> M.ModelConfig:
-  base = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-              tie_embeddings=False, max_seq_len=16)
-  base.update(kw)
-  return M.ModelConfig(**base)
+tiny_cfg = functools.partial(conftest.tiny_cfg, vocab_size=V, max_seq_len=16)
 
 
 def train_cfg(**kw):

@@ -1,0 +1,166 @@
+"""Settings shared by several configs/*.py files, so that each config keeps only its own.
+
+    embedded_demo(runlocal)        configs/demo.py, and the base of configs/ablations.py
+    paper_math_pod(name, bucket)   the paper's MATH recipe on a pod (configs/llama3_*.py)
+    shrink_to_runlocal(c)          a pod config's `:runlocal` variant for a laptop CPU
+
+They live in the package (not in configs/) so that one config file can build on
+another by a plain import, from any working directory.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from restem_jax import configlib
+
+
+def embedded_demo(runlocal: bool = False) -> ml_collections.ConfigDict:
+  """The embedded offline ReST-EM demo (configs/demo.py, `make demo`); see its docstring.
+
+  runlocal: a 1-minute smoke version (one layer, fewer problems, one iteration).
+  """
+  c = configlib.default_config()
+  c.seed = 0
+
+  c.model.vocab_size = 512
+  c.model.d_model = 128
+  c.model.n_layers = 3
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.d_ff = 384
+  c.model.max_seq_len = 128
+
+  c.base.source = "pretrain"
+  c.base.steps = 400
+  c.base.learning_rate = 3e-3
+  c.base.batch_size = 32
+
+  c.task.name = "embedded_arith"
+  c.task.num_train = 2000
+  c.task.num_test = 400
+  c.task.num_val = 128
+  # Small numbers, no x2/x3 events: the arithmetic facts are few enough that
+  # 400 worked solutions teach most of them; what the base model lacks is
+  # chaining them over 1-4 events, which self-training on answer-only problems
+  # can teach. (With numbers up to 40 the base model got the facts themselves
+  # wrong and no iteration improved test accuracy: see README.)
+  c.task.max_value = 20
+  c.task.max_operand = 6
+  c.task.max_start = 10
+  c.task.allow_mul = False
+
+  c.sampling.num_samples = 8
+  c.sampling.temperature = 0.7
+  c.sampling.top_k = 40
+  c.sampling.max_new_tokens = 64
+  c.sampling.max_batch = 512
+
+  c.restem.num_iterations = 3
+  c.restem.max_per_problem = 4
+  c.restem.sft_baseline = True
+
+  c.train.learning_rate = 1e-3
+  c.train.batch_size = 32
+  c.train.max_steps = 200
+  c.train.warmup_steps = 20
+  c.train.eval_every = 50
+  c.train.patience = 2
+  c.train.checkpoint_every = 50
+
+  c.eval.num_samples = 8
+  c.eval.pass_k = (1, 4, 8)
+  c.eval.majority_k = 8
+  c.eval.num_train_eval = 256
+
+  if runlocal:
+    c.model.n_layers = 1
+    c.base.steps = 50
+    c.task.num_train = 64
+    c.task.num_test = 32
+    c.task.num_val = 16
+    c.restem.num_iterations = 1
+    c.train.max_steps = 20
+    c.train.eval_every = 10
+    c.eval.num_train_eval = 32
+  return c
+
+
+def paper_math_pod(name: str, bucket: str) -> ml_collections.ConfigDict:
+  """The paper's MATH settings (Singh et al. 2024) for a multi-host run; the pod configs
+  add their model, mesh, sampling batch and optimizer (they depend on the model size).
+
+  4-shot Minerva prompt, N=32 samples at T=0.7 / top-k 40, at most 10 kept per
+  problem, 3 iterations, every M-step from the base. Paths, for a bucket B:
+    gs://B/data/MATH                       the MATH release (train/, test/)
+    gs://B/restem/<name>/base              the imported base model (restem_jax.importers)
+    gs://B/restem/<name>/tokenizer.json    its tokenizer
+  Every host runs the same command; the TPU VMs discover their peers.
+  """
+  c = configlib.default_config()
+  workdir = f"{bucket}/restem/{name}"
+  c.distributed.initialize = "always"
+
+  c.base.source = "checkpoint"
+  c.base.path = f"{workdir}/base"
+
+  c.task.name = "math"
+  c.task.data_dir = f"{bucket}/data/MATH"
+  c.task.few_shot = 4
+  c.task.num_val = 500
+  c.task.vocab_path = f"{workdir}/tokenizer.json"
+
+  c.sampling.num_samples = 32
+  c.sampling.temperature = 0.7
+  c.sampling.top_k = 40
+  c.sampling.top_p = 1.0
+  c.sampling.max_new_tokens = 512
+
+  c.restem.num_iterations = 3
+  c.restem.max_per_problem = 10
+  c.restem.finetune_from = "base"
+
+  c.eval.num_samples = 32
+  c.eval.pass_k = (1, 4, 16, 32)
+  c.eval.majority_k = 32
+  return c
+
+
+def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
+  """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
+  (tiny model of the same family, offline embedded task, seconds per phase).
+  Optimizer, tying and loss settings are kept, so their code paths still run."""
+  c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
+  c.model.d_model = 64
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.d_ff = 128
+  c.model.max_seq_len = 256
+  c.model.dtype = "float32"
+  c.mesh.shape = (-1, 1, 1)
+  c.distributed.initialize = "auto"
+  c.base.source = "pretrain"
+  c.base.path = ""
+  c.base.steps = 20
+  c.task.name = "embedded_arith"
+  c.task.data_dir = ""
+  c.task.vocab_path = ""
+  c.task.few_shot = 2
+  c.task.num_train = 16
+  c.task.num_val = 8
+  c.task.num_test = 8
+  c.sampling.num_samples = 4
+  c.sampling.max_new_tokens = 32
+  c.sampling.max_batch = 64
+  c.restem.num_iterations = 2
+  c.train.batch_size = 8
+  c.train.warmup_steps = 2
+  c.train.max_steps = 10
+  c.train.eval_every = 5
+  c.train.checkpoint_every = 5
+  c.eval.num_samples = 4
+  c.eval.pass_k = (1, 4)
+  c.eval.majority_k = 4
+  c.eval.num_train_eval = 8
+
