@@ -29,6 +29,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.max_seq_len = 256  # Longest prompt + completion (KV-cache length).
   c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16.
   c.model.param_dtype = "float32"  # Parameter storage dtype.
+  # Family switches (defaults: plain Llama; the HF/GGUF importers set them from the checkpoint).
+  c.model.rope_scaling = "none"  # "none" | "llama3" (Llama 3.1+) | "linear"; global layers only.
+  c.model.rope_scaling_factor = 1.0  # llama3 / linear `factor`.
+  c.model.rope_low_freq_factor = 1.0  # llama3 `low_freq_factor`.
+  c.model.rope_high_freq_factor = 4.0  # llama3 `high_freq_factor`.
+  c.model.rope_original_max_len = 8192  # llama3 `original_max_position_embeddings`.
+  c.model.rope_local_base = 0.0  # RoPE base of sliding-window layers; 0 = rope_base (Gemma 3: 1e4).
+  c.model.qkv_bias = False  # Bias on the q/k/v projections, not o (Qwen 2.5).
+  c.model.qk_norm = False  # RMSNorm over head_dim on q and k before RoPE (Qwen 3, Gemma 3).
+  c.model.norm_unit_offset = False  # RMSNorm scales by (1 + w), in float32 (Gemma).
+  c.model.embed_scale = False  # Embeddings times sqrt(d_model) in the compute dtype (Gemma).
+  c.model.mlp_activation = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma).
+  c.model.post_norms = False  # RMSNorm after attention and after the MLP too (Gemma 2/3).
+  c.model.query_pre_attn_scalar = 0.0  # Attention scale is this ** -0.5; 0 = head_dim.
+  c.model.attn_logit_softcap = 0.0  # cap * tanh(logits / cap) on attention logits; 0 = off.
+  c.model.final_logit_softcap = 0.0  # The same on the output logits; 0 = off (Gemma 2).
+  c.model.sliding_window = 0  # Keys a local layer's query sees (itself included); 0 = none.
+  c.model.sliding_window_pattern = 0  # Layer i is local iff (i+1) % this != 0; 0 = all local.
 
   # --- Device mesh (restem_jax/partitioning.py). ---
   c.mesh = ml_collections.ConfigDict()
