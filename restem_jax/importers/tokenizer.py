@@ -300,9 +300,11 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
   if eos_id is None:
     raise ImportFormatError(f"{src}: no eos token in tokenizer_config.json or config.json; "
                             "pass eos_id")
+  bos_id = _token_id(tok, tcfg.get("bos_token"))
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
-                       unk_id=_token_id(tok, tcfg.get("unk_token")),
-                       bos_id=_token_id(tok, tcfg.get("bos_token")), name=str(directory))
+                       unk_id=_token_id(tok, tcfg.get("unk_token")), bos_id=bos_id,
+                       add_bos=bool(tcfg.get("add_bos_token")) and bos_id is not None,
+                       name=str(directory))
 
 
 def load_vocabulary(path: str, **kwargs: Any) -> BPEVocabulary:
