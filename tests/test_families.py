@@ -281,7 +281,7 @@ def test_loss_and_gradient_match_torch_float64(family, devices):
   want = np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(ref)])
   assert rel_err(ours, want) < 1e-5
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref)):
-    assert rel_err(g, np.asarray(r, np.float64)) < 1e-4, jax.tree_util.keystr(path)
+    assert rel_err(g, np.asarray(r, np.float64)) < 1e-5, jax.tree_util.keystr(path)
 
 
 # ----------------------------------------------------------------------------- configs
