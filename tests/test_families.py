@@ -38,11 +38,11 @@ BASE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_hea
             rms_norm_eps=1e-5)
 FAMILIES = {
     # Llama 3.1: llama3 frequency scaling with all three bands present at head_dim 16
-    # (wavelengths below 64 kept, above 256 slowed 8x, between blended), untied.
+    # (wavelength 6 kept, 32 blended, >= 167 slowed 8x), untied.
     "llama31": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
         head_dim=16, tie_word_embeddings=False, rope_theta=5e5, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=256))),
+            original_max_position_embeddings=64))),
     # Qwen 2.5: q/k/v biases, tied (as the 0.5B / 1.5B are).
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         tie_word_embeddings=True, rope_theta=1e6)),
@@ -50,10 +50,10 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
         head_dim=16, tie_word_embeddings=False)),
     # Gemma 2: local/global alternate, soft-caps small enough to bend the logits,
-    # query_pre_attn_scalar != head_dim.
+    # query_pre_attn_scalar != head_dim. Untied: tiny tied Gemmas decode one token forever.
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
-        head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=2.0,
-        final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+        head_dim=16, num_hidden_layers=3, sliding_window=WINDOW, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, query_pre_attn_scalar=24, tie_word_embeddings=False)),
     # Gemma 3: local, local, global (pattern 3), local RoPE 1e4 vs global 1e6 with linear
     # scaling (the >= 4B models), QK-norm, an untied head.
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
@@ -61,6 +61,9 @@ FAMILIES = {
         query_pre_attn_scalar=24, tie_word_embeddings=False,
         rope_scaling=dict(rope_type="linear", factor=4.0))),
 }
+# Weight seeds whose greedy continuations are not a short loop (tiny random models often
+# settle on one token; the reference then checks little of the decode path).
+SEEDS = {"llama31": 3, "qwen2": 8, "qwen3": 3, "gemma2": 0, "gemma3": 0}
 PROMPTS = [list(np.random.RandomState(1).randint(3, V, 11)),
            list(np.random.RandomState(2).randint(3, V, 14))]
 LOGIT_TOKENS = np.random.RandomState(3).randint(0, V, (2, 20))
@@ -90,13 +93,16 @@ def randomize(hf, seed):
         base = 1.0 if name.endswith("norm.weight") and "Gemma" not in type(hf).__name__ else 0.0
         p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
       else:
-        p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        # Layer outputs 3x larger: in a tied model the residual stream is then not
+        # dominated by the current token's embedding (whose logit would win every step).
+        gain = 3.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        p.copy_(torch.randn(p.shape, generator=g) * gain * p.shape[-1] ** -0.5)
   return hf
 
 
-def build_hf(name, path, seed=0):
+def build_hf(name, path):
   config_cls, model_cls, kw = FAMILIES[name]
-  hf = randomize(model_cls(config_cls(**{**BASE, **kw})).eval(), seed)
+  hf = randomize(model_cls(config_cls(**{**BASE, **kw})).eval(), SEEDS[name])
   hf.save_pretrained(path)
   return hf
 
@@ -119,14 +125,14 @@ def family(request, tmp_path_factory):
 
 
 EXPECTED = {  # The switches each family must turn on (read from the saved config.json).
-    "llama31": dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=256,
+    "llama31": dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=64,
                     rope_base=5e5, tie_embeddings=False, head_dim=16),
     "qwen2": dict(qkv_bias=True, tie_embeddings=True, rope_base=1e6),
     "qwen3": dict(qk_norm=True, head_dim=16, tie_embeddings=False),
     "gemma2": dict(norm_unit_offset=True, embed_scale=True, post_norms=True,
                    mlp_activation="gelu_tanh", query_pre_attn_scalar=24.0,
                    attn_logit_softcap=2.0, final_logit_softcap=3.0, sliding_window=WINDOW,
-                   sliding_window_pattern=2, tie_embeddings=True),
+                   sliding_window_pattern=2, tie_embeddings=False),
     "gemma3": dict(norm_unit_offset=True, embed_scale=True, post_norms=True, qk_norm=True,
                    rope_base=1e6, rope_local_base=1e4, rope_scaling="linear",
                    rope_scaling_factor=4.0, sliding_window=WINDOW, sliding_window_pattern=3,
@@ -173,31 +179,26 @@ def test_sampler_greedy_equals_transformers_generate(family):
   for i, r in enumerate(ref):
     for j in range(2):
       assert list(np.asarray(out.tokens)[i, j]) == r, (i, j)
-  assert all(len(set(r)) > 3 for r in ref)  # Not a constant run.
+  assert all(len(set(r[-32:])) > 3 for r in ref)  # Phase 2 is not a constant run either.
 
 
 def test_cached_decoding_matches_full_forward(family):
-  """Prefill into a per-row cache, then one token per step (Transformer with a cache, and
-  decode_step on per-layer caches) past the window: equal to the no-cache forward."""
+  """Prefill into a per-row cache (Transformer with a cache), then one token per step
+  (decode_step on per-layer caches) past the window: equal to the no-cache forward."""
   name, _, cfg, params = family
   if not cfg.sliding_window:
     pytest.skip("no local layers")
   tokens = LOGIT_TOKENS
   ref = our_logits(cfg, params, tokens)
-  model = M.Transformer(cfg)
-  step = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, cache=c))
-  layered = M.split_params(cfg, params)
-  dstep = jax.jit(lambda p, t, pos, cs: M.decode_step(cfg, None, p, t, pos, cs))
   prompt = 8
-  logits, cache = step(params, jnp.asarray(tokens[:, :prompt]),
-                       jnp.broadcast_to(jnp.arange(prompt), (2, prompt)), M.init_cache(cfg, 2))
+  logits, cache = M.Transformer(cfg).apply(
+      {"params": params}, jnp.asarray(tokens[:, :prompt]),
+      jnp.broadcast_to(jnp.arange(prompt), (2, prompt)), cache=M.init_cache(cfg, 2))
   np.testing.assert_allclose(logits, ref[:, :prompt], atol=1e-4)
-  caches = M.split_layers(cache, cfg.n_layers)
+  layered, caches = M.split_params(cfg, params), M.split_layers(cache, cfg.n_layers)
+  step = jax.jit(lambda p, t, pos, cs: M.decode_step(cfg, None, p, t, pos, cs))
   for t in range(prompt, tokens.shape[1]):
-    pos = jnp.full((2, 1), t)
-    logits, cache = step(params, jnp.asarray(tokens[:, t:t + 1]), pos, cache)
-    np.testing.assert_allclose(logits[:, 0], ref[:, t], atol=1e-4)
-    logits, caches = dstep(layered, jnp.asarray(tokens[:, t:t + 1]), pos, caches)
+    logits, caches = step(layered, jnp.asarray(tokens[:, t:t + 1]), jnp.full((2, 1), t), caches)
     np.testing.assert_allclose(logits[:, 0], ref[:, t], atol=1e-4)
 
 
@@ -216,6 +217,21 @@ class _DictSource:
     return self.tensors[name]
 
 
+TORCH_REFS = {}
+
+
+def torch_reference(name, hf, cfg, batch):
+  """(loss, gradient in our param layout) of torch, once per family."""
+  if name not in TORCH_REFS:
+    loss, grads = torch_loss_and_grads(hf, batch)
+    if cfg.tie_embeddings:
+      grads.pop("lm_head.weight", None)  # Shared with the embedding: counted there.
+    # The importer brings HF-layout tensors into our layout (a linear relabelling whose
+    # correctness the logits test establishes).
+    TORCH_REFS[name] = loss, common.build_params(cfg, mesh(1), _DictSource(grads))
+  return TORCH_REFS[name]
+
+
 def torch_loss_and_grads(hf, batch):
   """The reward-weighted token-normalised NLL (training.py's docstring) in torch float64."""
   hf64 = hf.double()
@@ -227,9 +243,10 @@ def torch_loss_and_grads(hf, batch):
   w = torch.tensor(batch["weights_B"], dtype=torch.float64)
   loss = (w[:, None] * mask * nll).sum() / mask.sum()
   loss.backward()
+  loss = float(loss.detach())
   grads = {n: p.grad.numpy().astype(np.float64) for n, p in hf64.named_parameters()}
   hf.float()
-  return float(loss), grads
+  return loss, grads
 
 
 def train_batch():
@@ -246,15 +263,10 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_loss_and_gradient_match_torch_float64(family, devices):
-  """jax.grad of training.loss_fn, jitted on the mesh, vs torch autograd in float64.
-  The torch gradients are brought into our layout by the importer (a linear relabelling
-  whose correctness the logits test establishes)."""
-  _, hf, cfg, params = family
+  """jax.grad of training.loss_fn, jitted on the mesh, vs torch autograd in float64."""
+  name, hf, cfg, params = family
   batch = train_batch()
-  ref_loss, ref_grads = torch_loss_and_grads(hf, batch)
-  if cfg.tie_embeddings:
-    ref_grads.pop("lm_head.weight", None)  # Shared with the embedding: counted there.
-  ref = common.build_params(cfg, mesh(1), _DictSource(ref_grads))
+  ref_loss, ref = torch_reference(name, hf, cfg, batch)
   m = mesh(devices)
   shardings = M.param_shardings(cfg, m)
   batch_sh = {k: P.batch_sharding(m, v.ndim) for k, v in batch.items()}
@@ -269,7 +281,7 @@ def test_loss_and_gradient_match_torch_float64(family, devices):
   want = np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in jax.tree.leaves(ref)])
   assert rel_err(ours, want) < 1e-5
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref)):
-    assert rel_err(g, np.asarray(r, np.float64)) < 1e-4, jax.tree_util.keystr(path)
+    assert rel_err(g, np.asarray(r, np.float64)) < 1e-5, jax.tree_util.keystr(path)
 
 
 # ----------------------------------------------------------------------------- configs
