@@ -177,6 +177,32 @@ def test_tiny_gemma3_gguf_logits_match_transformers(tiny, mesh_name):
   np.testing.assert_allclose(our_logits(cfg, params, TOKENS), ref, atol=1e-4, rtol=0)
 
 
+def test_import_to_from_an_hf_directory(tmp_path):
+  """base.path = an HF directory: params + its tokenizer written beside WORKDIR/base."""
+  import json
+  import tokenizers
+  hf = build_tiny_hf("keys")
+  hf.save_pretrained(tmp_path / "hf")
+  vocab = {f"t{i}": i for i in range(V)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "t1", "bos_token": "t2", "add_bos_token": True}))
+  out = tmp_path / "work" / "base"
+  result = import_to(str(out), str(tmp_path / "hf"), mesh("1"), max_seq_len=64)
+  assert result.imported and result.tokenizer_path == str(tmp_path / "work" / "tokenizer.json")
+  params = checkpoints.restore_params(str(out), result.model, mesh("8"))
+  with torch.no_grad():
+    ref = hf(torch.tensor(TOKENS)).logits.float().numpy()
+  np.testing.assert_allclose(our_logits(result.model, params, TOKENS), ref, atol=1e-4, rtol=0)
+  written = load_vocabulary(result.tokenizer_path)
+  assert (written.eos_id, written.bos_id, written.add_bos) == (1, 2, True)
+  assert written.encode_prompt("t5 t9") == [2, 5, 9]
+  with pytest.raises(ImportFormatError, match="is a hf source but base.format='gguf'"):
+    import_to(str(tmp_path / "other" / "base"), str(tmp_path / "hf"), mesh("1"), fmt="gguf")
+
+
 def _write_gguf(path, arch, tokenizer_model=None):
   w = gguf.GGUFWriter(str(path), arch)
   if tokenizer_model is not None:
