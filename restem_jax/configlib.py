@@ -24,7 +24,9 @@ from restem_jax import errors
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "base.source": ("pretrain", "checkpoint"),
+    "model.rope_scaling": ("none", "llama3", "linear"),
+    "model.mlp_activation": ("silu", "gelu_tanh"),
+    "base.source": ("pretrain", "checkpoint", "import"),
     "restem.finetune_from": ("base", "previous"),
     "restem.sample_from": ("self", "teacher"),
     "train.optimizer": ("adamw", "adafactor"),
@@ -75,6 +77,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.max_seq_len = 256  # Longest prompt + completion (KV-cache length).
   c.model.dtype = "float32"  # Compute dtype: float32, bfloat16 or float16.
   c.model.param_dtype = "float32"  # Parameter storage dtype.
+  # Family switches (defaults: plain Llama; the HF/GGUF importers set them from the checkpoint).
+  c.model.rope_scaling = "none"  # "none" | "llama3" (Llama 3.1+) | "linear"; global layers only.
+  c.model.rope_scaling_factor = 1.0  # llama3 / linear `factor`.
+  c.model.rope_low_freq_factor = 1.0  # llama3 `low_freq_factor`.
+  c.model.rope_high_freq_factor = 4.0  # llama3 `high_freq_factor`.
+  c.model.rope_original_max_len = 8192  # llama3 `original_max_position_embeddings`.
+  c.model.rope_local_base = 0.0  # RoPE base of sliding-window layers; 0 = rope_base (Gemma 3: 1e4).
+  c.model.qkv_bias = False  # Bias on the q/k/v projections, not o (Qwen 2.5).
+  c.model.qk_norm = False  # RMSNorm over head_dim on q and k before RoPE (Qwen 3, Gemma 3).
+  c.model.norm_unit_offset = False  # RMSNorm scales by (1 + w), in float32 (Gemma).
+  c.model.embed_scale = False  # Embeddings times sqrt(d_model) in the compute dtype (Gemma).
+  c.model.mlp_activation = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma).
+  c.model.post_norms = False  # RMSNorm after attention and after the MLP too (Gemma 2/3).
+  c.model.query_pre_attn_scalar = 0.0  # Attention scale is this ** -0.5; 0 = head_dim.
+  c.model.attn_logit_softcap = 0.0  # cap * tanh(logits / cap) on attention logits; 0 = off.
+  c.model.final_logit_softcap = 0.0  # The same on the output logits; 0 = off (Gemma 2).
+  c.model.sliding_window = 0  # Keys a local layer's query sees (itself included); 0 = none.
+  c.model.sliding_window_pattern = 0  # Layer i is local iff (i+1) % this != 0; 0 = all local.
 
   # --- Device mesh (restem_jax/partitioning.py). ---
   c.mesh = ml_collections.ConfigDict()
@@ -85,8 +105,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict()
   # "pretrain": train a small model on the task's human solutions (demo, tests).
   # "checkpoint": restore an Orbax checkpoint from `path` (e.g. an imported model).
+  # "import": on the first run, import `path` into WORKDIR/base (Orbax) and its
+  #   tokenizer into WORKDIR/tokenizer.json (the default task.vocab_path then); a
+  #   resumed run finds WORKDIR/base and reads nothing (importers.import_to).
   c.base.source = "pretrain"
-  c.base.path = ""  # Checkpoint directory when source == "checkpoint".
+  # source "checkpoint": the checkpoint directory. source "import": a .gguf file, an HF
+  # safetensors directory or a model package, "package:gemma3_270m" / "package:smollm2_135m"
+  # (restem_jax/importers/packages.py; installed by `make install`).
+  c.base.path = ""
+  c.base.format = "auto"  # source "import": "gguf" | "hf" | "auto" (from the path).
   c.base.steps = 300  # Pretraining steps when source == "pretrain".
   c.base.learning_rate = 3e-3  # Peak learning rate of that pretraining.
   c.base.batch_size = 32  # Sequences per pretraining step.
@@ -116,8 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.grader_timeout_s = 5.0  # Per-answer symbolic-check timeout.
   c.task.fallback_last_number = False  # Math: grade the last number if no final answer.
   c.task.code_workers = 2  # Concurrent sandboxes when scoring programs.
-  # Tokenizer: "" = the task's default (the embedded SentencePiece model);
-  # else a SentencePiece .model, a tokenizer.json or a .gguf file (imported models).
+  # Tokenizer: "" = the task's default (the embedded SentencePiece model), or with
+  # base.source = "import" the imported WORKDIR/tokenizer.json; else a SentencePiece
+  # .model, a tokenizer.json or a .gguf file (imported models).
   c.task.vocab_path = ""
   # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
   # (("chain_sum", 1.0, {"max_terms": 3}),); see tasks/datasets/reasoning_gym.py.
@@ -250,9 +278,22 @@ def model_shape_problems(m: Any, dtypes: bool = True) -> list[str]:
             f"model.head_dim=0: d_model // n_heads = {m.d_model // m.n_heads}")
     out.append(f"{size} is odd: rotary embeddings rotate pairs of dimensions; use an even "
                "head size")
-  for field in ("model.dtype", "model.param_dtype") if dtypes else ():
+  for field in (("model.dtype", "model.param_dtype", "model.rope_scaling",
+                 "model.mlp_activation") if dtypes else ()):
     p = choice_problem(field, getattr(m, field.split(".")[1]))
     out += [p] if p else []
+  for name in ("sliding_window", "sliding_window_pattern", "query_pre_attn_scalar",
+               "attn_logit_softcap", "final_logit_softcap", "rope_local_base"):
+    if getattr(m, name) < 0:
+      out.append(f"model.{name}={getattr(m, name)} must be >= 0")
+  if m.rope_scaling != "none" and not m.rope_scaling_factor > 0:
+    out.append(f"model.rope_scaling_factor={m.rope_scaling_factor} must be > 0")
+  if m.rope_scaling == "llama3" and not (
+      0 < m.rope_low_freq_factor < m.rope_high_freq_factor and m.rope_original_max_len > 0):
+    out.append("model.rope_scaling='llama3' needs 0 < rope_low_freq_factor < "
+               f"rope_high_freq_factor (got {m.rope_low_freq_factor}, "
+               f"{m.rope_high_freq_factor}) and rope_original_max_len > 0 "
+               f"(got {m.rope_original_max_len})")
   return out
 
 
@@ -378,6 +419,9 @@ def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list
     if c.eval.majority_k > n:
       out.append(f"eval.majority_k={c.eval.majority_k} > eval.num_samples={n}: majority voting "
                  "needs that many samples; lower it or raise eval.num_samples")
+  if c.base.source == "import" and not c.base.path:
+    out.append("base.source='import' needs base.path: a .gguf file, an HF directory or an "
+               "installed model package ('package:gemma3_270m', 'package:smollm2_135m')")
   if c.base.source == "checkpoint" and not c.base.path:
     out.append("base.source='checkpoint' needs base.path (an Orbax params dir, e.g. made by "
                "python -m restem_jax.importers)")

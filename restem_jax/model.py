@@ -1,4 +1,11 @@
-"""A Llama-family decoder-only transformer in Flax linen.
+"""A decoder-only transformer in Flax linen: Llama 3.x, Qwen 2.5 / 3, Gemma 2 / 3.
+
+One Block serves every family: each difference is a ModelConfig switch (RoPE
+scaling, qkv bias, QK-norm, (1 + w) norms, GeGLU, sandwich norms, soft-caps,
+sliding-window local layers with their own RoPE base), read by training,
+prefill and decode_step alike. Per-layer differences (local vs global
+attention) enter the scanned layers as scanned data (a per-layer flag), not
+as a second layer body.
 
 One forward serves training, scoring and prefill:
   * no cache: attention over the L given tokens (training, no-cache reference);
@@ -21,6 +28,7 @@ Face Llama) layout, so HF checkpoints import without permutation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -40,6 +48,8 @@ Cache = dict[str, jax.Array]  # {"k", "v"}: [layers, batch, kv_heads, max_seq_le
 LayerCache = dict[str, jax.Array]  # {"k", "v"}: [batch, kv_heads, max_seq_len, head_dim]
 
 _DTYPES = {name: getattr(jnp, name) for name in configlib.CHOICES["model.dtype"]}
+ROPE_SCALINGS = configlib.CHOICES["model.rope_scaling"]
+MLP_ACTIVATIONS = configlib.CHOICES["model.mlp_activation"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,24 @@ class ModelConfig:
   max_seq_len: int = 256
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Family switches (meanings: configlib.default_config().model). Defaults are plain Llama.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  rope_local_base: float = 0.0
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_unit_offset: bool = False
+  embed_scale: bool = False
+  mlp_activation: str = "silu"
+  post_norms: bool = False
+  query_pre_attn_scalar: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
+  sliding_window: int = 0
+  sliding_window_pattern: int = 0
 
   def __post_init__(self):
     errors.raise_if(configlib.model_shape_problems(self))
@@ -81,6 +109,16 @@ class ModelConfig:
   @property
   def weight_dtype(self) -> Any:
     return _DTYPES[self.param_dtype]
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer: True for a sliding-window (local) layer."""
+    w, period = self.sliding_window, self.sliding_window_pattern
+    return tuple(w > 0 and (period == 0 or (i + 1) % period != 0) for i in range(self.n_layers))
+
+  @property
+  def attn_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 def cache_shape(cfg: ModelConfig, batch: int, length: int | None = None) -> tuple[int, ...]:
@@ -123,6 +161,13 @@ class SharedPrefixCache:
   which would copy it. Values keep length minor ([B, K, H, C]): the probs x
   values product then reads them along their minor axis (on CPU 2.4x faster
   than [B, K, C, H] in the decode loop, measured).
+
+  Sliding-window (local) layers keep the same full-length cache as global ones
+  and apply the window as a mask (prompt slot i is position i; generated slot s
+  is position q - (t - s)). A window-sized ring buffer would only save slots
+  beyond the window: with the prompt stored once per prompt, the B x T
+  generated part dominates, and it is within the window whenever T <= window
+  (Gemma 3: 512 / 1024, vs ~512 new tokens on MATH), so it would save little.
   """
   prompt_k: jax.Array  # [P, K, L, H]
   prompt_v: jax.Array  # [P, K, L, H]
@@ -155,13 +200,15 @@ class SharedPrefixCache:
         v=tuple(cons(c, v_axes) for c in self.v))
 
 
-def _shared_prefix_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                             cache: SharedPrefixCache, dt: Any
+def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array,
+                             v_BxLxKxH: jax.Array, positions_BxL: jax.Array,
+                             cache: SharedPrefixCache, is_local: IsLocal
                              ) -> tuple[jax.Array, SharedPrefixCache]:
   """Attention of one new token per row over its prompt and its generated tokens so far."""
   b, l, n, h = q_BxLxNxH.shape
   if l != 1:
     raise ValueError(f"SharedPrefixCache decodes one token per row per step, got {l}")
+  dt = cfg.compute_dtype
   p, kh, prompt_len, _ = cache.prompt_k.shape
   ns, g, t, w = b // p, n // kh, cache.step, cache.active - 1
   # Store this step's key/value in slot `step`, which is in chunk w (the sampler's phases).
@@ -172,17 +219,25 @@ def _shared_prefix_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxK
   v_chunks[w] = jax.lax.dynamic_update_slice(
       v_chunks[w], jnp.transpose(v_BxLxKxH, (0, 2, 3, 1)).astype(v_chunks[w].dtype),
       (0, 0, 0, t - offset))
-  scale = h ** -0.5
   q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
   q_BxKxGxH = q_BxLxNxH.reshape(b, kh, g, h)
-  prompt_PxKxNxGxL = jnp.einsum("pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
-                                preferred_element_type=jnp.float32) * scale
+  prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
+      "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
+      preferred_element_type=jnp.float32))
   prompt_BxKxGxL = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
-  gen_BxKxGxW = jnp.concatenate(
+  gen_BxKxGxW = _attn_logits(cfg, jnp.concatenate(
       [jnp.einsum("bkgh,bkch->bkgc", q_BxKxGxH, c.astype(dt),
-                  preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1) * scale
+                  preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1))
   prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
-  gen_valid_W = jnp.arange(gen_BxKxGxW.shape[-1]) <= t
+  slots_W = jnp.arange(gen_BxKxGxW.shape[-1])
+  gen_valid_W = slots_W <= t
+  if cfg.sliding_window:
+    # Prompt slot i holds position i; generated slot s holds position q - (t - s)
+    # (one slot per step, while the row is active): both in the window iff > q - window.
+    start_B = positions_BxL[:, 0] - cfg.sliding_window
+    prompt_valid_BxL = _window_mask(
+        prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > start_B[:, None], is_local)
+    gen_valid_W = _window_mask(gen_valid_W, slots_W > t - cfg.sliding_window, is_local)
   logits_BxKxGxS = jnp.concatenate(
       [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
        jnp.where(gen_valid_W, gen_BxKxGxW, -1e30)], axis=-1)
@@ -211,33 +266,74 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 
 class RMSNorm(nn.Module):
+  """x / rms(x) * w, or * (1 + w) with unit_offset (Gemma; w is stored as in the checkpoint)."""
   eps: float
   param_dtype: Any
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones,
-                   self.param_dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = _param(self, "scale", (x.shape[-1],), ("norm",), init, self.param_dtype)
     # Normalise in float32: bfloat16 mean-of-squares loses too many bits.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    scale32 = scale.astype(jnp.float32)
+    return (y * (1.0 + scale32 if self.unit_offset else scale32)).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
+  return RMSNorm(cfg.norm_eps, cfg.weight_dtype, cfg.norm_unit_offset, name=name)
 
 
 RopeTables = tuple[jax.Array, jax.Array]  # (cos, sin), each [B, L, 1, H/2] float32
+# (global layers' tables, local layers' tables or None when they are the same).
+LayerRopeTables = tuple[RopeTables, RopeTables | None]
 
 
-def rope_tables(positions_BxL: jax.Array, head_dim: int, base: float) -> RopeTables:
+def inv_frequencies(cfg: ModelConfig, local: bool = False) -> jax.Array:
+  """RoPE inverse frequencies [H/2] (float32) of global or local (sliding-window) layers.
+
+  Local layers use rope_local_base (when set) and never the scaling, as in
+  Gemma 3; the llama3 and linear scalings follow transformers'
+  modeling_rope_utils step by step, in float32 like it.
+  """
+  h = cfg.head_dim
+  base = (cfg.rope_local_base or cfg.rope_base) if local else cfg.rope_base
+  inv_freq_F = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if local or cfg.rope_scaling == "none":
+    return inv_freq_F
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling == "linear":
+    return inv_freq_F / factor
+  # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+  low, high, orig = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+  wavelen_F = 2 * math.pi / inv_freq_F
+  scaled_F = jnp.where(wavelen_F > orig / low, inv_freq_F / factor, inv_freq_F)
+  smooth_F = (orig / wavelen_F - low) / (high - low)
+  smoothed_F = (1 - smooth_F) * scaled_F / factor + smooth_F * scaled_F
+  medium_F = ~(wavelen_F < orig / high) & ~(wavelen_F > orig / low)
+  return jnp.where(medium_F, smoothed_F, scaled_F)
+
+
+def rope_tables(positions_BxL: jax.Array, inv_freq_F: jax.Array) -> RopeTables:
   """cos and sin of the rotary angles of each position.
 
   Computed once per forward pass and passed to every layer: computed inside
   the layers, XLA fused them into each layer's q and k products and evaluated
   the transcendentals again per head and per layer (~4% of a CPU decode step).
   """
-  h = head_dim
-  inv_freq_F = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_F
   return jnp.cos(angles_BxLxF)[:, :, None, :], jnp.sin(angles_BxLxF)[:, :, None, :]
+
+
+def layer_rope_tables(cfg: ModelConfig, positions_BxL: jax.Array) -> LayerRopeTables:
+  """Tables of global layers, and of local layers when their frequencies differ."""
+  tables = rope_tables(positions_BxL, inv_frequencies(cfg))
+  if not any(cfg.local_layers) or (cfg.rope_local_base in (0.0, cfg.rope_base)
+                                   and cfg.rope_scaling == "none"):
+    return tables, None
+  return tables, rope_tables(positions_BxL, inv_frequencies(cfg, local=True))
 
 
 def rope(x_BxLxNxH: jax.Array, tables: RopeTables) -> jax.Array:
@@ -250,28 +346,61 @@ def rope(x_BxLxNxH: jax.Array, tables: RopeTables) -> jax.Array:
   return out.astype(x_BxLxNxH.dtype)
 
 
+# A layer's kind: a Python bool when it is known while tracing (decode_step, or a
+# model whose layers are all alike), else a traced bool scalar (the scanned layers).
+IsLocal = bool | jax.Array
+
+
+def _static_kind(cfg: ModelConfig, is_local: IsLocal) -> IsLocal:
+  kinds = set(cfg.local_layers)
+  return kinds.pop() if len(kinds) == 1 else is_local
+
+
+def _pick(is_local: IsLocal, local: Any, global_: Any) -> Any:
+  if isinstance(is_local, bool):
+    return local if is_local else global_
+  return jax.tree.map(lambda a, b: jnp.where(is_local, a, b), local, global_)
+
+
+def _window_mask(mask: jax.Array, in_window: jax.Array, is_local: IsLocal) -> jax.Array:
+  """mask, restricted to the sliding window on a local layer."""
+  if isinstance(is_local, bool):
+    return mask & in_window if is_local else mask
+  return mask & (in_window | ~is_local)
+
+
+def _attn_logits(cfg: ModelConfig, qk: jax.Array) -> jax.Array:
+  """Scaled (and, for Gemma 2, soft-capped) float32 attention logits."""
+  logits = qk * cfg.attn_scale
+  cap = cfg.attn_logit_softcap
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 class Block(nn.Module):
-  """Pre-norm block: GQA attention + SwiGLU MLP. Transformer scans it over the layers;
-  decode_step applies it layer by layer."""
+  """Pre-norm block: GQA attention + gated MLP, with the family switches of ModelConfig.
+  Transformer scans it over the layers; decode_step applies it layer by layer."""
   cfg: ModelConfig
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, rope_BxL: RopeTables,
-               key_pos_BxS: jax.Array | None,
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, rope_BxL: LayerRopeTables,
+               is_local: IsLocal, key_pos_BxS: jax.Array | None,
                key_valid_BxS: jax.Array | None, cache: LayerCache | SharedPrefixCache | None
                ) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
     """Returns (new residual stream, this layer's updated cache or None).
 
-    With a SharedPrefixCache (decoding), key_pos_BxS and key_valid_BxS are unused.
+    is_local: whether this is a sliding-window layer (a bool scalar per layer
+    in the scan, a Python bool in decode_step). With a SharedPrefixCache
+    (decoding), key_pos_BxS and key_valid_BxS are unused.
     """
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(stddev=d ** -0.5)
     cons = lambda t, axes: partitioning.constrain(t, self.mesh, axes)
+    is_local = _static_kind(cfg, is_local)
 
     # --- Attention. ---
-    hx = RMSNorm(cfg.norm_eps, pdt, name="attn_norm")(x_BxLxD)
+    hx = _norm(cfg, "attn_norm")(x_BxLxD)
     wq = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim"), init, pdt)
     wk = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), init, pdt)
     wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init, pdt)
@@ -280,38 +409,58 @@ class Block(nn.Module):
     q_BxLxNxH = jnp.einsum("bld,dnh->blnh", hx, wq.astype(dt))
     k_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wk.astype(dt))
     v_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wv.astype(dt))
-    q_BxLxNxH = cons(rope(q_BxLxNxH, rope_BxL), ("act_batch", "act_len", "act_heads", None))
-    k_BxLxKxH = rope(k_BxLxKxH, rope_BxL)
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxLxNxH += _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros, pdt).astype(dt)
+      k_BxLxKxH += _param(self, "k_bias", (k, h), ("kv_heads", "head_dim"), zeros, pdt).astype(dt)
+      v_BxLxKxH += _param(self, "v_bias", (k, h), ("kv_heads", "head_dim"), zeros, pdt).astype(dt)
+    if cfg.qk_norm:  # Per head, over head_dim, before RoPE.
+      q_BxLxNxH = _norm(cfg, "q_norm")(q_BxLxNxH)
+      k_BxLxKxH = _norm(cfg, "k_norm")(k_BxLxKxH)
+    global_tables, local_tables = rope_BxL
+    tables = global_tables if local_tables is None else _pick(is_local, local_tables,
+                                                              global_tables)
+    q_BxLxNxH = cons(rope(q_BxLxNxH, tables), ("act_batch", "act_len", "act_heads", None))
+    k_BxLxKxH = rope(k_BxLxKxH, tables)
 
     if isinstance(cache, SharedPrefixCache):
-      attn_BxLxNxH, cache = _shared_prefix_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, cache, dt)
+      attn_BxLxNxH, cache = _shared_prefix_attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                                     positions_BxL, cache, is_local)
     else:
-      attn_BxLxNxH, cache = _attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL,
-                                       key_pos_BxS, key_valid_BxS, cache, dt)
+      attn_BxLxNxH, cache = _attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL,
+                                       key_pos_BxS, key_valid_BxS, cache, is_local)
     attn_BxLxNxH = cons(attn_BxLxNxH, ("act_batch", "act_len", "act_heads", None))
-    x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
-    x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+    out_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
+    if cfg.post_norms:
+      out_BxLxD = _norm(cfg, "post_attn_norm")(out_BxLxD)
+    x_BxLxD = cons(x_BxLxD + out_BxLxD, ("act_batch", "act_len", "act_embed"))
 
-    # --- SwiGLU MLP. ---
-    hx = RMSNorm(cfg.norm_eps, pdt, name="mlp_norm")(x_BxLxD)
+    # --- Gated MLP: SwiGLU, or GeGLU (tanh GELU). ---
+    hx = _norm(cfg, "mlp_norm")(x_BxLxD)
     w_gate = _param(self, "gate", (d, cfg.d_ff), ("embed", "mlp"), init, pdt)
     w_up = _param(self, "up", (d, cfg.d_ff), ("embed", "mlp"), init, pdt)
     w_down = _param(self, "down", (cfg.d_ff, d), ("mlp", "embed"),
                     nn.initializers.normal(stddev=cfg.d_ff ** -0.5), pdt)
     gate_BxLxF = jnp.einsum("bld,df->blf", hx, w_gate.astype(dt))
     up_BxLxF = jnp.einsum("bld,df->blf", hx, w_up.astype(dt))
-    hidden_BxLxF = cons(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
-    x_BxLxD = x_BxLxD + jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
-    x_BxLxD = cons(x_BxLxD, ("act_batch", "act_len", "act_embed"))
+    act = (jax.nn.silu if cfg.mlp_activation == "silu"
+           else lambda x: jax.nn.gelu(x, approximate=True))
+    hidden_BxLxF = cons(act(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
+    out_BxLxD = jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
+    if cfg.post_norms:
+      out_BxLxD = _norm(cfg, "post_mlp_norm")(out_BxLxD)
+    x_BxLxD = cons(x_BxLxD + out_BxLxD, ("act_batch", "act_len", "act_embed"))
     return x_BxLxD, cache
 
 
-def _attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-               positions_BxL: jax.Array, key_pos_BxS: jax.Array, key_valid_BxS: jax.Array,
-               cache: LayerCache | None, dt: Any) -> tuple[jax.Array, LayerCache | None]:
+def _attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array,
+               v_BxLxKxH: jax.Array, positions_BxL: jax.Array, key_pos_BxS: jax.Array,
+               key_valid_BxS: jax.Array, cache: LayerCache | None, is_local: IsLocal
+               ) -> tuple[jax.Array, LayerCache | None]:
   """Attention of L new tokens per row: over themselves, or over a per-row cache."""
   b, l, n, h = q_BxLxNxH.shape
   k = k_BxLxKxH.shape[2]
+  dt = cfg.compute_dtype
   # keys/values are [B, S, K, H] (the L new tokens, S = L) without a cache and
   # the cache's own [B, K, S, H] with one; the einsums take either layout as is.
   if cache is None:
@@ -329,12 +478,16 @@ def _attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
 
   g = n // k
   q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, g, h)
-  logits_BxKxGxLxS = jnp.einsum(f"blkgh,{kv_layout}->bkgls", q_BxLxKxGxH, keys,
-                                preferred_element_type=jnp.float32) * (h ** -0.5)
+  logits_BxKxGxLxS = _attn_logits(cfg, jnp.einsum(f"blkgh,{kv_layout}->bkgls", q_BxLxKxGxH, keys,
+                                                  preferred_element_type=jnp.float32))
   # Causal by position (not by index): a query at position p sees keys at
-  # positions <= p that are valid (not padding).
+  # positions <= p that are valid (not padding); on a local layer only the
+  # last `sliding_window` of them (positions > p - window).
   mask_BxLxS = ((key_pos_BxS[:, None, :] <= positions_BxL[:, :, None])
                 & key_valid_BxS[:, None, :])
+  if cfg.sliding_window:
+    in_window_BxLxS = key_pos_BxS[:, None, :] > positions_BxL[:, :, None] - cfg.sliding_window
+    mask_BxLxS = _window_mask(mask_BxLxS, in_window_BxLxS, is_local)
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, -1e30)
   probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(dt)
   attn_BxLxKxGxH = jnp.einsum(f"bkgls,{kv_layout}->blkgh", probs_BxKxGxLxS, values)
@@ -349,6 +502,8 @@ def _cache_keys(b: int, s: int) -> tuple[jax.Array, jax.Array]:
 def _embed(cfg: ModelConfig, mesh: Mesh | None, embedding_VxD: jax.Array,
            tokens_BxL: jax.Array) -> jax.Array:
   x_BxLxD = jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(cfg.compute_dtype)
+  if cfg.embed_scale:  # Gemma: sqrt(d_model), rounded to the compute dtype first as it does.
+    x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
   return partitioning.constrain(x_BxLxD, mesh, ("act_batch", "act_len", "act_embed"))
 
 
@@ -356,6 +511,9 @@ def _unembed(cfg: ModelConfig, mesh: Mesh | None, x_BxLxD: jax.Array,
              w_out_DxV: jax.Array) -> jax.Array:
   logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_out_DxV.astype(cfg.compute_dtype),
                             preferred_element_type=jnp.float32)
+  cap = cfg.final_logit_softcap
+  if cap:
+    logits_BxLxV = cap * jnp.tanh(logits_BxLxV / cap)
   return partitioning.constrain(logits_BxLxV, mesh, ("act_batch", "act_len", "act_vocab"))
 
 
@@ -398,18 +556,21 @@ class Transformer(nn.Module):
     # Each layer gets its slice of the cache (scan xs) and returns it updated
     # (scan ys, restacked). That copies the cache once per call: fine for
     # prefill, which is why token-by-token decoding uses decode_step instead.
+    # Whether a layer is local (sliding window) is scanned data too: one body.
     layers = nn.scan(
         Block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, self.mesh, name="layers")
-    tables = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_base)
-    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, tables, key_pos_BxS, key_valid_BxS, cache)
+    tables = layer_rope_tables(cfg, positions_BxL)
+    is_local_N = jnp.asarray(cfg.local_layers, bool)
+    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, tables, is_local_N, key_pos_BxS,
+                                key_valid_BxS, cache)
 
-    x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="final_norm")(x_BxLxD)
+    x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       w_out_DxV = embedding.T
     else:
@@ -450,15 +611,14 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, layered_params: dict[str, A
   else:
     key_pos_BxS, key_valid_BxS = _cache_keys(b, layer_caches[0]["k"].shape[2])
   x_BxLxD = _embed(cfg, mesh, layered_params["embedding"], tokens_BxL)
-  tables = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_base)
+  tables = layer_rope_tables(cfg, positions_BxL)
   block = Block(cfg, mesh)
   new_caches = []
-  for weights, cache in zip(layered_params["layers"], layer_caches):
-    x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, tables,
+  for weights, cache, is_local in zip(layered_params["layers"], layer_caches, cfg.local_layers):
+    x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, tables, is_local,
                                  key_pos_BxS, key_valid_BxS, cache)
     new_caches.append(cache)
-  x_BxLxD = RMSNorm(cfg.norm_eps, cfg.weight_dtype).apply(
-      {"params": layered_params["final_norm"]}, x_BxLxD)
+  x_BxLxD = _norm(cfg).apply({"params": layered_params["final_norm"]}, x_BxLxD)
   w_out_DxV = (layered_params["embedding"].T if cfg.tie_embeddings
                else layered_params["lm_head"])
   return _unembed(cfg, mesh, x_BxLxD, w_out_DxV), new_caches

@@ -27,18 +27,20 @@ from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, g
                         improve, model, partitioning, report, samples, sampling, tasks,
                         workdir as wd)
 from restem_jax.tasks import Problem
+from restem_jax.importers.common import ImportFormatError
 from restem_jax.training import NonFiniteLossError
 
 # Errors that mean "your input is wrong": main.py prints them as one line.
 USER_ERRORS = (errors.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
-               tasks.DataLayoutError, NonFiniteLossError)
+               tasks.DataLayoutError, NonFiniteLossError, ImportFormatError)
 
 T = TypeVar("T")
 
 
-def load_vocabulary(task_cfg: ml_collections.ConfigDict) -> Any:
-  """The tokenizer named by task.vocab_path (None = the task's default)."""
-  path = task_cfg.vocab_path
+def load_vocabulary(task_cfg: ml_collections.ConfigDict, default: str = "") -> Any:
+  """The tokenizer named by task.vocab_path, else `default` (an imported base's), else
+  None (the task's own)."""
+  path = task_cfg.vocab_path or default
   if not path:
     return None
   if not wd.exists(path):
@@ -115,7 +117,14 @@ class RunContext:
     self.model_cfg = model.ModelConfig.from_config(config.model)
     self.mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_model_fits_mesh(self.model_cfg, self.mesh)
-    self.task = tasks.get_task(config.task, vocabulary=load_vocabulary(config.task))
+    imported_vocab = ""
+    if config.base.source == "import":  # Once per workdir, before the task needs a tokenizer.
+      from restem_jax import importers  # pylint: disable=import-outside-toplevel
+      imported_vocab = importers.import_to(self.layout.base.model, config.base.path, self.mesh,
+                                           fmt=config.base.format,
+                                           expect=self.model_cfg).tokenizer_path
+    self.task = tasks.get_task(config.task,
+                               vocabulary=load_vocabulary(config.task, imported_vocab))
     self.splits = load_splits(config, self.task, self.model_cfg)
     vocab = self.task.vocabulary
     self.transfer = load_transfer(config, vocab, self.model_cfg)
@@ -256,8 +265,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
   ctx = RunContext(config, workdir, override)  # all input checks happen here, before long work
   c, layout = config, ctx.layout
 
-  if c.base.source == "checkpoint":
-    base = ctx.restore(c.base.path)
+  if c.base.source in ("checkpoint", "import"):
+    base = ctx.restore(c.base.path if c.base.source == "checkpoint" else layout.base.model)
   else:
     base = ctx.trained(layout.base, functools.partial(pretrain_base, ctx))
   results = [ctx.evaluated(layout.base, base)]

@@ -186,8 +186,9 @@ def _hf_dir_with_config(tmp_path, **overrides):
     ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
      r"MistralForCausalLM with sliding_window=16 < max_seq_len=64"),
     ({"attention_bias": True}, r"attention_bias=true is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     r"RoPE scaling type 'llama3'"),
+    # llama3 is supported now (tests/test_families.py); yarn is not.
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}},
+     r"rope_parameters.rope_type='yarn' is not supported; supported: default, llama3, linear"),
 ])
 def test_unsupported_config_is_one_clear_line(tmp_path, overrides, pattern):
   src = _hf_dir_with_config(tmp_path, **overrides)

@@ -34,7 +34,8 @@ class ImportFormatError(ValueError):
 
 
 class TensorSource(Protocol):
-  """Tensors by HF Llama name ("model.layers.3.self_attn.q_proj.weight"), HF layout."""
+  """Tensors by HF name ("model.layers.3.self_attn.q_proj.weight"), HF layout (Llama,
+  Qwen, Gemma: one naming; which tensors exist follows the ModelConfig's switches)."""
 
   def get(self, name: str) -> np.ndarray: ...
 
@@ -47,20 +48,36 @@ def layer_name(i: int, suffix: str) -> str:
 
 # Per-layer params: our path under params["layers"] -> (HF suffix, HF shape, to-ours).
 # HF Linear weights are [out, in]; ours are [in, ...out] with heads split out.
+# Norm weights are copied as stored (Gemma's (1 + w) is model.py's norm_unit_offset).
 def _layer_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...],
                                                                              Callable]]:
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-  return {
-      ("attn_norm", "scale"): ("input_layernorm.weight", (d,), lambda w: w),
+  same = lambda w: w
+  specs = {
+      ("attn_norm", "scale"): ("input_layernorm.weight", (d,), same),
       ("q",): ("self_attn.q_proj.weight", (n * h, d), lambda w: w.T.reshape(d, n, h)),
       ("k",): ("self_attn.k_proj.weight", (k * h, d), lambda w: w.T.reshape(d, k, h)),
       ("v",): ("self_attn.v_proj.weight", (k * h, d), lambda w: w.T.reshape(d, k, h)),
       ("o",): ("self_attn.o_proj.weight", (d, n * h), lambda w: w.T.reshape(n, h, d)),
-      ("mlp_norm", "scale"): ("post_attention_layernorm.weight", (d,), lambda w: w),
       ("gate",): ("mlp.gate_proj.weight", (f, d), lambda w: w.T),
       ("up",): ("mlp.up_proj.weight", (f, d), lambda w: w.T),
       ("down",): ("mlp.down_proj.weight", (d, f), lambda w: w.T),
   }
+  if cfg.post_norms:
+    # Gemma 2/3 "sandwich": HF's post_attention_layernorm is *after* attention here.
+    specs[("post_attn_norm", "scale")] = ("post_attention_layernorm.weight", (d,), same)
+    specs[("mlp_norm", "scale")] = ("pre_feedforward_layernorm.weight", (d,), same)
+    specs[("post_mlp_norm", "scale")] = ("post_feedforward_layernorm.weight", (d,), same)
+  else:
+    specs[("mlp_norm", "scale")] = ("post_attention_layernorm.weight", (d,), same)
+  if cfg.qkv_bias:
+    specs[("q_bias",)] = ("self_attn.q_proj.bias", (n * h,), lambda b: b.reshape(n, h))
+    specs[("k_bias",)] = ("self_attn.k_proj.bias", (k * h,), lambda b: b.reshape(k, h))
+    specs[("v_bias",)] = ("self_attn.v_proj.bias", (k * h,), lambda b: b.reshape(k, h))
+  if cfg.qk_norm:
+    specs[("q_norm", "scale")] = ("self_attn.q_norm.weight", (h,), same)
+    specs[("k_norm", "scale")] = ("self_attn.k_norm.weight", (h,), same)
+  return specs
 
 
 def _top_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...],
@@ -167,5 +184,5 @@ def check_no_extra(found: set[str], expected: set[str], what: str) -> None:
   if extra:
     more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
     raise ImportFormatError(
-        f"{what} has tensors this Llama importer does not use: {', '.join(extra[:3])}{more} "
+        f"{what} has tensors this importer does not use: {', '.join(extra[:3])}{more} "
         "(unsupported architecture feature, e.g. attention/MLP biases)")

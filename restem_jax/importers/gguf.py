@@ -1,18 +1,34 @@
-"""GGUF files (llama.cpp, "llama" architecture) -> params.
+"""GGUF files (llama.cpp; architectures "llama" and "gemma3") -> params.
 
-Three quirks of the format are undone here, so common.build_params sees plain
-HF-layout float32 tensors:
+The format's quirks are undone here, so common.build_params sees plain HF-layout
+float32 tensors under HF names:
+  * tensor names: llama.cpp's ("blk.3.attn_q.weight") come from the `gguf`
+    package's own per-architecture name map (gguf.get_tensor_name_map), the table
+    llama.cpp's converter writes with;
   * tensor dims are stored in ggml's `ne` order (fastest-varying first), the
     reverse of numpy's: a tensor listed as [576, 49152] is a [49152, 576] array;
-  * weights may be quantized (Q4_1, Q8_0, ...): gguf.quants.dequantize expands
-    one tensor at a time;
-  * llama.cpp's converter permutes the rows of q_proj/k_proj so that each head's
+  * weights may be quantized (Q4_1, Q8_0, Q4_K, Q6_K, ...): gguf.quants.dequantize
+    expands one tensor at a time;
+  * llama: the converter permutes the rows of q_proj/k_proj so that each head's
     rotary pairs are adjacent (interleaved RoPE, pairs 2i and 2i+1), while
     model.py uses the HF rotate-half layout (pairs i and i + H/2). `unpermute_rows`
-    is the inverse of that row permutation.
+    is the inverse of that row permutation. Gemma is converted unpermuted (llama.cpp
+    runs it with NeoX-style = rotate-half RoPE).
+  * gemma3: the converter stores every RMSNorm weight as 1 + w (Gemma3Model.norm_shift
+    in llama.cpp's convert_hf_to_gguf.py: "Gemma3RMSNorm adds 1.0 to the norm value"),
+    since ggml's RMSNorm multiplies by the stored weight. model.py's norm_unit_offset
+    computes x * (1 + w) from the checkpoint's w, so 1 is subtracted back here (as
+    transformers' GGUF loader does).
+  * gemma3 settings the file does not store are llama.cpp's fixed values for the
+    architecture (src/llama-model.cpp, LLM_ARCH_GEMMA3): five local layers to one
+    global (pattern 6), local RoPE base 10000, attention scale head_dim^-0.5 except
+    the 27B (62 layers): (d_model / n_heads)^-0.5. Keys a newer converter writes
+    (attention.sliding_window_pattern, rope.freq_base_swa) take precedence.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import gguf as gguf_lib
@@ -23,25 +39,13 @@ from restem_jax import model as model_lib
 from restem_jax.importers import common
 from restem_jax.importers.common import ImportFormatError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
-# HF suffix -> GGUF tensor name (per layer: "blk.{i}." + name).
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+_GGUF_ARCH = {"llama": gguf_lib.MODEL_ARCH.LLAMA, "gemma3": gguf_lib.MODEL_ARCH.GEMMA3}
+# llama.cpp's hard-coded Gemma 3 values (see the module docstring).
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
+_GEMMA3_27B_LAYERS = 62
 
 
 def unpermute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
@@ -54,6 +58,26 @@ def unpermute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
   h = rows // n_heads
   return (w_RxC.reshape(n_heads, h // 2, 2, *w_RxC.shape[1:])
           .swapaxes(1, 2).reshape(w_RxC.shape))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf_lib.GGUFReader:
+  del size, mtime_ns  # Cache key only: a rewritten file is read again.
+  return gguf_lib.GGUFReader(path)
+
+
+def open_reader(path: str) -> gguf_lib.GGUFReader:
+  """A (memory-mapped) GGUFReader, shared by the weight and tokenizer importers.
+
+  Parsing the metadata of a 262k-token vocabulary takes GGUFReader ~10 s of CPU, so
+  one process parses a file once.
+  """
+  path = os.path.realpath(path)
+  try:
+    st = os.stat(path)
+    return _cached_reader(path, st.st_size, st.st_mtime_ns)
+  except (OSError, ValueError) as e:
+    raise ImportFormatError(f"{path}: not a readable GGUF file ({e})") from e
 
 
 def _field(reader: gguf_lib.GGUFReader, key: str, default: Any = None) -> Any:
@@ -77,21 +101,22 @@ def _required(reader: gguf_lib.GGUFReader, key: str) -> Any:
 
 
 class GGUFSource:
-  """Dequantized HF-layout tensors from a GGUFReader (memory-mapped file)."""
+  """Dequantized HF-layout tensors under HF names, from a GGUFReader (memory-mapped file)."""
 
-  def __init__(self, reader: gguf_lib.GGUFReader, n_heads: int, n_kv_heads: int):
+  def __init__(self, reader: gguf_lib.GGUFReader, arch: str, cfg: model_lib.ModelConfig):
     self._tensors = {t.name: t for t in reader.tensors}
-    self._n_heads, self._n_kv_heads = n_heads, n_kv_heads
+    self._arch, self._cfg = arch, cfg
+    self._names = gguf_lib.get_tensor_name_map(_GGUF_ARCH[arch], cfg.n_layers)
 
   def gguf_names(self) -> set[str]:
     return set(self._tensors)
 
-  @staticmethod
-  def gguf_name(hf_name: str) -> str:
-    if hf_name in _TOP_NAMES:
-      return _TOP_NAMES[hf_name]
-    _, _, layer, suffix = hf_name.split(".", 3)  # model.layers.{i}.{suffix}
-    return f"blk.{layer}.{_LAYER_NAMES[suffix]}"
+  def gguf_name(self, hf_name: str) -> str:
+    base, _, suffix = hf_name.rpartition(".")  # "...q_proj" + "weight"
+    name = self._names.get_name(base)
+    if name is None:
+      raise ImportFormatError(f"tensor {hf_name} has no GGUF name for architecture {self._arch}")
+    return f"{name}.{suffix}"
 
   def has(self, name: str) -> bool:
     return self.gguf_name(name) in self._tensors
@@ -101,11 +126,55 @@ class GGUFSource:
     shape = tuple(int(s) for s in reversed(tensor.shape))  # ne order -> numpy order
     w = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
     w = np.asarray(w, np.float32).reshape(shape)
-    if name.endswith("q_proj.weight"):
-      w = unpermute_rows(w, self._n_heads)
-    elif name.endswith("k_proj.weight"):
-      w = unpermute_rows(w, self._n_kv_heads)
+    if self._arch == "llama":
+      if name.endswith("q_proj.weight"):
+        w = unpermute_rows(w, self._cfg.n_heads)
+      elif name.endswith("k_proj.weight"):
+        w = unpermute_rows(w, self._cfg.n_kv_heads)
+    elif self._arch == "gemma3" and name.endswith("norm.weight"):
+      w = w - np.float32(1.0)  # Stored as 1 + w (module docstring).
     return w
+
+
+def _gemma3_pattern(reader: gguf_lib.GGUFReader, arch: str, n_layers: int) -> int:
+  """Period of the local/global layer pattern; a per-layer bool list must be periodic."""
+  value = _field(reader, f"{arch}.attention.sliding_window_pattern", _GEMMA3_PATTERN)
+  if not isinstance(value, list):
+    return int(value)
+  for period in range(1, n_layers + 1):
+    if all(bool(value[i]) == ((i + 1) % period != 0) for i in range(n_layers)):
+      return period
+  raise ImportFormatError(f"GGUF {arch}.attention.sliding_window_pattern={value} is not a "
+                          "periodic local/global pattern ((i + 1) % p != 0 = local)")
+
+
+def _family_fields(reader: gguf_lib.GGUFReader, arch: str, d: int, n: int, head_dim: int,
+                   n_layers: int) -> dict[str, Any]:
+  """ModelConfig switches of the architecture (model_fields: defaults are plain Llama)."""
+  scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+  if arch == "llama":
+    if scaling not in ("none", None):
+      raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for llama; "
+                              "supported: none")
+    return {}
+  # gemma3. Linear scaling (4B and up) applies to the global layers only, as in llama.cpp.
+  if scaling not in ("none", None, "linear"):
+    raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for gemma3; "
+                            "supported: none, linear")
+  fields: dict[str, Any] = dict(
+      norm_unit_offset=True, embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
+      qk_norm=True,
+      sliding_window=int(_required(reader, f"{arch}.attention.sliding_window")),
+      sliding_window_pattern=_gemma3_pattern(reader, arch, n_layers),
+      rope_local_base=_f32(_field(reader, f"{arch}.rope.freq_base_swa",
+                                  _GEMMA3_LOCAL_ROPE_BASE)),
+      query_pre_attn_scalar=float(d // n if n_layers == _GEMMA3_27B_LAYERS else head_dim),
+      attn_logit_softcap=_f32(_field(reader, f"{arch}.attn_logit_softcapping", 0.0)),
+      final_logit_softcap=_f32(_field(reader, f"{arch}.final_logit_softcapping", 0.0)))
+  if scaling == "linear":
+    fields.update(rope_scaling="linear",
+                  rope_scaling_factor=_f32(_required(reader, f"{arch}.rope.scaling.factor")))
+  return fields
 
 
 def model_config_from_gguf(reader: gguf_lib.GGUFReader, *, max_seq_len: int = 2048,
@@ -116,15 +185,17 @@ def model_config_from_gguf(reader: gguf_lib.GGUFReader, *, max_seq_len: int = 20
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ImportFormatError(
         f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-  scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported")
   tensors = {t.name: t for t in reader.tensors}
   if "token_embd.weight" not in tensors:
     raise ImportFormatError("GGUF tensor token_embd.weight is missing")
   d = int(_required(reader, f"{arch}.embedding_length"))
   n = int(_required(reader, f"{arch}.attention.head_count"))
+  n_layers = int(_required(reader, f"{arch}.block_count"))
   head_dim = int(_field(reader, f"{arch}.attention.key_length", d // n))
+  value_dim = int(_field(reader, f"{arch}.attention.value_length", head_dim))
+  if value_dim != head_dim:
+    raise ImportFormatError(f"GGUF {arch}.attention.value_length={value_dim} differs from "
+                            f"key_length={head_dim}; model.py has one head_dim")
   rot = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
   if rot != head_dim:
     raise ImportFormatError(
@@ -136,7 +207,7 @@ def model_config_from_gguf(reader: gguf_lib.GGUFReader, *, max_seq_len: int = 20
   return model_lib.ModelConfig(
       vocab_size=vocab,
       d_model=d,
-      n_layers=int(_required(reader, f"{arch}.block_count")),
+      n_layers=n_layers,
       n_heads=n,
       n_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", n)),
       head_dim=head_dim,
@@ -148,19 +219,17 @@ def model_config_from_gguf(reader: gguf_lib.GGUFReader, *, max_seq_len: int = 20
       max_seq_len=min(context, int(max_seq_len)),
       dtype=dtype,
       param_dtype=param_dtype,
+      **_family_fields(reader, arch, d, n, head_dim, n_layers),
   )
 
 
 def load_gguf(src: str, mesh: Mesh, *, max_seq_len: int = 2048, dtype: str = "float32",
               param_dtype: str = "float32") -> tuple[model_lib.ModelConfig, dict]:
-  """Imports a llama-architecture GGUF file onto `mesh`: (ModelConfig, params)."""
-  try:
-    reader = gguf_lib.GGUFReader(src)
-  except (OSError, ValueError) as e:
-    raise ImportFormatError(f"{src}: not a readable GGUF file ({e})") from e
+  """Imports a llama- or gemma3-architecture GGUF file onto `mesh`: (ModelConfig, params)."""
+  reader = open_reader(src)
   cfg = model_config_from_gguf(reader, max_seq_len=max_seq_len, dtype=dtype,
                                param_dtype=param_dtype)
-  source = GGUFSource(reader, cfg.n_heads, cfg.n_kv_heads)
+  source = GGUFSource(reader, _required(reader, "general.architecture"), cfg)
   expected = {source.gguf_name(n) for n in common.expected_hf_names(cfg)}
   common.check_no_extra(source.gguf_names(), expected, src)
   return cfg, common.build_params(cfg, mesh, source)

@@ -1,11 +1,23 @@
-"""Hugging Face safetensors directories (LlamaForCausalLM family) -> params.
+"""Hugging Face safetensors directories -> params: Llama 3.x, Mistral, Qwen 2.5 / 3, Gemma 2 / 3.
 
 A directory holds config.json and either model.safetensors or shards listed in
 model.safetensors.index.json. Tensors are read lazily, one at a time, through
 `safetensors.safe_open` (memory-mapped), so the host never holds the whole model.
+
+config.json -> ModelConfig: each family's differences are ModelConfig switches
+(model.py); anything else a config asks for (an unknown architecture,
+activation, RoPE type, layer pattern) fails here in one line naming the field
+and the supported values, before any tensor is read. Both config layouts are
+read: transformers >= 5 (`rope_parameters`, for Gemma 3 one block per layer
+type, and `layer_types`) and 4.x (top-level `rope_theta` / `rope_scaling` /
+`rope_local_base_freq`, `sliding_window_pattern`). Gemma 3's multimodal
+checkpoints (Gemma3ForConditionalGeneration, 4B and up) import their text
+model: `text_config` and the language_model.* tensors; the vision tower is
+left out.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -21,13 +33,42 @@ from restem_jax import model as model_lib
 from restem_jax.importers import common
 from restem_jax.importers.common import ImportFormatError
 
-# Architectures whose forward is exactly model.Transformer's (pre-norm, RMSNorm,
-# rotate-half RoPE, GQA, SwiGLU, no biases). Mistral only without a sliding
-# window that the context would reach (checked below).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """What an architecture's HF modeling code fixes, and its config class's defaults."""
+  tie: bool  # tie_word_embeddings default.
+  rope_theta: float  # rope_theta default (global layers).
+  gemma: int = 0  # 2 or 3: (1 + w) norms, embed scale, sandwich norms, query_pre_attn_scalar.
+  qkv_bias: bool = False  # Qwen2Attention has q/k/v biases whatever the config says.
+  qk_norm: bool = False
+  head_dim: int = 0  # head_dim default; 0 = hidden_size // num_attention_heads.
+
+
+_FAMILIES = {
+    "LlamaForCausalLM": _Family(tie=False, rope_theta=10000.0),
+    # Mistral only without a sliding window that the context would reach (checked below).
+    "MistralForCausalLM": _Family(tie=False, rope_theta=10000.0),
+    "Qwen2ForCausalLM": _Family(tie=False, rope_theta=10000.0, qkv_bias=True),
+    "Qwen3ForCausalLM": _Family(tie=False, rope_theta=10000.0, qk_norm=True, head_dim=128),
+    "Gemma2ForCausalLM": _Family(tie=True, rope_theta=10000.0, gemma=2, head_dim=256),
+    "Gemma3ForCausalLM": _Family(tie=True, rope_theta=1e6, gemma=3, qk_norm=True, head_dim=256),
+    "Gemma3ForConditionalGeneration": _Family(tie=True, rope_theta=1e6, gemma=3, qk_norm=True,
+                                              head_dim=256),
+}
+SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+
+# HF activation name -> model.py's mlp_activation (both used in a gated MLP).
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# HF rope_type -> model.py's rope_scaling.
+_ROPE_TYPES = {"default": "none", "llama3": "llama3", "linear": "linear"}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Buffers some exporters save that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Tensors of a multimodal checkpoint that the text model does not use.
+_IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                     "model.multi_modal_projector.")
 
 
 def read_hf_config(src: str) -> dict[str, Any]:
@@ -38,16 +79,93 @@ def read_hf_config(src: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-  # transformers >= 5 nests RoPE settings under rope_parameters; 4.x keeps them top-level.
+def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
+  """The language model's config: `text_config` when nested (Gemma 3 multimodal)."""
+  if not isinstance(hf.get("text_config"), dict):
+    return hf
+  text = dict(hf["text_config"])
+  if "tie_word_embeddings" not in text and "tie_word_embeddings" in hf:
+    text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+  return text
+
+
+def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
+  """ModelConfig RoPE fields from rope_parameters (transformers 5) or rope_theta/rope_scaling (4.x)."""
   params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  for block in (params, scaling):
-    kind = block.get("rope_type", block.get("type", "default"))
-    if kind not in ("default", None):
+  per_type = any(isinstance(params.get(t), dict) for t in _LAYER_TYPES)
+  block = dict(hf.get("rope_scaling") or {})
+  block.update((params.get("full_attention") or {}) if per_type else params)
+  where = ("rope_parameters.full_attention" if per_type
+           else "rope_parameters" if params else "rope_scaling")
+  kind = block.get("rope_type", block.get("type", "default"))
+  if kind not in _ROPE_TYPES:
+    raise ImportFormatError(
+        f"{where}.rope_type={kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+  partial = block.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if float(partial) != 1.0:
+    raise ImportFormatError(f"partial_rotary_factor={partial} is not supported; supported: 1.0")
+
+  def need(key: str) -> float:
+    if block.get(key) is None:
+      raise ImportFormatError(f"{where}.{key} is missing (needed by rope_type {kind!r})")
+    return float(block[key])
+
+  out: dict[str, Any] = {
+      "rope_base": float(block.get("rope_theta", hf.get("rope_theta", fam.rope_theta))),
+      "rope_scaling": _ROPE_TYPES[kind]}
+  if kind in ("linear", "llama3"):
+    out["rope_scaling_factor"] = need("factor")
+  if kind == "llama3":
+    out["rope_low_freq_factor"] = need("low_freq_factor")
+    out["rope_high_freq_factor"] = need("high_freq_factor")
+    out["rope_original_max_len"] = int(need("original_max_position_embeddings"))
+  local = (params.get("sliding_attention") or {}) if per_type else {}
+  local_kind = local.get("rope_type", "default")
+  if local_kind != "default":
+    raise ImportFormatError(f"rope_parameters.sliding_attention.rope_type={local_kind!r} is not "
+                            "supported; supported: default")
+  if "rope_theta" in local:
+    out["rope_local_base"] = float(local["rope_theta"])
+  elif fam.gemma == 3:
+    out["rope_local_base"] = float(hf.get("rope_local_base_freq", 10000.0))
+  return out
+
+
+def _local_layers(hf: dict[str, Any], arch: str, fam: _Family, n_layers: int) -> list[bool]:
+  """Which layers use sliding-window attention, as the family's modeling code decides."""
+  types = hf.get("layer_types")
+  if types is not None:
+    bad = sorted(set(types) - set(_LAYER_TYPES))
+    if bad:
       raise ImportFormatError(
-          f"RoPE scaling type {kind!r} is not supported (model.py implements plain RoPE)")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+          f"layer_types value {bad[0]!r} is not supported; supported: {', '.join(_LAYER_TYPES)}")
+    if len(types) != n_layers:
+      raise ImportFormatError(
+          f"layer_types has {len(types)} entries but num_hidden_layers={n_layers}")
+    return [t == "sliding_attention" for t in types]
+  if fam.gemma == 2:
+    return [(i + 1) % 2 != 0 for i in range(n_layers)]
+  if fam.gemma == 3:
+    period = int(hf.get("sliding_window_pattern", 6))
+    return [(i + 1) % period != 0 for i in range(n_layers)]
+  if arch.startswith("Qwen") and hf.get("use_sliding_window") and hf.get("sliding_window"):
+    return [i >= int(hf.get("max_window_layers", 28)) for i in range(n_layers)]
+  return [False] * n_layers
+
+
+def _window_fields(local: list[bool], window: Any) -> dict[str, int]:
+  """sliding_window / sliding_window_pattern reproducing `local` (model.py's layer rule)."""
+  if not any(local):
+    return {"sliding_window": 0, "sliding_window_pattern": 0}
+  if not window:
+    raise ImportFormatError("layer_types has sliding_attention layers but sliding_window is not set")
+  n = len(local)
+  for period in [0] + list(range(2, n + 1)):
+    if all(is_local == (period == 0 or (i + 1) % period != 0) for i, is_local in enumerate(local)):
+      return {"sliding_window": int(window), "sliding_window_pattern": period}
+  raise ImportFormatError(
+      f"layer_types {['S' if x else 'F' for x in local]} (S = sliding_attention) is not supported; "
+      "supported: every layer sliding, or layer i full iff (i + 1) % p == 0 for some p")
 
 
 def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
@@ -55,77 +173,123 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
                          ) -> model_lib.ModelConfig:
   """ModelConfig for an HF config.json dict; ImportFormatError on unsupported features."""
   archs = hf.get("architectures") or [f"<model_type {hf.get('model_type')!r}>"]
-  if archs[0] not in SUPPORTED_ARCHITECTURES:
+  arch = archs[0]
+  if arch not in _FAMILIES:
     raise ImportFormatError(
-        f"architecture {archs[0]} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ImportFormatError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+  fam = _FAMILIES[arch]
+  hf = _text_config(hf)
+  act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+  act = hf.get(act_key) or ("gelu_pytorch_tanh" if fam.gemma else "silu")
+  if act not in _ACTIVATIONS:
+    raise ImportFormatError(
+        f"{act_key}={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
-      raise ImportFormatError(f"{flag}=true is not supported (model.py has no biases)")
+      raise ImportFormatError(f"{flag}=true is not supported (model.py has no o/MLP biases)")
+  if hf.get("use_bidirectional_attention"):
+    raise ImportFormatError("use_bidirectional_attention=true is not supported; supported: false")
   seq = min(int(hf.get("max_position_embeddings", max_seq_len)), int(max_seq_len))
-  window = hf.get("sliding_window")
-  if window is not None and hf.get("use_sliding_window", True) and int(window) < seq:
-    raise ImportFormatError(
-        f"{archs[0]} with sliding_window={window} < max_seq_len={seq} is not supported "
-        "(model.py attends to the full context)")
+  n_layers = int(hf["num_hidden_layers"])
+  if arch == "MistralForCausalLM":
+    window = hf.get("sliding_window")
+    if window is not None and hf.get("use_sliding_window", True) and int(window) < seq:
+      raise ImportFormatError(
+          f"{arch} with sliding_window={window} < max_seq_len={seq} is not supported "
+          "(model.py attends to the full context)")
+    windows = _window_fields([False] * n_layers, None)
+  else:
+    windows = _window_fields(_local_layers(hf, arch, fam, n_layers),
+                             hf.get("sliding_window", 4096 if fam.gemma else None))
   d = int(hf["hidden_size"])
   n = int(hf["num_attention_heads"])
+  gemma = bool(fam.gemma)
+  # transformers' Gemma3Attention never applies attn_logit_softcapping (only Gemma 2 does);
+  # Gemma2Config's defaults are 50 / 30, Gemma3's None (an explicit null turns a cap off).
+  attn_cap = hf.get("attn_logit_softcapping", 50.0) if fam.gemma == 2 else None
+  final_cap = hf.get("final_logit_softcapping", 30.0 if fam.gemma == 2 else None) if gemma else None
   return model_lib.ModelConfig(
       vocab_size=int(hf["vocab_size"]),
       d_model=d,
-      n_layers=int(hf["num_hidden_layers"]),
+      n_layers=n_layers,
       n_heads=n,
       n_kv_heads=int(hf.get("num_key_value_heads") or n),
-      head_dim=int(hf.get("head_dim") or d // n),
+      head_dim=int(hf.get("head_dim") or fam.head_dim or d // n),
       d_ff=int(hf["intermediate_size"]),
-      rope_base=_rope_theta(hf),
-      # LlamaConfig's default when the key is absent.
+      # The config classes' default when the key is absent.
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      # LlamaConfig defaults to untied; an absent lm_head with tie=False fails loudly later.
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      # An absent lm_head with tie=False fails loudly later.
+      tie_embeddings=bool(hf.get("tie_word_embeddings", fam.tie)),
       max_seq_len=seq,
       dtype=dtype,
       param_dtype=param_dtype,
+      **_rope_fields(hf, fam),
+      qkv_bias=fam.qkv_bias,
+      qk_norm=fam.qk_norm,
+      norm_unit_offset=gemma,
+      embed_scale=gemma,
+      mlp_activation=_ACTIVATIONS[act],
+      post_norms=gemma,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma else 0.0,
+      attn_logit_softcap=float(attn_cap or 0.0),
+      final_logit_softcap=float(final_cap or 0.0),
+      **windows,
   )
 
 
 class SafetensorsSource:
-  """Lazy HF-layout tensors from one or more .safetensors files."""
+  """Lazy HF-layout tensors from one or more .safetensors files, by text-model name.
+
+  A multimodal checkpoint's language model ("language_model.model.layers.0...",
+  transformers 4.5x and 5.x on save; "model.language_model.layers.0..." in
+  5.x's in-memory layout) is read under the plain names ("model.layers.0...");
+  its vision tensors are not listed.
+  """
 
   def __init__(self, src: str):
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.isfile(index):
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
-      self._file_of = {name: os.path.join(src, fname) for name, fname in weight_map.items()}
+      file_of = {name: os.path.join(src, fname) for name, fname in weight_map.items()}
     else:
       files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
       if not files:
         raise ImportFormatError(f"{src}: no *.safetensors files")
-      self._file_of = {}
+      file_of = {}
       for fname in files:
         with safe_open(fname, framework="numpy") as f:
-          self._file_of.update({name: fname for name in f.keys()})
+          file_of.update({name: fname for name in f.keys()})
+    # name -> (file, stored name).
+    self._where = {_text_name(name): (fname, name) for name, fname in file_of.items()
+                   if not name.startswith(_IGNORED_PREFIXES)}
     self._handles: dict[str, Any] = {}
 
   def names(self) -> set[str]:
-    return {n for n in self._file_of if not n.endswith(_IGNORED_SUFFIXES)}
+    return {n for n in self._where if not n.endswith(_IGNORED_SUFFIXES)}
 
   def has(self, name: str) -> bool:
-    return name in self._file_of
+    return name in self._where
 
   def get(self, name: str) -> np.ndarray:
-    fname = self._file_of[name]
+    fname, stored = self._where[name]
     if fname not in self._handles:
       self._handles[fname] = safe_open(fname, framework="numpy")
     handle = self._handles[fname]
     try:
-      return handle.get_tensor(name)
+      return handle.get_tensor(stored)
     except (TypeError, ValueError):
       # numpy has no bfloat16: safetensors' numpy backend refuses BF16, so read
       # the raw little-endian bytes and view them with ml_dtypes.
-      return _read_raw(fname, name)
+      return _read_raw(fname, stored)
+
+
+def _text_name(name: str) -> str:
+  for prefix, plain in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head.")):
+    if name.startswith(prefix):
+      return plain + name[len(prefix):]
+  return name
 
 
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
@@ -146,7 +310,7 @@ def _read_raw(fname: str, name: str) -> np.ndarray:
 
 def load_hf(src: str, mesh: Mesh, *, max_seq_len: int = 2048, dtype: str = "float32",
             param_dtype: str = "float32") -> tuple[model_lib.ModelConfig, dict]:
-  """Imports an HF Llama-family safetensors directory onto `mesh`: (ModelConfig, params)."""
+  """Imports an HF safetensors directory (see SUPPORTED_ARCHITECTURES) onto `mesh`: (ModelConfig, params)."""
   cfg = model_config_from_hf(read_hf_config(src), max_seq_len=max_seq_len, dtype=dtype,
                              param_dtype=param_dtype)
   source = SafetensorsSource(src)

@@ -1,7 +1,12 @@
-"""Byte-level BPE tokenizers (GGUF-embedded or HF tokenizer.json) as seqio vocabularies.
+"""Pretrained tokenizers (GGUF-embedded or HF tokenizer.json) as seqio vocabularies.
 
-`BPEVocabulary` is a seqio.Vocabulary, so tasks, prompts and the sampler use a
-pretrained model's tokenizer exactly as they use the embedded SentencePiece one.
+`BPEVocabulary` is a seqio.Vocabulary over a `tokenizers.Tokenizer`, so tasks,
+prompts and the sampler use a pretrained model's tokenizer exactly as they use
+the embedded SentencePiece one. Two GGUF vocabularies are rebuilt:
+  * byte-level BPE (`tokenizer.ggml.model = gpt2`: SmolLM2, Llama 3, Qwen):
+    the file lists vocabulary and merges;
+  * SentencePiece BPE (`tokenizer.ggml.model = llama` with arch gemma*: Gemma):
+    pieces, scores and token types, no merges (see `_sentencepiece_bpe`).
 
 Special ids, and why:
   * eos_id: the checkpoint's end-of-sequence token (SmolLM2-Instruct: 2,
@@ -29,7 +34,7 @@ import seqio
 import tensorflow as tf
 import tokenizers
 from etils import epath
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from restem_jax.importers.common import ImportFormatError
 
@@ -40,7 +45,11 @@ _GGUF_PRE_SPLIT_DIGITS = {
     "smollm": True, "starcoder": True, "refact": True, "command-r": True, "codeshell": True,
     "exaone": True, "minerva-7b": True,
 }
-_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # gguf.TokenType values
+_GGUF_CONTROL, _GGUF_USER_DEFINED, _GGUF_BYTE = 3, 4, 6  # gguf.TokenType values
+# GGUF architectures whose `llama` (SentencePiece) vocabulary we rebuild: Gemma's
+# conventions (no dummy prefix, byte fallback, whitespace-run pieces) are assumed.
+_SENTENCEPIECE_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+_SPACE = "\u2581"  # SentencePiece's visible space.
 
 
 def _byte_level(split_digits: bool) -> tuple[Any, Any]:
@@ -55,11 +64,18 @@ class BPEVocabulary(seqio.Vocabulary):
   """A seqio.Vocabulary over a `tokenizers.Tokenizer` (see the module docstring for ids)."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_id: int, pad_id: int | None = None,
-               unk_id: int | None = None, bos_id: int | None = None, name: str = ""):
+               unk_id: int | None = None, bos_id: int | None = None, add_bos: bool = False,
+               name: str = ""):
     self._tokenizer = tokenizer
     self._eos_id = int(eos_id)
     self._unk_id = unk_id
     self._bos_id = bos_id
+    if add_bos and bos_id is None:
+      raise ImportFormatError(f"{name}: add_bos needs a bos token id")
+    # Whether the model expects BOS first in every sequence (Gemma: yes, it was trained
+    # so; SmolLM2: no). encode() never adds it: targets are encoded alone and appended
+    # to prompts, so only prompt encoding (encode_prompt) may start with it.
+    self.add_bos = bool(add_bos)
     self._special_ids = frozenset(int(i) for i, t in tokenizer.get_added_tokens_decoder().items()
                                   if t.special)
     if pad_id is None:
@@ -96,6 +112,10 @@ class BPEVocabulary(seqio.Vocabulary):
 
   def _encode(self, s: str) -> list[int]:
     return list(self._tokenizer.encode(s, add_special_tokens=False).ids)
+
+  def encode_prompt(self, s: str) -> list[int]:
+    """Ids of a text that starts a sequence: BOS first when the model expects it."""
+    return ([int(self._bos_id)] if self.add_bos else []) + self._encode(s)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [list(e.ids) for e in
@@ -143,50 +163,109 @@ class BPEVocabulary(seqio.Vocabulary):
 
   @property
   def fingerprint(self) -> str:
-    blob = self._tokenizer.to_str() + json.dumps([self._eos_id, self._pad_id, self._unk_id])
+    # What changes token ids: bos only through encode_prompt.
+    ids = [self._eos_id, self._pad_id, self._unk_id] + ([self._bos_id] if self.add_bos else [])
+    blob = self._tokenizer.to_str() + json.dumps(ids)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def __repr__(self) -> str:
     return (f"BPEVocabulary({self.name!r}, size={self.vocab_size}, eos={self.eos_id}, "
-            f"pad={self.pad_id}, unk={self.unk_id})")
+            f"pad={self.pad_id}, unk={self.unk_id}, bos={self.bos_id}, add_bos={self.add_bos})")
 
 
-def vocabulary_from_gguf(path: str, *, eos_id: int | None = None,
-                         pad_id: int | None = None) -> BPEVocabulary:
-  """The byte-level BPE tokenizer embedded in a GGUF file (tokenizer.ggml.*)."""
-  import gguf as gguf_lib  # Heavy-ish; only needed here.
-  reader = gguf_lib.GGUFReader(path)
-
-  def field(key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-  kind = field("tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ImportFormatError(
-        f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
+def _byte_level_bpe(path: str, pieces: list[str], field: Any) -> tokenizers.Tokenizer:
+  """GPT-2-style byte-level BPE: the file lists the merges; `pre` names the split regex."""
   pre = field("tokenizer.ggml.pre", "default")
   if pre not in _GGUF_PRE_SPLIT_DIGITS:
     raise ImportFormatError(
         f"{path}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
         f"{', '.join(sorted(_GGUF_PRE_SPLIT_DIGITS))}")
-  pieces = field("tokenizer.ggml.tokens")
   merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
-  types = field("tokenizer.ggml.token_type", [1] * len(pieces))
   tok = tokenizers.Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)},
                                         merges=merges, fuse_unk=False))
   tok.pre_tokenizer, tok.decoder = _byte_level(_GGUF_PRE_SPLIT_DIGITS[pre])
-  # Control tokens (<|im_start|>, ...) match as whole units in text and keep their ids.
+  return tok
+
+
+def _sentencepiece_bpe(path: str, pieces: list[str], scores: Sequence[float],
+                       types: Sequence[int], unk_id: int | None) -> tokenizers.Tokenizer:
+  """Gemma's SentencePiece BPE model as a `tokenizers` BPE with byte fallback.
+
+  SentencePiece BPE (bpe_model.cc) encodes by repeatedly merging the adjacent pair
+  whose concatenation is the best-scored piece of the vocabulary; user-defined pieces
+  are matched whole first; characters outside the vocabulary become <0xXX> byte
+  pieces. A `tokenizers` BPE does the same given merges ranked by that order, so the
+  merges are every split (left, right) of a piece into two pieces, ranked by the
+  merged piece: user-defined pieces first (SentencePiece matches them before merging;
+  llama.cpp overwrites their score with -1000, so their file order is used), then
+  normal pieces by score. Control and byte pieces are never produced by merging.
+  Gemma's normalizer only makes spaces visible (no dummy prefix, add_space_prefix is
+  false in its GGUF), and nothing pre-splits the text.
+  """
+  # llama.cpp writes the whitespace-run pieces ("\u2581\u2581", ...) with real spaces
+  # (their HF added-token spelling); inside SentencePiece a space is always \u2581.
+  pieces = [p.replace(" ", _SPACE) if p and not p.strip(" ") else p for p in pieces]
+  vocab = {p: i for i, p in enumerate(pieces)}
+  if len(vocab) != len(pieces):
+    raise ImportFormatError(f"{path}: tokenizer.ggml.tokens has duplicate pieces")
+  user = [i for i, t in enumerate(types) if t == _GGUF_USER_DEFINED]
+  normal = sorted((i for i, t in enumerate(types) if t == 1), key=lambda i: -scores[i])
+  merges = []
+  for i in user + normal:
+    piece = pieces[i]
+    merges.extend((piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab)
+  tok = tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+      unk_token=pieces[unk_id] if unk_id is not None else None))
+  tok.normalizer = normalizers.Replace(" ", _SPACE)
+  tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  return tok
+
+
+def vocabulary_from_gguf(path: str, *, eos_id: int | None = None,
+                         pad_id: int | None = None) -> BPEVocabulary:
+  """The tokenizer embedded in a GGUF file (tokenizer.ggml.*): byte-level BPE or Gemma's
+  SentencePiece BPE (see the module docstring)."""
+  from restem_jax.importers.gguf import open_reader  # The weights' importer shares the parse.
+  reader = open_reader(path)
+
+  def field(key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+  kind, arch = field("tokenizer.ggml.model"), field("general.architecture")
+  pieces = field("tokenizer.ggml.tokens")
+  if not pieces:
+    raise ImportFormatError(f"{path}: no tokenizer.ggml.tokens (this GGUF carries no tokenizer)")
+  types = field("tokenizer.ggml.token_type", [1] * len(pieces))
+  unk = field("tokenizer.ggml.unknown_token_id")
+  if kind == "gpt2":
+    tok = _byte_level_bpe(path, pieces, field)
+  elif kind == "llama" and arch in _SENTENCEPIECE_ARCHITECTURES:
+    tok = _sentencepiece_bpe(path, pieces, field("tokenizer.ggml.scores"), types, unk)
+  else:
+    raise ImportFormatError(
+        f"{path}: tokenizer.ggml.model={kind!r} with architecture {arch!r} is not supported; "
+        "supported: 'gpt2' (byte-level BPE), 'llama' (SentencePiece) with architecture "
+        f"{'/'.join(_SENTENCEPIECE_ARCHITECTURES)}")
+  vocab = tok.get_vocab(with_added_tokens=False)
+  # Control tokens (<|im_start|>, <start_of_turn>, ...) match as whole units in text and
+  # keep their ids; so do user-defined ones (<b>, "\n\n", ...) that the model kept
+  # under their own spelling (Gemma's respelled whitespace runs are ordinary pieces).
   tok.add_special_tokens([tokenizers.AddedToken(pieces[i], special=True, normalized=False)
                           for i, t in enumerate(types) if t == _GGUF_CONTROL])
   tok.add_tokens([tokenizers.AddedToken(pieces[i], special=False, normalized=False)
-                  for i, t in enumerate(types) if t == _GGUF_USER_DEFINED])
+                  for i, t in enumerate(types)
+                  if t == _GGUF_USER_DEFINED and vocab.get(pieces[i]) == i])
   eos = field("tokenizer.ggml.eos_token_id") if eos_id is None else eos_id
   if eos is None:
     raise ImportFormatError(f"{path}: tokenizer.ggml.eos_token_id is missing; pass eos_id")
-  return BPEVocabulary(tok, eos_id=int(eos), pad_id=pad_id,
-                       unk_id=field("tokenizer.ggml.unknown_token_id"),
-                       bos_id=field("tokenizer.ggml.bos_token_id"),
+  # llama.cpp's default when the flag is absent: SentencePiece vocabularies add BOS.
+  add_bos = bool(field("tokenizer.ggml.add_bos_token", kind == "llama"))
+  return BPEVocabulary(tok, eos_id=int(eos), pad_id=pad_id, unk_id=unk,
+                       bos_id=field("tokenizer.ggml.bos_token_id"), add_bos=add_bos,
                        name=os.path.basename(path))
 
 
@@ -221,9 +300,11 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
   if eos_id is None:
     raise ImportFormatError(f"{src}: no eos token in tokenizer_config.json or config.json; "
                             "pass eos_id")
+  bos_id = _token_id(tok, tcfg.get("bos_token"))
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
-                       unk_id=_token_id(tok, tcfg.get("unk_token")),
-                       bos_id=_token_id(tok, tcfg.get("bos_token")), name=str(directory))
+                       unk_id=_token_id(tok, tcfg.get("unk_token")), bos_id=bos_id,
+                       add_bos=bool(tcfg.get("add_bos_token")) and bos_id is not None,
+                       name=str(directory))
 
 
 def load_vocabulary(path: str, **kwargs: Any) -> BPEVocabulary:
