@@ -113,8 +113,8 @@ class ModelConfig:
     if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
       raise partitioning.ConfigError(
           f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
-    if self.rope_scaling == "llama3" and not (
-        0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_max_len > 0):
+    low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+    if self.rope_scaling == "llama3" and not (0 < low < high and self.rope_original_max_len > 0):
       raise partitioning.ConfigError(
           "model.rope_scaling='llama3' needs 0 < rope_low_freq_factor < rope_high_freq_factor "
           f"(got {self.rope_low_freq_factor}, {self.rope_high_freq_factor}) and "

@@ -358,8 +358,12 @@ def test_transformers_4_config_layout_gives_the_same_model_config(name, tmp_path
      r"sliding_attention$"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
      r"^rope_parameters.low_freq_factor is missing \(needed by rope_type 'llama3'\)$"),
+    (dict(architectures=["Gemma2ForCausalLM"], rope_parameters={"rope_type": "linear",
+                                                                "factor": 2.0}),
+     r"^Gemma2ForCausalLM with sliding-window layers and RoPE scaling 'linear' is not supported"),
 ])
 def test_unsupported_config_fails_in_one_line(change, pattern):
+  """Each on a Gemma 3 config (all switches on) with one field changed."""
   config_cls, model_cls, kw = FAMILIES["gemma3"]
   hf = config_cls(**{**BASE, **kw}).to_dict()
   hf["architectures"] = [model_cls.__name__]

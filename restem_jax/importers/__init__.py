@@ -1,4 +1,5 @@
-"""Import pretrained Llama-family models (HF safetensors, GGUF) and their tokenizers, offline.
+"""Import pretrained models and their tokenizers, offline: HF safetensors (Llama 3.x, Qwen 2.5 / 3,
+Gemma 2 / 3; see hf.SUPPORTED_ARCHITECTURES) and GGUF.
 
     cfg, params = import_model("gguf", "/path/model.gguf", mesh)   # sharded on `mesh`
     import_to_checkpoint("gguf", src, workdir + "/base", mesh)      # + Orbax base checkpoint
