@@ -19,6 +19,7 @@ matrix, 0.9 GB), and the devices hold the final params plus one layer slice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Protocol
 
 import jax
@@ -158,9 +159,7 @@ def _stack_layers(cfg: model_lib.ModelConfig, source: TensorSource, suffix: str,
   spec = tuple(stack_sharding.spec) + (None,) * (len(stack_shape) - len(stack_sharding.spec))
   # The layer axis is never sharded ("layers" -> None), so a slice keeps the rest of the spec.
   slice_sharding = NamedSharding(stack_sharding.mesh, P(*spec[1:]))
-  zeros = jax.jit(lambda: jnp.zeros(stack_shape, dtype), out_shardings=stack_sharding)
-  write = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
-                  out_shardings=stack_sharding, donate_argnums=0)
+  zeros, write = _stack_programs(stack_shape, np.dtype(dtype), stack_sharding)
   stacked = zeros()
   for i in range(cfg.n_layers):
     if i == 0:
@@ -171,6 +170,17 @@ def _stack_layers(cfg: model_lib.ModelConfig, source: TensorSource, suffix: str,
     stacked = write(stacked, jax.device_put(host, slice_sharding), np.int32(i))
     del host
   return stacked
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_programs(stack_shape: tuple[int, ...], dtype: np.dtype, stack_sharding: NamedSharding
+                    ) -> tuple[Callable, Callable]:
+  """(zeros, write) for one stacked shape: param kinds of the same shape (k and v, gate
+  and up, the norms) and later imports share the compiled programs."""
+  zeros = jax.jit(lambda: jnp.zeros(stack_shape, dtype), out_shardings=stack_sharding)
+  write = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
+                  out_shardings=stack_sharding, donate_argnums=0)
+  return zeros, write
 
 
 def model_config_dict(cfg: model_lib.ModelConfig) -> dict[str, Any]:

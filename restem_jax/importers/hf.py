@@ -90,7 +90,7 @@ def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
-  """ModelConfig RoPE fields from rope_parameters (transformers 5) or rope_theta/rope_scaling (4.x)."""
+  """ModelConfig RoPE fields: rope_parameters (transformers 5) or rope_theta/rope_scaling (4.x)."""
   params = hf.get("rope_parameters") or {}
   per_type = any(isinstance(params.get(t), dict) for t in _LAYER_TYPES)
   block = dict(hf.get("rope_scaling") or {})
@@ -158,7 +158,8 @@ def _window_fields(local: list[bool], window: Any) -> dict[str, int]:
   if not any(local):
     return {"sliding_window": 0, "sliding_window_pattern": 0}
   if not window:
-    raise ImportFormatError("layer_types has sliding_attention layers but sliding_window is not set")
+    raise ImportFormatError(
+        "layer_types has sliding_attention layers but sliding_window is not set")
   n = len(local)
   for period in [0] + list(range(2, n + 1)):
     if all(is_local == (period == 0 or (i + 1) % period != 0) for i, is_local in enumerate(local)):
@@ -201,6 +202,12 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
   else:
     windows = _window_fields(_local_layers(hf, arch, fam, n_layers),
                              hf.get("sliding_window", 4096 if fam.gemma else None))
+  rope = _rope_fields(hf, fam)
+  if windows["sliding_window"] and rope["rope_scaling"] != "none" and fam.gemma != 3:
+    # Only Gemma 3 keeps its sliding-window layers' RoPE unscaled, as model.py does.
+    raise ImportFormatError(
+        f"{arch} with sliding-window layers and RoPE scaling {rope['rope_scaling']!r} is not "
+        "supported; supported: RoPE scaling without sliding windows, or Gemma 3")
   d = int(hf["hidden_size"])
   n = int(hf["num_attention_heads"])
   gemma = bool(fam.gemma)
@@ -223,7 +230,7 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
       max_seq_len=seq,
       dtype=dtype,
       param_dtype=param_dtype,
-      **_rope_fields(hf, fam),
+      **rope,
       qkv_bias=fam.qkv_bias,
       qk_norm=fam.qk_norm,
       norm_unit_offset=gemma,
@@ -310,7 +317,7 @@ def _read_raw(fname: str, name: str) -> np.ndarray:
 
 def load_hf(src: str, mesh: Mesh, *, max_seq_len: int = 2048, dtype: str = "float32",
             param_dtype: str = "float32") -> tuple[model_lib.ModelConfig, dict]:
-  """Imports an HF safetensors directory (see SUPPORTED_ARCHITECTURES) onto `mesh`: (ModelConfig, params)."""
+  """Imports an HF safetensors directory (SUPPORTED_ARCHITECTURES) onto `mesh`: (cfg, params)."""
   cfg = model_config_from_hf(read_hf_config(src), max_seq_len=max_seq_len, dtype=dtype,
                              param_dtype=param_dtype)
   source = SafetensorsSource(src)
