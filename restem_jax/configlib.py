@@ -128,6 +128,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.majority_k = 8  # Majority voting over this many samples (math tasks).
   c.eval.on_train = True  # Also greedy pass@1 on (a subset of) train: Fig. 4's gap.
   c.eval.num_train_eval = 256  # Train problems in that measurement.
+  # Completion budget and rows per sampler call of every evaluation (greedy,
+  # sampled, validation during the M-step); 0 = sampling.max_new_tokens /
+  # sampling.max_batch.
+  c.eval.max_new_tokens = 0
+  c.eval.max_batch = 0
 
   # --- Multi-host (jax.distributed). ---
   c.distributed = ml_collections.ConfigDict()

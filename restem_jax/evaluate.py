@@ -9,8 +9,13 @@ import ml_collections
 import numpy as np
 
 from restem_jax import distributed, metrics, sampling
-from restem_jax.generate import decode_completions
 from restem_jax.tasks import Problem
+
+
+def sampling_budget(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Evaluation's max_new_tokens / max_batch: eval.* where set, else (0) sampling.*."""
+  return dict(max_new_tokens=int(config.eval.max_new_tokens or config.sampling.max_new_tokens),
+              max_batch=int(config.eval.max_batch or config.sampling.max_batch))
 
 
 def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
@@ -21,7 +26,7 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
   for _, out in sampler.sample_chunked(params, [vocab.encode(p.prompt) for p in problems],
                                        num_samples=num_samples, max_new_tokens=max_new_tokens,
                                        mode=mode, rng=rng, max_batch=max_batch):
-    texts += decode_completions(vocab, out)
+    texts += sampling.decode_completions(vocab, out)
   return texts
 
 
@@ -95,10 +100,9 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     result["num_train_eval"] = len(subset)
   n = eval_cfg.num_samples
   if n > 0:
-    mode = sampling.SamplingMode(temperature=eval_cfg.temperature, top_k=eval_cfg.top_k,
-                                 top_p=eval_cfg.top_p)
     texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
-                         mode=mode, max_new_tokens=max_new_tokens, max_batch=max_batch,
+                         mode=sampling.SamplingMode.from_config(eval_cfg),
+                         max_new_tokens=max_new_tokens, max_batch=max_batch,
                          rng=jax.random.fold_in(jax.random.key(seed), 7919))
     flat = _score(task, [p for p in test_problems for _ in range(n)],
                   [t for row in texts for t in row])

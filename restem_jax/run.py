@@ -75,7 +75,8 @@ class RunContext:
             f"task {config.task.name!r} has no {name} problems that fit max_prompt_len="
             f"{max_prompt}; check task.data_dir and model.max_seq_len")
     self.sampler = sampling.Sampler(self.model_cfg, self.mesh, eos_id=vocab.eos_id,
-                                    pad_id=vocab.pad_id)
+                                    pad_id=vocab.pad_id, stop_strings=self.task.stop_strings,
+                                    vocabulary=vocab)
 
   def log(self, msg: str) -> None:
     if distributed.is_coordinator():
@@ -100,8 +101,7 @@ class RunContext:
                validate: bool = True) -> tuple[Any, dict]:
     c = self.config
     eval_fn = (evaluate.make_validation_fn(self.sampler, self.task, self.val,
-                                           max_new_tokens=c.sampling.max_new_tokens,
-                                           max_batch=c.sampling.max_batch)
+                                           **evaluate.sampling_budget(c))
                if validate and self.val else None)
     # Pad to the longest example (rounded up to 16), not to max_seq_len: short
     # tasks then train at their own length, with one compile per M-step.
@@ -116,8 +116,8 @@ class RunContext:
     c = self.config
     return evaluate.evaluate(params=params, sampler=self.sampler, task=self.task,
                              test_problems=self.test, train_problems=self.train,
-                             eval_cfg=c.eval, max_new_tokens=c.sampling.max_new_tokens,
-                             max_batch=c.sampling.max_batch, seed=seed, log=self.log)
+                             eval_cfg=c.eval, **evaluate.sampling_budget(c), seed=seed,
+                             log=self.log)
 
   def save(self, path: str, params: Any) -> None:
     checkpoints.save_params(path, params, metadata={"model": self.config.model.to_dict()})
