@@ -115,7 +115,9 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     key = _answer_key(task)
     if key is not None and eval_cfg.majority_k <= n:
       k = eval_cfg.majority_k
-      maj = [metrics.majority_correct([key(t) for t in row[:k]], list(r[:k]))
+      # Vote on the answer part, as the reward grades it (a sampler stop string
+      # ends the raw text at a different place than the budget would).
+      maj = [metrics.majority_correct([key(task.postprocess(t)) for t in row[:k]], list(r[:k]))
              for row, r in zip(texts, rewards)]
       result[f"maj@{k}"] = float(np.mean(maj))
   log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))
