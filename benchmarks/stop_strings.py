@@ -80,7 +80,7 @@ def main(argv):
       "stops": sampling.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                                 stop_strings=task.stop_strings, vocabulary=vocab)}
   print(f"stop table built in {time.perf_counter() - start:.1f} s (both samplers), "
-        f"{samplers['stops'].stop_tables[0].next_SxV.shape} int32")
+        f"{samplers['stops'].stop_tables()[0].next_SxV.shape} int32")
   kw = dict(num_samples=n, max_new_tokens=_NEW.value, mode=sampling.SamplingMode(0.7, 40),
             rng=jax.random.key(0), max_batch=max_batch)
   for sampler in samplers.values():

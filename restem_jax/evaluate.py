@@ -20,12 +20,17 @@ def sampling_budget(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
                  problems: Sequence[Problem], *, num_samples: int, mode: sampling.SamplingMode,
-                 max_new_tokens: int, max_batch: int, rng: jax.Array) -> list[list[str]]:
-  """[P][N] completions, in chunks of <= max_batch rows (memory bound)."""
+                 max_new_tokens: int, max_batch: int, rng: jax.Array,
+                 stop_strings: Sequence[str]) -> list[list[str]]:
+  """[P][N] completions, in chunks of <= max_batch rows (memory bound).
+
+  stop_strings: the evaluated task's (not necessarily the sampler's default).
+  """
   texts: list[list[str]] = []
   for _, out in sampler.sample_chunked(params, [vocab.encode(p.prompt) for p in problems],
                                        num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                       mode=mode, rng=rng, max_batch=max_batch):
+                                       mode=mode, rng=rng, max_batch=max_batch,
+                                       stop_strings=stop_strings):
     texts += sampling.decode_completions(vocab, out)
   return texts
 
@@ -42,7 +47,7 @@ def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
                    max_batch: int) -> list[float]:
   texts = sample_texts(sampler, params, task.vocabulary, problems, num_samples=1,
                        mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                       rng=jax.random.key(0))
+                       rng=jax.random.key(0), stop_strings=task.stop_strings)
   return _score(task, list(problems), [t[0] for t in texts])
 
 
@@ -103,7 +108,8 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
                          mode=sampling.SamplingMode.from_config(eval_cfg),
                          max_new_tokens=max_new_tokens, max_batch=max_batch,
-                         rng=jax.random.fold_in(jax.random.key(seed), 7919))
+                         rng=jax.random.fold_in(jax.random.key(seed), 7919),
+                         stop_strings=task.stop_strings)
     flat = _score(task, [p for p in test_problems for _ in range(n)],
                   [t for row in texts for t in row])
     rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)

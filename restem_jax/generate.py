@@ -71,7 +71,8 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   outputs = sampler.sample_chunked(
       params, [vocab.encode(p.prompt) for p in problems], num_samples=n,
       max_new_tokens=sampling_cfg.max_new_tokens, mode=sampling.SamplingMode.from_config(
-          sampling_cfg), rng=key, max_batch=sampling_cfg.max_batch, chunks=todo)
+          sampling_cfg), rng=key, max_batch=sampling_cfg.max_batch, chunks=todo,
+      stop_strings=task.stop_strings)
   for c, (_, out) in zip(todo, outputs):
     idx = chunks[c]
     chunk = [problems[i] for i in idx]

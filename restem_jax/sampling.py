@@ -242,12 +242,14 @@ class Sampler:
     pad_id: written after a row stops.
     stop_sequences: optional token sequences that also stop a row (included in
       the output, like EOS).
-    stop_strings: optional texts that stop a row as soon as its decoded
-      completion contains one (the task's `stop_strings`: a few-shot model
-      starting the next exemplar). Matched on the text, whatever the
-      tokenization (stops.py); the completing token stays in the output.
-    vocabulary: the seqio.Vocabulary that decodes the sampled ids (needed
-      with stop_strings).
+    stop_strings: texts that stop a row as soon as its decoded completion
+      contains one (the task's `stop_strings`: a few-shot model starting the
+      next exemplar), unless a call names its own (`stop_strings=` of sample /
+      sample_chunked: evaluating another task with the same sampler). Matched
+      on the text, whatever the tokenization (stops.py); the completing token
+      stays in the output.
+    vocabulary: the seqio.Vocabulary that decodes the sampled ids (needed for
+      stop strings).
     max_decode_phases: the decode loop runs in up to this many phases (see
       decode_chunks); 1 attends over all max_new_tokens slots at every step.
   """
@@ -259,38 +261,43 @@ class Sampler:
     self.max_decode_phases = int(max_decode_phases)
     self.cfg, self.mesh = model_cfg, mesh
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
-    tables = []
-    if any(len(s) for s in stop_sequences):
-      tables.append(stops_lib.StopTable.from_token_sequences(stop_sequences, model_cfg.vocab_size))
-    if any(stop_strings):
-      if vocabulary is None:
-        raise ValueError("stop_strings need the vocabulary that decodes the sampled ids")
-      tables.append(stops_lib.StopTable.from_strings(stop_strings, vocabulary,
-                                                     model_cfg.vocab_size))
-    self.stop_tables: tuple[stops_lib.StopTable, ...] = tuple(tables)
-    self._stop_arrays = None  # The tables on the mesh (replicated), put on first use.
+    self.vocabulary = vocabulary
+    self._token_stops = tuple(
+        [stops_lib.StopTable.from_token_sequences(stop_sequences, model_cfg.vocab_size)]
+        if any(len(s) for s in stop_sequences) else [])
+    self.stop_strings = tuple(s for s in stop_strings if s)
+    # Stop strings -> their tables (token sequences' first) and those on the mesh.
+    self._stops: dict[tuple[str, ...], tuple[tuple[stops_lib.StopTable, ...], Any]] = {}
     self.dp = partitioning.data_parallel_size(mesh)
     self._param_shardings = M.param_shardings(model_cfg, mesh)
     self._jitted: dict[tuple, Any] = {}
+    self.stop_tables()  # Bad stop strings fail here, before any work.
 
   # ----------------------------------------------------------------- public API
 
   def sample(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
              max_new_tokens: int, mode: SamplingMode, rng: jax.Array,
-             prompt_ids: Sequence[int] | None = None) -> SampleOutput:
-    """Samples num_samples completions per prompt; outputs are [len(prompts), num_samples, ...]."""
+             prompt_ids: Sequence[int] | None = None,
+             stop_strings: Sequence[str] | None = None) -> SampleOutput:
+    """Samples num_samples completions per prompt; outputs are [len(prompts), num_samples, ...].
+
+    stop_strings: None = the sampler's own; () = none (EOS and budget only).
+    """
     prompts = [list(p) for p in prompts]
     self._validate(prompts, num_samples, max_new_tokens, mode)
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     self._check_ids(ids, len(prompts))
     shape = (self._batch_bucket(len(prompts)), self._prompt_bucket(prompts))
+    stops = self._stop_tables(stop_strings)[1]
     return self._fetch(self._launch(params, prompts, ids, shape, num_samples, max_new_tokens,
-                                    mode, rng))
+                                    mode, rng, stops))
 
   def sample_chunked(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
                      max_new_tokens: int, mode: SamplingMode, rng: jax.Array, max_batch: int,
                      prompt_ids: Sequence[int] | None = None,
-                     chunks: Sequence[int] | None = None) -> Iterator[tuple[slice, SampleOutput]]:
+                     chunks: Sequence[int] | None = None,
+                     stop_strings: Sequence[str] | None = None
+                     ) -> Iterator[tuple[slice, SampleOutput]]:
     """Yields (slice of `prompts`, its SampleOutput) per chunk of max_batch // num_samples prompts.
 
     The chunks are `prompt_chunks(len(prompts), num_samples, max_batch)`;
@@ -303,7 +310,7 @@ class Sampler:
     index in `prompts`), so the concatenated result equals `sample(...)` on
     all prompts whatever max_batch is. The next chunk is dispatched before the
     current one is copied to the host, so the caller's scoring and writing
-    overlap the device work.
+    overlap the device work. stop_strings: as in `sample`.
     """
     prompts = [list(p) for p in prompts]
     self._validate(prompts, num_samples, max_new_tokens, mode)
@@ -313,16 +320,38 @@ class Sampler:
     per_chunk = max_batch // num_samples
     shape = (min(_round_up(per_chunk, self.dp), self._batch_bucket(len(prompts))),
              self._prompt_bucket(prompts))
+    stops = self._stop_tables(stop_strings)[1]
     pending = None
     for c in (range(len(ranges)) if chunks is None else chunks):
       sl = slice(ranges[c].start, ranges[c].stop)
       handle = self._launch(params, prompts[sl], ids[sl], shape, num_samples, max_new_tokens,
-                            mode, rng)
+                            mode, rng, stops)
       if pending is not None:
         yield pending[0], self._fetch(pending[1])
       pending = (sl, handle)
     if pending is not None:
       yield pending[0], self._fetch(pending[1])
+
+  def stop_tables(self, stop_strings: Sequence[str] | None = None
+                  ) -> tuple[stops_lib.StopTable, ...]:
+    """The stop tables of a call with `stop_strings` (None = the sampler's own)."""
+    return self._stop_tables(stop_strings)[0]
+
+  def _stop_tables(self, stop_strings: Sequence[str] | None
+                   ) -> tuple[tuple[stops_lib.StopTable, ...], Any]:
+    strings = self.stop_strings if stop_strings is None else tuple(s for s in stop_strings if s)
+    if strings not in self._stops:
+      tables = self._token_stops
+      if strings:
+        if self.vocabulary is None:
+          raise ValueError(f"stop strings {strings} need the vocabulary that decodes the sampled "
+                           "ids: Sampler(..., vocabulary=)")
+        tables += (stops_lib.StopTable.from_strings(strings, self.vocabulary,
+                                                    self.cfg.vocab_size),)
+      on_mesh = tuple(jax.device_put(t.next_SxV, partitioning.replicated(self.mesh))
+                      for t in tables)
+      self._stops[strings] = (tables, on_mesh)
+    return self._stops[strings]
 
   def num_compiled(self) -> int:
     """Compiled executables so far (tests check that buckets are reused)."""
@@ -369,7 +398,8 @@ class Sampler:
 
   def _launch(self, params: Any, prompts: list[list[int]], ids: list[int],
               shape: tuple[int, int], num_samples: int, max_new_tokens: int,
-              mode: SamplingMode, rng: jax.Array) -> tuple[int, int, Any]:
+              mode: SamplingMode, rng: jax.Array, stops: tuple[jax.Array, ...]
+              ) -> tuple[int, int, Any]:
     """Dispatches one padded batch (asynchronously); returns what _fetch needs."""
     num_p, prompt_len = shape
     tokens_PxL = np.full((num_p, prompt_len), self.pad_id, np.int32)
@@ -389,10 +419,7 @@ class Sampler:
       sharding = partitioning.batch_sharding(mesh, x.ndim)
       return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    if self._stop_arrays is None:
-      self._stop_arrays = tuple(
-          jax.device_put(t.next_SxV, partitioning.replicated(mesh)) for t in self.stop_tables)
-    out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P), self._stop_arrays,
+    out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P), stops,
              jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))
     return len(prompts), num_samples, out
 
@@ -486,7 +513,8 @@ class Sampler:
         done_B=jnp.zeros((b,), bool), length_B=jnp.zeros((b,), jnp.int32),
         tokens_BxT=jnp.full((b, T), self.pad_id, jnp.int32),
         logprobs_BxT=jnp.zeros((b, T), jnp.float32),
-        stop_states=tuple(jnp.full((b,), table.start, jnp.int32) for table in self.stop_tables))
+        # Every automaton starts in its `start` state (StopTable: the second-to-last row).
+        stop_states=tuple(jnp.full((b,), t.shape[0] - 2, jnp.int32) for t in stop_tables))
     end = 0
     for phase, size in enumerate(chunks):
       end += size

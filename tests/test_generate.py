@@ -54,7 +54,7 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   scored = []
 
   class EvenLength:  # A reward that keeps some samples of a random model.
-    vocabulary = vocab
+    vocabulary, stop_strings = vocab, task.stop_strings
 
     @staticmethod
     def score(ps, texts):

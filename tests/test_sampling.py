@@ -464,14 +464,16 @@ def test_stop_strings_inside_another_are_left_to_the_cut():
   assert stops.on_device_strings(list(GSM8K_STOPS)) == list(GSM8K_STOPS)  # a suffix: kept
   with pytest.raises(ValueError, match="U\\+FFFD"):
     stops.StopTable.from_strings(["\ufffd"], None, 8)
+  with pytest.raises(ValueError, match="need the vocabulary"):
+    S.Sampler(tiny_cfg(), mesh_of((1, 1, 1), jax.devices()[:1]), eos_id=EOS, stop_strings=["\n"])
 
 
 @pytest.mark.parametrize("dataset", ["gsm8k", "embedded_arith"])
 def test_stop_strings_keep_every_postprocessed_completion(vocab, dataset):
   """The task's stops end rows early; Task.postprocess of every row is unchanged.
 
-  Reference: the same sampler without stops (same keys, so the same tokens up
-  to the stop). The rows that stop do so at the first token whose decoded
+  Reference: a run without stops (same keys, so the same tokens up to the
+  stop). The rows that stop do so at the first token whose decoded
   prefix holds a stop string (brute-force search of the no-stop row).
   """
   import os
@@ -485,13 +487,18 @@ def test_stop_strings_keep_every_postprocessed_completion(vocab, dataset):
   params = input_independent_params(cfg, one, stop_logits(vocab, task.stop_strings))
   prompts = [vocab.encode(p) for p in ("Q: 1 + 1?\nA:", "Q: Ann has 3 pens.\nA:")]
   kw = dict(num_samples=16, max_new_tokens=40, mode=S.SamplingMode(1.0), rng=jax.random.key(2))
-  plain = S.Sampler(cfg, one, eos_id=vocab.eos_id, pad_id=vocab.pad_id).sample(params, prompts,
-                                                                              **kw)
   # With stops on 8 devices (2 data x 2 fsdp x 2 tensor): the tables are replicated.
+  # The sampler's own stop string never occurs: the call's (the task's) count.
   mesh = mesh_of((2, 2, 2)) if dataset == "gsm8k" else one
   stopper = S.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                      stop_strings=task.stop_strings, vocabulary=vocab)
-  out = stopper.sample(jax.device_put(params, M.param_shardings(cfg, mesh)), prompts, **kw)
+                      stop_strings=["\x01never"], vocabulary=vocab)
+  on_mesh = jax.device_put(params, M.param_shardings(cfg, mesh))
+  out = stopper.sample(on_mesh, prompts, stop_strings=task.stop_strings, **kw)
+  if dataset == "gsm8k":  # Reference: another sampler, on one device, without stops.
+    plain = S.Sampler(cfg, one, eos_id=vocab.eos_id, pad_id=vocab.pad_id).sample(params, prompts,
+                                                                                **kw)
+  else:  # Reference: the same sampler with this call's stop strings switched off.
+    plain = stopper.sample(on_mesh, prompts, stop_strings=(), **kw)
   texts, ref = S.decode_completions(vocab, out), S.decode_completions(vocab, plain)
   early = 0
   for p in range(len(prompts)):
