@@ -209,6 +209,11 @@ def default_config() -> ml_collections.ConfigDict:
   # trained on: each a dict of config.task overrides plus an optional "label",
   # e.g. ({"label": "gsm8k", "name": "gsm8k", "data_dir": "...", "few_shot": 8},).
   c.eval.transfer_tasks = ()
+  # Completion budget and rows per sampler call of every evaluation (greedy,
+  # sampled, validation during the M-step); 0 = sampling.max_new_tokens /
+  # sampling.max_batch.
+  c.eval.max_new_tokens = 0
+  c.eval.max_batch = 0
 
   # --- Multi-host (jax.distributed). ---
   c.distributed = ml_collections.ConfigDict()

@@ -10,19 +10,29 @@ import ml_collections
 import numpy as np
 
 from restem_jax import distributed, metrics, sampling
-from restem_jax.generate import decode_completions
 from restem_jax.tasks import Problem
+
+
+def sampling_budget(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Evaluation's max_new_tokens / max_batch: eval.* where set, else (0) sampling.*."""
+  return dict(max_new_tokens=int(config.eval.max_new_tokens or config.sampling.max_new_tokens),
+              max_batch=int(config.eval.max_batch or config.sampling.max_batch))
 
 
 def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
                  problems: Sequence[Problem], *, num_samples: int, mode: sampling.SamplingMode,
-                 max_new_tokens: int, max_batch: int, rng: jax.Array) -> list[list[str]]:
-  """[P][N] completions, in chunks of <= max_batch rows (memory bound)."""
+                 max_new_tokens: int, max_batch: int, rng: jax.Array,
+                 stop_strings: Sequence[str]) -> list[list[str]]:
+  """[P][N] completions, in chunks of <= max_batch rows (memory bound).
+
+  stop_strings: the evaluated task's (not necessarily the sampler's default).
+  """
   texts: list[list[str]] = []
   for _, out in sampler.sample_chunked(params, [vocab.encode(p.prompt) for p in problems],
                                        num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                       mode=mode, rng=rng, max_batch=max_batch):
-    texts += decode_completions(vocab, out)
+                                       mode=mode, rng=rng, max_batch=max_batch,
+                                       stop_strings=stop_strings):
+    texts += sampling.decode_completions(vocab, out)
   return texts
 
 
@@ -38,7 +48,7 @@ def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
                    max_batch: int) -> list[float]:
   texts = sample_texts(sampler, params, task.vocabulary, problems, num_samples=1,
                        mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                       rng=jax.random.key(0))
+                       rng=jax.random.key(0), stop_strings=task.stop_strings)
   return _score(task, list(problems), [t[0] for t in texts])
 
 
@@ -57,7 +67,8 @@ def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[
   for t in transfer:
     texts = [row[0] for row in sample_texts(
         sampler, params, t.task.vocabulary, t.problems, num_samples=1, mode=sampling.GREEDY,
-        max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0))]
+        max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0),
+        stop_strings=t.task.stop_strings)]
     rewards = _score(t.task, list(t.problems), texts)
     out[f"transfer/{t.label}/pass@1_greedy"] = float(np.mean(rewards))
     out[f"transfer/{t.label}/num_test"] = len(t.problems)
@@ -109,11 +120,11 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     result["num_train_eval"] = len(subset)
   n = eval_cfg.num_samples
   if n > 0:
-    mode = sampling.SamplingMode(temperature=eval_cfg.temperature, top_k=eval_cfg.top_k,
-                                 top_p=eval_cfg.top_p)
     texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
-                         mode=mode, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                         rng=jax.random.fold_in(jax.random.key(seed), 7919))
+                         mode=sampling.SamplingMode.from_config(eval_cfg),
+                         max_new_tokens=max_new_tokens, max_batch=max_batch,
+                         rng=jax.random.fold_in(jax.random.key(seed), 7919),
+                         stop_strings=task.stop_strings)
     flat = _score(task, [p for p in test_problems for _ in range(n)],
                   [t for row in texts for t in row])
     rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)
@@ -125,7 +136,9 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     key = task.answer_key
     if key is not None and eval_cfg.majority_k <= n:
       k = eval_cfg.majority_k
-      maj = [metrics.majority_correct([key(t) for t in row[:k]], list(r[:k]))
+      # Vote on the answer part, as the reward grades it (a sampler stop string
+      # ends the raw text at a different place than the budget would).
+      maj = [metrics.majority_correct([key(task.postprocess(t)) for t in row[:k]], list(r[:k]))
              for row, r in zip(texts, rewards)]
       result[f"maj@{k}"] = float(np.mean(maj))
   log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))

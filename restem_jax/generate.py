@@ -1,7 +1,10 @@
 """Generate (E-step): sample N solutions per problem, score, keep <= cap correct.
 
-Problems are processed in chunks of `max_batch // num_samples` prompts, so
-memory is flat in the number of problems. Each chunk writes, per process H,
+Problems are processed in chunks of `max_batch // num_samples` prompts
+(sampling.prompt_chunks; sampled by Sampler.sample_chunked, the path evaluation
+uses too: one compiled shape for the whole E-step, and the next chunk samples
+on the device while this one is scored and written), so memory is flat in the
+number of problems. Each chunk writes, per process H,
 two files with atomic renames:
   samples/shard_CCCCC_pHHH.jsonl  one line per KEPT sample: {problem_id,
                                   prompt, sample, reward, iteration, seed}
@@ -39,20 +42,6 @@ from restem_jax import distributed, sampling, samples, workdir as wd
 from restem_jax.tasks import Problem
 
 
-def decode_completions(vocab: Any, out: sampling.SampleOutput) -> list[list[str]]:
-  """[B][N] completion texts, cut at EOS."""
-  texts = []
-  for b in range(out.tokens.shape[0]):
-    row = []
-    for n in range(out.tokens.shape[1]):
-      ids = [int(t) for t in out.tokens[b, n, : out.lengths[b, n]]]
-      if ids and ids[-1] == vocab.eos_id:
-        ids = ids[:-1]
-      row.append(vocab.decode(ids))
-    texts.append(row)
-  return texts
-
-
 def choose_kept(rewards: Sequence[float], cap: int, seed: Sequence[int]) -> list[int]:
   """Indices of at most `cap` correct samples, chosen at random with `seed`."""
   correct = [i for i, r in enumerate(rewards) if r > 0]
@@ -70,25 +59,25 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   if not problems:
     raise ValueError("the E-step got no training problems; check task.num_train and the data")
   n = sampling_cfg.num_samples
-  per_chunk = max(1, sampling_cfg.max_batch // n)
-  chunks = [range(s, min(s + per_chunk, len(problems))) for s in range(0, len(problems), per_chunk)]
-  mode = sampling.SamplingMode(temperature=sampling_cfg.temperature, top_k=sampling_cfg.top_k,
-                               top_p=sampling_cfg.top_p)
+  chunks = sampling.prompt_chunks(len(problems), n, sampling_cfg.max_batch)
   key = jax.random.fold_in(jax.random.key(seed), iteration)
   vocab = task.vocabulary
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   todo = _chunks_to_do(out_dir, chunks)
   me, t0, done_problems = jax.process_index(), time.time(), 0
   total = sum(len(chunks[c]) for c in todo)
-  for c in todo:
+  # Every prompt, finished chunks included: they set the one padded shape, so a
+  # resumed E-step samples with the same program as an uninterrupted one.
+  outputs = sampler.sample_chunked(
+      params, [vocab.encode(p.prompt) for p in problems], num_samples=n,
+      max_new_tokens=sampling_cfg.max_new_tokens, mode=sampling.SamplingMode.from_config(
+          sampling_cfg), rng=key, max_batch=sampling_cfg.max_batch, chunks=todo,
+      stop_strings=task.stop_strings)
+  for c, (_, out) in zip(todo, outputs):
     idx = chunks[c]
     chunk = [problems[i] for i in idx]
-    prompts = [vocab.encode(p.prompt) for p in chunk]
-    out = sampler.sample(params, prompts, num_samples=n,
-                         max_new_tokens=sampling_cfg.max_new_tokens, mode=mode, rng=key,
-                         prompt_ids=list(idx))
     share = distributed.process_shard(len(chunk))  # this host scores and writes these
-    texts = decode_completions(vocab, out)[share.start:share.stop]
+    texts = sampling.decode_completions(vocab, out)[share.start:share.stop]
     mine = [(idx[j], chunk[j]) for j in share]
     flat_problems = [p for _, p in mine for _ in range(n)]
     rewards = task.score(flat_problems, [t for row in texts for t in row])

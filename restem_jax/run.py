@@ -129,7 +129,8 @@ class RunContext:
     vocab = self.task.vocabulary
     self.transfer = load_transfer(config, vocab, self.model_cfg)
     self.sampler = sampling.Sampler(self.model_cfg, self.mesh, eos_id=vocab.eos_id,
-                                    pad_id=vocab.pad_id)
+                                    pad_id=vocab.pad_id, stop_strings=self.task.stop_strings,
+                                    vocabulary=vocab)
     self.progress = wd.Progress(self.layout.progress, write=self.coordinator)
 
   def log(self, msg: str) -> None:
@@ -184,11 +185,10 @@ class RunContext:
     def compute() -> dict:
       result = evaluate.evaluate(params=params, sampler=self.sampler, task=self.task,
                                  test_problems=self.splits.test, train_problems=self.splits.train,
-                                 eval_cfg=c.eval, max_new_tokens=c.sampling.max_new_tokens,
-                                 max_batch=c.sampling.max_batch, seed=c.seed, log=self.log)
+                                 eval_cfg=c.eval, **evaluate.sampling_budget(c), seed=c.seed,
+                                 log=self.log)
       result.update(evaluate.transfer_metrics(params, self.sampler, self.transfer,
-                                              max_new_tokens=c.sampling.max_new_tokens,
-                                              max_batch=c.sampling.max_batch))
+                                              **evaluate.sampling_budget(c)))
       return {**result, **extra, "iteration": m.name}
 
     def save(result: dict) -> None:
@@ -206,8 +206,7 @@ class RunContext:
                validate: bool = True) -> tuple[Any, dict]:
     c = self.config
     eval_fn = (evaluate.make_validation_fn(self.sampler, self.task, self.splits.val,
-                                           max_new_tokens=c.sampling.max_new_tokens,
-                                           max_batch=c.sampling.max_batch)
+                                           **evaluate.sampling_budget(c))
                if validate and self.splits.val else None)
     return improve.improve(model_cfg=self.model_cfg, train_cfg=train_cfg or c.train,
                            mesh=self.mesh, init_params=init_params, examples=examples,

@@ -16,8 +16,9 @@ program:
      a variable-length batch the same loop without a ragged prefill gather.
      The loop runs in phases (decode_chunks): phase j attends over the
      generated slots of phases 0..j only, not over all max_new_tokens. It
-     exits as soon as every row has emitted EOS (or a stop sequence) or the
-     max_new_tokens budget is reached. No host syncs inside the loop.
+     exits as soon as every row has emitted EOS (or a stop string / sequence,
+     matched on device: stops.py) or the max_new_tokens budget is reached. No
+     host syncs inside the loop; what it carries is a `DecodeState`.
 
 Shapes are bucketed so new inputs rarely recompile:
   * prompt length L: next power of two >= the longest prompt, at least
@@ -27,7 +28,9 @@ Shapes are bucketed so new inputs rarely recompile:
     dropped from the output);
   * generated cache length: max_new_tokens, split into phases;
   * num_samples and max_new_tokens are static (they shape the output).
-`sample_chunked` uses one (P, L) shape for all its chunks: one compile per E-step.
+`sample_chunked` (the E-step's and evaluation's one path) uses one (P, L)
+shape for all its chunks, L from the longest of all its prompts: one compile
+per E-step, the same executable for every evaluation of that prompt set.
 
 Decoding modes (`SamplingMode`): temperature 0 is greedy; otherwise
 softmax(logits / T), restricted first to the top_k tokens (if top_k > 0), then
@@ -55,6 +58,7 @@ import dataclasses
 import functools
 from typing import Any, Iterator, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +66,7 @@ from jax.sharding import Mesh
 
 from restem_jax import model as M
 from restem_jax import partitioning
+from restem_jax import stops as stops_lib
 
 MIN_PROMPT_BUCKET = 16
 
@@ -107,6 +112,35 @@ class SampleOutput:
   logprobs: np.ndarray  # [B, N, T] float32, model log p of each token; 0 at padding.
   done: np.ndarray  # [B, N] bool: EOS (or a stop sequence) was emitted.
   steps: int = 0  # Decode steps the loop ran (< max_new_tokens when all rows stopped early).
+
+
+def decode_completions(vocab: Any, out: SampleOutput) -> list[list[str]]:
+  """[P][N] completion texts, cut at EOS. A stop string stays in (with the rest
+  of the token that completed it): Task.postprocess cuts there."""
+  texts = []
+  for b in range(out.tokens.shape[0]):
+    row = []
+    for n in range(out.tokens.shape[1]):
+      ids = [int(t) for t in out.tokens[b, n, : out.lengths[b, n]]]
+      if ids and ids[-1] == vocab.eos_id:
+        ids = ids[:-1]
+      row.append(vocab.decode(ids))
+    texts.append(row)
+  return texts
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """What the decode loop carries from one step to the next (B rows, T = max_new_tokens)."""
+  step: jax.Array  # int32 []: tokens decoded so far = the output column written next.
+  caches: list  # One M.SharedPrefixCache per layer.
+  token_B: jax.Array  # int32: the token fed at this step (last prompt token at step 0).
+  position_B: jax.Array  # int32: its position.
+  done_B: jax.Array  # bool: the row emitted EOS or completed a stop.
+  length_B: jax.Array  # int32: tokens generated, EOS / stop token included.
+  tokens_BxT: jax.Array  # int32: generated tokens, pad_id after the row stopped.
+  logprobs_BxT: jax.Array  # float32: model log p of each token, 0 at padding.
+  stop_states: tuple  # int32 [B] per StopTable: the row's automaton state.
 
 
 def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, static: tuple[bool, int, bool],
@@ -185,6 +219,18 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def prompt_chunks(num_prompts: int, num_samples: int, max_batch: int) -> list[range]:
+  """The prompts of each call of `Sampler.sample_chunked`: max_batch // num_samples each.
+
+  The E-step names its resume units (shard/stats files) by these indices.
+  """
+  per_chunk = max_batch // num_samples
+  if per_chunk < 1:
+    raise ValueError(f"max_batch={max_batch} is too small for num_samples={num_samples}: it must "
+                     f"be >= {num_samples} (rows per sampler call = prompts x samples)")
+  return [range(s, min(s + per_chunk, num_prompts)) for s in range(0, num_prompts, per_chunk)]
+
+
 class Sampler:
   """Samples completions for batches of prompts with one compiled program per shape bucket.
 
@@ -196,69 +242,116 @@ class Sampler:
     pad_id: written after a row stops.
     stop_sequences: optional token sequences that also stop a row (included in
       the output, like EOS).
+    stop_strings: texts that stop a row as soon as its decoded completion
+      contains one (the task's `stop_strings`: a few-shot model starting the
+      next exemplar), unless a call names its own (`stop_strings=` of sample /
+      sample_chunked: evaluating another task with the same sampler). Matched
+      on the text, whatever the tokenization (stops.py); the completing token
+      stays in the output.
+    vocabulary: the seqio.Vocabulary that decodes the sampled ids (needed for
+      stop strings).
     max_decode_phases: the decode loop runs in up to this many phases (see
       decode_chunks); 1 attends over all max_new_tokens slots at every step.
   """
 
   def __init__(self, model_cfg: M.ModelConfig, mesh: Mesh, *, eos_id: int, pad_id: int = 0,
-               stop_sequences: Sequence[Sequence[int]] = (), max_decode_phases: int = 4):
+               stop_sequences: Sequence[Sequence[int]] = (), stop_strings: Sequence[str] = (),
+               vocabulary: Any = None, max_decode_phases: int = 4):
     partitioning.check_model_fits_mesh(model_cfg, mesh)
     self.max_decode_phases = int(max_decode_phases)
     self.cfg, self.mesh = model_cfg, mesh
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
-    self.stop_sequences = tuple(tuple(int(t) for t in s) for s in stop_sequences if len(s))
+    self.vocabulary = vocabulary
+    self._token_stops = tuple(
+        [stops_lib.StopTable.from_token_sequences(stop_sequences, model_cfg.vocab_size)]
+        if any(len(s) for s in stop_sequences) else [])
+    self.stop_strings = tuple(s for s in stop_strings if s)
+    # Stop strings -> their tables (token sequences' first) and those on the mesh.
+    self._stops: dict[tuple[str, ...], tuple[tuple[stops_lib.StopTable, ...], Any]] = {}
     self.dp = partitioning.data_parallel_size(mesh)
     self._param_shardings = M.param_shardings(model_cfg, mesh)
     self._jitted: dict[tuple, Any] = {}
+    self.stop_tables()  # Bad stop strings fail here, before any work.
 
   # ----------------------------------------------------------------- public API
 
   def sample(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
              max_new_tokens: int, mode: SamplingMode, rng: jax.Array,
-             prompt_ids: Sequence[int] | None = None) -> SampleOutput:
-    """Samples num_samples completions per prompt; outputs are [len(prompts), num_samples, ...]."""
-    prompts = [list(p) for p in prompts]
-    self._validate(prompts, num_samples, max_new_tokens, mode)
-    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
-    self._check_ids(ids, len(prompts))
-    shape = (self._batch_bucket(len(prompts)), self._prompt_bucket(prompts))
-    return self._fetch(self._launch(params, prompts, ids, shape, num_samples, max_new_tokens,
-                                    mode, rng))
+             prompt_ids: Sequence[int] | None = None,
+             stop_strings: Sequence[str] | None = None) -> SampleOutput:
+    """Samples num_samples completions per prompt; outputs are [len(prompts), num_samples, ...].
 
-  def sample_chunked(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
-                     max_new_tokens: int, mode: SamplingMode, rng: jax.Array, max_batch: int,
-                     prompt_ids: Sequence[int] | None = None
-                     ) -> Iterator[tuple[slice, SampleOutput]]:
-    """Yields (slice of `prompts`, its SampleOutput) for chunks of at most max_batch rows.
-
-    Rows per call (prompts x num_samples) never exceed max_batch, so device
-    memory does not grow with the number of problems. Every chunk has the same
-    padded shape (one compile). Keys are per prompt id (default: the index in
-    `prompts`), so the concatenated result equals `sample(...)` on all prompts
-    whatever max_batch is. The next chunk is dispatched before the current one
-    is copied to the host, so the caller's scoring overlaps the device work.
+    stop_strings: None = the sampler's own; () = none (EOS and budget only).
     """
     prompts = [list(p) for p in prompts]
     self._validate(prompts, num_samples, max_new_tokens, mode)
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     self._check_ids(ids, len(prompts))
-    per_chunk = (max_batch // num_samples) // self.dp * self.dp
-    if per_chunk < 1:
-      raise ValueError(
-          f"max_batch={max_batch} is too small for num_samples={num_samples} x data-parallel "
-          f"size {self.dp}: it must be >= {num_samples * self.dp}")
-    per_chunk = min(per_chunk, self._batch_bucket(len(prompts)))
-    shape = (per_chunk, self._prompt_bucket(prompts))
+    shape = (self._batch_bucket(len(prompts)), self._prompt_bucket(prompts))
+    stops = self._stop_tables(stop_strings)[1]
+    return self._fetch(self._launch(params, prompts, ids, shape, num_samples, max_new_tokens,
+                                    mode, rng, stops))
+
+  def sample_chunked(self, params: Any, prompts: Sequence[Sequence[int]], *, num_samples: int,
+                     max_new_tokens: int, mode: SamplingMode, rng: jax.Array, max_batch: int,
+                     prompt_ids: Sequence[int] | None = None,
+                     chunks: Sequence[int] | None = None,
+                     stop_strings: Sequence[str] | None = None
+                     ) -> Iterator[tuple[slice, SampleOutput]]:
+    """Yields (slice of `prompts`, its SampleOutput) per chunk of max_batch // num_samples prompts.
+
+    The chunks are `prompt_chunks(len(prompts), num_samples, max_batch)`;
+    `chunks` picks some of them by index, in that order (a resumed E-step
+    skips finished ones). Rows per call are max_batch rounded down to a
+    multiple of num_samples, padded up to a multiple of num_samples x the
+    data-parallel size, so device memory does not grow with the number of
+    problems. Every chunk has the same padded shape, set by all of `prompts`
+    whichever chunks run (one compile). Keys are per prompt id (default: the
+    index in `prompts`), so the concatenated result equals `sample(...)` on
+    all prompts whatever max_batch is. The next chunk is dispatched before the
+    current one is copied to the host, so the caller's scoring and writing
+    overlap the device work. stop_strings: as in `sample`.
+    """
+    prompts = [list(p) for p in prompts]
+    self._validate(prompts, num_samples, max_new_tokens, mode)
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    self._check_ids(ids, len(prompts))
+    ranges = prompt_chunks(len(prompts), num_samples, max_batch)
+    per_chunk = max_batch // num_samples
+    shape = (min(_round_up(per_chunk, self.dp), self._batch_bucket(len(prompts))),
+             self._prompt_bucket(prompts))
+    stops = self._stop_tables(stop_strings)[1]
     pending = None
-    for start in range(0, len(prompts), per_chunk):
-      sl = slice(start, min(start + per_chunk, len(prompts)))
+    for c in (range(len(ranges)) if chunks is None else chunks):
+      sl = slice(ranges[c].start, ranges[c].stop)
       handle = self._launch(params, prompts[sl], ids[sl], shape, num_samples, max_new_tokens,
-                            mode, rng)
+                            mode, rng, stops)
       if pending is not None:
         yield pending[0], self._fetch(pending[1])
       pending = (sl, handle)
     if pending is not None:
       yield pending[0], self._fetch(pending[1])
+
+  def stop_tables(self, stop_strings: Sequence[str] | None = None
+                  ) -> tuple[stops_lib.StopTable, ...]:
+    """The stop tables of a call with `stop_strings` (None = the sampler's own)."""
+    return self._stop_tables(stop_strings)[0]
+
+  def _stop_tables(self, stop_strings: Sequence[str] | None
+                   ) -> tuple[tuple[stops_lib.StopTable, ...], Any]:
+    strings = self.stop_strings if stop_strings is None else tuple(s for s in stop_strings if s)
+    if strings not in self._stops:
+      tables = self._token_stops
+      if strings:
+        if self.vocabulary is None:
+          raise ValueError(f"stop strings {strings} need the vocabulary that decodes the sampled "
+                           "ids: Sampler(..., vocabulary=)")
+        tables += (stops_lib.StopTable.from_strings(strings, self.vocabulary,
+                                                    self.cfg.vocab_size),)
+      on_mesh = tuple(jax.device_put(t.next_SxV, partitioning.replicated(self.mesh))
+                      for t in tables)
+      self._stops[strings] = (tables, on_mesh)
+    return self._stops[strings]
 
   def num_compiled(self) -> int:
     """Compiled executables so far (tests check that buckets are reused)."""
@@ -305,7 +398,8 @@ class Sampler:
 
   def _launch(self, params: Any, prompts: list[list[int]], ids: list[int],
               shape: tuple[int, int], num_samples: int, max_new_tokens: int,
-              mode: SamplingMode, rng: jax.Array) -> tuple[int, int, Any]:
+              mode: SamplingMode, rng: jax.Array, stops: tuple[jax.Array, ...]
+              ) -> tuple[int, int, Any]:
     """Dispatches one padded batch (asynchronously); returns what _fetch needs."""
     num_p, prompt_len = shape
     tokens_PxL = np.full((num_p, prompt_len), self.pad_id, np.int32)
@@ -324,7 +418,7 @@ class Sampler:
       # Every host holds the whole (small) prompt batch; each device takes its rows.
       return partitioning.put_global(x, partitioning.batch_sharding(mesh, x.ndim))
 
-    out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P),
+    out = fn(params, rng, put(tokens_PxL), put(lengths_P), put(ids_P), stops,
              jnp.float32(mode.temperature or 1.0), jnp.float32(mode.top_p))
     return len(prompts), num_samples, out
 
@@ -349,14 +443,14 @@ class Sampler:
       self._jitted[key] = jax.jit(
           functools.partial(self._generate, num_samples=num_samples,
                             max_new_tokens=max_new_tokens, static=static),
-          in_shardings=(self._param_shardings, rep, rows2, rows1, rows1, rep, rep),
+          in_shardings=(self._param_shardings, rep, rows2, rows1, rows1, rep, rep, rep),
           out_shardings=(rows2, rows1, rows2, rows1, rep))
     return self._jitted[key]
 
   def _generate(self, params: Any, rng: jax.Array, prompts_PxL: jax.Array,
-                prompt_lengths_P: jax.Array, ids_P: jax.Array, temperature: jax.Array,
-                top_p: jax.Array, *, num_samples: int, max_new_tokens: int,
-                static: tuple[bool, int, bool]):
+                prompt_lengths_P: jax.Array, ids_P: jax.Array, stop_tables: tuple[jax.Array, ...],
+                temperature: jax.Array, top_p: jax.Array, *, num_samples: int,
+                max_new_tokens: int, static: tuple[bool, int, bool]):
     cfg, mesh, n, T = self.cfg, self.mesh, num_samples, max_new_tokens
     num_p, prompt_len = prompts_PxL.shape
     b = num_p * n
@@ -379,49 +473,50 @@ class Sampler:
     row_keys_B = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(
         k, jnp.arange(n)))(prompt_keys_P).reshape(b)
 
-    stops = self.stop_sequences
-    window = max((len(s) for s in stops), default=1)
-
     # 3. Decode until every row stopped or the budget is spent, in phases: phase
     # j fills generated-cache chunk j and attends over chunks 0..j only.
-    def cond(state, end):
-      t, done_B = state[0], state[4]
-      return (t < end) & ~jnp.all(done_B)
+    def cond(state: DecodeState, end: int) -> jax.Array:
+      return (state.step < end) & ~jnp.all(state.done_B)
 
-    def body(state):
-      t, caches, token_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW = state
-      logits_Bx1xV, caches = M.decode_step(cfg, mesh, layered_params, token_B[:, None],
-                                           position_B[:, None], caches)
+    def body(state: DecodeState) -> DecodeState:
+      t = state.step
+      logits_Bx1xV, caches = M.decode_step(cfg, mesh, layered_params, state.token_B[:, None],
+                                           state.position_B[:, None], state.caches)
       logits_BxV = logits_Bx1xV[:, 0]
       step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
       new_B = choose_tokens(logits_BxV, step_keys_B, static, temperature, top_p)
       # Model log-prob of the chosen token: logit - logsumexp (no full log_softmax).
       logp_B = (jnp.take_along_axis(logits_BxV, new_B[:, None], axis=-1)[:, 0]
                 - jax.nn.logsumexp(logits_BxV, axis=-1))
-      active_B = ~done_B
+      active_B = ~state.done_B
       new_B = jnp.where(active_B, new_B, self.pad_id)
       logp_B = jnp.where(active_B, logp_B, 0.0)
-      out_BxT = jax.lax.dynamic_update_slice(out_BxT, new_B[:, None], (0, t))
-      logp_BxT = jax.lax.dynamic_update_slice(logp_BxT, logp_B[:, None], (0, t))
-      recent_BxW = jnp.concatenate([recent_BxW[:, 1:], new_B[:, None]], axis=1)
       stopped_B = new_B == self.eos_id
-      for s in stops:
-        # The last len(s) generated tokens equal s (the window starts as -1s,
-        # so prompt tokens never count).
-        stopped_B |= jnp.all(recent_BxW[:, window - len(s):] == jnp.asarray(s, jnp.int32), axis=1)
-      done_B = done_B | (active_B & stopped_B)
-      length_B = length_B + active_B.astype(jnp.int32)
-      position_B = position_B + active_B.astype(jnp.int32)
-      caches = [c.constrain(mesh) for c in caches]
-      return (t + 1, caches, new_B, position_B, done_B, length_B, out_BxT, logp_BxT, recent_BxW)
+      # Each stop automaton moves by the new token (one gather); reaching its
+      # absorbing state means a stop string / sequence just ended.
+      stop_states = tuple(table_SxV[s_B, new_B]
+                          for table_SxV, s_B in zip(stop_tables, state.stop_states))
+      for table_SxV, s_B in zip(stop_tables, stop_states):
+        stopped_B |= s_B == table_SxV.shape[0] - 1
+      step_B = active_B.astype(jnp.int32)
+      return DecodeState(
+          step=t + 1, caches=[c.constrain(mesh) for c in caches], token_B=new_B,
+          position_B=state.position_B + step_B, done_B=state.done_B | (active_B & stopped_B),
+          length_B=state.length_B + step_B,
+          tokens_BxT=jax.lax.dynamic_update_slice(state.tokens_BxT, new_B[:, None], (0, t)),
+          logprobs_BxT=jax.lax.dynamic_update_slice(state.logprobs_BxT, logp_B[:, None], (0, t)),
+          stop_states=stop_states)
 
-    state = (jnp.int32(0), layer_caches, token_B, position_B, jnp.zeros((b,), bool),
-             jnp.zeros((b,), jnp.int32), jnp.full((b, T), self.pad_id, jnp.int32),
-             jnp.zeros((b, T), jnp.float32), jnp.full((b, window), -1, jnp.int32))
+    state = DecodeState(
+        step=jnp.int32(0), caches=layer_caches, token_B=token_B, position_B=position_B,
+        done_B=jnp.zeros((b,), bool), length_B=jnp.zeros((b,), jnp.int32),
+        tokens_BxT=jnp.full((b, T), self.pad_id, jnp.int32),
+        logprobs_BxT=jnp.zeros((b, T), jnp.float32),
+        # Every automaton starts in its `start` state (StopTable: the second-to-last row).
+        stop_states=tuple(jnp.full((b,), t.shape[0] - 2, jnp.int32) for t in stop_tables))
     end = 0
     for phase, size in enumerate(chunks):
       end += size
-      state = (state[0], [c.replace(active=phase + 1) for c in state[1]]) + state[2:]
+      state = state.replace(caches=[c.replace(active=phase + 1) for c in state.caches])
       state = jax.lax.while_loop(functools.partial(cond, end=end), body, state)
-    steps, _, _, _, done_B, length_B, out_BxT, logp_BxT, _ = state
-    return out_BxT, length_B, logp_BxT, done_B, steps
+    return state.tokens_BxT, state.length_B, state.logprobs_BxT, state.done_B, state.step

