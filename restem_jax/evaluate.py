@@ -28,7 +28,7 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
   stop_strings: the evaluated task's (not necessarily the sampler's default).
   """
   texts: list[list[str]] = []
-  for _, out in sampler.sample_chunked(params, [vocab.encode(p.prompt) for p in problems],
+  for _, out in sampler.sample_chunked(params, [sampling.encode_prompt(vocab, p.prompt) for p in problems],
                                        num_samples=num_samples, max_new_tokens=max_new_tokens,
                                        mode=mode, rng=rng, max_batch=max_batch,
                                        stop_strings=stop_strings):

@@ -69,7 +69,7 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   # Every prompt, finished chunks included: they set the one padded shape, so a
   # resumed E-step samples with the same program as an uninterrupted one.
   outputs = sampler.sample_chunked(
-      params, [vocab.encode(p.prompt) for p in problems], num_samples=n,
+      params, [sampling.encode_prompt(vocab, p.prompt) for p in problems], num_samples=n,
       max_new_tokens=sampling_cfg.max_new_tokens, mode=sampling.SamplingMode.from_config(
           sampling_cfg), rng=key, max_batch=sampling_cfg.max_batch, chunks=todo,
       stop_strings=task.stop_strings)

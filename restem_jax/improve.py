@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import checkpoints, training
+from restem_jax import checkpoints, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -50,7 +50,7 @@ def make_examples(vocab: Any, pairs: Sequence[tuple[str, str]], max_seq_len: int
   weights = [1.0] * len(pairs) if weights is None else weights
   out, skipped = [], 0
   for (prompt, target), w in zip(pairs, weights, strict=True):
-    p, t = vocab.encode(prompt), vocab.encode(target) + [vocab.eos_id]
+    p, t = sampling.encode_prompt(vocab, prompt), vocab.encode(target) + [vocab.eos_id]
     if len(p) + len(t) > max_seq_len:
       skipped += 1
       continue

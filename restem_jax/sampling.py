@@ -114,6 +114,13 @@ class SampleOutput:
   steps: int = 0  # Decode steps the loop ran (< max_new_tokens when all rows stopped early).
 
 
+def encode_prompt(vocab: Any, text: str) -> list[int]:
+  """Ids of a prompt: a sequence start, so BOS first for models trained with one (Gemma:
+  the vocabulary's own `encode_prompt`); plain `encode` for vocabularies without it."""
+  encode = getattr(vocab, "encode_prompt", None)
+  return list(encode(text)) if encode is not None else list(vocab.encode(text))
+
+
 def decode_completions(vocab: Any, out: SampleOutput) -> list[list[str]]:
   """[P][N] completion texts, cut at EOS. A stop string stays in (with the rest
   of the token that completed it): Task.postprocess cuts there."""
