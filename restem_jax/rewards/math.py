@@ -57,7 +57,7 @@ import re
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 _MAX_ANSWER_CHARS = 1000  # Longer "answers" are degenerate output; also bounds sympy work.
 
@@ -421,19 +421,25 @@ def _check_in_worker(gold: str, pred: str, timeout_s: float) -> bool:
     signal.setitimer(signal.ITIMER_PROF, 0)
 
 
-def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-  logging.disable(logging.WARNING)  # math_verify logs every failed parse.
-  _check_in_worker("1", "\\frac{2}{2}", 30.0)  # Import and warm sympy/antlr first.
+def serve_checks(conn: multiprocessing.connection.Connection,
+                 check: Callable[..., bool]) -> None:
+  """A grader worker's loop: "ready", then check(*task) -> reply per task, until None."""
   try:
     conn.send("ready")
     while (task := conn.recv()) is not None:
       try:
-        ok = _check_in_worker(*task)
+        ok = check(*task)
       except BaseException:  # pylint: disable=broad-except
         ok = False  # The timer fired between the check and its cancellation.
       conn.send(ok)
   except (EOFError, OSError):
     pass  # The grader went away (closed or garbage-collected): exit quietly.
+
+
+def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+  logging.disable(logging.WARNING)  # math_verify logs every failed parse.
+  _check_in_worker("1", "\\frac{2}{2}", 30.0)  # Import and warm sympy/antlr first.
+  serve_checks(conn, _check_in_worker)
 
 
 # ----------------------------------------------------------------------------- process pool

@@ -31,16 +31,7 @@ def _score_in_worker(gold: str, answer: str, timeout_s: float) -> bool:
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
   logging.disable(logging.WARNING)
   import reasoning_gym  # pylint: disable=import-outside-toplevel,unused-import  # warm the import
-  try:
-    conn.send("ready")
-    while (task := conn.recv()) is not None:
-      try:
-        ok = _score_in_worker(*task)
-      except BaseException:  # pylint: disable=broad-except
-        ok = False  # The timer fired between the check and its cancellation.
-      conn.send(ok)
-  except (EOFError, OSError):
-    pass  # The grader went away: exit quietly.
+  math_reward.serve_checks(conn, _score_in_worker)
 
 
 class ReasoningGymGrader(math_reward.MathGrader):
