@@ -23,7 +23,7 @@ import os
 
 import ml_collections
 
-from restem_jax import configlib
+from restem_jax import configlib, recipes
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,22 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   workdir = args.get("workdir", "/tmp/restem_smollm2")
   c = configlib.default_config()
 
-  # SmolLM2-135M (what the importer prints for the GGUF; checked on restore).
-  c.model.vocab_size = 49152
-  c.model.d_model = 576
-  c.model.n_layers = 30
-  c.model.n_heads = 9
-  c.model.n_kv_heads = 3
-  c.model.head_dim = 64
-  c.model.d_ff = 1536
-  c.model.rope_base = 100000.0
-  c.model.norm_eps = 1e-5
-  c.model.tie_embeddings = True
+  recipes.smollm2_135m(c)
   c.model.max_seq_len = 384  # 4-shot prompt (<= 255 tokens) + 64 new tokens, rounded up.
-  c.model.dtype = "float32"
-  c.model.param_dtype = "float32"
-
-  c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
 
   c.base.source = "checkpoint"
   c.base.path = os.path.join(workdir, "base")

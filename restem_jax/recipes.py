@@ -125,6 +125,15 @@ def paper_math_pod(name: str, bucket: str) -> ml_collections.ConfigDict:
   return c
 
 
+def smollm2_135m(c: ml_collections.ConfigDict) -> None:
+  """SmolLM2-135M's architecture (what the importer reads from its GGUF; an imported or
+  restored base must match it). max_seq_len stays per config (it sizes the KV cache)."""
+  m = c.model
+  m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads = 49152, 576, 30, 9, 3
+  m.head_dim, m.d_ff, m.rope_base, m.norm_eps, m.tie_embeddings = 64, 1536, 100000.0, 1e-5, True
+  c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
+
+
 def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
   (tiny model of the same family, offline embedded task, seconds per phase).
