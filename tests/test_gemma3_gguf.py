@@ -358,8 +358,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n",
 
 def eight_shot_prompt():
   """The config's GSM8K prompt (~740 tokens): past the 512-token window of the local layers."""
-  from restem_jax.tasks import prompts
-  return prompts.gsm8k_format(8).render("Janet has 3 cats and buys 2 more. Each cat eats 2 "
+  from restem_jax import tasks
+  return tasks.get_spec("gsm8k").prompt_format(8).render("Janet has 3 cats and buys 2 more. Each cat eats 2 "
                                         "cans a day. How many cans a day do her cats eat?")
 
 
