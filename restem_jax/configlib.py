@@ -348,6 +348,16 @@ def transfer_label(overrides: dict) -> str:
   return str(overrides.get("label") or overrides.get("name") or "task")
 
 
+def transfer_task_cfg(task_cfg: ml_collections.ConfigDict,
+                      overrides: dict) -> ml_collections.ConfigDict:
+  """A transfer task's config: the run's task with the dict's overrides ("label" aside).
+  Only its test split is read, so no train/validation draws unless the dict asks."""
+  out = ml_collections.ConfigDict(task_cfg.to_dict())
+  out.update(num_train=1, num_val=0)
+  out.update({k: v for k, v in overrides.items() if k != "label"})
+  return out
+
+
 def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
   """eval.transfer_tasks: dicts of config.task fields (+ "label"), each a valid task."""
   out = []
@@ -364,8 +374,7 @@ def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
       out.append(f"{field} sets {unknown}, which are not task fields; use keys of config.task "
                  "(and 'label')")
       continue
-    task_cfg = ml_collections.ConfigDict(c.task.to_dict())
-    task_cfg.update({k: v for k, v in overrides.items() if k != "label"})
+    task_cfg = transfer_task_cfg(c.task, overrides)
     if task_cfg.name not in _dataset_names():
       out.append(choice_problem(f"{field}.name", task_cfg.name, _dataset_names()))
     else:

@@ -93,11 +93,7 @@ def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
   out = []
   max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
   for overrides in config.eval.transfer_tasks:
-    task_cfg = ml_collections.ConfigDict(config.task.to_dict())
-    # Only its test split is read: no train/validation draws unless asked for.
-    task_cfg.update(num_train=1, num_val=0)
-    task_cfg.update({k: v for k, v in overrides.items() if k != "label"})
-    task = tasks.get_task(task_cfg, vocabulary=vocab)
+    task = tasks.get_task(configlib.transfer_task_cfg(config.task, overrides), vocabulary=vocab)
     out.append(evaluate.TransferTask(configlib.transfer_label(overrides), task,
                                      task.problems("test", max_prompt_len=max_prompt)))
   return out
