@@ -43,13 +43,25 @@ def _score(task: Any, problems: Sequence[Problem], texts: Sequence[str]) -> list
   return distributed.score_shared(score, list(zip(problems, texts)))
 
 
-def greedy_rewards(sampler: sampling.Sampler, params: Any, task: Any,
+def greedy_answers(sampler: sampling.Sampler, params: Any, task: Any,
                    problems: Sequence[Problem], *, max_new_tokens: int,
-                   max_batch: int) -> list[float]:
-  texts = sample_texts(sampler, params, task.vocabulary, problems, num_samples=1,
-                       mode=sampling.GREEDY, max_new_tokens=max_new_tokens, max_batch=max_batch,
-                       rng=jax.random.key(0), stop_strings=task.stop_strings)
-  return _score(task, list(problems), [t[0] for t in texts])
+                   max_batch: int) -> tuple[list[str], list[float]]:
+  """One greedy completion per problem, and its reward."""
+  texts = [row[0] for row in sample_texts(
+      sampler, params, task.vocabulary, problems, num_samples=1, mode=sampling.GREEDY,
+      max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0),
+      stop_strings=task.stop_strings)]
+  return texts, _score(task, list(problems), texts)
+
+
+def distinct_answers(task: Any, texts: Sequence[str]) -> int | None:
+  """How many different final answers the texts give (None: the task has no answer key).
+
+  A small model can score by repeating one answer; this number says whether it did.
+  """
+  if task.answer_key is None:
+    return None
+  return len({task.answer_key(task.postprocess(t)) for t in texts} - {None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +77,13 @@ def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[
   """Greedy pass@1 on each transfer task, and how many distinct answers gave it."""
   out: dict[str, Any] = {}
   for t in transfer:
-    texts = [row[0] for row in sample_texts(
-        sampler, params, t.task.vocabulary, t.problems, num_samples=1, mode=sampling.GREEDY,
-        max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0),
-        stop_strings=t.task.stop_strings)]
-    rewards = _score(t.task, list(t.problems), texts)
+    texts, rewards = greedy_answers(sampler, params, t.task, t.problems,
+                                    max_new_tokens=max_new_tokens, max_batch=max_batch)
     out[f"transfer/{t.label}/pass@1_greedy"] = float(np.mean(rewards))
     out[f"transfer/{t.label}/num_test"] = len(t.problems)
-    if t.task.answer_key is not None:
-      keys = {t.task.answer_key(t.task.postprocess(x)) for x in texts}
-      out[f"transfer/{t.label}/distinct_answers"] = len(keys - {None})
+    distinct = distinct_answers(t.task, texts)
+    if distinct is not None:
+      out[f"transfer/{t.label}/distinct_answers"] = distinct
   return out
 
 
@@ -82,8 +91,9 @@ def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[
                        max_new_tokens: int, max_batch: int) -> Callable[[Any], float]:
   """Algorithm 1's "reward on D_val": greedy pass@1 on the validation problems."""
   def fn(params: Any) -> float:
-    return float(np.mean(greedy_rewards(sampler, params, task, problems,
-                                        max_new_tokens=max_new_tokens, max_batch=max_batch)))
+    _, rewards = greedy_answers(sampler, params, task, problems,
+                                max_new_tokens=max_new_tokens, max_batch=max_batch)
+    return float(np.mean(rewards))
   return fn
 
 
@@ -104,18 +114,21 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
              eval_cfg: ml_collections.ConfigDict, max_new_tokens: int, max_batch: int,
              seed: int, log: Callable[[str], None] = logging.info) -> dict:
   """All metrics of one model, as a JSON-able dict."""
-  greedy_test = greedy_rewards(sampler, params, task, test_problems,
-                               max_new_tokens=max_new_tokens, max_batch=max_batch)
+  test_texts, greedy_test = greedy_answers(sampler, params, task, test_problems,
+                                           max_new_tokens=max_new_tokens, max_batch=max_batch)
   result: dict[str, Any] = {
       "num_test": len(test_problems),
       "pass@1_greedy_test": float(np.mean(greedy_test)),
       "pass@1_greedy_test_by_level": metrics.by_bucket([p.level for p in test_problems],
                                                        greedy_test),
   }
+  distinct = distinct_answers(task, test_texts)
+  if distinct is not None:
+    result["distinct_answers_test"] = distinct
   if eval_cfg.on_train and train_problems:
     subset = train_subset(train_problems, eval_cfg.num_train_eval)
-    greedy_train = greedy_rewards(sampler, params, task, subset,
-                                  max_new_tokens=max_new_tokens, max_batch=max_batch)
+    _, greedy_train = greedy_answers(sampler, params, task, subset,
+                                     max_new_tokens=max_new_tokens, max_batch=max_batch)
     result["pass@1_greedy_train"] = float(np.mean(greedy_train))
     result["num_train_eval"] = len(subset)
   n = eval_cfg.num_samples

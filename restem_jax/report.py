@@ -70,17 +70,20 @@ def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict,
   """
   n = eval_cfg.num_samples
   ks = [k for k in eval_cfg.pass_k if k <= n and k > 1]
-  cols = [("iteration", "iteration"), ("pass@1 test", "pass@1_greedy_test"),
-          ("pass@1 train", "pass@1_greedy_train")]
+  cols = [("iteration", "iteration"), ("pass@1 test", "pass@1_greedy_test")]
+  if any("distinct_answers_test" in r for r in results):
+    cols.append(("distinct answers (test)", "distinct_answers_test"))
+  cols.append(("pass@1 train", "pass@1_greedy_train"))
   cols += [(f"pass@{k}", f"pass@{k}") for k in ks]
   if eval_cfg.majority_k <= n:
     cols.append((f"maj@{eval_cfg.majority_k}", f"maj@{eval_cfg.majority_k}"))
   cols.append(("samples kept", "samples_kept"))
   # Transfer tasks (never trained on) and answer diversity, where the run has them.
-  for key in sorted({k for r in results for k in r if k.startswith("transfer/")}):
-    label, metric = key.split("/")[1:]
-    if metric == "pass@1_greedy":
-      cols.append((f"{label} (transfer)", key))
+  keys = {k for r in results for k in r if k.startswith("transfer/")}
+  for name in sorted({k.split("/")[1] for k in keys}):
+    cols.append((f"{name} (transfer)", f"transfer/{name}/pass@1_greedy"))
+    if f"transfer/{name}/distinct_answers" in keys:
+      cols.append((f"{name} distinct answers", f"transfer/{name}/distinct_answers"))
   lines = ["| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "---|" * len(cols)]
   for r in results:
