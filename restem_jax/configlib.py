@@ -425,6 +425,23 @@ def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list
     out.append(f"sampling.max_new_tokens={c.sampling.max_new_tokens} leaves no room for a "
                f"prompt in model.max_seq_len={c.model.max_seq_len}; lower it or raise "
                "model.max_seq_len")
+  # The sampler's chunking needs one problem's N samples in one call (sampling.prompt_chunks),
+  # and evaluation's budget must leave room for a prompt: refused here, not mid-run.
+  if not bad & {"sampling.max_batch", "sampling.num_samples"} and \
+      c.sampling.max_batch < c.sampling.num_samples:
+    out.append(f"sampling.max_batch={c.sampling.max_batch} < sampling.num_samples="
+               f"{c.sampling.num_samples}: one problem's samples must fit one sampler call; "
+               "raise sampling.max_batch")
+  eval_batch = c.eval.max_batch or c.sampling.max_batch
+  if not bad & {"eval.max_batch", "eval.num_samples", "sampling.max_batch"} and \
+      eval_batch < c.eval.num_samples:
+    out.append(f"eval.max_batch={eval_batch} (0 = sampling.max_batch) < eval.num_samples="
+               f"{c.eval.num_samples}: one problem's samples must fit one sampler call; "
+               "raise eval.max_batch")
+  if not bad & {"eval.max_new_tokens", "model.max_seq_len"} and \
+      c.eval.max_new_tokens >= c.model.max_seq_len:
+    out.append(f"eval.max_new_tokens={c.eval.max_new_tokens} leaves no room for a prompt in "
+               f"model.max_seq_len={c.model.max_seq_len}; lower it or raise model.max_seq_len")
   if "eval.num_samples" not in bad:
     n = c.eval.num_samples
     out += [f"eval.pass_k={tuple(c.eval.pass_k)}: k={k!r} is not in [1, eval.num_samples={n}]; "

@@ -79,6 +79,11 @@ BAD = [
      "eval.transfer_tasks[0].data_dir: gsm8k: data_dir"),
     (["--config.eval.transfer_tasks=({'label': 'a'}, {'label': 'a', 'max_steps': 2})"],
      "eval.transfer_tasks: labels ['a', 'a'] repeat"),
+    (["--config.sampling.num_samples=8", "--config.sampling.max_batch=4"],
+     "sampling.max_batch=4 < sampling.num_samples=8"),
+    (["--config.eval.num_samples=8", "--config.eval.max_batch=4"],
+     "eval.max_batch=4 (0 = sampling.max_batch) < eval.num_samples=8"),
+    (["--config.eval.max_new_tokens=100000"], "eval.max_new_tokens=100000 leaves no room"),
     (["--config.task.vocab_path=/nonexistent/vocab.model"],
      "task.vocab_path='/nonexistent/vocab.model' does not exist"),
 ]

@@ -198,3 +198,17 @@ def test_task_composes_the_spec():
   assert task.score(human, comps) == [1.0] * len(human)
   assert task.score(human[:1], ["Solution: no answer line"]) == [0.0]
   assert task.answer_key("Answer: 7\n\nQuestion: x\nAnswer: 9") == "7"
+
+
+def test_distinct_answers_by_hand():
+  """Distinct final answers, as the reward reads them: text after a stop is not an answer."""
+  from conftest import task_cfg
+  from restem_jax import evaluate, tasks
+  task = tasks.get_task(task_cfg(name="reasoning_gym", rg_datasets=USED[:1], num_train=4,
+                                 num_val=2, num_test=4, few_shot=1))
+  texts = ["Answer: 7\n\nQuestion: x\nAnswer: 9",  # 7 (the 9 is past the stop string)
+           "Solution: 3 + 4 = 7\nAnswer: 7",  # 7 again
+           "Answer: 8",  # 8
+           "no answer line"]  # no answer: not counted
+  assert evaluate.distinct_answers(task, texts) == 2
+  assert evaluate.distinct_answers(task, texts[2:]) == 1
