@@ -19,7 +19,8 @@ import time
 
 from absl import app, flags
 
-_GGUF = flags.DEFINE_string("gguf", None, "Model GGUF file (weights and tokenizer).")
+_GGUF = flags.DEFINE_string("gguf", None, "Model GGUF file (weights and tokenizer), or an "
+                            "installed model package: package:smollm2_135m, package:gemma3_270m.")
 _NUM = flags.DEFINE_integer("num_test", 128, "Problems per dataset.")
 _SHOTS = flags.DEFINE_integer("few_shot", 3, "Exemplars per prompt.")
 _NEW = flags.DEFINE_integer("max_new_tokens", 48, "Completion budget.")
@@ -44,17 +45,18 @@ CANDIDATES = (
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
   from restem_jax import configlib, evaluate, metrics, partitioning, sampling  # pylint: disable=import-outside-toplevel
   from restem_jax import tasks  # pylint: disable=import-outside-toplevel
-  from restem_jax.importers import import_model, load_vocabulary  # pylint: disable=import-outside-toplevel
+  from restem_jax.importers import import_model, load_vocabulary, resolve_source  # pylint: disable=import-outside-toplevel
   from restem_jax.tasks.datasets import reasoning_gym as R  # pylint: disable=import-outside-toplevel
 
   c = configlib.default_config()
   mesh = partitioning.make_mesh(c.mesh)
-  cfg, params = import_model("gguf", _GGUF.value, mesh, max_seq_len=1024)
-  vocab = load_vocabulary(_GGUF.value)
-  sampler = sampling.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+  fmt, path = resolve_source(_GGUF.value)
+  cfg, params = import_model(fmt, path, mesh, max_seq_len=1024)
+  vocab = load_vocabulary(path)
+  sampler = sampling.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
+                             vocabulary=vocab)
   print(f"model {_GGUF.value}: {cfg.n_layers} layers, d {cfg.d_model}; {_NUM.value} validation "
         f"problems per dataset, {_SHOTS.value}-shot, greedy, {_NEW.value} new tokens")
   print("| dataset | config | pass@1 (95% CI) | distinct answers | top answer share | s |")
@@ -70,10 +72,8 @@ def main(argv):
       c.task.few_shot = _SHOTS.value
     task = tasks.get_task(c.task, vocabulary=vocab)
     problems = task.problems("validation", max_prompt_len=cfg.max_seq_len - _NEW.value)
-    texts = [t[0] for t in evaluate.sample_texts(
-        sampler, params, vocab, problems, num_samples=1, mode=sampling.GREEDY,
-        max_new_tokens=_NEW.value, max_batch=64, rng=jax.random.key(0))]
-    rewards = task.score(problems, texts)
+    texts, rewards = evaluate.greedy_answers(sampler, params, task, problems,
+                                             max_new_tokens=_NEW.value, max_batch=64)
     answers = [R.extract_answer(task.postprocess(t)) for t in texts]
     k, n = int(sum(rewards)), len(rewards)
     lo, hi = metrics.wilson_interval(k, n)
