@@ -206,3 +206,16 @@ def test_config_checks_chat_up_front(tmp_path):
       "'embedded_arith' has no chat format (reasoning_gym and gsm8k have); use "
       "prompt_format='few_shot'",
       "eval.transfer_tasks[2].prompt_format='cat': use one of 'few_shot', 'chat'"]
+
+
+@needs_smollm2
+def test_imported_tokenizer_keeps_the_template(smollm2, tmp_path):
+  """base.source = "import" writes WORKDIR/tokenizer.json + tokenizer_config.json; a resumed
+  run loads the vocabulary from there and must still have the template."""
+  from restem_jax import importers
+  vocab, _, _ = smollm2
+  path = str(tmp_path / importers.TOKENIZER_FILE)
+  importers._write_tokenizer(vocab, path)  # pylint: disable=protected-access
+  again = importers.load_vocabulary(path)
+  assert again.chat_template == gguf_fields(GGUF)[0] and again == vocab
+  assert again.special_tokens() == gguf_fields(GGUF)[1]
