@@ -8,7 +8,9 @@ generators it never trains on. Sized for the 2-core CPU (about an hour):
     python -m restem_jax.main --config=configs/smollm2_135m_rg.py --workdir=/tmp/restem_smollm2_rg
 
 `configs/smollm2_135m_rg.py:runlocal` is the same pipeline on a tiny random
-Llama (tests; a couple of minutes on CPU).
+Llama (tests; a couple of minutes on CPU). `configs/smollm2_135m_rg.py:chat`
+prompts the instruct model in its own chat format (exemplars and question as
+turns through the GGUF's chat template) instead of plain few-shot text.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ TRANSFER = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_config_arg(arg, allowed=("runlocal",))
+  args = configlib.parse_config_arg(arg, allowed=("runlocal", "chat"))
   c = configlib.default_config()
 
   recipes.smollm2_135m(c)
@@ -56,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task.rg_datasets = TRAIN_MIX
   c.task.vocab_path = smollm2_gguf_path()
   c.task.few_shot = 3
+  if "chat" in args:
+    c.task.prompt_format = "chat"  # Longer prompts (system turn + markup): still < 256 tokens.
   c.task.num_train = 400
   c.task.num_val = 64
   c.task.num_test = 500

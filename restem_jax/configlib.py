@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "constant"),
     "train.loss_normalization": ("token", "sequence"),
     "distributed.initialize": ("auto", "never", "always"),
+    "task.prompt_format": ("few_shot", "chat"),
 }
 
 # Numeric fields: the smallest value that works. Fields not listed take any
@@ -126,6 +127,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.task.num_val = 64  # Held-out part of train used as D_val for early stopping.
   c.task.num_test = 0  # Test problems evaluated; 0 = all.
   c.task.few_shot = 0  # Exemplars prepended to each question (4 MATH, 8 GSM8K).
+  # "few_shot": exemplars and question as plain text. "chat": the same as user /
+  # assistant turns through the tokenizer's stored chat template (instruct models;
+  # reasoning_gym and gsm8k; tasks/chat.py).
+  c.task.prompt_format = "few_shot"
   c.task.seed = 0  # Seed of the embedded generator / the train-val split.
   c.task.num_human = 400  # embedded_arith: train problems (first ones) with worked solutions.
   # embedded_arith difficulty: events per problem, number ranges, x2/x3 events.
@@ -382,6 +387,49 @@ def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
+def _vocab_source(c: ml_collections.ConfigDict) -> str:
+  """Where the run's tokenizer comes from (as run.load_vocabulary picks it): "" = the
+  embedded SentencePiece model, "?" = a model package, located (and checked) by the
+  import itself (the importers import JAX); the run then checks its template."""
+  if c.task.vocab_path:
+    return c.task.vocab_path
+  if c.base.source != "import" or not c.base.path:
+    return ""
+  return "?" if c.base.path.startswith("package:") else c.base.path
+
+
+def _prompt_format_problems(c: ml_collections.ConfigDict) -> list[str]:
+  """task.prompt_format='chat' (the run's or a transfer task's): a dataset with a chat
+  format, and a tokenizer with a stored template."""
+  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks import chat  # pylint: disable=import-outside-toplevel
+  out, chats = [], []
+  fields = [("task", c.task.name, c.task.prompt_format)] + [
+      (f"eval.transfer_tasks[{i}]", t.get("name", c.task.name),
+       t.get("prompt_format", c.task.prompt_format))
+      for i, t in enumerate(c.eval.transfer_tasks) if isinstance(t, dict)]
+  for field, name, fmt in fields:
+    if field != "task" and fmt not in CHOICES["task.prompt_format"]:
+      out.append(choice_problem("task.prompt_format", fmt).replace("task.", field + ".", 1))
+    elif fmt == "chat":
+      chats.append(field)
+      if name in _dataset_names() and tasks.get_spec(name).chat_before is None:
+        out.append(f"{field}.prompt_format='chat': {field}.name={name!r} has no chat format "
+                   "(reasoning_gym and gsm8k have); use prompt_format='few_shot'")
+  if not chats:
+    return out
+  source, field = _vocab_source(c), f"{chats[0]}.prompt_format='chat'"
+  if not source:
+    out.append(f"{field} needs a tokenizer with a stored chat template, but the vocabulary "
+               "is the embedded SentencePiece model; set task.vocab_path to an instruct "
+               "model's .gguf / tokenizer.json, or use prompt_format='few_shot'")
+  elif source != "?" and chat.stored_template(source) is None:
+    out.append(f"{field}: {source} stores no chat template (tokenizer.chat_template / "
+               "tokenizer_config.json chat_template); use an instruct model's tokenizer "
+               "(task.vocab_path) or prompt_format='few_shot'")
+  return out
+
+
 def _missing_path_problem(field: str, path: str, what: str) -> str | None:
   from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
   return None if wd.exists(path) else f"{field}={path!r} does not exist; {what}"
@@ -478,7 +526,7 @@ def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
         "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
   if c.task.name in _dataset_names():
     out += _data_problems(c.task)
-  return out + _transfer_problems(c)
+  return out + _prompt_format_problems(c) + _transfer_problems(c)
 
 
 def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> list[str]:

@@ -1,4 +1,9 @@
-"""Evaluate a model: greedy pass@1 (test and train), pass@k, maj@k, by difficulty."""
+"""Evaluate a model: greedy pass@1 (test and train), pass@k, maj@k, by difficulty.
+
+Progress (progress.py) counts completions ("samples"): a greedy pass costs one
+per problem, the pass@k pass N, and a chunk of max_batch rows costs about the
+same in both, so the ETA holds across passes.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from restem_jax import distributed, metrics, sampling
+from restem_jax import distributed, metrics, progress, sampling
 from restem_jax.tasks import Problem
 
 
@@ -22,17 +27,22 @@ def sampling_budget(config: ml_collections.ConfigDict) -> dict[str, int]:
 def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
                  problems: Sequence[Problem], *, num_samples: int, mode: sampling.SamplingMode,
                  max_new_tokens: int, max_batch: int, rng: jax.Array,
-                 stop_strings: Sequence[str]) -> list[list[str]]:
+                 stop_strings: Sequence[str],
+                 bar: progress.Progress | None = None) -> list[list[str]]:
   """[P][N] completions, in chunks of <= max_batch rows (memory bound).
 
   stop_strings: the evaluated task's (not necessarily the sampler's default).
+  bar: advanced by the completions of each chunk.
   """
   texts: list[list[str]] = []
   for _, out in sampler.sample_chunked(params, [sampling.encode_prompt(vocab, p.prompt) for p in problems],
                                        num_samples=num_samples, max_new_tokens=max_new_tokens,
                                        mode=mode, rng=rng, max_batch=max_batch,
                                        stop_strings=stop_strings):
-    texts += sampling.decode_completions(vocab, out)
+    rows = sampling.decode_completions(vocab, out)
+    texts += rows
+    if bar is not None:
+      bar.update(len(rows) * num_samples)
   return texts
 
 
@@ -44,13 +54,13 @@ def _score(task: Any, problems: Sequence[Problem], texts: Sequence[str]) -> list
 
 
 def greedy_answers(sampler: sampling.Sampler, params: Any, task: Any,
-                   problems: Sequence[Problem], *, max_new_tokens: int,
-                   max_batch: int) -> tuple[list[str], list[float]]:
+                   problems: Sequence[Problem], *, max_new_tokens: int, max_batch: int,
+                   bar: progress.Progress | None = None) -> tuple[list[str], list[float]]:
   """One greedy completion per problem, and its reward."""
   texts = [row[0] for row in sample_texts(
       sampler, params, task.vocabulary, problems, num_samples=1, mode=sampling.GREEDY,
       max_new_tokens=max_new_tokens, max_batch=max_batch, rng=jax.random.key(0),
-      stop_strings=task.stop_strings)]
+      stop_strings=task.stop_strings, bar=bar)]
   return texts, _score(task, list(problems), texts)
 
 
@@ -73,12 +83,13 @@ class TransferTask:
 
 
 def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[TransferTask],
-                     *, max_new_tokens: int, max_batch: int) -> dict:
+                     *, max_new_tokens: int, max_batch: int,
+                     bar: progress.Progress | None = None) -> dict:
   """Greedy pass@1 on each transfer task, and how many distinct answers gave it."""
   out: dict[str, Any] = {}
   for t in transfer:
     texts, rewards = greedy_answers(sampler, params, t.task, t.problems,
-                                    max_new_tokens=max_new_tokens, max_batch=max_batch)
+                                    max_new_tokens=max_new_tokens, max_batch=max_batch, bar=bar)
     out[f"transfer/{t.label}/pass@1_greedy"] = float(np.mean(rewards))
     out[f"transfer/{t.label}/num_test"] = len(t.problems)
     distinct = distinct_answers(t.task, texts)
@@ -112,47 +123,64 @@ def train_subset(train_problems: Sequence[Problem], n: int) -> list[Problem]:
 def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
              test_problems: Sequence[Problem], train_problems: Sequence[Problem],
              eval_cfg: ml_collections.ConfigDict, max_new_tokens: int, max_batch: int,
-             seed: int, log: Callable[[str], None] = logging.info) -> dict:
-  """All metrics of one model, as a JSON-able dict."""
-  test_texts, greedy_test = greedy_answers(sampler, params, task, test_problems,
-                                           max_new_tokens=max_new_tokens, max_batch=max_batch)
-  result: dict[str, Any] = {
-      "num_test": len(test_problems),
-      "pass@1_greedy_test": float(np.mean(greedy_test)),
-      "pass@1_greedy_test_by_level": metrics.by_bucket([p.level for p in test_problems],
-                                                       greedy_test),
-  }
-  distinct = distinct_answers(task, test_texts)
-  if distinct is not None:
-    result["distinct_answers_test"] = distinct
-  if eval_cfg.on_train and train_problems:
-    subset = train_subset(train_problems, eval_cfg.num_train_eval)
-    _, greedy_train = greedy_answers(sampler, params, task, subset,
-                                     max_new_tokens=max_new_tokens, max_batch=max_batch)
-    result["pass@1_greedy_train"] = float(np.mean(greedy_train))
-    result["num_train_eval"] = len(subset)
+             seed: int, transfer: Sequence[TransferTask] = (),
+             log: Callable[[str], None] = logging.info) -> dict:
+  """All metrics of one model (transfer tasks' included), as a JSON-able dict."""
   n = eval_cfg.num_samples
-  if n > 0:
-    texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
-                         mode=sampling.SamplingMode.from_config(eval_cfg),
-                         max_new_tokens=max_new_tokens, max_batch=max_batch,
-                         rng=jax.random.fold_in(jax.random.key(seed), 7919),
-                         stop_strings=task.stop_strings)
-    flat = _score(task, [p for p in test_problems for _ in range(n)],
-                  [t for row in texts for t in row])
-    rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)
-    counts = [int(c) for c in (rewards > 0).sum(1)]
-    for k in eval_cfg.pass_k:
-      if k <= n:
-        result[f"pass@{k}"] = metrics.mean_pass_at_k(counts, n, k)
-    result["pass@1_sampled"] = metrics.mean_pass_at_k(counts, n, 1)
-    key = task.answer_key
-    if key is not None and eval_cfg.majority_k <= n:
-      k = eval_cfg.majority_k
-      # Vote on the answer part, as the reward grades it (a sampler stop string
-      # ends the raw text at a different place than the budget would).
-      maj = [metrics.majority_correct([key(task.postprocess(t)) for t in row[:k]], list(r[:k]))
-             for row, r in zip(texts, rewards)]
-      result[f"maj@{k}"] = float(np.mean(maj))
+  subset = (train_subset(train_problems, eval_cfg.num_train_eval)
+            if eval_cfg.on_train and train_problems else [])
+  total = (len(test_problems) * (1 + (n if n > 0 else 0)) + len(subset)
+           + sum(len(t.problems) for t in transfer))
+  budget = dict(max_new_tokens=max_new_tokens, max_batch=max_batch)
+  with progress.Progress("eval", total, "samples", log=log,
+                         enabled=jax.process_index() == 0) as bar:
+    test_texts, greedy_test = greedy_answers(sampler, params, task, test_problems, **budget,
+                                             bar=bar)
+    result: dict[str, Any] = {
+        "num_test": len(test_problems),
+        "pass@1_greedy_test": float(np.mean(greedy_test)),
+        "pass@1_greedy_test_by_level": metrics.by_bucket([p.level for p in test_problems],
+                                                         greedy_test),
+    }
+    distinct = distinct_answers(task, test_texts)
+    if distinct is not None:
+      result["distinct_answers_test"] = distinct
+    if subset:
+      _, greedy_train = greedy_answers(sampler, params, task, subset, **budget, bar=bar)
+      result["pass@1_greedy_train"] = float(np.mean(greedy_train))
+      result["num_train_eval"] = len(subset)
+    if n > 0:
+      result.update(_sampled_metrics(sampler, params, task, test_problems, eval_cfg, budget,
+                                     seed, bar))
+    result.update(transfer_metrics(params, sampler, transfer, **budget, bar=bar))
   log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))
+  return result
+
+
+def _sampled_metrics(sampler: sampling.Sampler, params: Any, task: Any,
+                     test_problems: Sequence[Problem], eval_cfg: ml_collections.ConfigDict,
+                     budget: dict, seed: int, bar: progress.Progress) -> dict:
+  """pass@k (unbiased estimator) and maj@k from eval.num_samples samples per test problem."""
+  n = eval_cfg.num_samples
+  result: dict[str, Any] = {}
+  texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
+                       mode=sampling.SamplingMode.from_config(eval_cfg), **budget,
+                       rng=jax.random.fold_in(jax.random.key(seed), 7919),
+                       stop_strings=task.stop_strings, bar=bar)
+  flat = _score(task, [p for p in test_problems for _ in range(n)],
+                [t for row in texts for t in row])
+  rewards = np.asarray(flat, np.float64).reshape(len(test_problems), n)
+  counts = [int(c) for c in (rewards > 0).sum(1)]
+  for k in eval_cfg.pass_k:
+    if k <= n:
+      result[f"pass@{k}"] = metrics.mean_pass_at_k(counts, n, k)
+  result["pass@1_sampled"] = metrics.mean_pass_at_k(counts, n, 1)
+  key = task.answer_key
+  if key is not None and eval_cfg.majority_k <= n:
+    k = eval_cfg.majority_k
+    # Vote on the answer part, as the reward grades it (a sampler stop string
+    # ends the raw text at a different place than the budget would).
+    maj = [metrics.majority_correct([key(task.postprocess(t)) for t in row[:k]], list(r[:k]))
+           for row, r in zip(texts, rewards)]
+    result[f"maj@{k}"] = float(np.mean(maj))
   return result

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,7 +37,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from restem_jax import distributed, sampling, samples, workdir as wd
+from restem_jax import distributed, progress, sampling, samples, workdir as wd
 from restem_jax.tasks import Problem
 
 
@@ -64,8 +63,10 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   vocab = task.vocabulary
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   todo = _chunks_to_do(out_dir, chunks)
-  me, t0, done_problems = jax.process_index(), time.time(), 0
-  total = sum(len(chunks[c]) for c in todo)
+  me = jax.process_index()
+  left = sum(len(chunks[c]) for c in todo)
+  # Problems this host scored / solved (>= 1 correct, hence >= 1 kept, sample).
+  scored = solved = 0
   # Every prompt, finished chunks included: they set the one padded shape, so a
   # resumed E-step samples with the same program as an uninterrupted one.
   outputs = sampler.sample_chunked(
@@ -73,6 +74,8 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
       max_new_tokens=sampling_cfg.max_new_tokens, mode=sampling.SamplingMode.from_config(
           sampling_cfg), rng=key, max_batch=sampling_cfg.max_batch, chunks=todo,
       stop_strings=task.stop_strings)
+  bar = progress.Progress(f"generate iter {iteration}", len(problems), "problems",
+                          initial=len(problems) - left, log=log, enabled=me == 0)
   for c, (_, out) in zip(todo, outputs):
     idx = chunks[c]
     chunk = [problems[i] for i in idx]
@@ -92,10 +95,10 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
                                             num_correct=int(sum(x > 0 for x in r)),
                                             num_kept=len(keep)))
     samples.write_chunk(out_dir, c, me, kept_rows, stat_rows)
-    done_problems += len(idx)
-    rate = done_problems / max(time.time() - t0, 1e-9)
-    log(f"generate iter {iteration}: {done_problems}/{total} problems, {rate:.1f} problems/s, "
-        f"ETA {(total - done_problems) / max(rate, 1e-9):.0f}s")
+    scored += len(stat_rows)
+    solved += sum(s.num_kept > 0 for s in stat_rows)
+    bar.update(len(idx), f"solved {solved}/{scored} ({100 * solved / max(scored, 1):.0f}%)")
+  bar.close()
   distributed.sync(f"generate_{iteration}")
   return samples.summarize(out_dir)
 

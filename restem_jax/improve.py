@@ -22,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import checkpoints, sampling, training
+from restem_jax import checkpoints, progress, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -165,18 +165,14 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
       return _result(best_params, state, book, eval_fn)
 
     step = int(book["step"])
-    t_last, steps_last = time.perf_counter(), step
-    log_every = max(1, min(eval_every if eval_fn else 50, ckpt_every, 50))
+    # One line per M-step (progress.py): steps/s, ETA and the latest loss, not a line per step.
+    bar = progress.Progress("improve", max_steps, "steps", initial=step, log=log,
+                            enabled=jax.process_index() == 0)
     while True:
       state, metrics = trainer.step(state, stream.batch(step))
       step += 1
-      if step % log_every == 0 or step == max_steps:
-        now = time.perf_counter()
-        rate = (step - steps_last) / max(now - t_last, 1e-9)
-        t_last, steps_last = now, step
-        log(f"improve step {step}/{max_steps}: loss {metrics['loss']:.4f} tokens "
-            f"{metrics['tokens']:.0f} grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e} "
-            f"({rate:.2f} steps/s)")
+      bar.update(1, f"loss {metrics['loss']:.4f} tokens {metrics['tokens']:.0f} grad_norm "
+                    f"{metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}")
       at_end = step >= max_steps
       if eval_fn is not None and (step % eval_every == 0 or at_end):
         score = float(eval_fn(state.params))
@@ -186,8 +182,8 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
           best_params = trainer.copy_params(state.params)
         else:
           book["bad_evals"] += 1
-        log(f"improve eval at step {step}: {score:.4f} (best {book['best_score']:.4f} at step "
-            f"{book['best_step']})")
+        bar.log(f"improve eval at step {step}: {score:.4f} (best {book['best_score']:.4f} at "
+                f"step {book['best_step']})")
         if book["bad_evals"] >= patience:
           book["stopped"] = "patience"
       if at_end and book["stopped"] is None:
@@ -199,6 +195,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
         ckpt.save(step, {"train": state, "best": best_params}, book)
       if stopping:
         break
+    bar.close()
     log(f"improve: stopped ({book['stopped']}) after {step} steps; best step "
         f"{book['best_step']} score {book['best_score']}")
     return _result(best_params, state, book, eval_fn)

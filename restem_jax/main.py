@@ -45,6 +45,9 @@ def main(argv):
     configlib.validate(_CONFIG.value)
   except errors.ConfigError as e:
     _exit_bad_input(e)
+  # TensorFlow first, quietly and without GPUs (JAX keeps them): no C++ start-up noise.
+  from restem_jax import quiet  # pylint: disable=import-outside-toplevel
+  quiet.import_tensorflow()
   from restem_jax import run  # pylint: disable=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
   try:
     run.run(_CONFIG.value, _WORKDIR.value, override=_OVERRIDE.value)

@@ -182,9 +182,7 @@ class RunContext:
       result = evaluate.evaluate(params=params, sampler=self.sampler, task=self.task,
                                  test_problems=self.splits.test, train_problems=self.splits.train,
                                  eval_cfg=c.eval, **evaluate.sampling_budget(c), seed=c.seed,
-                                 log=self.log)
-      result.update(evaluate.transfer_metrics(params, self.sampler, self.transfer,
-                                              **evaluate.sampling_budget(c)))
+                                 transfer=self.transfer, log=self.log)
       return {**result, **extra, "iteration": m.name}
 
     def save(result: dict) -> None:

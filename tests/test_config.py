@@ -37,6 +37,10 @@ BAD = [
     (["--config.restem.finetune_from=last"], "restem.finetune_from='last'"),
     (["--config.distributed.initialize=sometimes"], "distributed.initialize='sometimes'"),
     (["--config.task.name=gsm9k"], "task.name='gsm9k': use one of 'embedded_arith'"),
+    (["--config.task.prompt_format=plain"], "task.prompt_format='plain': use one of 'few_shot', 'chat'"),
+    (["--config.task.prompt_format=chat"],
+     "task.prompt_format='chat' needs a tokenizer with a stored chat template, but the "
+     "vocabulary is the embedded SentencePiece model; set task.vocab_path"),
     # Ranges.
     (["--config.train.batch_size=0"], "train.batch_size=0: must be >= 1"),
     (["--config.task.num_test=-1"], "task.num_test=-1: must be >= 0"),

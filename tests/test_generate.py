@@ -69,12 +69,15 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   params = M.init_params(cfg, mesh, jax.random.key(0))
   c.sampling.update(num_samples=2, max_batch=6, max_new_tokens=12, temperature=1.0, top_k=0)
 
+  lines = []
+
   def run(out_dir):
     sampler = sampling.Sampler(cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                                stop_strings=task.stop_strings, vocabulary=vocab)
+    lines.clear()
     counts = generate.generate(params=params, sampler=sampler, task=EvenLength(),
                                problems=problems, sampling_cfg=c.sampling, max_per_problem=1,
-                               iteration=1, out_dir=out_dir, seed=3, log=lambda _: None)
+                               iteration=1, out_dir=out_dir, seed=3, log=lines.append)
     return sampler, counts
 
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -96,6 +99,11 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   assert counts == dict(problems=10, samples=20, correct=sum(correct.values()),
                         kept=sum(min(1, n) for n in correct.values()),
                         problems_solved=sum(n > 0 for n in correct.values()))
+  # Progress (not a terminal under pytest): one log line per chunk here (4 chunks, <= 10
+  # lines), the last one with every problem and the running solved count.
+  solved = sum(n > 0 for n in correct.values())
+  assert len(lines) == 4 and lines[-1].startswith("generate iter 1: 10/10 problems (100%), ")
+  assert f"solved {solved}/10 ({100 * solved / 10:.0f}%)" in lines[-1], lines
   for i in range(4):
     for row in wd_lines(os.path.join(a, f"shard_{i:05d}_p000.jsonl")):
       assert row["sample"] in texts[[p.id for p in problems].index(row["problem_id"])]
@@ -107,6 +115,9 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   scored.clear()
   sampler, _ = run(b)
   assert sampler.num_compiled() == 1
+  # The resumed call starts at the 6 problems already done; it scored the other 4.
+  assert lines[-1].startswith("generate iter 1: 10/10 problems"), lines
+  assert "solved " in lines[-1] and "/4 (" in lines[-1], lines
   assert scored == [p.id for p in problems[3:6] + problems[9:] for _ in range(2)]
   assert sorted(os.listdir(b)) == files
   for name in files:

@@ -137,3 +137,31 @@ def test_misspelt_config_key_is_refused(tmp_path):
   p = _run(str(tmp_path / "w"), "--config.trian.max_steps=3", timeout=120)
   assert p.returncode != 0
   assert "trian" in p.stderr
+
+
+# What TensorFlow, CUDA probing and tensorflow-text's SentencePiece printed before the
+# first useful line of a CPU run (issue 17), written out here, not taken from quiet.py.
+STARTUP_NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub",
+                 "Could not find cuda drivers", "cuInit", "cpu_feature_guard",
+                 "precompiled_charsmap", "normalizer.cc")
+
+
+def test_a_cpu_run_starts_with_our_first_line_and_no_native_noise(tmp_path):
+  """A user's CPU run (no TF_CPP_MIN_LOG_LEVEL / CUDA_VISIBLE_DEVICES of our own): stderr
+  starts with the run's first log line and holds none of the native start-up noise."""
+  env = _env()
+  for k in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES"):
+    env.pop(k, None)
+  p = subprocess.run(_cmd(str(tmp_path), "--config.base.steps=2", "--config.restem.num_iterations=0",
+                          "--config.restem.sft_baseline=False", "--config.eval.on_train=False",
+                          "--config.eval.num_samples=1", "--config.eval.pass_k=(1,)",
+                          "--config.eval.majority_k=1"),
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert p.returncode == 0, p.stderr[-3000:]
+  lines = p.stderr.splitlines()
+  assert "pretraining the base model on" in lines[0], lines[:5]
+  noisy = [l for l in lines if any(n in l for n in STARTUP_NOISE)]
+  assert not noisy, noisy
+  # The phases' progress lines are there, a bounded number of them.
+  assert sum(" steps (" in l for l in lines) <= 2 and any("eval: 12/24 samples" in l
+                                                          for l in lines), lines

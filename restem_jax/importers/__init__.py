@@ -147,7 +147,9 @@ def _write_tokenizer(vocab: Any, path: str) -> None:
   wd.write_json_atomic(os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE), {
       "eos_token": piece(vocab.eos_id), "bos_token": piece(vocab.bos_id),
       "unk_token": piece(vocab.unk_id), "pad_token": piece(vocab.pad_id),
-      "add_bos_token": vocab.add_bos})
+      "add_bos_token": vocab.add_bos,
+      # task.prompt_format = "chat" renders prompts with it (a resumed run reads it here).
+      **({"chat_template": vocab.chat_template} if vocab.chat_template else {})})
 
 
 def import_to(out: str, spec: str, mesh: Mesh, *, fmt: str = "auto",

@@ -18,6 +18,9 @@ Special ids, and why:
     Padding is never attended to, so either choice is invisible to the model.
   * unk_id: the checkpoint's unknown id if it declares one (byte-level BPE
     never needs it: every byte has a token). seqio maps ids >= vocab_size to it.
+The chat template stored with the tokenizer (GGUF tokenizer.chat_template, HF
+tokenizer_config.json "chat_template") rides along as `chat_template` for
+task.prompt_format = "chat" (tasks/chat.py); None when there is none.
 Decoding drops special tokens (like SentencePiece drops control symbols), so
 completions never contain <|im_end|>-style markup; encoding recognises them in
 text, so a chat-formatted prompt written as a string maps to the right ids.
@@ -65,8 +68,9 @@ class BPEVocabulary(seqio.Vocabulary):
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_id: int, pad_id: int | None = None,
                unk_id: int | None = None, bos_id: int | None = None, add_bos: bool = False,
-               name: str = ""):
+               name: str = "", chat_template: str | None = None):
     self._tokenizer = tokenizer
+    self.chat_template = chat_template or None
     self._eos_id = int(eos_id)
     self._unk_id = unk_id
     self._bos_id = bos_id
@@ -109,6 +113,15 @@ class BPEVocabulary(seqio.Vocabulary):
   @property
   def tokenizer(self) -> tokenizers.Tokenizer:
     return self._tokenizer
+
+  def special_tokens(self) -> dict[str, str]:
+    """bos_token / eos_token as text: the variables chat templates use (as transformers
+    passes them)."""
+    out = {}
+    for name, i in (("bos_token", self._bos_id), ("eos_token", self._eos_id)):
+      if i is not None:
+        out[name] = self._tokenizer.id_to_token(int(i))
+    return out
 
   def _encode(self, s: str) -> list[int]:
     return list(self._tokenizer.encode(s, add_special_tokens=False).ids)
@@ -266,7 +279,8 @@ def vocabulary_from_gguf(path: str, *, eos_id: int | None = None,
   add_bos = bool(field("tokenizer.ggml.add_bos_token", kind == "llama"))
   return BPEVocabulary(tok, eos_id=int(eos), pad_id=pad_id, unk_id=unk,
                        bos_id=field("tokenizer.ggml.bos_token_id"), add_bos=add_bos,
-                       name=os.path.basename(path))
+                       name=os.path.basename(path),
+                       chat_template=field("tokenizer.chat_template"))
 
 
 def _token_id(tok: tokenizers.Tokenizer, value: Any) -> int | None:
@@ -301,10 +315,15 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
     raise ImportFormatError(f"{src}: no eos token in tokenizer_config.json or config.json; "
                             "pass eos_id")
   bos_id = _token_id(tok, tcfg.get("bos_token"))
+  template = tcfg.get("chat_template")
+  if isinstance(template, list):  # Named templates (older HF files): the default one.
+    template = {t.get("name"): t.get("template") for t in template}.get("default")
+  if (directory / "chat_template.jinja").is_file():  # Where newer transformers saves it.
+    template = (directory / "chat_template.jinja").read_text()
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
                        unk_id=_token_id(tok, tcfg.get("unk_token")), bos_id=bos_id,
                        add_bos=bool(tcfg.get("add_bos_token")) and bos_id is not None,
-                       name=str(directory))
+                       name=str(directory), chat_template=template)
 
 
 def load_vocabulary(path: str, **kwargs: Any) -> BPEVocabulary:

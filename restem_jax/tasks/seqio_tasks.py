@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import seqio
 import tensorflow as tf
 
+from restem_jax import quiet
 from restem_jax.tasks import prompts
 
 SPLITS = ("train", "validation", "test")
@@ -87,10 +88,14 @@ def register(name: str, records: SplitCache, fmt: prompts.PromptFormat,
 
 def read_split(task: seqio.Task, split: str) -> list[dict]:
   """Every example of `split`, untrimmed, as Python values (strings decoded)."""
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                        use_cached=False, num_epochs=1)
   out = []
-  for ex in ds.as_numpy_iterator():
+  # tensorflow-text's SentencePiece logs "precompiled_charsmap is empty" from C++
+  # each time a pipeline loads the model; quiet.filtered_stderr drops only that.
+  with quiet.filtered_stderr():
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                          use_cached=False, num_epochs=1)
+    examples = list(ds.as_numpy_iterator())
+  for ex in examples:
     row = {k: ex[k].decode("utf-8") for k in STRING_FEATURES}
     row["prompt"] = ex["inputs_pretokenized"].decode("utf-8")
     row["target"] = ex["targets_pretokenized"].decode("utf-8")

@@ -56,6 +56,9 @@ class DatasetSpec:
   exemplars: str = ""  # Few-shot exemplar file under tasks/data/; "" = none shipped.
   # Majority voting groups samples by this key of a completion; None = no voting.
   answer_key: Optional[Callable[[str], Optional[str]]] = None
+  # task.prompt_format = "chat": the text before the question in the last user
+  # message (tasks/chat.py); None = the dataset has no chat format.
+  chat_before: Optional[str] = None
 
   # --- data ------------------------------------------------------------------------
 
@@ -97,6 +100,11 @@ class DatasetSpec:
     """The format for this task_cfg; a spec whose exemplars depend on more than
     few_shot (e.g. drawn from its generators by seed) overrides this."""
     return self.prompt_format(int(task_cfg.few_shot))
+
+  def chat_exemplars(self, task_cfg: Any) -> list[tuple[str, str]]:
+    """task.prompt_format = "chat": the few-shot exemplars as (user, assistant) messages,
+    the user one starting with `chat_before`, the assistant one in the answer format."""
+    raise NotImplementedError(f"{self.name} has no chat format")
 
   def postprocess(self, completion: str) -> str:
     """The answer part of a sampled completion: cut where the next exemplar starts."""

@@ -45,9 +45,15 @@ class Task:
     self.spec.check_readable(self.data_dir)
     self._cfg = task_cfg
     self.reward_kind: str = self.spec.reward
-    self.format = self.spec.prompt_format_for(task_cfg)
     self.vocabulary = vocabulary if vocabulary is not None else embedded_vocabulary()
-    self.stop_strings: tuple[str, ...] = self.spec.stop_strings
+    self.prompt_format: str = str(task_cfg.get("prompt_format", "few_shot"))
+    # Chat format: where the next turn starts, as decoded text (cut before scoring too).
+    self._turn_stops: tuple[str, ...] = ()
+    if self.prompt_format == "chat":
+      self.format, self._turn_stops = _chat_format(self.spec, task_cfg, self.vocabulary)
+    else:
+      self.format = self.spec.prompt_format_for(task_cfg)
+    self.stop_strings: tuple[str, ...] = self.spec.stop_strings + self._turn_stops
     # Majority voting's grouping of completions (None: the dataset has no voting).
     self.answer_key: Optional[Callable[[str], Optional[str]]] = self.spec.answer_key
     self.skipped: dict[str, int] = {}  # Too-long examples skipped per split (last read).
@@ -58,6 +64,8 @@ class Task:
            "seed": int(task_cfg.seed), "num_val": int(task_cfg.num_val),
            "num_train": int(task_cfg.num_train), "num_test": int(task_cfg.num_test),
            **self.spec.config_key(task_cfg)}
+    if self.prompt_format != "few_shot":  # (Few-shot task names stay what they were.)
+      key["prompt_format"] = self.prompt_format
     self._records = seqio_tasks.SplitCache(self.spec.split_builder(task_cfg, self.data_dir))
     self.name: str = seqio_tasks.task_name(self.dataset, key)
     self.seqio_task = seqio_tasks.register(self.name, self._records, self.format,
@@ -113,8 +121,9 @@ class Task:
   # --- completions and rewards -------------------------------------------------
 
   def postprocess(self, completion: str) -> str:
-    """The answer part of a sampled completion: cut where the next exemplar starts."""
-    return self.spec.postprocess(completion)
+    """The answer part of a sampled completion: cut where the next exemplar (or, in chat
+    format, the next turn) starts."""
+    return self.spec.postprocess(prompts.truncate(self._turn_stops, completion))
 
   def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
     """Binary rewards. An item whose reward raises scores 0.0 (logged); if every item
@@ -125,10 +134,43 @@ class Task:
       return []
 
     def batch_fn(idx: list[int]) -> list[float]:
-      return self.spec.score([problems[i] for i in idx], [completions[i] for i in idx],
+      return self.spec.score([problems[i] for i in idx],
+                             [prompts.truncate(self._turn_stops, completions[i]) for i in idx],
                              self._cfg, self.workers)
     first, self._scored_once = not self._scored_once, True
     return _robust_score(batch_fn, len(problems), fail_if_all=first, what=self.dataset)
+
+
+def _chat_format(spec: Any, task_cfg: Any, vocab: Any
+                 ) -> tuple[prompts.PromptFormat, tuple[str, ...]]:
+  """The chat-format prompt and turn stops from the vocabulary's stored template."""
+  from restem_jax import errors  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks import chat  # pylint: disable=import-outside-toplevel
+  template = getattr(vocab, "chat_template", None)
+  if spec.chat_before is None:
+    raise errors.ConfigError(f"task.prompt_format='chat': task.name={spec.name!r} has no chat "
+                             "format; use task.prompt_format='few_shot'")
+  if not template:
+    raise errors.ConfigError(
+        "task.prompt_format='chat' needs a tokenizer with a stored chat template, and "
+        f"{getattr(vocab, 'name', '') or type(vocab).__name__} has none; set task.vocab_path to "
+        "an instruct model's .gguf / tokenizer.json, or use task.prompt_format='few_shot'")
+  special = vocab.special_tokens() if hasattr(vocab, "special_tokens") else {}
+  # The tokenizer adds BOS to every prompt itself (encode_prompt): a template's own
+  # leading BOS text would double it.
+  strip = special.get("bos_token", "") if getattr(vocab, "add_bos", False) else ""
+  try:
+    return chat.chat_format(template, spec.chat_exemplars(task_cfg), spec.chat_before,
+                            special_tokens=special, strip_prefix=strip,
+                            decode=functools.partial(_as_sampled, vocab))
+  except chat.ChatTemplateError as e:
+    raise errors.ConfigError(f"task.prompt_format='chat': {e}") from None
+
+
+def _as_sampled(vocab: Any, text: str) -> str:
+  """`text` as a sampled completion shows it: special tokens decode to nothing (EOS is
+  left out first: seqio's decode would cut everything after it)."""
+  return vocab.decode([i for i in vocab.encode(text) if i != vocab.eos_id])
 
 
 def _robust_score(batch_fn: Callable[[list[int]], list[float]], n: int, fail_if_all: bool,

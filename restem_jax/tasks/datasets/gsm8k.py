@@ -69,6 +69,10 @@ class Gsm8k(OfficialDataset):
                     for e in prompts.take_exemplars("gsm8k", self.exemplars, few_shot))
     return prompts.PromptFormat(shots, "Q: ", "\nA:")
 
+  def chat_exemplars(self, task_cfg: Any) -> list[tuple[str, str]]:
+    return [(self.chat_before + e["question"], e["answer"]) for e in
+            prompts.take_exemplars("gsm8k", self.exemplars, int(task_cfg.few_shot))]
+
   def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
             workers: scoring.Workers) -> list[float]:
     return scoring.math_rewards(self, problems, completions, workers)
@@ -83,4 +87,5 @@ SPEC = Gsm8k(
            '{"question": ..., "answer": "...#### N"} per line',
     exemplars="gsm8k_cot_8shot.json",
     answer_key=scoring.final_answer_key,
+    chat_before="Q: ",
 )

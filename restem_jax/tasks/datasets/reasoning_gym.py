@@ -301,6 +301,10 @@ class ReasoningGym(DatasetSpec):
     return prompts.PromptFormat(exemplar_block(splits_for(task_cfg)["exemplars"]),
                                 QUESTION_BEFORE, QUESTION_AFTER)
 
+  def chat_exemplars(self, task_cfg: Any) -> list[tuple[str, str]]:
+    return [(QUESTION_BEFORE + e["question"], format_solution(e["reasoning"], e["answer"]))
+            for e in splits_for(task_cfg)["exemplars"]]
+
   def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
             workers: scoring.Workers) -> list[float]:
     def make():
@@ -318,4 +322,5 @@ SPEC = ReasoningGym(
     difficulty="<dataset> <its per-item difficulty values>",
     splits=("train", "validation", "test"),
     answer_key=answer_key,
+    chat_before=QUESTION_BEFORE,  # The user turn is "Question: ...", as in the few-shot block.
 )
