@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from restem_jax import distributed, metrics, sampling
+from restem_jax import distributed, metrics, preemption, sampling
 from restem_jax.tasks import Problem
 
 
@@ -33,6 +33,8 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
                                        mode=mode, rng=rng, max_batch=max_batch,
                                        stop_strings=stop_strings):
     texts += sampling.decode_completions(vocab, out)
+    # An evaluation keeps no partial state: a stop abandons it (the rerun redoes it).
+    preemption.check("this evaluation is abandoned and is redone on resume")
   return texts
 
 

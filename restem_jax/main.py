@@ -1,8 +1,10 @@
 r"""ReST-EM: `python -m restem_jax.main --config=configs/demo.py --workdir=/tmp/run`.
 
-Rerun the same command to resume a killed run. Override fields on the command
-line (`--config.sampling.num_samples=8`); a config that differs from the one
-saved in the workdir stops the run unless --override is given.
+Rerun the same command to resume a killed run. After SIGTERM (preemption) the
+run stops at its next safe point, saves what a resume needs and exits with
+status 75 (preemption.EXIT_CODE) and one line saying where it stopped. Override
+fields on the command line (`--config.sampling.num_samples=8`); a config that
+differs from the one saved in the workdir stops the run unless --override is given.
 
 The config is checked (configlib.validate) before JAX, SeqIO and TensorFlow are
 imported, so a bad value fails in about a second, one `error:` line per problem.
@@ -45,11 +47,15 @@ def main(argv):
     configlib.validate(_CONFIG.value)
   except errors.ConfigError as e:
     _exit_bad_input(e)
-  from restem_jax import run  # pylint: disable=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
+  # pylint: disable-next=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
+  from restem_jax import preemption, run
   try:
     run.run(_CONFIG.value, _WORKDIR.value, override=_OVERRIDE.value)
   except run.USER_ERRORS as e:
     _exit_bad_input(e)
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr)  # One line; a distinct status tells a scheduler to rerun.
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":
