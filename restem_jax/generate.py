@@ -12,7 +12,8 @@ two files with atomic renames:
                                   num_samples, num_correct, num_kept,
                                   num_faults} (written last)
 A chunk is complete when its stats files hold a line for each of its
-problems and all its files parse; a restarted E-step skips complete chunks and redoes the others
+problems and its files check out (samples.check_files); a restarted E-step
+skips complete chunks and redoes the others
 (process 0 first deletes their partial files, so nothing is counted twice,
 even if the number of processes changed). Randomness is keyed by (seed,
 iteration, problem index) - both the sampler's PRNG and the choice of which
@@ -70,7 +71,7 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   vocab = task.vocabulary
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   todo = _chunks_to_do(out_dir, chunks)
-  me, t0, done_problems = jax.process_index(), time.time(), 0
+  me, t0, done_problems, faults_so_far = jax.process_index(), time.time(), 0, 0
   total = sum(len(chunks[c]) for c in todo)
   # Every prompt, finished chunks included: they set the one padded shape, so a
   # resumed E-step samples with the same program as an uninterrupted one.
@@ -103,6 +104,11 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
                       "they score 0", iteration, c, sum(kinds.values()), len(faults),
                       ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
     samples.write_chunk(out_dir, c, me, kept_rows, stat_rows)
+    faults_so_far += sum(kinds.values())
+    if jax.process_count() == 1:  # (Several hosts decide together, at the end.)
+      # Already over the limit for the whole E-step: stop now, not after sampling the rest.
+      check_faults({"grader_faults": faults_so_far, "samples": n * len(problems)},
+                   max_fault_fraction, iteration, out_dir)
     done_problems += len(idx)
     rate = done_problems / max(time.time() - t0, 1e-9)
     log(f"generate iter {iteration}: {done_problems}/{total} problems, {rate:.1f} problems/s, "
