@@ -11,6 +11,7 @@ falls back to fresh params.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -90,10 +91,23 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
   distributed.sync(f"restem_save_params_done:{path}")
 
 
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether ENOSPC is behind `e` (tensorstore and Orbax wrap it in their own types)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or \
+        "No space left on device" in str(e) or "ENOSPC" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def _cannot_save(path: str, e: BaseException) -> CheckpointError:
-  return CheckpointError(f"cannot save checkpoint {path} ({_one_line(e)}); free disk space "
-                         "(or fix permissions) and rerun the same command: the run resumes "
-                         "from its last complete checkpoint")
+  why = "No space left on device" if _disk_full(e) else _one_line(e)
+  return CheckpointError(f"cannot save checkpoint {path} ({why}); free disk space (or fix "
+                         "permissions) and rerun the same command: the run resumes from its "
+                         "last complete checkpoint")
 
 
 def _check_exists(path: str, what: str) -> epath.Path:

@@ -80,7 +80,7 @@ def read_shard(path: str) -> list[KeptSample]:
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
-      raise wd.DamagedError(f"{path}:{lineno}: not JSON ({e.msg}; truncated or garbled?); "
+      raise wd.DamagedError(f"{path}:{lineno}: not JSON ({e.msg}: truncated or garbled?); "
                             f"{_REDO}") from e
     missing = [k for k in REQUIRED_KEYS if not isinstance(rec, dict) or k not in rec]
     if missing:

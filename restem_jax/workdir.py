@@ -57,7 +57,7 @@ def _damaged(path: str, e: BaseException) -> DamagedError:
   if isinstance(e, FileNotFoundError):
     why = "is missing"
   elif isinstance(e, json.JSONDecodeError):
-    why = f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}; truncated or garbled?)"
+    why = f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}: truncated or garbled?)"
   else:
     why = f"is unreadable ({type(e).__name__}: {e})"
   return DamagedError(f"{path} {why}; delete it and rerun the same command to recompute it, "

@@ -43,7 +43,7 @@ def _run_until(workdir, pattern, timeout=300):
       p.wait()
 
 
-def _terminate_when(workdir, pattern, timeout=300):
+def _terminate_when(workdir, pattern, timeout=1800):
   """Starts a run, sends it SIGTERM (as a preempting scheduler does) once a file matching
   `pattern` exists, and returns (exit code, stderr) after it stopped by itself."""
   log = os.path.join(os.path.dirname(workdir), "stderr.txt")  # A pipe would fill and block.
