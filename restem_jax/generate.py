@@ -164,6 +164,10 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
   """
   todo = np.ones((len(chunks),), np.int32)
   if distributed.is_coordinator():
+    # Temporaries of writes a kill cut short (atomic writes rename only finished files):
+    # no process writes here yet, so they are all dead.
+    for path in wd.glob(out_dir, ".tmp_*"):
+      epath.Path(path).unlink()
     files: dict[int, list[str]] = {}  # chunk -> its shard_/stats_ files, any process
     for path in wd.glob(out_dir, "*_p[0-9][0-9][0-9].jsonl"):
       kind, chunk = os.path.basename(path).split("_")[:2]

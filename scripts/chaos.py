@@ -103,23 +103,19 @@ def timeline(workdir: str) -> tuple[list[str], dict[str, float]]:
   return phases, {p: os.path.getmtime(_output_of(workdir, p)) - t0 for p in phases}
 
 
-def in_flight(workdir: str) -> dict[str, bool]:
-  """Which writes were cut short: temporary files / directories left in the workdir."""
-  ckpt = shard = False
-  for dirpath, dirnames, filenames in os.walk(workdir):
-    for n in dirnames + filenames:
-      if "orbax-checkpoint-tmp" in n or n.endswith(".new"):
-        ckpt = True
-      if n.startswith(".tmp_") and os.path.basename(dirpath) == "samples":
-        shard = True
-  return {"ckpt": ckpt, "shard": shard}
-
-
-def _trigger_seen(workdir: str, kind: str) -> bool:
+def _temporaries(workdir: str, kind: str) -> set[str]:
+  """Temporary files / directories of unfinished writes: Orbax's (and save_params' .new)
+  for "ckpt", the atomic writes' .tmp_ files of E-step shards for "shard"."""
   if kind == "ckpt":
-    return bool(glob.glob(os.path.join(workdir, "**", "*orbax-checkpoint-tmp*"), recursive=True)
-                or glob.glob(os.path.join(workdir, "**", "*.new"), recursive=True))
-  return bool(glob.glob(os.path.join(workdir, "*", "samples", ".tmp_*")))
+    return set(glob.glob(os.path.join(workdir, "**", "*orbax-checkpoint-tmp*"), recursive=True)
+               + glob.glob(os.path.join(workdir, "**", "*.new"), recursive=True))
+  return set(glob.glob(os.path.join(workdir, "*", "samples", ".tmp_*")))
+
+
+def in_flight(workdir: str, before: dict[str, set[str]]) -> dict[str, bool]:
+  """Which writes the kill cut short: temporaries that did not exist when the attempt
+  started (a killed write leaves its temporary until a later run cleans it up)."""
+  return {kind: bool(_temporaries(workdir, kind) - before[kind]) for kind in ("ckpt", "shard")}
 
 
 def attempt(cfg: argparse.Namespace, workdir: str, kind: str, delay: float) -> dict:
@@ -129,6 +125,7 @@ def attempt(cfg: argparse.Namespace, workdir: str, kind: str, delay: float) -> d
   p = subprocess.Popen(command(cfg.config, workdir), cwd=ROOT, env=child_env(cfg.write_delay),
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        start_new_session=True)
+  stale = {k: _temporaries(workdir, k) for k in ("ckpt", "shard")}
   started, armed_at = time.time(), None
   fired = None
   while p.poll() is None:
@@ -139,7 +136,7 @@ def attempt(cfg: argparse.Namespace, workdir: str, kind: str, delay: float) -> d
         armed_at = now
     if armed_at is not None and now - armed_at >= delay:
       if kind in ("time", "startup") or (kind in ("ckpt", "shard")
-                                         and _trigger_seen(workdir, kind)):
+                                         and _temporaries(workdir, kind) - stale[kind]):
         os.killpg(p.pid, signal.SIGKILL)
         fired = "SIGKILL"
       elif kind == "term":
@@ -152,7 +149,7 @@ def attempt(cfg: argparse.Namespace, workdir: str, kind: str, delay: float) -> d
       fired = "SIGKILL (attempt timeout)"
       break
     time.sleep(0.004)
-  flight = in_flight(workdir) if fired == "SIGKILL" else {"ckpt": False, "shard": False}
+  flight = in_flight(workdir, stale) if fired == "SIGKILL" else {"ckpt": False, "shard": False}
   try:
     _, err = p.communicate(timeout=60)
   except subprocess.TimeoutExpired:  # SIGTERM not honoured in time: what a pod does next.

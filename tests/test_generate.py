@@ -33,10 +33,11 @@ def test_resume_skips_complete_chunks_and_clears_partial_ones(tmp_path):
   _write(os.path.join(d, "stats_00001_p001.jsonl"), [_stat("b")])
   # Chunk 1 also has a shard whose stats never landed; chunk 2: nothing.
   _write(os.path.join(d, "shard_00001_p000.jsonl"), [{"problem_id": "c"}])
+  _write(os.path.join(d, ".tmp_k1ll3d"), [_stat("z")])  # a write a kill cut short
 
   assert generate._chunks_to_do(d, chunks) == [1, 2]
-  # The partial chunk's files are gone (else its samples would count twice),
-  # the complete chunk's are untouched.
+  # The partial chunk's files and the dead temporary are gone (else its samples would
+  # count twice), the complete chunk's are untouched.
   assert sorted(os.listdir(d)) == ["shard_00000_p000.jsonl", "shard_00000_p001.jsonl",
                                    "stats_00000_p000.jsonl", "stats_00000_p001.jsonl"]
   assert samples.summarize(d) == dict(problems=3, samples=12, correct=3, kept=3,
