@@ -9,7 +9,8 @@ poll `check()` at their safe points:
     that step is saved, so no step is lost;
   * Evaluate: between sampler chunks (an evaluation keeps no partial state: the
     rerun evaluates that model again);
-  * between phases (a SIGTERM during an Orbax save stops after the save).
+  * between phases (a SIGTERM during an Orbax save stops after the save);
+  * during startup (before the first phase): at once, from the handler.
 
 `check()` raises `Preempted`; main prints one line and exits with EXIT_CODE.
 Rerunning the same command continues (progress.json, shards, checkpoints).
@@ -60,8 +61,12 @@ _S = _State()
 def _on_sigterm(signum, frame) -> None:
   del frame
   _S.requested = True
-  logging.warning("SIGTERM: stopping at the next safe point (a second SIGTERM stops now)")
   signal.signal(signum, signal.SIG_DFL)  # A second SIGTERM takes the default action.
+  if not _S.phase:
+    # Still starting (loading the task, tokenizing: no checks there, and possibly
+    # long): nothing of the run's work is in flight, so stop right here.
+    stop("nothing to save")
+  logging.warning("SIGTERM: stopping at the next safe point (a second SIGTERM stops now)")
 
 
 def _multiprocess() -> bool:
@@ -79,7 +84,7 @@ def handling() -> Iterator[None]:
     yield
     return
   previous = signal.signal(signal.SIGTERM, _on_sigterm)
-  _S.installed, _S.requested = True, False
+  _S.installed, _S.requested, _S.phase = True, False, ""
   try:
     yield
   finally:

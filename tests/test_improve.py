@@ -215,3 +215,14 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(init,
   best, info = run(tmp_path / "a", init, scorer(table, calls))
   assert info == full_info
   assert fingerprint(best) == fingerprint(full_best)
+
+
+def test_sigterm_during_startup_stops_at_once():
+  """Before any phase began there is nothing to save: the handler itself stops the run."""
+  import signal
+  from restem_jax import preemption
+  with preemption.handling():
+    with pytest.raises(preemption.Preempted, match="during startup: nothing to save"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(1000):  # The handler runs between bytecodes of this loop.
+        pass
