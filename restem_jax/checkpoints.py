@@ -105,7 +105,7 @@ def _disk_full(e: BaseException | None) -> bool:
 
 def _cannot_save(path: str, e: BaseException) -> CheckpointError:
   why = "No space left on device" if _disk_full(e) else _one_line(e)
-  return CheckpointError(f"cannot save checkpoint {path} ({why}); free disk space (or fix "
+  return CheckpointError(f"cannot save a checkpoint in {path} ({why}); free disk space (or fix "
                          "permissions) and rerun the same command: the run resumes from its "
                          "last complete checkpoint")
 
@@ -229,8 +229,8 @@ class TrainCheckpointer:
     try:
       self._mgr.save(int(step), args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}))
-    except Exception as e:  # An earlier async save's error surfaces here too.
-      raise _cannot_save(os.path.join(self.directory, str(step)), e) from e
+    except Exception as e:  # An earlier async save's error surfaces here too: name the dir.
+      raise _cannot_save(self.directory, e) from e
 
   def latest_step(self) -> int | None:
     self._mgr.reload()  # Pick up steps written by an earlier (killed) process.

@@ -26,10 +26,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Orbax logs every save at INFO; keep its warnings, drop its chatter."""
+  """Orbax logs every save at INFO; keep its warnings, drop its chatter. Its background
+  threads also log a failed save (e.g. a full disk) with a traceback of its internals;
+  the error line is kept, the traceback dropped: the run then stops with one `error:`
+  line saying what to do (checkpoints.CheckpointError)."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= pylogging.WARNING
 
 
 def _exit_bad_input(e: Exception) -> None:
@@ -39,10 +45,18 @@ def _exit_bad_input(e: Exception) -> None:
   sys.exit(2)
 
 
+def _unraisable(u) -> None:
+  # After a failed Orbax save its asyncio callbacks find their loop closed; Python would
+  # print each with a traceback. One line each: the run's own error line says what to do.
+  logging.warning("ignored during a library's cleanup: %s: %s", type(u.exc_value).__name__,
+                  u.exc_value)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _unraisable
   try:
     configlib.validate(_CONFIG.value)
   except errors.ConfigError as e:
