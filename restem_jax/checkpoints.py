@@ -11,9 +11,11 @@ falls back to fresh params.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -30,6 +32,11 @@ _STATE, _EXTRA = "state", "extra"
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message names the path and the fix."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint that is missing, incomplete or unreadable (not merely another config's):
+  the run recomputes what wrote it (run.RunContext.resumable, improve's fallback)."""
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -66,6 +73,11 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
     ckptr.save(tmp, args=ocp.args.Composite(**{
         _PARAMS: ocp.args.StandardSave(params),
         _META: ocp.args.JsonSave(dict(metadata or {}))}))
+  except Exception as e:  # ENOSPC, permissions: from tensorstore/Orbax, many types.
+    if jax.process_index() == 0:  # Give the space back: the half save is of no use.
+      for leftover in path_p.parent.glob(f"{tmp.name}*"):
+        leftover.rmtree() if leftover.is_dir() else leftover.unlink()
+    raise _cannot_save(path, e) from e
   finally:
     ckptr.close()
   if jax.process_index() == 0:
@@ -79,11 +91,31 @@ def save_params(path: str, params: Any, metadata: dict | None = None) -> None:
   distributed.sync(f"restem_save_params_done:{path}")
 
 
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether ENOSPC is behind `e` (tensorstore and Orbax wrap it in their own types)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or \
+        "No space left on device" in str(e) or "ENOSPC" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _cannot_save(path: str, e: BaseException) -> CheckpointError:
+  why = "No space left on device" if _disk_full(e) else _one_line(e)
+  return CheckpointError(f"cannot save a checkpoint in {path} ({why}); free disk space (or fix "
+                         "permissions) and rerun the same command: the run resumes from its "
+                         "last complete checkpoint")
+
+
 def _check_exists(path: str, what: str) -> epath.Path:
   p = epath.Path(path)
   if not p.exists():
-    raise CheckpointError(f"no {what} checkpoint at {path}: the directory does not exist; "
-                          "check the path (or create it with checkpoints.save_params)")
+    raise DamagedCheckpointError(
+        f"no {what} checkpoint at {path}: the directory does not exist; check the path (or "
+        "create it with checkpoints.save_params)")
   return p
 
 
@@ -131,18 +163,20 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
     try:
       stored = ckptr.metadata(path).item_metadata[_PARAMS]
     except Exception as e:  # Orbax raises many types for damaged directories.
-      raise CheckpointError(f"params checkpoint at {path} is unreadable ({_one_line(e)}); "
-                            "re-create it (save_params) or point to another path") from e
+      raise DamagedCheckpointError(
+          f"params checkpoint at {path} is unreadable ({_one_line(e)}); re-create it "
+          "(save_params) or point to another path") from e
     if stored is None:
-      raise CheckpointError(f"params checkpoint at {path} has no '{_PARAMS}' item; "
-                            "it was not written by checkpoints.save_params")
+      raise DamagedCheckpointError(f"params checkpoint at {path} has no '{_PARAMS}' item; "
+                                   "it was not written by checkpoints.save_params")
     _check_tree_matches(path, getattr(stored, "tree", stored), target, "params")
     try:
       out = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS: ocp.args.StandardRestore(target)}))
     except Exception as e:
-      raise CheckpointError(f"params checkpoint at {path} is corrupt or incomplete "
-                            f"({_one_line(e)}); re-create it or point to another path") from e
+      raise DamagedCheckpointError(
+          f"params checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
+          "it or point to another path") from e
   finally:
     ckptr.close()
   return out[_PARAMS]
@@ -155,8 +189,8 @@ def read_metadata(path: str) -> dict:
   try:
     out = ckptr.restore(path, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
   except Exception as e:
-    raise CheckpointError(f"metadata of checkpoint at {path} is unreadable ({_one_line(e)}); "
-                          "re-create it with save_params") from e
+    raise DamagedCheckpointError(f"metadata of checkpoint at {path} is unreadable "
+                                 f"({_one_line(e)}); re-create it with save_params") from e
   finally:
     ckptr.close()
   return dict(out[_META] or {})
@@ -177,8 +211,11 @@ class TrainCheckpointer:
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
     self.directory = os.fspath(directory)
+    # cleanup_tmp_directories: a save cut short (kill, full disk) leaves a temporary
+    # directory; the next manager removes it instead of letting them pile up.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
     try:
       self._mgr = ocp.CheckpointManager(
           self.directory, options=options,
@@ -189,8 +226,11 @@ class TrainCheckpointer:
                             f"({_one_line(e)}); check the path and permissions") from e
 
   def save(self, step: int, state: Any, extra: dict) -> None:
-    self._mgr.save(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}))
+    try:
+      self._mgr.save(int(step), args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}))
+    except Exception as e:  # An earlier async save's error surfaces here too: name the dir.
+      raise _cannot_save(self.directory, e) from e
 
   def latest_step(self) -> int | None:
     self._mgr.reload()  # Pick up steps written by an earlier (killed) process.
@@ -211,27 +251,51 @@ class TrainCheckpointer:
     try:
       stored = self._mgr.item_metadata(step)[_STATE]
     except Exception as e:
-      raise CheckpointError(f"train checkpoint {where} is unreadable ({_one_line(e)}); delete "
-                            "that step directory to resume from an earlier one") from e
+      raise DamagedCheckpointError(
+          f"train checkpoint {where} is unreadable ({_one_line(e)}); delete that step "
+          "directory to resume from an earlier one") from e
     if stored is None:
-      raise CheckpointError(f"train checkpoint {where} has no '{_STATE}' item; delete that "
-                            "step directory to resume from an earlier one")
+      raise DamagedCheckpointError(f"train checkpoint {where} has no '{_STATE}' item; delete "
+                                   "that step directory to resume from an earlier one")
     _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train",
                         "the model/optimizer config of this run")
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}))
     except Exception as e:
-      raise CheckpointError(f"train checkpoint {where} is corrupt or incomplete "
-                            f"({_one_line(e)}); delete that step directory to resume from an "
-                            "earlier one") from e
+      raise DamagedCheckpointError(
+          f"train checkpoint {where} is corrupt or incomplete ({_one_line(e)}); delete that "
+          "step directory to resume from an earlier one") from e
     return out[_STATE], dict(out[_EXTRA] or {})
 
+  def restore_latest(self, abstract_state: Any,
+                     log: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+    """(step, state, extra) of the newest readable checkpoint, or None if there is none.
+
+    A damaged newer one (missing or corrupt array files) is removed with a warning
+    naming it: training from the step before it redoes the same steps (the data
+    position is the step), and its directory would block saving that step again.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step,) + self.restore(abstract_state, step)
+      except DamagedCheckpointError as e:
+        logging.warning("%s; removing it and resuming from an earlier step", str(e).split(";")[0])
+        log(f"improve: removed damaged checkpoint step {step}")
+        if jax.process_index() == 0:
+          epath.Path(self.directory, str(step)).rmtree()
+        distributed.sync(f"restem_removed_damaged:{self.directory}/{step}")
+        self._mgr.reload()
+    return None
+
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # The background save failed (e.g. ENOSPC).
+      raise _cannot_save(self.directory, e) from e
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
+    self.wait()
     self._mgr.close()
 
   def __enter__(self) -> "TrainCheckpointer":

@@ -56,7 +56,7 @@ AT_LEAST: dict[str, int] = {
 }
 POSITIVE = ("model.rope_base", "model.norm_eps", "base.learning_rate", "train.learning_rate",
             "task.grader_timeout_s")  # > 0
-FRACTIONS = ("sampling.top_p", "eval.top_p")  # in [0, 1]
+FRACTIONS = ("sampling.top_p", "eval.top_p", "restem.max_fault_fraction")  # in [0, 1]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -180,6 +180,11 @@ def default_config() -> ml_collections.ConfigDict:
   # and evaluate it: the SFT baseline the paper compares against. With
   # num_iterations = 0 this is the "SFT only" run.
   c.restem.sft_baseline = False
+  # Stop the run (one-line error) when more than this fraction of an E-step's
+  # samples got no verdict from the grader (a math-verify worker or code sandbox
+  # that crashed, hung or was OOM-killed: reward 0, counted as grader_faults in
+  # the iteration's eval.json). 1.0 never stops.
+  c.restem.max_fault_fraction = 0.05
 
   # --- Improve (M-step) training. ---
   c.train = ml_collections.ConfigDict()

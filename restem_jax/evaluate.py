@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from restem_jax import distributed, metrics, progress, sampling
+from restem_jax import distributed, metrics, preemption, progress, sampling
 from restem_jax.tasks import Problem
 
 
@@ -43,6 +43,8 @@ def sample_texts(sampler: sampling.Sampler, params: Any, vocab: Any,
     texts += rows
     if bar is not None:
       bar.update(len(rows) * num_samples)
+    # An evaluation keeps no partial state: a stop abandons it (the rerun redoes it).
+    preemption.check("this evaluation is abandoned and is redone on resume")
   return texts
 
 

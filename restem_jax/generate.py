@@ -9,10 +9,11 @@ two files with atomic renames:
   samples/shard_CCCCC_pHHH.jsonl  one line per KEPT sample: {problem_id,
                                   prompt, sample, reward, iteration, seed}
   samples/stats_CCCCC_pHHH.jsonl  one line per problem: {problem_id, level,
-                                  num_samples, num_correct, num_kept}
-                                  (written last)
+                                  num_samples, num_correct, num_kept,
+                                  num_faults} (written last)
 A chunk is complete when its stats files hold a line for each of its
-problems; a restarted E-step skips complete chunks and redoes the others
+problems and its files check out (samples.check_files); a restarted E-step
+skips complete chunks and redoes the others
 (process 0 first deletes their partial files, so nothing is counted twice,
 even if the number of processes changed). Randomness is keyed by (seed,
 iteration, problem index) - both the sampler's PRNG and the choice of which
@@ -28,6 +29,7 @@ every host sees (the M-step reads all hosts' shards).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -37,7 +39,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from restem_jax import distributed, progress, sampling, samples, workdir as wd
+from restem_jax import distributed, preemption, progress, sampling, samples, workdir as wd
 from restem_jax.tasks import Problem
 
 
@@ -53,8 +55,13 @@ def choose_kept(rewards: Sequence[float], cap: int, seed: Sequence[int]) -> list
 def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
              problems: Sequence[Problem], sampling_cfg: ml_collections.ConfigDict,
              max_per_problem: int, iteration: int, out_dir: str, seed: int,
+             max_fault_fraction: float = 1.0,
              log: Callable[[str], None] = logging.info) -> dict:
-  """Runs the E-step over `problems`, writing shards to `out_dir`; returns counts."""
+  """Runs the E-step over `problems`, writing shards to `out_dir`; returns counts.
+
+  Raises GraderFaultError if more than `max_fault_fraction` of all its samples
+  got no verdict from the grader (samples.ProblemStats.num_faults).
+  """
   if not problems:
     raise ValueError("the E-step got no training problems; check task.num_train and the data")
   n = sampling_cfg.num_samples
@@ -67,6 +74,7 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   left = sum(len(chunks[c]) for c in todo)
   # Problems this host scored / solved (>= 1 correct, hence >= 1 kept, sample).
   scored = solved = 0
+  faults_so_far = 0
   # Every prompt, finished chunks included: they set the one padded shape, so a
   # resumed E-step samples with the same program as an uninterrupted one.
   outputs = sampler.sample_chunked(
@@ -83,7 +91,7 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
     texts = sampling.decode_completions(vocab, out)[share.start:share.stop]
     mine = [(idx[j], chunk[j]) for j in share]
     flat_problems = [p for _, p in mine for _ in range(n)]
-    rewards = task.score(flat_problems, [t for row in texts for t in row])
+    rewards, faults = _score(task, flat_problems, [t for row in texts for t in row])
     kept_rows, stat_rows = [], []
     for j, (i, p) in enumerate(mine):
       r = rewards[j * n:(j + 1) * n]
@@ -91,16 +99,64 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
       kept_rows += [samples.KeptSample(problem_id=p.id, prompt=p.prompt, sample=texts[j][k],
                                        reward=float(r[k]), iteration=iteration, seed=seed)
                     for k in keep]
-      stat_rows.append(samples.ProblemStats(problem_id=p.id, level=p.level, num_samples=n,
-                                            num_correct=int(sum(x > 0 for x in r)),
-                                            num_kept=len(keep)))
+      stat_rows.append(samples.ProblemStats(
+          problem_id=p.id, level=p.level, num_samples=n, num_correct=int(sum(x > 0 for x in r)),
+          num_kept=len(keep), num_faults=sum(f is not None for f in faults[j * n:(j + 1) * n])))
+    kinds = collections.Counter(f for f in faults if f is not None)
+    if kinds:
+      logging.warning("generate iter %d chunk %d: %d of %d samples lost to grader faults (%s); "
+                      "they score 0", iteration, c, sum(kinds.values()), len(faults),
+                      ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
     samples.write_chunk(out_dir, c, me, kept_rows, stat_rows)
     scored += len(stat_rows)
     solved += sum(s.num_kept > 0 for s in stat_rows)
     bar.update(len(idx), f"solved {solved}/{scored} ({100 * solved / max(scored, 1):.0f}%)")
+    faults_so_far += sum(kinds.values())
+    if jax.process_count() == 1:  # (Several hosts decide together, at the end.)
+      # Already over the limit for the whole E-step: stop now, not after sampling the rest.
+      check_faults({"grader_faults": faults_so_far, "samples": n * len(problems)},
+                   max_fault_fraction, iteration, out_dir)
+    preemption.check(f"E-step chunk {c} written to {out_dir}; finished chunks are kept")
   bar.close()
   distributed.sync(f"generate_{iteration}")
-  return samples.summarize(out_dir)
+  summary = samples.summarize(out_dir)
+  check_faults(summary, max_fault_fraction, iteration, out_dir)
+  return summary
+
+
+class GraderFaultError(RuntimeError):
+  """Too many of an E-step's samples lost their reward to grader faults."""
+
+
+def check_faults(summary: dict, max_fraction: float, iteration: int, out_dir: str) -> None:
+  """Stops the run if more than `max_fraction` of the E-step's samples were lost to grader
+  faults: training on the survivors would learn from a starved, skewed set."""
+  faults, total = summary.get("grader_faults", 0), summary["samples"]
+  if total and faults > max_fraction * total:
+    raise GraderFaultError(
+        f"E-step of iteration {iteration}: {faults} of {total} samples ({faults / total:.1%}) "
+        f"got no verdict from the grader (crashed, hung or OOM-killed; the warnings above name "
+        f"the kinds), more than restem.max_fault_fraction={max_fraction}; fix the grader "
+        f"(memory, task.grader_timeout_s, task.grader_workers / code_workers), delete {out_dir} "
+        "and rerun to rescore, or raise restem.max_fault_fraction (with --override)")
+
+
+def _score(task: Any, problems: list[Problem], texts: list[str]
+           ) -> tuple[list[float], list[str | None]]:
+  """(rewards, grader faults); a task without score_detailed has no grader to fault."""
+  if hasattr(task, "score_detailed"):
+    return task.score_detailed(problems, texts)
+  return task.score(problems, texts), [None] * len(texts)
+
+
+def _stats_rows(paths: list[str], chunk: int) -> int:
+  """Problems the chunk's stats files cover; -1 if any of its files is truncated or
+  garbled (a damaged chunk is redone, never half counted)."""
+  try:
+    return samples.check_files(paths)
+  except wd.DamagedError as e:
+    logging.warning("%s; redoing chunk %d", str(e).split(";")[0], chunk)
+    return -1
 
 
 def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
@@ -112,6 +168,10 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
   """
   todo = np.ones((len(chunks),), np.int32)
   if distributed.is_coordinator():
+    # Temporaries of writes a kill cut short (atomic writes rename only finished files):
+    # no process writes here yet, so they are all dead.
+    for path in wd.glob(out_dir, ".tmp_*"):
+      epath.Path(path).unlink()
     files: dict[int, list[str]] = {}  # chunk -> its shard_/stats_ files, any process
     for path in wd.glob(out_dir, "*_p[0-9][0-9][0-9].jsonl"):
       kind, chunk = os.path.basename(path).split("_")[:2]
@@ -119,8 +179,7 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
         files.setdefault(int(chunk), []).append(path)
     for c, idx in enumerate(chunks):
       mine = files.get(c, [])
-      rows = sum(len(wd.read_lines(p)) for p in mine if os.path.basename(p).startswith("stats_"))
-      if rows == len(idx):
+      if _stats_rows(mine, c) == len(idx):
         todo[c] = 0
       else:
         for path in mine:

@@ -6,6 +6,7 @@
         every eval_every steps (and at the end): score = eval_fn(params)  # validation reward
             keep the best params; stop after `patience` evaluations without improvement
         every checkpoint_every steps (and at the end): checkpoint for resume
+        after SIGTERM (preemption.py): checkpoint this step, raise Preempted
 
 Resume semantics: the data position is the step (batch s is a pure function of
 seed and s), and each mid-phase checkpoint holds the train state, the best params
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import checkpoints, progress, sampling, training
+from restem_jax import checkpoints, preemption, progress, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -143,8 +144,9 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(train_cfg.keep_checkpoints))
   try:
-    start = ckpt.latest_step()
-    if start is None:
+    # A damaged newest checkpoint is removed (warning) and an earlier one used.
+    latest = ckpt.restore_latest(abstract, log)
+    if latest is None:
       state = trainer.init_state(init_params)
       # Best-so-far starts as the initial params, so the pytree is always full;
       # it is replaced by the first evaluation (best_score None < any score).
@@ -152,8 +154,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
       book = {"step": 0, "best_step": 0, "best_score": None, "evals": [], "bad_evals": 0,
               "stopped": None, "done": False, "seed": seed, "num_examples": len(examples)}
     else:
-      # A checkpoint that exists but cannot be read is an error, never a fresh start.
-      restored, book = ckpt.restore(abstract, start)
+      start, restored, book = latest
       if book.get("seed") != seed or book.get("num_examples") != len(examples):
         raise checkpoints.CheckpointError(
             f"checkpoint {ckpt.directory}/{start} was written for seed={book.get('seed')} and "
@@ -175,7 +176,8 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
                     f"{metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}")
       at_end = step >= max_steps
       if eval_fn is not None and (step % eval_every == 0 or at_end):
-        score = float(eval_fn(state.params))
+        with preemption.deferred():  # The step's checkpoint below includes its validation.
+          score = float(eval_fn(state.params))
         book["evals"].append([step, score])
         if book["best_score"] is None or score > book["best_score"]:
           book.update(best_step=step, best_score=score, bad_evals=0)
@@ -191,8 +193,14 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
       book["step"] = step
       stopping = book["stopped"] is not None
       book["done"] = stopping
-      if stopping or step % ckpt_every == 0:
+      # SIGTERM: save this step (not only every checkpoint_every), then stop.
+      preempted = not stopping and preemption.reached()
+      if stopping or preempted or step % ckpt_every == 0:
         ckpt.save(step, {"train": state, "best": best_params}, book)
+      if preempted:
+        ckpt.wait()  # The async save is complete before the process exits.
+        preemption.stop(f"M-step checkpoint at step {step}/{max_steps} saved in "
+                        f"{ckpt.directory}")
       if stopping:
         break
     bar.close()

@@ -1,8 +1,10 @@
 r"""ReST-EM: `python -m restem_jax.main --config=configs/demo.py --workdir=/tmp/run`.
 
-Rerun the same command to resume a killed run. Override fields on the command
-line (`--config.sampling.num_samples=8`); a config that differs from the one
-saved in the workdir stops the run unless --override is given.
+Rerun the same command to resume a killed run. After SIGTERM (preemption) the
+run stops at its next safe point, saves what a resume needs and exits with
+status 75 (preemption.EXIT_CODE) and one line saying where it stopped. Override
+fields on the command line (`--config.sampling.num_samples=8`); a config that
+differs from the one saved in the workdir stops the run unless --override is given.
 
 The config is checked (configlib.validate) before JAX, SeqIO and TensorFlow are
 imported, so a bad value fails in about a second, one `error:` line per problem.
@@ -24,10 +26,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Orbax logs every save at INFO; keep its warnings, drop its chatter."""
+  """Orbax logs every save at INFO; keep its warnings, drop its chatter. Its background
+  threads also log a failed save (e.g. a full disk) with a traceback of its internals;
+  the error line is kept, the traceback dropped: the run then stops with one `error:`
+  line saying what to do (checkpoints.CheckpointError)."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= pylogging.WARNING
 
 
 def _exit_bad_input(e: Exception) -> None:
@@ -37,10 +45,18 @@ def _exit_bad_input(e: Exception) -> None:
   sys.exit(2)
 
 
+def _unraisable(u) -> None:
+  # After a failed Orbax save its asyncio callbacks find their loop closed; Python would
+  # print each with a traceback. One line each: the run's own error line says what to do.
+  logging.warning("ignored during a library's cleanup: %s: %s", type(u.exc_value).__name__,
+                  u.exc_value)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _unraisable
   try:
     configlib.validate(_CONFIG.value)
   except errors.ConfigError as e:
@@ -48,11 +64,15 @@ def main(argv):
   # TensorFlow first, quietly and without GPUs (JAX keeps them): no C++ start-up noise.
   from restem_jax import quiet  # pylint: disable=import-outside-toplevel
   quiet.import_tensorflow()
-  from restem_jax import run  # pylint: disable=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
+  # pylint: disable-next=import-outside-toplevel  (JAX, SeqIO, TF: seconds)
+  from restem_jax import preemption, run
   try:
     run.run(_CONFIG.value, _WORKDIR.value, override=_OVERRIDE.value)
   except run.USER_ERRORS as e:
     _exit_bad_input(e)
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr)  # One line; a distinct status tells a scheduler to rerun.
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,18 @@ import ml_collections
 from etils import epath
 
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
-                        improve, model, partitioning, report, samples, sampling, tasks,
-                        workdir as wd)
+                        improve, model, partitioning, preemption, report, samples, sampling,
+                        tasks, workdir as wd)
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
 from restem_jax.training import NonFiniteLossError
 
 # Errors that mean "your input is wrong": main.py prints them as one line.
 USER_ERRORS = (errors.ConfigError, wd.WorkdirError, checkpoints.CheckpointError,
-               tasks.DataLayoutError, NonFiniteLossError, ImportFormatError)
+               tasks.DataLayoutError, NonFiniteLossError, ImportFormatError,
+               generate.GraderFaultError)
+# A finished phase whose outputs are missing or unreadable: recomputed (resumable).
+DAMAGED = (wd.DamagedError, checkpoints.DamagedCheckpointError)
 
 T = TypeVar("T")
 
@@ -142,10 +145,20 @@ class RunContext:
     """`phase`'s result: restored if progress.json lists it, else computed, saved, listed.
 
     Listed only after `save` returns, so a run killed inside a phase redoes
-    that phase (continuing from its own mid-phase checkpoints or shards).
+    that phase (continuing from its own mid-phase checkpoints or shards). A
+    listed phase whose outputs are missing or damaged (`restore` raises one of
+    DAMAGED) is recomputed the same way, with a warning naming the file: every
+    phase is deterministic, so the repaired run ends as an undamaged one would.
     """
+    preemption.set_phase(phase)
     if self.progress.is_done(phase):
-      return restore()
+      try:
+        return restore()
+      except DAMAGED as e:
+        logging.warning("%s is listed as done in %s but %s: recomputing it", phase,
+                        self.layout.progress, str(e).split(";")[0])
+        self.progress.unmark(phase)
+    preemption.check("nothing of it was started")
     out = compute()
     save(out)
     self.progress.mark(phase)
@@ -170,9 +183,10 @@ class RunContext:
       return generate.generate(params=params, sampler=self.sampler, task=self.task,
                                problems=self.splits.train, sampling_cfg=c.sampling,
                                max_per_problem=c.restem.max_per_problem, iteration=iteration,
-                               out_dir=m.samples, seed=c.seed, log=self.log)
+                               out_dir=m.samples, seed=c.seed,
+                               max_fault_fraction=c.restem.max_fault_fraction, log=self.log)
     return self.resumable(m.generated, compute, save=lambda _: None,
-                          restore=lambda: samples.summarize(m.samples))
+                          restore=lambda: samples.verify(m.samples, len(self.splits.train)))
 
   def evaluated(self, m: wd.ModelPaths, params: Any, **extra: Any) -> dict:
     """m's eval.json (computed if not yet written), with `extra` fields and its name."""
@@ -255,6 +269,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
   configlib.validate(config)  # main did already; here for callers of the library
   distributed.initialize(config.distributed)
+  with preemption.handling():  # SIGTERM: stop at the next safe point (preemption.py)
+    return _run(config, workdir, override)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> list[dict]:
   ctx = RunContext(config, workdir, override)  # all input checks happen here, before long work
   c, layout = config, ctx.layout
 
@@ -274,7 +293,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False)
     start = base if c.restem.finetune_from == "base" else current
     current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats))
     results.append(ctx.evaluated(it, current, samples_kept=stats["kept"],
-                                 problems_solved=stats["problems_solved"]))
+                                 problems_solved=stats["problems_solved"],
+                                 grader_faults=stats["grader_faults"]))
 
   human = ctx.task.human_solutions() if c.restem.sft_baseline else []
   if c.restem.sft_baseline and not human:

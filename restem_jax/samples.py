@@ -40,6 +40,9 @@ class ProblemStats:
   num_samples: int
   num_correct: int
   num_kept: int
+  # Samples the grader failed (crashed, hung, OOM-killed: reward 0 without a
+  # verdict). 0 in files written before this field existed.
+  num_faults: int = 0
 
 
 REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(KeptSample))
@@ -59,41 +62,104 @@ def shard_paths(samples_dir: str) -> list[str]:
   return wd.glob(samples_dir, "shard_*.jsonl")
 
 
+_REDO = ("delete it (and its stats_ file) and rerun the same command: the E-step redoes "
+         "that chunk")
+
+
+def read_shard(path: str) -> list[KeptSample]:
+  """One shard's samples; a missing, truncated or garbled file is a DamagedError naming
+  its file:line."""
+  try:
+    lines = epath.Path(path).read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise wd.DamagedError(f"{path} is unreadable ({type(e).__name__}: {e}); {_REDO}") from e
+  out = []
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise wd.DamagedError(f"{path}:{lineno}: not JSON ({e.msg}: truncated or garbled?); "
+                            f"{_REDO}") from e
+    missing = [k for k in REQUIRED_KEYS if not isinstance(rec, dict) or k not in rec]
+    if missing:
+      raise wd.DamagedError(f"{path}:{lineno}: sample lacks {missing} (each line needs "
+                            f"{list(REQUIRED_KEYS)}); {_REDO}")
+    out.append(KeptSample(**{k: rec[k] for k in REQUIRED_KEYS}))
+  return out
+
+
 def read_samples(samples_dir: str) -> list[KeptSample]:
   """All kept samples, shard by shard in name order; a malformed line names its file:line."""
   if not epath.Path(samples_dir).is_dir():
-    raise FileNotFoundError(f"samples dir {samples_dir!r} does not exist; expected "
-                            "shard_*.jsonl files written by the E-step")
+    raise wd.DamagedError(f"samples dir {samples_dir} is missing (expected shard_*.jsonl "
+                          "files written by the E-step); rerun the same command to redo it")
+  return [s for path in shard_paths(samples_dir) for s in read_shard(path)]
+
+
+_STATS_KEYS = {f.name for f in dataclasses.fields(ProblemStats)}
+
+
+def read_stats_file(path: str) -> list[ProblemStats]:
+  """One stats file's rows (DamagedError naming the file if it is not what write_chunk wrote)."""
   out = []
-  for path in shard_paths(samples_dir):
-    with epath.Path(path).open() as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{lineno}: not JSON ({e})") from e
-        missing = [k for k in REQUIRED_KEYS if k not in rec]
-        if missing:
-          raise ValueError(f"{path}:{lineno}: sample lacks {missing}; "
-                           f"each line needs {list(REQUIRED_KEYS)}")
-        out.append(KeptSample(**{k: rec[k] for k in REQUIRED_KEYS}))
+  for row in wd.read_lines(path):
+    if not isinstance(row, dict) or not {"problem_id", "num_samples"} <= set(row) \
+        or set(row) - _STATS_KEYS:
+      raise wd.DamagedError(f"{path}: a row is not a problem's stats ({str(row)[:80]}); {_REDO}")
+    out.append(ProblemStats(**row))
   return out
 
 
 def read_stats(samples_dir: str) -> list[ProblemStats]:
-  return [ProblemStats(**row) for path in wd.glob(samples_dir, "stats_*.jsonl")
-          for row in wd.read_lines(path)]
+  return [r for path in wd.glob(samples_dir, "stats_*.jsonl") for r in read_stats_file(path)]
+
+
+def check_files(paths: Sequence[str]) -> int:
+  """How many problems these shard_/stats_ files cover, after checking them: every line
+  parses, and each shard holds as many samples as its stats file says were kept (so a
+  shard cut at a line boundary is caught too). DamagedError naming the file otherwise."""
+  by_name: dict[str, dict[str, str]] = {}
+  for path in paths:
+    kind, rest = os.path.basename(path).split("_", 1)
+    by_name.setdefault(rest, {})[kind] = path
+  problems = 0
+  for rest, files in sorted(by_name.items()):
+    if "stats" not in files:  # Killed between the two renames: an unfinished chunk.
+      continue
+    stats = read_stats_file(files["stats"])
+    kept = read_shard(files["shard"]) if "shard" in files else []
+    if len(kept) != sum(r.num_kept for r in stats):
+      raise wd.DamagedError(f"{files.get('shard', 'shard_' + rest)} holds {len(kept)} samples "
+                            f"but {files['stats']} counts {sum(r.num_kept for r in stats)} "
+                            f"kept (truncated?); {_REDO}")
+    problems += len(stats)
+  return problems
+
+
+def verify(samples_dir: str, num_problems: int) -> dict:
+  """summarize() of a finished E-step, after checking its files (check_files) and that
+  the stats cover `num_problems` problems; DamagedError naming what is wrong otherwise."""
+  if not epath.Path(samples_dir).is_dir():
+    raise wd.DamagedError(f"samples dir {samples_dir} is missing; rerun to redo the E-step")
+  check_files(wd.glob(samples_dir, "*_*_p[0-9][0-9][0-9].jsonl"))
+  summary = summarize(samples_dir)
+  if summary["problems"] != num_problems:
+    raise wd.DamagedError(f"{samples_dir} has stats for {summary['problems']} of "
+                          f"{num_problems} problems (files deleted?); rerun to redo the E-step")
+  return summary
 
 
 def summarize(samples_dir: str) -> dict:
-  """Counts over all problems: problems, samples, correct, kept, problems_solved."""
+  """Counts over all problems: problems, samples, correct, kept, problems_solved,
+  grader_faults."""
   rows = read_stats(samples_dir)
   return dict(problems=len(rows), samples=sum(r.num_samples for r in rows),
               correct=sum(r.num_correct for r in rows),
               kept=sum(r.num_kept for r in rows),
-              problems_solved=sum(r.num_correct > 0 for r in rows))
+              problems_solved=sum(r.num_correct > 0 for r in rows),
+              grader_faults=sum(r.num_faults for r in rows))
 
 
 def register_samples_task(samples_dir: str, vocabulary) -> str:

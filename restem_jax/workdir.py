@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -42,6 +43,31 @@ from etils import epath
 
 class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked; the message says what to do."""
+
+
+class DamagedError(WorkdirError):
+  """A file of the run is missing, truncated or garbled; the message names it.
+
+  The run repairs what it can by recomputing the phase that wrote the file
+  (run.RunContext.resumable); elsewhere this is a one-line error.
+  """
+
+
+def _damaged(path: str, e: BaseException) -> DamagedError:
+  if isinstance(e, FileNotFoundError):
+    why = "is missing"
+  elif isinstance(e, json.JSONDecodeError):
+    why = f"is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}: truncated or garbled?)"
+  else:
+    why = f"is unreadable ({type(e).__name__}: {e})"
+  return DamagedError(f"{path} {why}; delete it and rerun the same command to recompute it, "
+                      "or restore it from a copy")
+
+
+def _cannot_write(path: str, e: OSError) -> WorkdirError:
+  return WorkdirError(f"cannot write {path}: {e.strerror or e}; free disk space (or fix "
+                      "permissions) and rerun the same command: the run resumes from what is "
+                      "saved")
 
 
 def is_remote(path: str) -> bool:
@@ -68,13 +94,19 @@ def write_text_atomic(path: str, text: str) -> None:
     tmp.write_text(text)
     tmp.replace(p)
     return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  tmp = None
+  try:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:  # ENOSPC, EDQUOT, EACCES...: no half file left, one line.
+    if tmp is not None and os.path.exists(tmp):
+      os.unlink(tmp)
+    raise _cannot_write(path, e) from e
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -87,12 +119,20 @@ def write_lines_atomic(path: str, rows: list[dict]) -> None:
 
 
 def read_json(path: str) -> Any:
-  return json.loads(epath.Path(path).read_text())
+  """A JSON file of the run; DamagedError (one line naming it) if missing or garbled."""
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    raise _damaged(path, e) from e
 
 
 def read_lines(path: str) -> list[dict]:
-  """The rows of a write_lines_atomic file."""
-  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+  """The rows of a write_lines_atomic file; DamagedError if missing or garbled."""
+  try:
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines()
+            if line.strip()]
+  except (OSError, ValueError) as e:
+    raise _damaged(path, e) from e
 
 
 def exists(path: str) -> bool:
@@ -163,10 +203,28 @@ class Progress:
 
   def __init__(self, path: str, write: bool = True):
     self.path, self.write = path, write
-    self.done: list[str] = read_json(path)["done"] if exists(path) else []
+    self.done: list[str] = []
+    if exists(path):
+      try:
+        done = read_json(path)["done"]
+        if not isinstance(done, list) or not all(isinstance(d, str) for d in done):
+          raise TypeError("'done' is not a list of phase names")
+        self.done = done
+      except (DamagedError, KeyError, TypeError) as e:
+        # Every phase can be redone from its own saved outputs (finished chunks,
+        # M-step checkpoints), so a damaged list costs time, never correctness.
+        logging.warning("%s is damaged (%s); starting from an empty list: each phase is "
+                        "redone from what it saved", path, str(e).split(";")[0])
 
   def is_done(self, phase: str) -> bool:
     return phase in self.done
+
+  def unmark(self, phase: str) -> None:
+    """Forgets `phase` (its outputs turned out damaged); it is recomputed and marked again."""
+    if phase in self.done:
+      self.done.remove(phase)
+      if self.write:
+        write_json_atomic(self.path, {"done": self.done})
 
   def mark(self, phase: str) -> None:
     if phase not in self.done:
@@ -180,9 +238,15 @@ def check_or_save_config(path: str, config: ml_collections.ConfigDict, override:
   """A restarted run must use the config it started with (or say --override)."""
   current = json.loads(config.to_json_best_effort(sort_keys=True))
   if exists(path):
-    saved = read_json(path)
-    if saved != current:
-      diff = sorted(_diff(saved, current))
+    try:
+      saved = read_json(path)
+    except DamagedError as e:
+      if not override:
+        raise WorkdirError(f"{str(e).split(';')[0]}; if this workdir was started with this "
+                           "config, pass --override to rewrite it, else use a new --workdir") from e
+      saved = current  # --override: the damaged copy is replaced below.
+    diff = sorted(d for d in _diff(saved, current) if not _added_at_default(saved, current, d))
+    if diff:
       if not override:
         raise WorkdirError(
             f"config differs from the one saved in {path} at {', '.join(diff[:5])}"
@@ -190,6 +254,27 @@ def check_or_save_config(path: str, config: ml_collections.ConfigDict, override:
             "continue with the new config")
   if write:
     write_json_atomic(path, current)
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+  for k in dotted.split("."):
+    if not isinstance(tree, dict) or k not in tree:
+      return _ABSENT
+    tree = tree[k]
+  return tree
+
+
+def _added_at_default(saved: dict, current: dict, field: str) -> bool:
+  """A field this version added since the run started, left at its default: not a change
+  (the run behaves as before), so an old workdir resumes without --override."""
+  from restem_jax import configlib  # pylint: disable=import-outside-toplevel
+  default = json.loads(configlib.default_config().to_json_best_effort(sort_keys=True))
+  value = _lookup(current, field)
+  return (_lookup(saved, field) is _ABSENT and value is not _ABSENT
+          and value == _lookup(default, field))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

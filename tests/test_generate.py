@@ -11,6 +11,10 @@ def _stat(pid):
   return dict(problem_id=pid, level="1", num_samples=4, num_correct=1, num_kept=1)
 
 
+def _kept(pid):
+  return dict(problem_id=pid, prompt="Q", sample="A", reward=1.0, iteration=1, seed=0)
+
+
 def _write(path, rows):
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -20,23 +24,24 @@ def test_resume_skips_complete_chunks_and_clears_partial_ones(tmp_path):
   d = str(tmp_path)
   chunks = [range(0, 3), range(3, 6), range(6, 8)]
   # Chunk 0: written by two processes, 2 + 1 stats lines = its 3 problems: complete.
-  _write(os.path.join(d, "shard_00000_p000.jsonl"), [{"problem_id": "a"}])
+  _write(os.path.join(d, "shard_00000_p000.jsonl"), [_kept("a"), _kept("x")])
   _write(os.path.join(d, "stats_00000_p000.jsonl"), [_stat("a"), _stat("x")])
-  _write(os.path.join(d, "shard_00000_p001.jsonl"), [])
+  _write(os.path.join(d, "shard_00000_p001.jsonl"), [_kept("y")])
   _write(os.path.join(d, "stats_00000_p001.jsonl"), [_stat("y")])
   # Chunk 1: one host of two finished before a kill: 1 of 3 problems.
-  _write(os.path.join(d, "shard_00001_p001.jsonl"), [{"problem_id": "b"}])
+  _write(os.path.join(d, "shard_00001_p001.jsonl"), [_kept("b")])
   _write(os.path.join(d, "stats_00001_p001.jsonl"), [_stat("b")])
   # Chunk 1 also has a shard whose stats never landed; chunk 2: nothing.
   _write(os.path.join(d, "shard_00001_p000.jsonl"), [{"problem_id": "c"}])
+  _write(os.path.join(d, ".tmp_k1ll3d"), [_stat("z")])  # a write a kill cut short
 
   assert generate._chunks_to_do(d, chunks) == [1, 2]
-  # The partial chunk's files are gone (else its samples would count twice),
-  # the complete chunk's are untouched.
+  # The partial chunk's files and the dead temporary are gone (else its samples would
+  # count twice), the complete chunk's are untouched.
   assert sorted(os.listdir(d)) == ["shard_00000_p000.jsonl", "shard_00000_p001.jsonl",
                                    "stats_00000_p000.jsonl", "stats_00000_p001.jsonl"]
   assert samples.summarize(d) == dict(problems=3, samples=12, correct=3, kept=3,
-                                      problems_solved=3)
+                                      problems_solved=3, grader_faults=0)
 
 
 def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_sampling(tmp_path):
@@ -98,7 +103,7 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   assert {k: r.num_correct for k, r in stats.items()} == correct
   assert counts == dict(problems=10, samples=20, correct=sum(correct.values()),
                         kept=sum(min(1, n) for n in correct.values()),
-                        problems_solved=sum(n > 0 for n in correct.values()))
+                        problems_solved=sum(n > 0 for n in correct.values()), grader_faults=0)
   # Progress (not a terminal under pytest): one log line per chunk here (4 chunks, <= 10
   # lines), the last one with every problem and the running solved count.
   solved = sum(n > 0 for n in correct.values())

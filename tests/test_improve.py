@@ -93,13 +93,21 @@ def test_early_stopping_keeps_best_and_resume_is_exact(init, reference, tmp_path
     run(tmp_path / "b", init, dies_at_fourth)
   assert C.TrainCheckpointer(str(tmp_path / "b" / "checkpoints")).all_steps() == [3, 6]
 
-  # A damaged latest checkpoint is an error, never a silent fresh start.
+  # A damaged latest checkpoint is removed (a warning names it) and the one before it
+  # used: the steps after it are redone, to the same end.
   damaged = tmp_path / "damaged"
   shutil.copytree(tmp_path / "b", damaged)
   shutil.rmtree(damaged / "checkpoints" / "6" / "state" / "d")
   os.remove(damaged / "checkpoints" / "6" / "state" / "manifest.ocdbt")
-  with pytest.raises(C.CheckpointError, match=str(damaged / "checkpoints" / "6")):
-    run(damaged, init, scorer(table, []))
+  logs, calls = [], []
+  best_x, info_x = I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(), mesh=mesh1(),
+                             init_params=init, examples=examples(), seq_len=10,
+                             eval_fn=scorer(table, calls), workdir=str(damaged), seed=3,
+                             log=logs.append)
+  assert "improve: removed damaged checkpoint step 6" in logs
+  assert "improve: resumed from %s at step 3" % (damaged / "checkpoints") in logs
+  assert info_x == info and fingerprint(best_x) == fingerprint(best)
+  assert len(calls) == 3  # steps 4, 6 and 8 evaluated again
 
   calls = []
   best_r, info_r = run(tmp_path / "b", init, scorer(table, calls))
@@ -178,3 +186,43 @@ def test_batches_pad_to_their_longest_rounded_up_to_16_at_most_seq_len():
   stream = I.BatchStream(ex, batch_size=1, seq_len=40, seed=0)
   widths = {stream.indices(s)[0]: stream.batch(s)["tokens_BxL"].shape[1] for s in range(2)}
   assert widths == {0: 32, 1: 16}
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(init, reference,
+                                                                           tmp_path):
+  """SIGTERM arriving during the validation at step 4: the M-step finishes it, saves step 4
+  (not a multiple of checkpoint_every=3) and raises Preempted; called again it continues
+  from step 4 and ends with the uninterrupted run's best params and info."""
+  import signal
+  from restem_jax import preemption
+  by_step, table = reference
+  full_best, full_info = run(tmp_path / "full", init, scorer(table, []))
+
+  calls = []
+
+  def eval_then_preempt(params):
+    score = table[fingerprint(params)]
+    if len(calls) == 1:  # At the 2nd evaluation (step 4): a pod's preemption notice.
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    return score
+  with preemption.handling():
+    with pytest.raises(preemption.Preempted, match="checkpoint at step 4/12 saved"):
+      run(tmp_path / "a", init, eval_then_preempt)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "a" / "checkpoints") if s.isdigit())
+  assert steps == [3, 4]  # The step the notice came in, with its validation, is saved.
+  assert signal.getsignal(signal.SIGTERM) is not preemption._on_sigterm  # pylint: disable=protected-access
+  best, info = run(tmp_path / "a", init, scorer(table, calls))
+  assert info == full_info
+  assert fingerprint(best) == fingerprint(full_best)
+
+
+def test_sigterm_during_startup_stops_at_once():
+  """Before any phase began there is nothing to save: the handler itself stops the run."""
+  import signal
+  from restem_jax import preemption
+  with preemption.handling():
+    with pytest.raises(preemption.Preempted, match="during startup: nothing to save"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(1000):  # The handler runs between bytecodes of this loop.
+        pass

@@ -43,6 +43,29 @@ def _run_until(workdir, pattern, timeout=300):
       p.wait()
 
 
+def _terminate_when(workdir, pattern, timeout=1800):
+  """Starts a run, sends it SIGTERM (as a preempting scheduler does) once a file matching
+  `pattern` exists, and returns (exit code, stderr) after it stopped by itself."""
+  log = os.path.join(os.path.dirname(workdir), "stderr.txt")  # A pipe would fill and block.
+  with open(log, "w") as err_file:
+    p = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=err_file)
+  deadline = time.time() + timeout
+  try:
+    while not glob.glob(os.path.join(workdir, pattern)):
+      assert p.poll() is None, f"the run ended before {pattern} appeared"
+      assert time.time() < deadline, pattern
+      time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # The main process only: what Kubernetes / TPU VMs do.
+    p.wait(timeout=timeout)
+    with open(log) as f:
+      return p.returncode, f.read()
+  finally:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
 def _evals(workdir):
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "*", "eval.json"))):
@@ -93,6 +116,49 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
   # Kill once inside Generate (after its first chunk), once inside Improve.
   assert _run_until(workdir, "iter_001/samples/stats_00000_p000.jsonl")
   assert _run_until(workdir, "iter_002/improve/*")
+  p = _run(workdir)
+  assert p.returncode == 0, p.stderr[-3000:]
+  a, b = _evals(full_dir), _evals(workdir)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name] == b[name], name
+
+
+def _done(workdir):
+  with open(os.path.join(workdir, "progress.json")) as f:
+    return json.load(f)["done"]
+
+
+def test_sigterm_stops_cleanly_in_each_phase_and_resumes_to_the_same_result(uninterrupted,
+                                                                            tmp_path):
+  """SIGTERM (preemption) in Evaluate, Generate and Improve: each time the run stops at its
+  next safe point with status 75 and one line naming the phase, having kept what a resume
+  needs; the rerun ends with the uninterrupted run's eval.json files."""
+  full_dir, _ = uninterrupted
+  workdir = str(tmp_path / "preempted")
+
+  def stopped_in(pattern, phase):
+    rc, err = _terminate_when(workdir, pattern)
+    last = err.strip().splitlines()[-1]
+    assert rc == 75, err[-3000:]
+    assert last.startswith(f"preempted (SIGTERM) during {phase}") and last.endswith(
+        "rerun the same command to continue"), last
+    assert "Traceback" not in err
+    assert phase not in _done(workdir)
+
+  # Evaluate: the base model is saved, its evaluation (seconds of compiling) runs.
+  stopped_in("base/commit_success.txt", "eval_000")
+  assert _done(workdir) == ["base"]
+  # Generate: iteration 1's E-step has started sampling; the chunk in flight is written.
+  stopped_in("iter_001/samples", "generate_001")
+  assert glob.glob(os.path.join(workdir, "iter_001/samples/stats_00000_p000.jsonl"))
+  # Improve: iteration 2's M-step compiles its train step; the step it finishes is
+  # checkpointed (not only every train.checkpoint_every = 3 steps).
+  stopped_in("iter_002/improve/checkpoints", "improve_002")
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "iter_002/improve/checkpoints"))
+                 if s.isdigit())
+  assert steps and steps[-1] % 3 != 0, steps
+
   p = _run(workdir)
   assert p.returncode == 0, p.stderr[-3000:]
   a, b = _evals(full_dir), _evals(workdir)

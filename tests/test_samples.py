@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from restem_jax import samples, tasks
+from restem_jax import samples, tasks, workdir as wd
 
 
 def test_write_chunk_lines_are_sorted_json_one_per_line(tmp_path):
@@ -21,14 +21,14 @@ def test_write_chunk_lines_are_sorted_json_one_per_line(tmp_path):
       '{"iteration": 2, "problem_id": "gsm8k/train/00003", "prompt": "Q: 2+2?\\nA:", '
       '"reward": 1.0, "sample": " 4 \\"four\\"", "seed": 7}\n')
   assert (tmp_path / "stats_00012_p003.jsonl").read_text() == (
-      '{"level": "steps=1", "num_correct": 3, "num_kept": 1, "num_samples": 4, '
+      '{"level": "steps=1", "num_correct": 3, "num_faults": 0, "num_kept": 1, "num_samples": 4, '
       '"problem_id": "gsm8k/train/00003"}\n'
-      '{"level": "steps=2", "num_correct": 0, "num_kept": 0, "num_samples": 4, '
+      '{"level": "steps=2", "num_correct": 0, "num_faults": 0, "num_kept": 0, "num_samples": 4, '
       '"problem_id": "gsm8k/train/00004"}\n')
   assert samples.read_samples(str(tmp_path)) == kept
   assert samples.read_stats(str(tmp_path)) == stats
   assert samples.summarize(str(tmp_path)) == dict(problems=2, samples=8, correct=3, kept=1,
-                                                  problems_solved=1)
+                                                  problems_solved=1, grader_faults=0)
 
 
 def test_samples_task(tmp_path):
@@ -48,7 +48,7 @@ def test_samples_task(tmp_path):
   assert [float(e["weight"]) for e in exs] == [r["reward"] for r in rows]
   assert list(exs[2]["targets"]) == vocab.encode(rows[2]["sample"]) + [vocab.eos_id]
   (tmp_path / "shard_00003.jsonl").write_text('{"prompt": "x"}\n')
-  with pytest.raises(ValueError, match="shard_00003.jsonl:1"):
+  with pytest.raises(wd.DamagedError, match="shard_00003.jsonl:1"):
     samples.read_samples(str(tmp_path))
-  with pytest.raises(FileNotFoundError):
+  with pytest.raises(wd.DamagedError, match="missing"):
     samples.read_samples(str(tmp_path / "missing"))

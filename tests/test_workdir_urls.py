@@ -54,7 +54,7 @@ def test_run_files_on_a_url_land_in_the_bucket(bucket):
 
   assert generate._chunks_to_do(d, [range(0, 1), range(1, 2)]) == [1]
   assert samples.summarize(d) == dict(problems=1, samples=4, correct=2, kept=1,
-                                      problems_solved=1)
+                                      problems_solved=1, grader_faults=0)
   assert samples.read_samples(d) == [samples.KeptSample(**row)]
   on_disk = sorted(os.listdir(bucket / "bucket" / "run" / "iter_001" / "samples"))
   assert on_disk == ["shard_00000_p000.jsonl", "stats_00000_p000.jsonl"]

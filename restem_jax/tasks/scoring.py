@@ -24,6 +24,18 @@ class Workers:
   def __init__(self, task_cfg: Any):
     self._cfg = task_cfg
     self._pools: dict[str, Any] = {}
+    self._faults: list[Optional[str]] | None = None
+
+  def record_faults(self, faults: Sequence[Optional[str]]) -> None:
+    """A reward function's per-item grader faults (None: the grader gave a verdict;
+    else why it could not: "worker died", "sandbox hung", ...), for `take_faults`."""
+    self._faults = list(faults)
+
+  def take_faults(self, n: int) -> list[Optional[str]]:
+    """The faults recorded by the last scoring call of n items (all None if it recorded
+    none: rewards without grader processes cannot fault); clears them."""
+    faults, self._faults = self._faults, None
+    return faults if faults is not None and len(faults) == n else [None] * n
 
   def get(self, key: str, make: Callable[[], Any]) -> Any:
     if key not in self._pools:
@@ -63,8 +75,10 @@ def final_answer_key(text: str) -> Optional[str]:
 def math_rewards(spec: DatasetSpec, problems: Sequence[Problem], completions: Sequence[str],
                  workers: Workers) -> list[float]:
   """Final answer of each post-processed completion vs the problem's gold answer."""
-  return workers.math_grader().score([p.gold for p in problems],
-                                     [spec.postprocess(c) for c in completions])
+  grades = workers.math_grader().score_detailed([p.gold for p in problems],
+                                               [spec.postprocess(c) for c in completions])
+  workers.record_faults([g.fault for g in grades])
+  return [g.reward for g in grades]
 
 
 def code_job(spec: Any, problem: Problem, completion: str) -> dict:
@@ -78,5 +92,7 @@ def code_job(spec: Any, problem: Problem, completion: str) -> dict:
 def code_rewards(spec: Any, problems: Sequence[Problem], completions: Sequence[str],
                  workers: Workers) -> list[float]:
   """Each completion's program run against its problem's tests in the sandbox."""
-  return workers.code_executor().score([code_job(spec, p, c)
-                                        for p, c in zip(problems, completions)])
+  outcomes = workers.code_executor().score_detailed([code_job(spec, p, c)
+                                                     for p, c in zip(problems, completions)])
+  workers.record_faults([o.fault for o in outcomes])
+  return [o.reward for o in outcomes]

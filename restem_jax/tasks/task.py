@@ -128,15 +128,22 @@ class Task:
   def score(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[float]:
     """Binary rewards. An item whose reward raises scores 0.0 (logged); if every item
     of the first batch raises, the reward itself is broken and this raises."""
+    return self.score_detailed(problems, completions)[0]
+
+  def score_detailed(self, problems: Sequence[Problem], completions: Sequence[str]
+                     ) -> tuple[list[float], list[Optional[str]]]:
+    """(rewards, grader faults): as `score`, with each item's grader fault (None: the
+    grader gave a verdict; else why it could not, e.g. "worker died": reward 0)."""
     if len(problems) != len(completions):
       raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
     if not problems:
-      return []
+      return [], []
 
-    def batch_fn(idx: list[int]) -> list[float]:
-      return self.spec.score([problems[i] for i in idx],
-                             [prompts.truncate(self._turn_stops, completions[i]) for i in idx],
-                             self._cfg, self.workers)
+    def batch_fn(idx: list[int]) -> tuple[list[float], list[Optional[str]]]:
+      rewards = self.spec.score([problems[i] for i in idx],
+                                [prompts.truncate(self._turn_stops, completions[i]) for i in idx],
+                                self._cfg, self.workers)
+      return rewards, self.workers.take_faults(len(idx))
     first, self._scored_once = not self._scored_once, True
     return _robust_score(batch_fn, len(problems), fail_if_all=first, what=self.dataset)
 
@@ -173,21 +180,26 @@ def _as_sampled(vocab: Any, text: str) -> str:
   return vocab.decode([i for i in vocab.encode(text) if i != vocab.eos_id])
 
 
-def _robust_score(batch_fn: Callable[[list[int]], list[float]], n: int, fail_if_all: bool,
-                  what: str) -> list[float]:
+def _robust_score(batch_fn: Callable[[list[int]], tuple[list[float], list[Optional[str]]]],
+                  n: int, fail_if_all: bool,
+                  what: str) -> tuple[list[float], list[Optional[str]]]:
   try:
-    out = [float(r) for r in batch_fn(list(range(n)))]
+    rewards, faults = batch_fn(list(range(n)))
+    out = [float(r) for r in rewards]
     if len(out) != n:
       raise ValueError(f"reward returned {len(out)} values for {n} items")
-    return out
+    return out, list(faults)
   except Exception as batch_error:  # pylint: disable=broad-except
     # Find the items that fail: one bad completion must not cost the others.
-    out, errors = [], []
+    out, faults, errors = [], [], []
     for i in range(n):
       try:
-        out.append(float(batch_fn([i])[0]))
+        rewards, item_faults = batch_fn([i])
+        out.append(float(rewards[0]))
+        faults.append(item_faults[0])
       except Exception as e:  # pylint: disable=broad-except
         out.append(0.0)
+        faults.append(None)  # The reward code raised on this item: its doing, not a grader fault.
         errors.append(e)
     if len(errors) == n and fail_if_all:
       raise RuntimeError(f"{what} reward failed on every item of the first batch "
@@ -195,7 +207,7 @@ def _robust_score(batch_fn: Callable[[list[int]], list[float]], n: int, fail_if_
     if errors:
       log.warning("%s reward: %d of %d items raised and score 0.0; first: %r",
                   what, len(errors), n, errors[0])
-    return out
+    return out, faults
 
 
 def get_task(task_cfg: Any, vocabulary=None) -> Task:

@@ -311,8 +311,10 @@ class ReasoningGym(DatasetSpec):
       from restem_jax.rewards.reasoning_gym import ReasoningGymGrader  # pylint: disable=import-outside-toplevel
       return ReasoningGymGrader(num_workers=int(task_cfg.get("grader_workers", 2)),
                                 timeout_s=float(task_cfg.get("grader_timeout_s", 5.0)))
-    return workers.get("reasoning_gym", make).score(
+    grades = workers.get("reasoning_gym", make).score_detailed(
         [p.gold for p in problems], [self.postprocess(c) for c in completions])
+    workers.record_faults([g.fault for g in grades])
+    return [g.reward for g in grades]
 
 
 SPEC = ReasoningGym(

@@ -1,0 +1,19 @@
+"""scripts/chaos.py with K = 3: the tiny run killed at 3 seeded random moments (SIGKILL,
+SIGTERM, mid checkpoint save, mid shard write) ends as the unkilled run (`tiny_run`)."""
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+
+def test_three_random_kills_end_with_the_unkilled_result(tiny_run, tmp_path):
+  ref, _ = tiny_run
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "chaos.py"), "--kills=3",
+                      "--seed=0", f"--reference={ref}", f"--out={tmp_path / 'chaos'}"],
+                     cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                     timeout=1500)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "identical:" in p.stdout, p.stdout
+  kills = [line for line in p.stdout.splitlines() if line.startswith("kill ")]
+  assert len(kills) == 3, p.stdout
