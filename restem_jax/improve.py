@@ -138,6 +138,11 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   ckpt_every = int(train_cfg.checkpoint_every)
   trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
   stream = BatchStream(examples, trainer.batch_size, seq_len, seed)
+  if trainer.adapters is not None:
+    lc = trainer.adapters.cfg
+    log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "
+        f"{trainer.adapters.count()} trainable params, base frozen "
+        f"({lc.base_dtype or 'as loaded'})")
   # With train.lora the state and the best-so-far are adapters: checkpoints hold those
   # (and their optimizer state) only; the result is merged with the base at the end.
   abstract = {"train": trainer.abstract_state(), "best": trainer.abstract_state().params}
