@@ -234,32 +234,41 @@ def test_int8_base_is_per_channel_absmax():
     name = t.path[-1]
     in_axes = tuple(range(1, 1 + len(lora.IN_AXES[name])))
     x = w[name].astype(np.float64)
-    step = np.abs(x).max(axis=in_axes, keepdims=True) / 127.0  # one scale per output channel
-    want = np.round(x / step) * step
+    # One scale per output channel; qwix maps absmax to 127.5 (the top bucket is
+    # [126.5, 127.5)), and the value absmax itself to 127.
+    step = np.abs(x).max(axis=in_axes, keepdims=True) / 127.5
+    want = np.clip(np.round(x / step), -128, 127) * step
     got = np.asarray(lora.dequantize(lora.quantize(jnp.asarray(w[name]), t, "int8")))
     assert np.abs(got - want).max() <= 1.01 * step.max()  # at most one step off (ties)
     assert np.mean(np.abs(got - want) <= 1e-6 * np.abs(x).max()) > 0.99, name
 
 
-def test_nf4_base_error_is_within_half_a_code_gap_of_each_block():
+# NormalFloat-4 codes (Dettmers et al. 2023, QLoRA, appendix E).
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def test_nf4_base_is_the_nearest_code_of_each_block_of_64():
   pytest.importorskip("qwix")
   cfg = _quant_cfg()
   w = host(M.init_params(cfg, mesh1(), jax.random.key(2)))["layers"]["q"]  # [L, 128, 4, 32]
   t = next(t for t in lora.Adapters(cfg, lora_cfg("nf4"), mesh1()).targets if t.path[-1] == "q")
   q = lora.quantize(jnp.asarray(w), t, "nf4")
   assert q.scale.shape == (2, 2, 4, 32)  # a scale per block of 64 inputs per output
-  assert len(np.unique(np.asarray(q.qvalue))) <= 16
-  got = np.asarray(lora.dequantize(q))
-  blocks = np.abs(w).reshape(2, 2, 64, 4, 32).max(axis=2, keepdims=True)
-  # NF4 codes (QLoRA, appendix E) in [-1, 1]; the widest gap is 1 - 0.7230 = 0.277.
-  bound = np.broadcast_to(blocks * 0.277 / 2, (2, 2, 64, 4, 32)).reshape(w.shape)
-  assert np.all(np.abs(got - w) <= bound + 1e-7)
+  blocks = np.abs(w).reshape(2, 2, 64, 4, 32).max(axis=2, keepdims=True)  # absmax -> 1
+  x = w.reshape(2, 2, 64, 4, 32) / blocks
+  want = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * blocks).reshape(w.shape)
+  np.testing.assert_allclose(np.asarray(lora.dequantize(q)), want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("base_dtype,tol", [("bfloat16", 0.01), ("int8", 0.02), ("nf4", 0.2)])
+@pytest.mark.parametrize("base_dtype,tol", [("bfloat16", 0.01), ("int8", 0.04), ("nf4", 0.5)])
 def test_quantized_base_logits_close_to_float32(base_dtype, tol):
-  """Stated tolerance: max |logit error| / std(float32 logits) on a random model
-  (measured: bfloat16 ~0.003, int8 ~0.006, nf4 ~0.07)."""
+  """Stated tolerance: rms(logit error) / std(float32 logits) of a random-init model
+  (measured: bfloat16 0.005, int8 0.020, nf4 0.265; real SmolLM2 weights:
+  benchmarks/train_step.py --lora reports each base's loss)."""
   if base_dtype != "bfloat16":
     pytest.importorskip("qwix")
   cfg = _quant_cfg()
@@ -267,7 +276,7 @@ def test_quantized_base_logits_close_to_float32(base_dtype, tol):
   ad = lora.Adapters(cfg, lora_cfg(base_dtype), mesh1())
   merged = ad.merged(ad.prepare_base(params), ad.init(jax.random.key(0)))
   ref = logits(cfg, params, TOKENS)
-  err = np.abs(logits(cfg, merged, TOKENS) - ref).max() / ref.std()
+  err = np.sqrt(np.mean(np.square(logits(cfg, merged, TOKENS) - ref))) / ref.std()
   assert 0 < err < tol, err
 
 
@@ -307,6 +316,24 @@ def test_run_with_lora_end_to_end(tmp_path):
   assert p.stderr.count("improve: LoRA rank 4 on q,k,v,o,gate,up,down") == 2  # iter_001, sft
   evals = sorted(os.path.basename(os.path.dirname(f))
                  for f in glob.glob(os.path.join(workdir, "*", "eval.json")))
-  assert evals == ["base", "iter_001", "sft"], evals
+  assert evals == ["base_eval", "iter_001", "sft"], evals
   with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
     assert json.load(f)["steps"] > 0
+
+
+def test_gemma3_4b_lora_config_and_its_memory_figures():
+  """The config validates (full size and :runlocal), and the parameter counts its memory
+  comment is built on are the model's: 3.88B params, 29.8M rank-16 adapter params."""
+  path = os.path.join(ROOT, "configs", "gemma3_4b_lora_gsm.py")
+  mod = conftest.load_config(path)
+  full = mod.get_config("base=/models/gemma-3-4b-pt")
+  assert configlib.problems(full, check_files=False) == []
+  assert configlib.problems(mod.get_config("runlocal")) == []
+  cfg = M.ModelConfig.from_config(full.model)
+  n = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(
+      M.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names")))
+  assert round(n / 1e9, 2) == 3.88, n
+  ad = lora.Adapters(cfg, lora.LoraConfig.from_train_config(full.train), mesh1())
+  assert round(ad.count() / 1e6, 1) == 29.8
+  with pytest.raises(errors.ConfigError, match="runlcoal"):
+    mod.get_config("runlcoal")
