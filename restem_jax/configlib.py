@@ -54,6 +54,11 @@ AT_LEAST: dict[str, int] = {
     "eval.num_samples": 1, "eval.temperature": 0, "eval.top_k": 0, "eval.majority_k": 1,
     "eval.num_train_eval": 0,
 }
+# train.lora (restem_jax/lora.py), checked by `lora_problems`: the matrices an adapter can
+# target and the dtypes of the frozen base ("" = as loaded).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_BASE_DTYPES = ("", "float32", "bfloat16", "int8", "nf4")
+
 POSITIVE = ("model.rope_base", "model.norm_eps", "base.learning_rate", "train.learning_rate",
             "task.grader_timeout_s")  # > 0
 FRACTIONS = ("sampling.top_p", "eval.top_p", "restem.max_fault_fraction")  # in [0, 1]
@@ -204,6 +209,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.patience = 2  # Evaluations without improvement before stopping.
   c.train.checkpoint_every = 50  # Steps between mid-phase (resume) checkpoints.
   c.train.keep_checkpoints = 2  # Mid-phase checkpoints retained.
+  # Low-rank adapters (restem_jax/lora.py): rank > 0 trains only A, B of W + alpha/rank A @ B
+  # for the target matrices (optimizer state for the adapters alone); the base is frozen.
+  # Used by every M-step and the SFT baseline; base.source='pretrain' always trains fully.
+  c.train.lora = ml_collections.ConfigDict()
+  c.train.lora.rank = 0  # 0 = full fine-tuning.
+  c.train.lora.alpha = 16.0  # The adapter's product is scaled by alpha / rank.
+  c.train.lora.dropout = 0.0  # Only 0: the adapter is merged into W inside the step.
+  c.train.lora.targets = LORA_TARGETS  # Any of q, k, v, o (attention), gate, up, down (MLP).
+  # The frozen base's target matrices: "" as loaded, "float32" / "bfloat16" cast, or
+  # quantized (QLoRA, needs qwix): "int8" (per-output-channel absmax) / "nf4" (blocks of 64).
+  c.train.lora.base_dtype = ""
 
   # --- Evaluation of each iteration's model. ---
   c.eval = ml_collections.ConfigDict()
@@ -435,6 +451,28 @@ def _prompt_format_problems(c: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
+def lora_problems(lc: Any) -> list[str]:
+  """train.lora's values (config.train.lora), one line each; [] when rank = 0 or all fine."""
+  if not isinstance(lc.rank, int) or lc.rank < 0:
+    return [f"train.lora.rank={lc.rank!r}: must be an integer >= 0 (0 = full fine-tuning)"]
+  if lc.rank == 0:
+    return []
+  out = []
+  if not lc.alpha > 0:
+    out.append(f"train.lora.alpha={lc.alpha!r}: must be > 0 (the adapter is scaled by "
+               "alpha / rank)")
+  if lc.dropout != 0:
+    out.append(f"train.lora.dropout={lc.dropout!r}: only 0 is supported (the adapter is merged "
+               "into the weights inside the step, so there is no adapter input to drop)")
+  targets = tuple(lc.targets) if isinstance(lc.targets, (list, tuple)) else ()
+  bad = [t for t in targets if t not in LORA_TARGETS]
+  if not targets or bad or len(set(targets)) != len(targets):
+    out.append(f"train.lora.targets={lc.targets!r}: give distinct names from "
+               f"{', '.join(LORA_TARGETS)}")
+  p = choice_problem("train.lora.base_dtype", lc.base_dtype, LORA_BASE_DTYPES)
+  return out + ([p] if p else [])
+
+
 def _missing_path_problem(field: str, path: str, what: str) -> str | None:
   from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
   return None if wd.exists(path) else f"{field}={path!r} does not exist; {what}"
@@ -547,6 +585,7 @@ def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> lis
   ranges = _range_problems(c)
   bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
   out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
+  out += lora_problems(c.train.lora)
   if check_files:
     out += _file_problems(c)
   return [p for p in out if p]

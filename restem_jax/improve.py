@@ -138,8 +138,14 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   ckpt_every = int(train_cfg.checkpoint_every)
   trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
   stream = BatchStream(examples, trainer.batch_size, seq_len, seed)
-  abstract = {"train": trainer.abstract_state(),
-              "best": checkpoints.abstract_params_on(model_cfg, mesh)}
+  if trainer.adapters is not None:
+    lc = trainer.adapters.cfg
+    log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "
+        f"{trainer.adapters.count()} trainable params, base frozen "
+        f"({lc.base_dtype or 'as loaded'})")
+  # With train.lora the state and the best-so-far are adapters: checkpoints hold those
+  # (and their optimizer state) only; the result is merged with the base at the end.
+  abstract = {"train": trainer.abstract_state(), "best": trainer.abstract_state().params}
 
   ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(train_cfg.keep_checkpoints))
@@ -147,7 +153,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
     # A damaged newest checkpoint is removed (warning) and an earlier one used.
     latest = ckpt.restore_latest(abstract, log)
     if latest is None:
-      state = trainer.init_state(init_params)
+      state = trainer.init_state(init_params, rng=jax.random.key(seed))
       # Best-so-far starts as the initial params, so the pytree is always full;
       # it is replaced by the first evaluation (best_score None < any score).
       best_params = trainer.copy_params(state.params)
@@ -161,9 +167,10 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
             f"{book.get('num_examples')} examples, not seed={seed} and {len(examples)}; use a "
             "fresh workdir for a different M-step")
       state, best_params = restored["train"], restored["best"]
+      trainer.attach_base(init_params)
       log(f"improve: resumed from {ckpt.directory} at step {book['step']}")
     if book["done"]:
-      return _result(best_params, state, book, eval_fn)
+      return _result(trainer, best_params, state, book, eval_fn)
 
     step = int(book["step"])
     # One line per M-step (progress.py): steps/s, ETA and the latest loss, not a line per step.
@@ -177,7 +184,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
       at_end = step >= max_steps
       if eval_fn is not None and (step % eval_every == 0 or at_end):
         with preemption.deferred():  # The step's checkpoint below includes its validation.
-          score = float(eval_fn(state.params))
+          score = float(eval_fn(trainer.model_params(state.params)))
         book["evals"].append([step, score])
         if book["best_score"] is None or score > book["best_score"]:
           book.update(best_step=step, best_score=score, bad_evals=0)
@@ -206,16 +213,16 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
     bar.close()
     log(f"improve: stopped ({book['stopped']}) after {step} steps; best step "
         f"{book['best_step']} score {book['best_score']}")
-    return _result(best_params, state, book, eval_fn)
+    return _result(trainer, best_params, state, book, eval_fn)
   finally:
     ckpt.close()  # Async writes complete before improve returns (or raises).
 
 
-def _result(best_params: Any, state: training.TrainState, book: dict,
-            eval_fn: Any) -> tuple[Any, dict]:
+def _result(trainer: training.Trainer, best_params: Any, state: training.TrainState,
+            book: dict, eval_fn: Any) -> tuple[Any, dict]:
   info = {"best_step": int(book["best_step"]) if eval_fn else int(book["step"]),
           "best_score": book["best_score"],
           "steps": int(book["step"]),
           "evals": [(int(s), float(v)) for s, v in book["evals"]],
           "stopped": book["stopped"]}
-  return (best_params if eval_fn is not None else state.params), info
+  return trainer.model_params(best_params if eval_fn is not None else state.params), info

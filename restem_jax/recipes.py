@@ -3,6 +3,7 @@
     embedded_demo(runlocal)        configs/demo.py, and the base of configs/ablations.py
     paper_math_pod(name, bucket)   the paper's MATH recipe on a pod (configs/llama3_*.py)
     shrink_to_runlocal(c)          a pod config's `:runlocal` variant for a laptop CPU
+    lora(c, rank, ...)             LoRA / QLoRA M-steps (configs/demo.py:lora, gemma3_4b_lora_*)
 
 They live in the package (not in configs/) so that one config file can build on
 another by a plain import, from any working directory.
@@ -173,3 +174,15 @@ def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   c.eval.majority_k = 4
   c.eval.num_train_eval = 8
 
+
+
+def lora(c: ml_collections.ConfigDict, rank: int, alpha: float, learning_rate: float,
+         targets: tuple[str, ...] = configlib.LORA_TARGETS, base_dtype: str = "") -> None:
+  """M-steps (and the SFT baseline) train rank-`rank` adapters of `targets` over a frozen
+  base (restem_jax/lora.py). Adapters start at zero and usually want a higher learning
+  rate than full fine-tuning, so the config states its own."""
+  c.train.lora.rank = rank
+  c.train.lora.alpha = alpha
+  c.train.lora.targets = tuple(targets)
+  c.train.lora.base_dtype = base_dtype
+  c.train.learning_rate = learning_rate

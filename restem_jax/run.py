@@ -235,6 +235,7 @@ def pretrain_base(ctx: RunContext) -> tuple[Any, dict]:
   pre_cfg = ml_collections.ConfigDict(c.train.to_dict())
   pre_cfg.update(learning_rate=c.base.learning_rate, batch_size=c.base.batch_size,
                  max_steps=c.base.steps, schedule="cosine")
+  pre_cfg.lora.rank = 0  # A model from scratch trains every weight (train.lora: M-steps only).
   init = model.init_params(ctx.model_cfg, ctx.mesh, jax.random.key(c.seed))
   examples = ctx.examples([(p.prompt, p.target) for p in human])
   return ctx.finetune(init, examples, ctx.layout.base.train, seed=c.seed, train_cfg=pre_cfg,

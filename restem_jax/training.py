@@ -36,6 +36,7 @@ import optax
 from jax.sharding import Mesh
 
 from restem_jax import configlib, errors
+from restem_jax import lora as lora_lib
 from restem_jax import model as model_lib
 from restem_jax import partitioning
 
@@ -51,7 +52,7 @@ class NonFiniteLossError(FloatingPointError):
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken.
-  params: Any
+  params: Any  # What is trained: the model's params, or with train.lora its adapters.
   opt_state: Any
 
 
@@ -209,7 +210,13 @@ def _copy_tree(tree: Any) -> Any:
 
 
 class Trainer:
-  """Sharded reward-weighted NLL training of `model_lib.Transformer`."""
+  """Sharded reward-weighted NLL training of `model_lib.Transformer`.
+
+  With train.lora.rank > 0 the state's params are LoRA adapters (lora.py): the frozen
+  base is set by init_state / attach_base, passed to the jitted step as an argument that
+  is neither differentiated nor donated, and merged with the adapters inside the step.
+  `model_params(state.params)` is the model's params in both modes.
+  """
 
   def __init__(self, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
                mesh: Mesh, total_steps: int | None = None):
@@ -230,14 +237,24 @@ class Trainer:
     self.optimizer, self.schedule = make_optimizer(train_cfg, self.total_steps)
 
     self.param_shardings = model_lib.param_shardings(model_cfg, mesh)
-    abstract_params = nn.unbox(model_lib.abstract_params(model_cfg))
-    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    self.adapters = lora_lib.make(model_cfg, train_cfg, mesh)  # None: full fine-tuning
+    self._base = None  # The frozen base (LoRA only).
+    if self.adapters is None:
+      abstract_trainable = nn.unbox(model_lib.abstract_params(model_cfg))
+      self.trainable_shardings = self.param_shardings
+    else:
+      abstract_trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                        self.adapters.abstract())
+      self.trainable_shardings = self.adapters.shardings
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_trainable)
     rep = partitioning.replicated(mesh)
     self._state_shardings = TrainState(
-        step=rep, params=self.param_shardings,
-        opt_state=opt_state_shardings(abstract_opt, abstract_params, self.param_shardings, mesh))
-    self._abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                opt_state=abstract_opt)
+        step=rep, params=self.trainable_shardings,
+        opt_state=opt_state_shardings(abstract_opt, abstract_trainable,
+                                      self.trainable_shardings, mesh))
+    self._abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                                params=abstract_trainable, opt_state=abstract_opt)
+    base_shardings = None if self.adapters is None else self.adapters.base_shardings
     self.batch_shardings = {"tokens_BxL": partitioning.batch_sharding(mesh, 2),
                             "loss_mask_BxL": partitioning.batch_sharding(mesh, 2),
                             "weights_B": partitioning.batch_sharding(mesh, 1)}
@@ -245,14 +262,15 @@ class Trainer:
     self._init = jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=_copy_tree(p),
                              opt_state=self.optimizer.init(p)),
-        in_shardings=(self.param_shardings,), out_shardings=self._state_shardings)
-    self._step = jax.jit(self._train_step, in_shardings=(self._state_shardings, self.batch_shardings),
+        in_shardings=(self.trainable_shardings,), out_shardings=self._state_shardings)
+    self._step = jax.jit(self._train_step,
+                         in_shardings=(self._state_shardings, base_shardings, self.batch_shardings),
                          out_shardings=(self._state_shardings, rep), donate_argnums=(0,))
     self._loss = jax.jit(lambda p, b: loss_fn(p, b, self.model, self.normalization)[0],
                          in_shardings=(self.param_shardings, self.batch_shardings),
                          out_shardings=rep)
-    self._copy_params = jax.jit(_copy_tree, in_shardings=(self.param_shardings,),
-                                out_shardings=self.param_shardings)
+    self._copy_params = jax.jit(_copy_tree, in_shardings=(self.trainable_shardings,),
+                                out_shardings=self.trainable_shardings)
 
   # --- state -------------------------------------------------------------------------
 
@@ -264,14 +282,39 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self._abstract, self._state_shardings)
 
-  def init_state(self, params: Any) -> TrainState:
-    """Fresh optimizer state around a *copy* of `params` (the caller's stay valid)."""
-    params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
-    return self._init(params)
+  def init_state(self, params: Any, rng: jax.Array | None = None) -> TrainState:
+    """Fresh optimizer state around a *copy* of `params` (the caller's stay valid).
+
+    LoRA: `params` become the frozen base (attach_base) and the state holds fresh
+    adapters drawn from `rng` (default key 0) with B = 0."""
+    if self.adapters is None:
+      params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
+      return self._init(params)
+    self.attach_base(params)
+    return self._init(self.adapters.init(jax.random.key(0) if rng is None else rng))
+
+  def attach_base(self, params: Any) -> None:
+    """LoRA: the frozen base the adapters apply to (a resumed state needs it again).
+    Cast or quantized per train.lora.base_dtype. No-op for full fine-tuning."""
+    if self.adapters is not None:
+      self._base = self.adapters.prepare_base(params)
 
   def copy_params(self, params: Any) -> Any:
-    """A device copy that survives donation of the state it came from."""
+    """A device copy of trained params (or adapters) that survives donation of the state."""
     return self._copy_params(params)
+
+  def model_params(self, trained: Any) -> Any:
+    """The model's params for `trained` (state.params): itself, or base merged with the
+    adapters (a fresh copy in model.param_dtype: sampling, checkpoints)."""
+    if self.adapters is None:
+      return trained
+    return self.adapters.merged(self._require_base(), trained)
+
+  def _require_base(self) -> Any:
+    if self._base is None:
+      raise RuntimeError("Trainer with train.lora: call init_state or attach_base with the "
+                         "base params first")
+    return self._base
 
   # --- steps -------------------------------------------------------------------------
 
@@ -285,8 +328,13 @@ class Trainer:
     x = jnp.swapaxes(x, 0, 1)
     return partitioning.constrain(x, self.mesh, (None, "act_batch") + (None,) * (x.ndim - 2))
 
-  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    grad_fn = jax.grad(lambda p, b: _numerator_and_counts(p, b, self.model), has_aux=True)
+  def _train_step(self, state: TrainState, base: Any, batch: dict) -> tuple[TrainState, dict]:
+    if self.adapters is None:
+      as_params = lambda p: p
+    else:  # Merged inside the step: the base gets no gradient, the adapters do.
+      as_params = lambda a: self.adapters.merge(base, a, self.model_cfg.compute_dtype)
+    grad_fn = jax.grad(lambda p, b: _numerator_and_counts(as_params(p), b, self.model),
+                       has_aux=True)
     if self.micro_batches == 1:
       numerator_grads, counts = grad_fn(state.params, batch)
     else:
@@ -320,7 +368,8 @@ class Trainer:
     device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
                     for k in BATCH_KEYS}
     step_before = int(state.step)
-    state, metrics = self._step(state, device_batch)
+    base = None if self.adapters is None else self._require_base()
+    state, metrics = self._step(state, base, device_batch)
     # Checked every step: the metrics come back to the host anyway (the device
     # sync costs a little dispatch overlap, negligible next to a real step).
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,306 @@
+"""Low-rank adapters (LoRA) on the params pytree, over a frozen, optionally quantized base.
+
+For each target matrix W (`train.lora.targets`: q, k, v, o, gate, up, down of every
+layer) the adapted weight is
+
+    W' = W + (alpha / rank) * A @ B,    A: [in, rank] (random),  B: [rank, out] (zeros)
+
+where "in" are the axes the model's einsum contracts (embed for q/k/v/gate/up, heads x
+head_dim for o, mlp for down) and "out" the others; a leading "layers" axis (the scanned
+stack) is a batch axis of the product. B starts at zero, so W' = W before training.
+
+How it is used (training.Trainer with train.lora.rank > 0): the train state holds only
+the adapters and their optimizer state; the base is a jit argument that is never
+differentiated, and `merge(base, adapters)` runs inside the jitted step, so gradients
+and Adam moments exist for A and B alone. The sampler gets one merged copy per call site
+(Trainer.model_params: once per validation, once per M-step result), since
+decode_step reads plain weights.
+
+The frozen base can be kept in another dtype (`train.lora.base_dtype`): bfloat16, or
+quantized (QLoRA): "int8" (per-output-channel absmax) or "nf4" (4-bit NormalFloat,
+absmax blocks of 64 along the input axis, as in Dettmers et al. 2023), dequantized to
+float32 inside the step. The quantization is google/qwix's (`qwix.quantize` /
+`qwix.dequantize`; its QArray is a pytree, so a quantized base is still a params pytree
+with shardings).
+
+Why not qwix's LoRA too (qwix.LoraProvider, what tunix uses): it intercepts the einsums
+of a wrapped Flax module and selects weights by *module path*; our seven matrices live in
+one Block module, so targets could not be chosen, and the sampler's decode_step applies
+Block directly, outside any wrapped model. Its QLoRA base is a tree of WithAux wrappers
+that our checkpoint and sharding code does not read. The adapter math here is a few
+einsums on the pytree, independent of the model code.
+
+Measured trade-off of merging inside the step (benchmarks/train_step.py --lora): no
+full-size optimizer state and no update of W, but the step still holds the merged
+weights and their full-size gradient dW' transiently (the scan over layers needs the
+stacked weights). Applying the adapter per layer inside Block (x W + s (x A) B) would drop
+both; that needs a hook in model.py and is left for later.
+
+Adapters carry the logical axes of W (A: layers, in-axes, rank; B: layers, rank,
+out-axes; rank unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from restem_jax import configlib, errors, partitioning
+from restem_jax import model as model_lib
+
+TARGETS = configlib.LORA_TARGETS
+BASE_DTYPES = configlib.LORA_BASE_DTYPES
+# The einsum's contracted (input) axes of each target; W's other axes after "layers" are outputs.
+IN_AXES = {"q": ("embed",), "k": ("embed",), "v": ("embed",), "o": ("heads", "head_dim"),
+           "gate": ("embed",), "up": ("embed",), "down": ("mlp",)}
+BATCH_AXES = ("layers",)
+NF4_BLOCK = 64  # QLoRA's block size along the input axis.
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """train.lora as plain values; see configlib.default_config().train.lora."""
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]
+  base_dtype: str = ""
+  dropout: float = 0.0
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / self.rank
+
+  @classmethod
+  def from_train_config(cls, train_cfg: ml_collections.ConfigDict) -> "LoraConfig | None":
+    """None when train.lora is absent or rank = 0 (full fine-tuning)."""
+    lc = train_cfg.get("lora") if hasattr(train_cfg, "get") else None
+    if lc is None or int(lc.rank) == 0:
+      return None
+    errors.raise_if(configlib.lora_problems(lc))
+    return cls(rank=int(lc.rank), alpha=float(lc.alpha), targets=tuple(lc.targets),
+               base_dtype=str(lc.base_dtype), dropout=float(lc.dropout))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  path: Path
+  names: tuple[str, ...]  # W's logical axes: batch, then input, then output axes
+  shape: tuple[int, ...]
+  n_batch: int
+  n_in: int
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return self.shape[self.n_batch:self.n_batch + self.n_in]
+
+  @property
+  def a_names(self) -> tuple[str | None, ...]:
+    return self.names[:self.n_batch + self.n_in] + (None,)
+
+  @property
+  def b_names(self) -> tuple[str | None, ...]:
+    return self.names[:self.n_batch] + (None,) + self.names[self.n_batch + self.n_in:]
+
+  def a_shape(self, rank: int) -> tuple[int, ...]:
+    return self.shape[:self.n_batch + self.n_in] + (rank,)
+
+  def b_shape(self, rank: int) -> tuple[int, ...]:
+    return self.shape[:self.n_batch] + (rank,) + self.shape[self.n_batch + self.n_in:]
+
+  def delta_subscripts(self) -> str:
+    """einsum "A,B->W" for A: [batch, in, r], B: [batch, r, out]."""
+    letters = iter(c for c in string.ascii_lowercase if c != "r")
+    bt = "".join(next(letters) for _ in range(self.n_batch))
+    it = "".join(next(letters) for _ in range(self.n_in))
+    ot = "".join(next(letters) for _ in range(len(self.shape) - self.n_batch - self.n_in))
+    return f"{bt}{it}r,{bt}r{ot}->{bt}{it}{ot}"
+
+
+def _targets(model_cfg: model_lib.ModelConfig, names: tuple[str, ...]) -> list[_Target]:
+  """The target matrices of the model's params, with their axes split batch / in / out."""
+  boxed = traverse_util.flatten_dict(model_lib.abstract_params(model_cfg))
+  out = []
+  for path, leaf in sorted(boxed.items()):
+    if path[-1] not in names:
+      continue
+    axes, shape = tuple(leaf.names), tuple(leaf.value.shape)
+    n_batch = sum(1 for a in axes if a in BATCH_AXES)
+    n_in = len(IN_AXES[path[-1]])
+    if (axes[:n_batch] != BATCH_AXES[:n_batch] * n_batch
+        or axes[n_batch:n_batch + n_in] != IN_AXES[path[-1]]):
+      raise ValueError(f"lora: param {'/'.join(path)} has axes {axes}; expected (layers,) + "
+                       f"{IN_AXES[path[-1]]} + output axes")
+    out.append(_Target(path, axes, shape, n_batch, n_in))
+  missing = sorted(set(names) - {t.path[-1] for t in out})
+  if missing:
+    raise errors.ConfigError(f"train.lora.targets: the model has no {missing} matrices")
+  return out
+
+
+def _quant_axes(t: _Target, kind: str) -> tuple[tuple[int, ...], dict[int, int]]:
+  """(channelwise axes, tiled axes) of qwix.quantize for target t."""
+  last_in = t.n_batch + t.n_in - 1
+  outs = tuple(range(t.n_batch + t.n_in, len(t.shape)))
+  batch = tuple(range(t.n_batch))
+  if kind == "int8":  # One absmax scale per output channel (and layer).
+    return batch + outs, {}
+  # nf4: one scale per block of 64 inputs, per output channel; the other input axes of a
+  # multi-axis input (o: heads) get their own scales.
+  others = tuple(range(t.n_batch, last_in))
+  size = t.shape[last_in]
+  tile = NF4_BLOCK if size % NF4_BLOCK == 0 else size
+  return batch + others + outs, {last_in: tile}
+
+
+def _qwix():
+  try:
+    import qwix  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise errors.ConfigError(
+        "train.lora.base_dtype int8/nf4 needs google's qwix (pip install -e '.[lora]', "
+        "or `make install`); or use base_dtype '' / 'bfloat16'") from e
+  return qwix
+
+
+def quantize(w: jax.Array, t: _Target, kind: str) -> Any:
+  """W as a qwix QArray (int8 per-channel absmax, or nf4 blocks of 64)."""
+  qwix = _qwix()
+  channelwise, tiled = _quant_axes(t, kind)
+  qtype = jnp.int8 if kind == "int8" else "nf4"
+  return qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=channelwise,
+                       tiled_axes=tiled)
+
+
+def is_quantized(x: Any) -> bool:
+  return hasattr(x, "qvalue") and hasattr(x, "scale")
+
+
+def dequantize(x: Any) -> jax.Array:
+  """A base leaf as a float array (float32 for quantized leaves, else its own dtype)."""
+  return _qwix().dequantize(x) if is_quantized(x) else x
+
+
+class Adapters:
+  """LoRA adapters of one model config on one mesh: shapes, shardings, init, merge."""
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, lora_cfg: LoraConfig, mesh: Mesh):
+    if lora_cfg.dropout:
+      raise errors.ConfigError(
+          f"train.lora.dropout={lora_cfg.dropout}: not supported, the adapter is merged into "
+          "the weights inside the step (no separate adapter input to drop); use 0")
+    self.model_cfg, self.cfg, self.mesh = model_cfg, lora_cfg, mesh
+    self.targets = _targets(model_cfg, lora_cfg.targets)
+    self._by_path = {t.path: t for t in self.targets}
+    r = lora_cfg.rank
+    flat_abs, flat_shard = {}, {}
+    for t in self.targets:
+      for key, shape, names in (("a", t.a_shape(r), t.a_names), ("b", t.b_shape(r), t.b_names)):
+        flat_abs[t.path + (key,)] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        flat_shard[t.path + (key,)] = partitioning.sharding_for(mesh, names, shape)
+    self._abstract = traverse_util.unflatten_dict(flat_abs)
+    self.shardings = traverse_util.unflatten_dict(flat_shard)
+    self.param_shardings = model_lib.param_shardings(model_cfg, mesh)
+    self.base_shardings = self._base_shardings()
+    self._init = jax.jit(self._init_fn, out_shardings=self.shardings)
+    self._prepare = jax.jit(self._prepare_fn, in_shardings=(self.param_shardings,),
+                            out_shardings=self.base_shardings)
+    self._merge = jax.jit(lambda base, ad: self.merge(base, ad, self.model_cfg.weight_dtype),
+                          in_shardings=(self.base_shardings, self.shardings),
+                          out_shardings=self.param_shardings)
+
+  # --- shapes ------------------------------------------------------------------------
+
+  def abstract(self) -> Any:
+    """ShapeDtypeStructs of the adapters, with their shardings (restore targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self._abstract, self.shardings)
+
+  def count(self) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(self._abstract)))
+
+  def _base_shardings(self) -> Any:
+    flat = traverse_util.flatten_dict(self.param_shardings)
+    kind = self.cfg.base_dtype
+    if kind in ("int8", "nf4"):
+      for t in self.targets:
+        abstract_q = jax.eval_shape(lambda w, t=t: quantize(w, t, kind),
+                                    jax.ShapeDtypeStruct(t.shape, jnp.float32))
+        flat[t.path] = jax.tree.map(
+            lambda leaf, t=t: partitioning.sharding_for(self.mesh, t.names, leaf.shape),
+            abstract_q)
+    return traverse_util.unflatten_dict(flat)
+
+  # --- the three operations ------------------------------------------------------------
+
+  def _init_fn(self, rng: jax.Array) -> Any:
+    # A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform bound), B = 0.
+    flat = {}
+    keys = jax.random.split(rng, len(self.targets))
+    for key, t in zip(keys, self.targets):
+      bound = math.prod(t.in_shape) ** -0.5
+      flat[t.path + ("a",)] = jax.random.uniform(key, t.a_shape(self.cfg.rank), jnp.float32,
+                                                 -bound, bound)
+      flat[t.path + ("b",)] = jnp.zeros(t.b_shape(self.cfg.rank), jnp.float32)
+    return traverse_util.unflatten_dict(flat)
+
+  def init(self, rng: jax.Array) -> Any:
+    """Fresh adapters (B = 0, so the adapted model equals the base), placed in their shards."""
+    return self._init(rng)
+
+  def _prepare_fn(self, params: Any) -> Any:
+    kind = self.cfg.base_dtype
+    flat = traverse_util.flatten_dict(params)
+    for t in self.targets:
+      if kind in ("int8", "nf4"):
+        flat[t.path] = quantize(flat[t.path], t, kind)
+      elif kind:
+        flat[t.path] = flat[t.path].astype(kind)
+    return traverse_util.unflatten_dict(flat)
+
+  def prepare_base(self, params: Any) -> Any:
+    """The frozen base: params with the target matrices cast or quantized per base_dtype.
+
+    With base_dtype "" the params themselves are the base (no copy)."""
+    params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
+    return self._prepare(params) if self.cfg.base_dtype else params
+
+  def delta(self, path: Path, a: jax.Array, b: jax.Array) -> jax.Array:
+    """scale * A @ B in W's layout, float32."""
+    t = self._by_path[path]
+    return self.cfg.scale * jnp.einsum(t.delta_subscripts(), a.astype(jnp.float32),
+                                       b.astype(jnp.float32))
+
+  def merge(self, base: Any, adapters: Any, dtype: Any = None) -> Any:
+    """Params of the adapted model: W + scale * A @ B for every target (computed in
+    float32, returned in `dtype`, default W's own); other leaves are the base's. Pure:
+    call it inside jit (the train step) or through `merged` (a sharded copy)."""
+    flat = traverse_util.flatten_dict(base)  # a quantized leaf (QArray) is not a dict: a leaf
+    ad = traverse_util.flatten_dict(adapters)
+    for t in self.targets:
+      w = dequantize(flat[t.path])
+      out_dtype = dtype or (jnp.float32 if is_quantized(flat[t.path]) else w.dtype)
+      merged = w.astype(jnp.float32) + self.delta(t.path, ad[t.path + ("a",)],
+                                                   ad[t.path + ("b",)])
+      flat[t.path] = merged.astype(out_dtype)
+    return traverse_util.unflatten_dict(flat)
+
+  def merged(self, base: Any, adapters: Any) -> Any:
+    """A sharded copy of the adapted model's params in model.param_dtype (for the sampler,
+    checkpoints, the next E-step)."""
+    return self._merge(base, adapters)
+
+
+def make(model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
+         mesh: Mesh) -> Adapters | None:
+  """The Adapters of train.lora, or None for full fine-tuning (rank 0)."""
+  lc = LoraConfig.from_train_config(train_cfg)
+  return None if lc is None else Adapters(model_cfg, lc, mesh)

@@ -1,0 +1,339 @@
+"""LoRA / QLoRA M-steps (restem_jax/lora.py): the adapted model against float64 numpy,
+gradients against float64 finite differences, frozen base, sharding invariance, the
+quantized base's error, and train.lora's config checks."""
+import glob
+import json
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest
+from conftest import ROOT, main_cmd, mesh_of, subprocess_env
+from restem_jax import configlib, errors, improve, lora, model as M, training as T
+from test_model import numpy_forward
+from test_training import V, assert_states_close, host, mesh1, numpy_loss, random_batch, tiny_cfg, train_cfg
+
+RANK, ALPHA = 3, 6.0
+
+
+def lora_train_cfg(base_dtype="", targets=configlib.LORA_TARGETS, **kw):
+  c = train_cfg(**kw)
+  c.lora.rank, c.lora.alpha, c.lora.base_dtype, c.lora.targets = RANK, ALPHA, base_dtype, targets
+  return c
+
+
+def lora_cfg(base_dtype="", targets=configlib.LORA_TARGETS):
+  return lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=tuple(targets), base_dtype=base_dtype)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return host(M.init_params(tiny_cfg(), mesh1(), jax.random.key(0)))
+
+
+def random_adapters(ad: lora.Adapters, seed: int, b_scale: float = 0.3):
+  """Adapters with a nonzero B (a fresh B is 0, which would make dL/dA = 0)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(0, b_scale, x.shape).astype(np.float32),
+                      ad.abstract())
+
+
+def numpy_merge(params, adapters, scale, targets=configlib.LORA_TARGETS):
+  """float64 W + scale * A @ B per target, by reshapes (W is [layers, in..., out...],
+  A [layers, in..., r], B [layers, r, out...]); the other leaves as they are."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  for name in targets:
+    a = np.asarray(adapters["layers"][name]["a"], np.float64)
+    b = np.asarray(adapters["layers"][name]["b"], np.float64)
+    w = p["layers"][name]
+    n_layers, r = a.shape[0], a.shape[-1]
+    prod = a.reshape(n_layers, -1, r) @ b.reshape(n_layers, r, -1)
+    p["layers"][name] = w + scale * prod.reshape(w.shape)
+  return p
+
+
+def logits(cfg, params, tokens):
+  return np.asarray(M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens))[0])
+
+
+TOKENS = np.random.default_rng(1).integers(0, V, (2, 10))
+
+
+def test_zero_b_gives_the_base_model_exactly(params):
+  ad = lora.Adapters(tiny_cfg(), lora_cfg(), mesh1())
+  fresh = ad.init(jax.random.key(5))
+  assert all(not np.any(np.asarray(x["b"])) for x in fresh["layers"].values())
+  assert all(np.any(np.asarray(x["a"])) for x in fresh["layers"].values())
+  merged = ad.merged(params, fresh)
+  np.testing.assert_array_equal(logits(tiny_cfg(), merged, TOKENS),
+                                logits(tiny_cfg(), params, TOKENS))
+
+
+@pytest.mark.parametrize("targets", [configlib.LORA_TARGETS, ("q", "v"), ("o", "down")])
+def test_merged_model_equals_float64_reference(params, targets):
+  ad = lora.Adapters(tiny_cfg(), lora_cfg(targets=targets), mesh1())
+  adapters = random_adapters(ad, 7)
+  merged = host(ad.merged(params, adapters))
+  ref = numpy_merge(params, adapters, ALPHA / RANK, targets)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(merged):
+    want = ref
+    for k in path:
+      want = want[k.key]
+    np.testing.assert_allclose(leaf, want, rtol=1e-5, atol=1e-6)
+  # Untargeted matrices are the base's, bit for bit.
+  for name in set(configlib.LORA_TARGETS) - set(targets):
+    np.testing.assert_array_equal(merged["layers"][name], params["layers"][name])
+  # The adapted model's logits: float32 model on merged weights vs float64 numpy forward
+  # (x (W + s A B) = x W + s (x A) B: the unmerged formulation, exact in float64).
+  np.testing.assert_allclose(logits(tiny_cfg(), merged, TOKENS),
+                             numpy_forward(ref, tiny_cfg(), TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_gradients_equal_float64_finite_differences(params):
+  """dL/dA, dL/dB of the step's loss (merge inside grad) vs central differences of the
+  float64 numpy loss of W + s A B, at 3 random entries of every adapter leaf; then the
+  Trainer's first step reports the norm of these gradients."""
+  cfg, batch = tiny_cfg(), random_batch(3)
+  ad = lora.Adapters(cfg, lora_cfg(), mesh1())
+  adapters = random_adapters(ad, 11)
+  model = M.Transformer(cfg)
+  loss = lambda a: T.loss_fn(ad.merge(params, a), jax.tree.map(jnp.asarray, batch), model,
+                             "token")[0]
+  grads = host(jax.jit(jax.grad(loss))(adapters))
+  ref64 = lambda a: numpy_loss(numpy_merge(params, a, ALPHA / RANK), batch, "token")
+  np.testing.assert_allclose(float(loss(adapters)), ref64(adapters), rtol=1e-5)
+  rng, eps = np.random.default_rng(0), 1e-5
+  flat64 = {k: jax.tree.map(lambda x: np.asarray(x, np.float64), v)
+            for k, v in adapters["layers"].items()}
+  for name, ab in flat64.items():
+    for key in ("a", "b"):
+      g = grads["layers"][name][key]
+      assert np.abs(g).max() > 1e-4, (name, key)  # a real gradient, not a zero one
+      for idx in zip(*[rng.integers(0, n, 3) for n in g.shape]):
+        shifted = []
+        for sign in (1, -1):
+          x = ab[key].copy()
+          x[idx] += sign * eps
+          shifted.append(ref64({"layers": {**flat64, name: {**ab, key: x}}}))
+        fd = (shifted[0] - shifted[1]) / (2 * eps)
+        np.testing.assert_allclose(g[idx], fd, rtol=2e-3, atol=2e-6, err_msg=f"{name}/{key}{idx}")
+  # The Trainer's step differentiates the same function: its grad norm is these grads'.
+  tr = T.Trainer(cfg, lora_train_cfg(), mesh1())
+  state = tr.init_state(params).replace(params=adapters)
+  _, metrics = tr.step(state, batch)
+  norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+
+
+def test_fresh_adapters_get_gradient_only_through_b(params):
+  # B = 0: dL/dA = s dL/dW B^T = 0 exactly, dL/dB = s A^T dL/dW is not.
+  cfg = tiny_cfg()
+  ad = lora.Adapters(cfg, lora_cfg(), mesh1())
+  model = M.Transformer(cfg)
+  batch = jax.tree.map(jnp.asarray, random_batch(3))
+  grads = host(jax.grad(lambda a: T.loss_fn(ad.merge(params, a), batch, model, "token")[0])(
+      ad.init(jax.random.key(1))))
+  for g in grads["layers"].values():
+    assert not np.any(g["a"]) and np.abs(g["b"]).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def one_device_steps(params):
+  return {bd: _three_steps(params, (1, 1, 1), bd) for bd in ("", "int8")}
+
+
+def _three_steps(params, shape, base_dtype):
+  mesh = mesh1() if shape == (1, 1, 1) else mesh_of(shape)
+  tr = T.Trainer(tiny_cfg(), lora_train_cfg(base_dtype), mesh)
+  state = tr.init_state(params, rng=jax.random.key(3))
+  losses = []
+  for seed in range(3):
+    state, m = tr.step(state, random_batch(seed, weights=[1.0] * 8))
+    losses.append(m)
+  return tr, state, losses
+
+
+@pytest.mark.parametrize("base_dtype", ["", "int8"])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_lora_steps_equal_one_device(params, one_device_steps, shape, base_dtype):
+  if base_dtype:
+    pytest.importorskip("qwix")
+  _, ref_state, ref_metrics = one_device_steps[base_dtype]
+  tr, state, metrics = _three_steps(params, shape, base_dtype)
+  for m, ref in zip(metrics, ref_metrics):
+    for k in ("loss", "grad_norm", "tokens"):
+      np.testing.assert_allclose(m[k], ref[k], rtol=2e-5)
+  assert_states_close(host(state), host(ref_state))
+  # The state is adapters only (and their Adam moments), split by the logical-axis rules.
+  assert set(state.params["layers"]) == set(configlib.LORA_TARGETS)
+  mu = state.opt_state[1][0].mu
+  assert jax.tree.structure(mu) == jax.tree.structure(state.params)
+  if shape == (2, 2, 2):
+    q_a, q_b = state.params["layers"]["q"]["a"], state.params["layers"]["q"]["b"]
+    assert q_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # layers, embed, r
+    assert q_b.sharding.spec[2] == "tensor"  # heads
+    assert mu["layers"]["q"]["a"].sharding.spec == q_a.sharding.spec
+
+
+def _examples(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  return [improve.Example(prompt=list(rng.integers(1, V, 3)), target=list(rng.integers(1, V, 6)),
+                          weight=1.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize("base_dtype", ["", "bfloat16"])
+def test_lora_m_step_changes_only_the_adapted_matrices(params, tmp_path, base_dtype):
+  targets = ("q", "v", "down")
+  before = jax.tree.map(np.copy, params)
+  kw = dict(model_cfg=tiny_cfg(), train_cfg=lora_train_cfg(base_dtype, targets, max_steps=4,
+                                                            checkpoint_every=2),
+            mesh=mesh1(), examples=_examples(), seq_len=16, eval_fn=None,
+            workdir=str(tmp_path), seed=1)
+  out, info = improve.improve(init_params=params, **kw)
+  out = host(out)
+  assert info["steps"] == 4
+  # The caller's base is untouched, bit for bit.
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  # The result: base everywhere but the targets, which moved.
+  for path, leaf in jax.tree_util.tree_leaves_with_path(out):
+    name = path[-1].key
+    base_leaf = before
+    for k in path:
+      base_leaf = base_leaf[k.key]
+    if path[0].key == "layers" and name in targets:
+      assert np.abs(leaf - base_leaf).max() > 1e-4, name
+    else:
+      np.testing.assert_array_equal(leaf, base_leaf, err_msg=jax.tree_util.keystr(path))
+  # Mid-phase checkpoints hold adapters and their optimizer state, not a model copy:
+  # calling again restores them and returns the same merged params.
+  again, info2 = improve.improve(init_params=params, **kw)
+  assert info2 == info
+  for a, b in zip(jax.tree.leaves(host(again)), jax.tree.leaves(out)):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- quantized base
+
+
+def _quant_cfg():
+  # Input sizes that are multiples of nf4's block of 64 (embed 128, mlp 128).
+  return tiny_cfg(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=128)
+
+
+def test_int8_base_is_per_channel_absmax():
+  pytest.importorskip("qwix")
+  cfg = _quant_cfg()
+  w = host(M.init_params(cfg, mesh1(), jax.random.key(2)))["layers"]
+  ad = lora.Adapters(cfg, lora_cfg("int8"), mesh1())
+  for t in ad.targets:
+    name = t.path[-1]
+    in_axes = tuple(range(1, 1 + len(lora.IN_AXES[name])))
+    x = w[name].astype(np.float64)
+    # One scale per output channel; qwix maps absmax to 127.5 (the top bucket is
+    # [126.5, 127.5)), and the value absmax itself to 127.
+    step = np.abs(x).max(axis=in_axes, keepdims=True) / 127.5
+    want = np.clip(np.round(x / step), -128, 127) * step
+    got = np.asarray(lora.dequantize(lora.quantize(jnp.asarray(w[name]), t, "int8")))
+    assert np.abs(got - want).max() <= 1.01 * step.max()  # at most one step off (ties)
+    assert np.mean(np.abs(got - want) <= 1e-6 * np.abs(x).max()) > 0.99, name
+
+
+# NormalFloat-4 codes (Dettmers et al. 2023, QLoRA, appendix E).
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def test_nf4_base_is_the_nearest_code_of_each_block_of_64():
+  pytest.importorskip("qwix")
+  cfg = _quant_cfg()
+  w = host(M.init_params(cfg, mesh1(), jax.random.key(2)))["layers"]["q"]  # [L, 128, 4, 32]
+  t = next(t for t in lora.Adapters(cfg, lora_cfg("nf4"), mesh1()).targets if t.path[-1] == "q")
+  q = lora.quantize(jnp.asarray(w), t, "nf4")
+  assert q.scale.shape == (2, 2, 4, 32)  # a scale per block of 64 inputs per output
+  blocks = np.abs(w).reshape(2, 2, 64, 4, 32).max(axis=2, keepdims=True)  # absmax -> 1
+  x = w.reshape(2, 2, 64, 4, 32) / blocks
+  want = (NF4[np.abs(x[..., None] - NF4).argmin(-1)] * blocks).reshape(w.shape)
+  np.testing.assert_allclose(np.asarray(lora.dequantize(q)), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("base_dtype,tol", [("bfloat16", 0.01), ("int8", 0.04), ("nf4", 0.5)])
+def test_quantized_base_logits_close_to_float32(base_dtype, tol):
+  """Stated tolerance: rms(logit error) / std(float32 logits) of a random-init model
+  (measured: bfloat16 0.005, int8 0.020, nf4 0.265; real SmolLM2 weights:
+  benchmarks/train_step.py --lora reports each base's loss)."""
+  if base_dtype != "bfloat16":
+    pytest.importorskip("qwix")
+  cfg = _quant_cfg()
+  params = M.init_params(cfg, mesh1(), jax.random.key(2))
+  ad = lora.Adapters(cfg, lora_cfg(base_dtype), mesh1())
+  merged = ad.merged(ad.prepare_base(params), ad.init(jax.random.key(0)))
+  ref = logits(cfg, params, TOKENS)
+  err = np.sqrt(np.mean(np.square(logits(cfg, merged, TOKENS) - ref))) / ref.std()
+  assert 0 < err < tol, err
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_problems_name_the_field():
+  c = configlib.default_config()
+  assert configlib.problems(c) == []  # rank 0: full fine-tuning
+  c.train.lora.rank = 8
+  assert configlib.problems(c) == []
+  c.train.lora.alpha = 0.0
+  c.train.lora.dropout = 0.1
+  c.train.lora.targets = ("q", "qkv")
+  c.train.lora.base_dtype = "int4"
+  lines = configlib.problems(c)
+  assert len(lines) == 4, lines
+  assert lines[0].startswith("train.lora.alpha=0.0: must be > 0")
+  assert lines[1].startswith("train.lora.dropout=0.1: only 0")
+  assert lines[2].startswith("train.lora.targets=('q', 'qkv'): give distinct names from q, k")
+  assert lines[3].startswith("train.lora.base_dtype='int4': use one of '', 'float32'")
+  c.train.lora.rank = -1
+  assert configlib.problems(c) == [
+      "train.lora.rank=-1: must be an integer >= 0 (0 = full fine-tuning)"]
+  with pytest.raises(errors.ConfigError, match="train.lora.rank=-1"):
+    T.Trainer(tiny_cfg(), c.train, mesh1())
+
+
+def test_run_with_lora_end_to_end(tmp_path):
+  """configs/tiny.py with train.lora: the base is pretrained fully, every M-step and the
+  SFT baseline train adapters, and the run finishes with its eval files."""
+  workdir = str(tmp_path / "w")
+  p = subprocess.run(main_cmd(workdir, "--config.train.lora.rank=4",
+                              "--config.restem.num_iterations=1"),
+                     cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stderr.count("improve: LoRA rank 4 on q,k,v,o,gate,up,down") == 2  # iter_001, sft
+  evals = sorted(os.path.basename(os.path.dirname(f))
+                 for f in glob.glob(os.path.join(workdir, "*", "eval.json")))
+  assert evals == ["base_eval", "iter_001", "sft"], evals
+  with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
+    assert json.load(f)["steps"] > 0
+
+
+def test_gemma3_4b_lora_config_and_its_memory_figures():
+  """The config validates (full size and :runlocal), and the parameter counts its memory
+  comment is built on are the model's: 3.88B params, 29.8M rank-16 adapter params."""
+  path = os.path.join(ROOT, "configs", "gemma3_4b_lora_gsm.py")
+  mod = conftest.load_config(path)
+  full = mod.get_config("base=/models/gemma-3-4b-pt")
+  assert configlib.problems(full, check_files=False) == []
+  assert configlib.problems(mod.get_config("runlocal")) == []
+  cfg = M.ModelConfig.from_config(full.model)
+  n = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(
+      M.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names")))
+  assert round(n / 1e9, 2) == 3.88, n
+  ad = lora.Adapters(cfg, lora.LoraConfig.from_train_config(full.train), mesh1())
+  assert round(ad.count() / 1e6, 1) == 29.8
+  with pytest.raises(errors.ConfigError, match="runlcoal"):
+    mod.get_config("runlcoal")
