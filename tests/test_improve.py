@@ -207,6 +207,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(init,
     calls.append(1)
     return score
   with preemption.handling():
+    preemption.set_phase("improve_001")  # Past startup (there a SIGTERM stops at once).
     with pytest.raises(preemption.Preempted, match="checkpoint at step 4/12 saved"):
       run(tmp_path / "a", init, eval_then_preempt)
   steps = sorted(int(s) for s in os.listdir(tmp_path / "a" / "checkpoints") if s.isdigit())
