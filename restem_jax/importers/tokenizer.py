@@ -301,10 +301,14 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
     raise ImportFormatError(f"{src}: no eos token in tokenizer_config.json or config.json; "
                             "pass eos_id")
   bos_id = _token_id(tok, tcfg.get("bos_token"))
+  add_bos = tcfg.get("add_bos_token")
+  if add_bos is None and bos_id is not None:
+    # Not stated (Llama 3: its tokenizer.json's post-processor prepends <|begin_of_text|>):
+    # the post-processor decides, as in transformers' fast tokenizers.
+    add_bos = tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
                        unk_id=_token_id(tok, tcfg.get("unk_token")), bos_id=bos_id,
-                       add_bos=bool(tcfg.get("add_bos_token")) and bos_id is not None,
-                       name=str(directory))
+                       add_bos=bool(add_bos) and bos_id is not None, name=str(directory))
 
 
 def load_vocabulary(path: str, **kwargs: Any) -> BPEVocabulary:
