@@ -104,11 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_train_eval = 2
 
   if "runlocal" in args:
-    recipes.shrink_to_runlocal(c)
-    # Keep every Gemma 3 switch, with a window the 256-token sequences cross and a
+    # Keeps every Gemma 3 switch, with a window the 256-token sequences cross and a
     # global layer among the two (pattern 2: layer 0 local, layer 1 global).
-    c.model.head_dim = 16
-    c.model.query_pre_attn_scalar = 16.0
-    c.model.sliding_window = 32
-    c.model.sliding_window_pattern = 2
+    recipes.shrink_to_runlocal(c)
   return c

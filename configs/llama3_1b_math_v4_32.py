@@ -11,12 +11,20 @@ Mesh (data, fsdp, tensor) = (4, 4, 1) on 16 devices (v4 megacore: 1 device/chip)
   * tensor=1: a 1B model does not need it (2048-wide matmuls would be tiny per chip).
   Batches must be multiples of data*fsdp = 16.
 
+Model: Llama-3.2-1B as its config.json states it (tests/test_launch.py imports that
+config.json and compares): 16 layers, d_model 2048, 32 query / 8 KV heads of 64, SwiGLU
+8192, vocabulary 128256 (tied embeddings), RMSNorm eps 1e-5, RoPE base 5e5 with the
+llama3 scaling (factor 32, low/high frequency factors 1 / 4, original context 8192).
+The run compares these with the model config the importer recorded in the base
+checkpoint and stops with one line naming any field that differs (max_seq_len and
+the dtypes are the run's own choice).
+
 Commands, from the repo root (B = your bucket, MATH unpacked to gs://B/data/MATH):
-  # Import the base model once, from a local HF snapshot (safetensors + tokenizer.json):
+  # Import the base model once, from a local HF snapshot (safetensors + tokenizer.json);
+  # the tokenizer lands beside it, at gs://B/restem/llama3_1b_math/tokenizer.json:
   huggingface-cli download meta-llama/Llama-3.2-1B --local-dir $HOME/hf/Llama-3.2-1B
   python -m restem_jax.importers --format=hf --src=$HOME/hf/Llama-3.2-1B \
       --out=gs://B/restem/llama3_1b_math/base
-  gsutil cp $HOME/hf/Llama-3.2-1B/tokenizer.json gs://B/restem/llama3_1b_math/tokenizer.json
   # Launch on every worker (add --create the first time; rerun it to resume):
   python -m launch.tpu_vm --tpu_name=restem-v4 --zone=us-central2-b --project=P \
       --accelerator_type=v4-32 --repo_url=https://github.com/ORG/restem-jax \
@@ -47,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.n_kv_heads = 8
   c.model.head_dim = 64
   c.model.d_ff = 8192
-  c.model.rope_base = 500000.0
+  c.model.norm_eps = 1e-5
+  recipes.llama3_rope(c, factor=32.0)
   c.model.tie_embeddings = True
   c.model.max_seq_len = 2048  # ~700-token 4-shot prompt + question + 512 new tokens.
   c.model.dtype = "bfloat16"

@@ -13,11 +13,16 @@ Mesh (data, fsdp, tensor) = (4, 8, 2) on 64 devices (v5p megacore: 1 device/chip
   * data=4: decode-time weight all-gathers stay within groups of 8 chips.
   Batches must be multiples of data*fsdp = 32.
 
-Commands as in configs/llama3_1b_math_v4_32.py, with this model and slice:
+Model: Llama-3.1-8B as its config.json states it (tests/test_launch.py compares): 32
+layers, d_model 4096, 32 query / 8 KV heads of 128, SwiGLU 14336, vocabulary 128256
+(untied output head), RMSNorm eps 1e-5, RoPE base 5e5 with the llama3 scaling
+(factor 8, low/high frequency factors 1 / 4, original context 8192).
+
+Commands as in configs/llama3_1b_math_v4_32.py, with this model and slice (the
+importer writes the tokenizer to gs://B/restem/llama3_8b_math/tokenizer.json):
   huggingface-cli download meta-llama/Llama-3.1-8B --local-dir $HOME/hf/Llama-3.1-8B
   python -m restem_jax.importers --format=hf --src=$HOME/hf/Llama-3.1-8B \
       --out=gs://B/restem/llama3_8b_math/base
-  gsutil cp $HOME/hf/Llama-3.1-8B/tokenizer.json gs://B/restem/llama3_8b_math/tokenizer.json
   python -m launch.tpu_vm --tpu_name=restem-v5p --zone=us-east5-a --project=P \
       --accelerator_type=v5p-128 --repo_url=https://github.com/ORG/restem-jax \
       --config=configs/llama3_8b_math_v5p_128.py:bucket=gs://B \
@@ -46,7 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.n_kv_heads = 8
   c.model.head_dim = 128
   c.model.d_ff = 14336
-  c.model.rope_base = 500000.0
+  c.model.norm_eps = 1e-5
+  recipes.llama3_rope(c, factor=8.0)
   c.model.tie_embeddings = False
   c.model.max_seq_len = 2048  # ~700-token 4-shot prompt + question + 512 new tokens.
   c.model.dtype = "bfloat16"

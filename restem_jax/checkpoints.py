@@ -11,6 +11,7 @@ falls back to fresh params.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -194,6 +195,28 @@ def read_metadata(path: str) -> dict:
   finally:
     ckptr.close()
   return dict(out[_META] or {})
+
+
+def check_model_config(path: str, model_cfg: model_lib.ModelConfig, field: str) -> None:
+  """The model config recorded with the params at `path` (importers and runs record it)
+  must equal the run's, but for model.RUN_FIELDS: restore_params checks shapes only, and
+  a RoPE scaling or a norm offset that differs changes no shape, only every output.
+  A CheckpointError names the differing fields in one line; metadata without a model
+  config (params saved by hand) is not checked."""
+  stored = read_metadata(path).get("model")
+  if not isinstance(stored, dict):
+    return
+  known = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  try:  # Fields it does not record (older metadata) count as equal.
+    got = dataclasses.replace(model_cfg, **{k: v for k, v in stored.items() if k in known})
+  except (ValueError, TypeError) as e:  # ConfigError is a ValueError.
+    raise CheckpointError(f"{field}={path}: the model config recorded with the checkpoint is "
+                          f"not a valid one ({_one_line(e)}); re-create the checkpoint") from e
+  diff = model_lib.config_mismatches(got, model_cfg, ignore=model_lib.RUN_FIELDS)
+  if diff:
+    raise CheckpointError(f"{field}={path}: the checkpoint holds another model than "
+                          f"config.model: {diff}; set these config.model fields to the "
+                          "checkpoint's values")
 
 
 # ----------------------------------------------------------------------------- train state

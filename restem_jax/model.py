@@ -121,6 +121,23 @@ class ModelConfig:
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
+# What a run chooses for itself rather than what the weights were trained with: a
+# checkpoint's value of these may differ from the run's config.
+RUN_FIELDS = ("max_seq_len", "dtype", "param_dtype")
+
+
+def config_mismatches(got: ModelConfig, want: ModelConfig, ignore: Sequence[str] = (),
+                      label: str = "checkpoint", limit: int = 4) -> str:
+  """'' when `got` (what a checkpoint holds) equals `want` (the run's config.model) on
+  every field but `ignore`; else one line naming up to `limit` differing fields as
+  `model.<field>=<want> (<label>: <got>)`."""
+  diff = [f.name for f in dataclasses.fields(got)
+          if f.name not in ignore and getattr(got, f.name) != getattr(want, f.name)]
+  pairs = ", ".join(f"model.{n}={getattr(want, n)!r} ({label}: {getattr(got, n)!r})"
+                    for n in diff[:limit])
+  return pairs + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def cache_shape(cfg: ModelConfig, batch: int, length: int | None = None) -> tuple[int, ...]:
   """Shape of a stacked Cache; [1:] is a LayerCache's."""
   length = cfg.max_seq_len if length is None else length

@@ -1,7 +1,8 @@
 """Settings shared by several configs/*.py files, so that each config keeps only its own.
 
     embedded_demo(runlocal)        configs/demo.py, and the base of configs/ablations.py
-    paper_math_pod(name, bucket)   the paper's MATH recipe on a pod (configs/llama3_*.py)
+    paper_math_pod(name, bucket)   the paper's MATH recipe on a pod (llama3_*, gemma3_4b_*)
+    llama3_rope(c, factor)         Llama 3.1 / 3.2 RoPE (base and llama3 scaling)
     shrink_to_runlocal(c)          a pod config's `:runlocal` variant for a laptop CPU
     lora(c, rank, ...)             LoRA / QLoRA M-steps (configs/demo.py:lora, gemma3_4b_lora_*)
 
@@ -135,10 +136,24 @@ def smollm2_135m(c: ml_collections.ConfigDict) -> None:
   c.mesh.shape = (-1, 1, 1)  # 9 heads / 3 KV heads: no tensor parallelism on small meshes.
 
 
+def llama3_rope(c: ml_collections.ConfigDict, factor: float) -> None:
+  """Llama 3.1 / 3.2 RoPE: base 5e5 and the `llama3` frequency scaling of their
+  config.json (`factor` 8 for 3.1-8B, 32 for 3.2-1B; the other three are shared)."""
+  m = c.model
+  m.rope_base = 500000.0
+  m.rope_scaling = "llama3"
+  m.rope_scaling_factor = factor
+  m.rope_low_freq_factor = 1.0
+  m.rope_high_freq_factor = 4.0
+  m.rope_original_max_len = 8192
+
+
 def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   """A real-scale config's `:runlocal` variant: the same pipeline on a laptop CPU
   (tiny model of the same family, offline embedded task, seconds per phase).
-  Optimizer, tying and loss settings are kept, so their code paths still run."""
+  Optimizer, tying, loss settings and the family switches (RoPE scaling, norms,
+  soft-caps, ...) are kept, so their code paths still run; a sliding window
+  shrinks to 32 with a local and a global layer, so the 256-token sequences cross it."""
   c.model.vocab_size = 512  # The embedded SentencePiece vocabulary.
   c.model.d_model = 64
   c.model.n_layers = 2
@@ -148,6 +163,11 @@ def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   c.model.d_ff = 128
   c.model.max_seq_len = 256
   c.model.dtype = "float32"
+  if c.model.query_pre_attn_scalar:  # Gemma: the real models' value is their head_dim.
+    c.model.query_pre_attn_scalar = float(c.model.head_dim)
+  if c.model.sliding_window:  # Pattern 2: layer 0 local, layer 1 global.
+    c.model.sliding_window = 32
+    c.model.sliding_window_pattern = 2
   c.mesh.shape = (-1, 1, 1)
   c.distributed.initialize = "auto"
   c.base.source = "pretrain"

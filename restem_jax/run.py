@@ -116,6 +116,13 @@ class RunContext:
     self.model_cfg = model.ModelConfig.from_config(config.model)
     self.mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_model_fits_mesh(self.model_cfg, self.mesh)
+    # Restores check shapes only: a checkpoint of another model variant (RoPE scaling,
+    # norms) would load and run wrong, so compare the config it was saved with first.
+    if config.base.source == "checkpoint":
+      checkpoints.check_model_config(config.base.path, self.model_cfg, "base.path")
+    if config.restem.sample_from == "teacher":
+      checkpoints.check_model_config(config.restem.teacher_path, self.model_cfg,
+                                     "restem.teacher_path")
     imported_vocab = ""
     if config.base.source == "import":  # Once per workdir, before the task needs a tokenizer.
       from restem_jax import importers  # pylint: disable=import-outside-toplevel

@@ -65,6 +65,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from restem_jax import model as M
+from restem_jax.encoding import encode_prompt  # noqa: F401  (callers use sampling.encode_prompt)
 from restem_jax import partitioning
 from restem_jax import stops as stops_lib
 
@@ -112,13 +113,6 @@ class SampleOutput:
   logprobs: np.ndarray  # [B, N, T] float32, model log p of each token; 0 at padding.
   done: np.ndarray  # [B, N] bool: EOS (or a stop sequence) was emitted.
   steps: int = 0  # Decode steps the loop ran (< max_new_tokens when all rows stopped early).
-
-
-def encode_prompt(vocab: Any, text: str) -> list[int]:
-  """Ids of a prompt: a sequence start, so BOS first for models trained with one (Gemma:
-  the vocabulary's own `encode_prompt`); plain `encode` for vocabularies without it."""
-  encode = getattr(vocab, "encode_prompt", None)
-  return list(encode(text)) if encode is not None else list(vocab.encode(text))
 
 
 def decode_completions(vocab: Any, out: SampleOutput) -> list[list[str]]:

@@ -155,3 +155,21 @@ def test_corrupt_train_checkpoint_fails_naming_step(tmp_path):
   with C.TrainCheckpointer(d) as ckpt:
     with pytest.raises(C.CheckpointError, match=os.path.join(d, "3")):
       ckpt.restore(target)
+
+
+def test_check_model_config_compares_the_recorded_model(params8, tmp_path):
+  """The run's base-checkpoint check: equal but for max_seq_len / dtypes passes; a
+  switch that changes no shape (QK-norm off vs on changes shapes, a norm offset does not)
+  fails in one line naming it; metadata without a model config is not checked."""
+  path = str(tmp_path / "base")
+  recorded = dict(vars(tiny_cfg()), head_dim=0, max_seq_len=64, dtype="bfloat16")
+  C.save_params(path, params8, {"model": recorded})
+  C.check_model_config(path, tiny_cfg(), "base.path")  # max_seq_len 16, float32: the run's
+  with pytest.raises(C.CheckpointError) as e:
+    C.check_model_config(path, tiny_cfg(norm_unit_offset=True), "base.path")
+  assert str(e.value) == (f"base.path={path}: the checkpoint holds another model than "
+                          "config.model: model.norm_unit_offset=True (checkpoint: False); set "
+                          "these config.model fields to the checkpoint's values")
+  other = str(tmp_path / "by_hand")
+  C.save_params(other, params8, {"note": "no model config"})
+  C.check_model_config(other, tiny_cfg(norm_unit_offset=True), "base.path")

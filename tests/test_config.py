@@ -170,7 +170,7 @@ def test_good_configs_pass_validate():
   distill.restem.teacher_path = ROOT  # any existing directory: only its existence is checked
   configlib.validate(distill)
   # The pod configs name gs:// paths of another machine: everything but the files.
-  for name in ("llama3_1b_math_v4_32", "llama3_8b_math_v5p_128"):
+  for name in ("llama3_1b_math_v4_32", "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32"):
     mod = load_config(os.path.join(configs, name + ".py"))
     configlib.validate(mod.get_config("bucket=gs://b"), check_files=False)
     configlib.validate(mod.get_config("runlocal"))
@@ -222,7 +222,7 @@ def test_partitioning_still_exports_config_error():
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "smollm2_135m_gsm", "llama3_1b_math_v4_32",
-                                  "llama3_8b_math_v5p_128"])
+                                  "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32"])
 def test_config_files_refuse_an_unknown_argument(name):
   # `file.py:arg` goes through configlib.parse_config_arg: a typo is an error, not ignored.
   mod = load_config(os.path.join(ROOT, "configs", name + ".py"))

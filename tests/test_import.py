@@ -219,20 +219,79 @@ def test_gguf_wrong_architecture_and_missing_file(tmp_path):
     import_model("gguf", str(tmp_path / "missing.gguf"), mesh1())
 
 
-def test_cli_writes_a_restorable_base_checkpoint(tmp_path):
+def save_llama3_style_tokenizer(path):
+  """tokenizer.json whose post-processor prepends BOS, and a tokenizer_config.json without
+  add_bos_token: how Llama 3's files say that prompts start with <|begin_of_text|>."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  vocab = {f"t{i}": i for i in range(TINY["vocab_size"])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(["t1", "t2"])
+  tok.post_processor = tokenizers.processors.TemplateProcessing(
+      single="t2 $A", pair="t2 $A t2 $B", special_tokens=[("t2", 2)])
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "t2", "eos_token": "t1",
+               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+
+
+def test_cli_writes_a_restorable_base_checkpoint_and_its_tokenizer(tmp_path):
   checkpoints = pytest.importorskip("restem_jax.checkpoints")
   hf = save_tiny_hf(str(tmp_path / "hf"), tie=True)
+  save_llama3_style_tokenizer(str(tmp_path / "hf"))
   out = tmp_path / "work" / "base"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  subprocess.run([sys.executable, "-m", "restem_jax.importers", "--format=hf",
-                  f"--src={tmp_path / 'hf'}", f"--out={out}", "--max_seq_len=64"],
-                 check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+  argv = [sys.executable, "-m", "restem_jax.importers", "--format=hf",
+          f"--src={tmp_path / 'hf'}", f"--out={out}", "--max_seq_len=64"]
+  subprocess.run(argv, check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
   meta = checkpoints.read_metadata(str(out))
   cfg = M.ModelConfig.from_config(meta["model"])
   assert cfg.tie_embeddings and cfg.max_seq_len == 64 and meta["tokenizer"]["kind"] == "hf"
   params = checkpoints.restore_params(str(out), cfg, mesh_of((2, 2, 2)))
   np.testing.assert_allclose(our_logits(cfg, params, TOKENS), hf_logits(hf, TOKENS),
                              atol=1e-4, rtol=1e-4)
+  # The tokenizer beside the checkpoint (a pod config's task.vocab_path), BOS first in
+  # prompts as transformers' tokenizer of the same files encodes them.
+  from restem_jax.importers import load_vocabulary  # pylint: disable=import-outside-toplevel
+  vocab = load_vocabulary(str(tmp_path / "work" / "tokenizer.json"))
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  assert ref("t5 t9")["input_ids"] == [2, 5, 9]
+  assert vocab.encode_prompt("t5 t9") == [2, 5, 9] and vocab.encode("t5 t9") == [5, 9]
+  assert vocab.eos_id == 1
+  # A second import into the same place keeps it (resume), reading nothing.
+  again = subprocess.run(argv[:4] + ["--src=/nonexistent"] + argv[5:], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "already holds an import" in again.stdout, again.stderr
+
+
+def test_tokenizer_path_keeps_a_bucket_url():
+  from restem_jax.importers import tokenizer_path  # pylint: disable=import-outside-toplevel
+  assert tokenizer_path("gs://b/restem/x/base") == "gs://b/restem/x/tokenizer.json"
+  assert tokenizer_path("/w/base/") == "/w/tokenizer.json"
+
+
+def test_family_defaults_are_transformers_config_defaults():
+  """Keys a config.json omits take the config class's default (transformers writes only
+  values that differ from them: Gemma 3 4B's text_config has no head counts)."""
+  from restem_jax.importers import hf  # pylint: disable=import-outside-toplevel
+  classes = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+             "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config",
+             "Gemma2ForCausalLM": "Gemma2Config", "Gemma3ForCausalLM": "Gemma3TextConfig",
+             "Gemma3ForConditionalGeneration": "Gemma3TextConfig"}
+  assert sorted(classes) == sorted(hf.SUPPORTED_ARCHITECTURES)
+  for arch, name in classes.items():
+    ref = getattr(transformers, name)()
+    for key, value in hf._FAMILIES[arch].defaults:  # pylint: disable=protected-access
+      # num_key_value_heads None: transformers fills in num_attention_heads.
+      expect = ref.num_attention_heads if (key, value) == ("num_key_value_heads", None) else value
+      assert getattr(ref, key) == expect, (arch, key, value, getattr(ref, key))
+  # The smallest config.json of that kind still imports (defaults fill the rest).
+  cfg = hf.model_config_from_hf({"architectures": ["Gemma3ForConditionalGeneration"],
+                                 "text_config": {"num_hidden_layers": 2}})
+  ref = transformers.Gemma3TextConfig()
+  assert (cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff) == (
+      ref.vocab_size, ref.hidden_size, ref.num_attention_heads, ref.num_key_value_heads,
+      ref.head_dim, ref.intermediate_size)
 
 
 # ----------------------------------------------------------------------------- SmolLM2-135M

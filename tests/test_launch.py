@@ -1,4 +1,5 @@
 """launch/ command construction (no cloud, no network) and the configs in configs/."""
+import dataclasses
 import glob
 import inspect
 import json
@@ -162,6 +163,39 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 POD_CONFIGS = {
     "llama3_1b_math_v4_32": ("v4-32", 16, 1.24e9),
     "llama3_8b_math_v5p_128": ("v5p-128", 64, 8.03e9),
+    # Gemma 3 report, Table 1: 4B = 675M embedding + 3,209M non-embedding (+ the 417M
+    # vision encoder, not imported).
+    "gemma3_4b_math_v5p_32": ("v5p-32", 16, 3.884e9),
+}
+
+# The config.json each pod config's documented import reads (the Hub files' model keys;
+# transformers omits keys equal to its config class's defaults, as Gemma 3 4B's
+# text_config does). The importer maps them to a ModelConfig; the pod config must equal
+# it but for the fields a run chooses (model.RUN_FIELDS).
+_LLAMA3 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+           "mlp_bias": False, "hidden_act": "silu", "max_position_embeddings": 131072,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+           "rope_theta": 500000.0, "vocab_size": 128256, "bos_token_id": 128000,
+           "eos_token_id": 128001}
+REAL_CONFIG_JSON = {
+    "llama3_1b_math_v4_32": {  # meta-llama/Llama-3.2-1B
+        **_LLAMA3, "head_dim": 64, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    "llama3_8b_math_v5p_128": {  # meta-llama/Llama-3.1-8B
+        **_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "tie_word_embeddings": False,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    "gemma3_4b_math_v5p_32": {  # google/gemma-3-4b-pt (vision_config left out)
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "boi_token_index": 255999, "eoi_token_index": 256000, "eos_token_id": [1, 106],
+        "image_token_index": 262144, "mm_tokens_per_image": 256,
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                        "model_type": "gemma3_text", "num_hidden_layers": 34,
+                        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024}},
 }
 
 
@@ -221,6 +255,23 @@ def test_pod_config_fits_its_slice(name):
   assert local.sampling.temperature == cfg.sampling.temperature == 0.7
   assert local.sampling.top_k == cfg.sampling.top_k == 40
   assert local.restem.max_per_problem == cfg.restem.max_per_problem == 10
+
+
+@pytest.mark.parametrize("name", sorted(POD_CONFIGS))
+def test_pod_config_is_the_model_its_import_reads(name):
+  """What the documented `python -m restem_jax.importers --format=hf` makes of the
+  model's config.json equals the pod config's model; a run's base checkpoint check
+  (checkpoints.check_model_config) passes on it and names a field that differs."""
+  from restem_jax.importers import hf  # pylint: disable=import-outside-toplevel
+  mod = load_config(os.path.join(ROOT, "configs", name + ".py"))
+  cfg = model.ModelConfig.from_config(mod.get_config("bucket=gs://b").model)
+  imported = hf.model_config_from_hf(REAL_CONFIG_JSON[name])  # the CLI's defaults
+  assert model.config_mismatches(imported, cfg, ignore=model.RUN_FIELDS) == ""
+  assert imported.max_seq_len == cfg.max_seq_len == 2048
+  # The field this issue found wrong: without the RoPE scaling the run stops, naming it.
+  plain = dataclasses.replace(cfg, rope_scaling="none")
+  assert model.config_mismatches(imported, plain, ignore=model.RUN_FIELDS) == (
+      f"model.rope_scaling='none' (checkpoint: {cfg.rope_scaling!r})")
 
 
 _PARSE_FLAGS = """

@@ -231,3 +231,53 @@ def test_a_cpu_run_starts_with_our_first_line_and_no_native_noise(tmp_path):
   # The phases' progress lines are there, a bounded number of them.
   assert sum(" steps (" in l for l in lines) <= 2 and any("eval: 12/24 samples" in l
                                                           for l in lines), lines
+
+
+def test_base_checkpoint_of_another_model_fails_in_one_line(tmp_path):
+  """base.source = "checkpoint": the model config recorded with the params (by the
+  importer, or a run) must match config.model. A RoPE scaling changes no shape, so the
+  restore alone would load these params and run them wrong."""
+  from conftest import load_config, mesh_of  # pylint: disable=import-outside-toplevel
+  from restem_jax import checkpoints, model  # pylint: disable=import-outside-toplevel
+  c = load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  cfg = model.ModelConfig.from_config(c.model)
+  import jax  # pylint: disable=import-outside-toplevel
+  params = model.init_params(cfg, mesh_of((1, 1, 1), jax.devices()[:1]), jax.random.key(0))
+  base = str(tmp_path / "base")
+  checkpoints.save_params(base, params, metadata={"model": c.model.to_dict()})
+  workdir = str(tmp_path / "w")
+  p = _run(workdir, "--config.base.source=checkpoint", f"--config.base.path={base}",
+           "--config.model.rope_scaling=linear", "--config.model.rope_scaling_factor=8.0",
+           timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last == (f"error: base.path={base}: the checkpoint holds another model than "
+                  "config.model: model.rope_scaling='linear' (checkpoint: 'none'), "
+                  "model.rope_scaling_factor=8.0 (checkpoint: 1.0); set these config.model "
+                  "fields to the checkpoint's values"), last
+  assert "Traceback" not in p.stderr
+
+
+# The pod configs' `:runlocal` variants (configs/*_math_*.py): the same pipeline and
+# family switches (llama3 RoPE scaling; Gemma 3's norms, GeGLU, QK-norm, a sliding
+# window the sequences cross, linear RoPE scaling on the global layer) on one CPU,
+# cut to one short iteration.
+# (The 8B Llama is the 1B with other sizes: its runlocal variant adds no code path.)
+POD_RUNLOCAL = ["llama3_1b_math_v4_32", "gemma3_4b_math_v5p_32"]
+
+
+@pytest.mark.parametrize("name", POD_RUNLOCAL)
+def test_pod_config_runlocal_runs_end_to_end(name, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = os.path.join(ROOT, "configs", name + ".py") + ":runlocal"
+  p = subprocess.run(
+      _cmd(workdir, "--config.restem.num_iterations=1", "--config.base.steps=4",
+           "--config.train.max_steps=2", "--config.train.eval_every=2",
+           "--config.train.checkpoint_every=2", config=config),
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+  assert p.returncode == 0, p.stderr[-3000:]
+  evals = _evals(workdir)
+  assert sorted(evals) == ["base_eval", "iter_001"], evals
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)["model"]
+  assert saved["d_model"] <= 256 and saved["rope_scaling"] != "none"  # tiny, same family

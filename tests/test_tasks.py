@@ -331,3 +331,41 @@ def test_embedded_reward_checks_the_worked_equations():
   assert embedded.exact_int_reward("18", "3 * 6 = 18. The answer is 18.", verify_steps=True) == 1.0
   assert embedded.exact_int_reward("18", "3 * 6 = 17. The answer is 18.", verify_steps=True) == 0.0
   assert embedded.exact_int_reward("18", "The answer is 17.", verify_steps=True) == 0.0
+
+
+def _gemma_style_vocabulary():
+  """Byte-level BPE (no merges) with Gemma's special ids and conventions: pad 0, eos 1,
+  bos 2, and BOS first in every prompt (add_bos)."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from restem_jax.importers.tokenizer import BPEVocabulary  # pylint: disable=import-outside-toplevel
+  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2}
+  vocab.update({ch: 3 + i for i, ch in enumerate(sorted(alphabet))})
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.add_special_tokens(["<pad>", "<eos>", "<bos>"])
+  return tok, BPEVocabulary(tok, eos_id=1, pad_id=0, bos_id=2, add_bos=True, name="gemma-like")
+
+
+def test_prompt_length_filter_counts_the_bos_the_sampler_feeds():
+  """With a vocabulary that prepends BOS (Gemma), a prompt of exactly max_prompt_len
+  text tokens is max_prompt_len + 1 tokens in the sampler, so it must be dropped: kept
+  as before, the E-step's sampler refused it (prompt + budget > max_seq_len)."""
+  tok, vocab = _gemma_style_vocabulary()
+  task = tasks.get_task(task_cfg(num_train=40, num_val=0, num_test=30, num_human=10),
+                        vocabulary=vocab)
+  test = task.problems("test")
+  # Reference count from the tokenizer itself: text bytes, plus the one BOS by convention.
+  text_len = {p.id: len(tok.encode(p.prompt, add_special_tokens=False).ids) for p in test}
+  limit = sorted(text_len.values())[len(test) // 2]
+  kept = task.problems("test", max_prompt_len=limit)
+  assert kept == [p for p in test if text_len[p.id] + 1 <= limit]
+  assert any(text_len[p.id] == limit for p in test)  # the prompts the BOS pushes out
+  from restem_jax import sampling  # pylint: disable=import-outside-toplevel
+  assert all(len(sampling.encode_prompt(vocab, p.prompt)) <= limit for p in kept)
+  # prompt + target (+EOS) against max_seq_len counts the BOS too.
+  targets = {p.id: len(tok.encode(p.target, add_special_tokens=False).ids) + 1 for p in test}
+  budget = sorted(text_len[i] + targets[i] for i in text_len)[len(test) // 2]
+  fit = task.problems("test", max_seq_len=budget)
+  assert fit == [p for p in test if 1 + text_len[p.id] + targets[p.id] <= budget]

@@ -8,12 +8,13 @@ Gemma 2 / 3; see hf.SUPPORTED_ARCHITECTURES), GGUF (Llama, Gemma 3) and pip mode
                                                                     # = "import"), + tokenizer.json
 
 The CLI (`python -m restem_jax.importers --format=gguf --src=... --out=WORKDIR/base`)
-does the second line. See common.py for the memory bound of the conversion.
+does the last line (tokenizer to WORKDIR/tokenizer.json). See common.py for the memory bound of the conversion.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 from typing import Any
 
 import jax
@@ -110,7 +111,8 @@ def resolve_source(spec: str, fmt: str = "auto") -> tuple[str, str]:
 def tokenizer_path(out: str) -> str:
   """Where import_to writes the tokenizer of the checkpoint `out`: beside it
   (WORKDIR/base -> WORKDIR/tokenizer.json, with WORKDIR/tokenizer_config.json)."""
-  return os.path.join(os.path.dirname(os.path.normpath(out)), TOKENIZER_FILE)
+  # posixpath on the string as given: os.path.normpath would turn gs://b into gs:/b.
+  return posixpath.join(posixpath.dirname(str(out).rstrip("/")), TOKENIZER_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +127,9 @@ def _check_matches(got: model_lib.ModelConfig, expect: model_lib.ModelConfig | N
                    spec: str) -> None:
   if expect is None:
     return
-  diff = [f.name for f in dataclasses.fields(got)
-          if getattr(got, f.name) != getattr(expect, f.name)]
+  diff = model_lib.config_mismatches(got, expect, label="imported")
   if diff:
-    pairs = ", ".join(f"model.{n}={getattr(expect, n)!r} (imported: {getattr(got, n)!r})"
-                      for n in diff[:4])
-    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-    raise ImportFormatError(f"the config does not describe {spec}: {pairs}{more}; set these "
+    raise ImportFormatError(f"the config does not describe {spec}: {diff}; set these "
                             "config.model fields to the imported values")
 
 
@@ -144,7 +142,7 @@ def _write_tokenizer(vocab: Any, path: str) -> None:
     return None if i is None else tok.id_to_token(int(i))
 
   wd.write_text_atomic(path, tok.to_str())
-  wd.write_json_atomic(os.path.join(os.path.dirname(path), TOKENIZER_CONFIG_FILE), {
+  wd.write_json_atomic(posixpath.join(posixpath.dirname(path), TOKENIZER_CONFIG_FILE), {
       "eos_token": piece(vocab.eos_id), "bos_token": piece(vocab.bos_id),
       "unk_token": piece(vocab.unk_id), "pad_token": piece(vocab.pad_id),
       "add_bos_token": vocab.add_bos,

@@ -43,18 +43,37 @@ class _Family:
   qkv_bias: bool = False  # Qwen2Attention has q/k/v biases whatever the config says.
   qk_norm: bool = False
   head_dim: int = 0  # head_dim default; 0 = hidden_size // num_attention_heads.
+  # The config class's defaults of the size keys, for config.json files that omit them:
+  # transformers saves only values that differ from the defaults, so e.g. Gemma 3 4B's
+  # text_config has no vocab_size or head counts. Checked against transformers'
+  # config classes in tests/test_import.py.
+  defaults: tuple[tuple[str, Any], ...] = ()
 
 
+def _sizes(vocab: int, d: int, ff: int, layers: int, heads: int, kv: int | None,
+           context: int) -> tuple[tuple[str, Any], ...]:
+  return (("vocab_size", vocab), ("hidden_size", d), ("intermediate_size", ff),
+          ("num_hidden_layers", layers), ("num_attention_heads", heads),
+          ("num_key_value_heads", kv), ("max_position_embeddings", context))
+
+
+_GEMMA3 = dict(tie=True, rope_theta=1e6, gemma=3, qk_norm=True, head_dim=256,
+               defaults=_sizes(262208, 2304, 9216, 26, 8, 4, 131072))
 _FAMILIES = {
-    "LlamaForCausalLM": _Family(tie=False, rope_theta=10000.0),
+    # num_key_value_heads None: as many as query heads.
+    "LlamaForCausalLM": _Family(tie=False, rope_theta=10000.0,
+                                defaults=_sizes(32000, 4096, 11008, 32, 32, None, 2048)),
     # Mistral only without a sliding window that the context would reach (checked below).
-    "MistralForCausalLM": _Family(tie=False, rope_theta=10000.0),
-    "Qwen2ForCausalLM": _Family(tie=False, rope_theta=10000.0, qkv_bias=True),
-    "Qwen3ForCausalLM": _Family(tie=False, rope_theta=10000.0, qk_norm=True, head_dim=128),
-    "Gemma2ForCausalLM": _Family(tie=True, rope_theta=10000.0, gemma=2, head_dim=256),
-    "Gemma3ForCausalLM": _Family(tie=True, rope_theta=1e6, gemma=3, qk_norm=True, head_dim=256),
-    "Gemma3ForConditionalGeneration": _Family(tie=True, rope_theta=1e6, gemma=3, qk_norm=True,
-                                              head_dim=256),
+    "MistralForCausalLM": _Family(tie=False, rope_theta=10000.0,
+                                  defaults=_sizes(32000, 4096, 14336, 32, 32, 8, 131072)),
+    "Qwen2ForCausalLM": _Family(tie=False, rope_theta=10000.0, qkv_bias=True,
+                                defaults=_sizes(151936, 4096, 22016, 32, 32, 32, 32768)),
+    "Qwen3ForCausalLM": _Family(tie=False, rope_theta=10000.0, qk_norm=True, head_dim=128,
+                                defaults=_sizes(151936, 4096, 22016, 32, 32, 32, 32768)),
+    "Gemma2ForCausalLM": _Family(tie=True, rope_theta=10000.0, gemma=2, head_dim=256,
+                                 defaults=_sizes(256000, 2304, 9216, 26, 8, 4, 8192)),
+    "Gemma3ForCausalLM": _Family(**_GEMMA3),
+    "Gemma3ForConditionalGeneration": _Family(**_GEMMA3),
 }
 SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
 
@@ -179,7 +198,7 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
     raise ImportFormatError(
         f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
   fam = _FAMILIES[arch]
-  hf = _text_config(hf)
+  hf = {**{k: v for k, v in fam.defaults if v is not None}, **_text_config(hf)}
   act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
   act = hf.get(act_key) or ("gelu_pytorch_tanh" if fam.gemma else "silu")
   if act not in _ACTIVATIONS:

@@ -320,9 +320,14 @@ def vocabulary_from_hf(src: str, *, eos_id: int | None = None,
     template = {t.get("name"): t.get("template") for t in template}.get("default")
   if (directory / "chat_template.jinja").is_file():  # Where newer transformers saves it.
     template = (directory / "chat_template.jinja").read_text()
+  add_bos = tcfg.get("add_bos_token")
+  if add_bos is None and bos_id is not None:
+    # Not stated (Llama 3: its tokenizer.json's post-processor prepends <|begin_of_text|>):
+    # the post-processor decides, as in transformers' fast tokenizers.
+    add_bos = tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
   return BPEVocabulary(tok, eos_id=int(eos_id), pad_id=pad_id,
                        unk_id=_token_id(tok, tcfg.get("unk_token")), bos_id=bos_id,
-                       add_bos=bool(tcfg.get("add_bos_token")) and bos_id is not None,
+                       add_bos=bool(add_bos) and bos_id is not None,
                        name=str(directory), chat_template=template)
 
 

@@ -99,7 +99,6 @@ def read_split(task: seqio.Task, split: str) -> list[dict]:
     row = {k: ex[k].decode("utf-8") for k in STRING_FEATURES}
     row["prompt"] = ex["inputs_pretokenized"].decode("utf-8")
     row["target"] = ex["targets_pretokenized"].decode("utf-8")
-    row["num_prompt_tokens"] = int(len(ex["inputs"]))
     row["num_target_tokens"] = int(len(ex["targets"]))  # EOS included.
     out.append(row)
   return out

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
+from restem_jax import encoding
 from restem_jax import workdir as wd
 from restem_jax.tasks import datasets
 from restem_jax.tasks import prompts
@@ -81,7 +82,9 @@ class Task:
 
     Examples whose prompt has more than `max_prompt_len` tokens, or whose prompt +
     target (+EOS) exceeds `max_seq_len`, are skipped and counted (`self.skipped`)
-    rather than truncated into a wrong target.
+    rather than truncated into a wrong target. A prompt's tokens are what the model
+    is fed (encoding.encode_prompt: BOS included where the vocabulary prepends one),
+    not seqio's `inputs`, which have no BOS.
     """
     from restem_jax.tasks import seqio_tasks  # pylint: disable=import-outside-toplevel
     if split not in seqio_tasks.SPLITS:
@@ -94,9 +97,10 @@ class Task:
                               f"(data_dir={self.data_dir!r}, num_val={self._cfg.num_val})")
       kept, skipped = [], 0
       for r in rows:
-        too_long = ((max_prompt_len is not None and r["num_prompt_tokens"] > max_prompt_len)
+        n_prompt = len(encoding.encode_prompt(self.vocabulary, r["prompt"]))
+        too_long = ((max_prompt_len is not None and n_prompt > max_prompt_len)
                     or (max_seq_len is not None
-                        and r["num_prompt_tokens"] + r["num_target_tokens"] > max_seq_len))
+                        and n_prompt + r["num_target_tokens"] > max_seq_len))
         if too_long:
           skipped += 1
           continue
