@@ -11,6 +11,7 @@ falls back to fresh params.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import logging
@@ -46,6 +47,15 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 # ----------------------------------------------------------------------------- params
+
+
+def _quiet_orphan_reads() -> None:
+  """After a failed restore: Orbax reads arrays in asyncio tasks, and the sibling reads of
+  the one that failed are reported again, when collected, by asyncio's "Task exception
+  was never retrieved" handler as multi-line tracebacks. The caller names the damaged
+  checkpoint in one line; those duplicates go (this code base runs no asyncio of its own).
+  """
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _params_checkpointer() -> ocp.Checkpointer:
@@ -164,6 +174,7 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
     try:
       stored = ckptr.metadata(path).item_metadata[_PARAMS]
     except Exception as e:  # Orbax raises many types for damaged directories.
+      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"params checkpoint at {path} is unreadable ({_one_line(e)}); re-create it "
           "(save_params) or point to another path") from e
@@ -175,6 +186,7 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
       out = ckptr.restore(path, args=ocp.args.Composite(
           **{_PARAMS: ocp.args.StandardRestore(target)}))
     except Exception as e:
+      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"params checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
           "it or point to another path") from e
@@ -251,7 +263,7 @@ class TrainCheckpointer:
   def save(self, step: int, state: Any, extra: dict) -> None:
     try:
       self._mgr.save(int(step), args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}))
+          _STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(copy.deepcopy(extra))}))
     except Exception as e:  # An earlier async save's error surfaces here too: name the dir.
       raise _cannot_save(self.directory, e) from e
 
@@ -274,6 +286,7 @@ class TrainCheckpointer:
     try:
       stored = self._mgr.item_metadata(step)[_STATE]
     except Exception as e:
+      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"train checkpoint {where} is unreadable ({_one_line(e)}); delete that step "
           "directory to resume from an earlier one") from e
@@ -286,6 +299,7 @@ class TrainCheckpointer:
       out = self._mgr.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}))
     except Exception as e:
+      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"train checkpoint {where} is corrupt or incomplete ({_one_line(e)}); delete that "
           "step directory to resume from an earlier one") from e
