@@ -15,5 +15,7 @@ def test_three_random_kills_end_with_the_unkilled_result(tiny_run, tmp_path):
                      timeout=1500)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "identical:" in p.stdout, p.stdout
+  # A kill timed to a checkpoint save or a shard write may not fire when the run ends
+  # first (the script says so and stops dealing): at least one kill, never more than K.
   kills = [line for line in p.stdout.splitlines() if line.startswith("kill ")]
-  assert len(kills) == 3, p.stdout
+  assert 1 <= len(kills) <= 3, p.stdout
