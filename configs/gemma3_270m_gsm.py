@@ -35,34 +35,10 @@ _FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         "tests", "fixtures", "gsm8k")
 
 
-def gemma3_270m(c: ml_collections.ConfigDict) -> None:
-  """config.model of Gemma 3 270M (the GGUF's metadata + llama.cpp's gemma3 constants)."""
-  m = c.model
-  m.vocab_size = 262144
-  m.d_model = 640
-  m.n_layers = 18
-  m.n_heads = 4
-  m.n_kv_heads = 1
-  m.head_dim = 256
-  m.d_ff = 2048
-  m.rope_base = 1_000_000.0
-  m.rope_local_base = 10_000.0
-  m.norm_eps = 1e-6
-  m.tie_embeddings = True
-  m.qk_norm = True
-  m.norm_unit_offset = True
-  m.embed_scale = True
-  m.mlp_activation = "gelu_tanh"
-  m.post_norms = True
-  m.query_pre_attn_scalar = 256.0
-  m.sliding_window = 512
-  m.sliding_window_pattern = 6
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_config_arg(arg, allowed=("data_dir", "runlocal"))
   c = configlib.default_config()
-  gemma3_270m(c)
+  recipes.gemma3_270m(c)
   # 8-shot prompts are ~740 tokens (Gemma tokenizer) + 128 new tokens: past the 512
   # window, so the local layers' windows matter in every prompt.
   c.model.max_seq_len = 1024

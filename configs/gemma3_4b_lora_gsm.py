@@ -49,36 +49,10 @@ _FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
                         "tests", "fixtures", "gsm8k")
 
 
-def gemma3_4b(c: ml_collections.ConfigDict) -> None:
-  """config.model of Gemma 3 4B's text decoder (HF google/gemma-3-4b-pt text_config)."""
-  m = c.model
-  m.vocab_size = 262208
-  m.d_model = 2560
-  m.n_layers = 34
-  m.n_heads = 8
-  m.n_kv_heads = 4
-  m.head_dim = 256
-  m.d_ff = 10240
-  m.rope_base = 1_000_000.0
-  m.rope_local_base = 10_000.0
-  m.rope_scaling = "linear"  # Global layers only (configlib: local layers are never scaled).
-  m.rope_scaling_factor = 8.0
-  m.norm_eps = 1e-6
-  m.tie_embeddings = True
-  m.qk_norm = True
-  m.norm_unit_offset = True
-  m.embed_scale = True
-  m.mlp_activation = "gelu_tanh"
-  m.post_norms = True
-  m.query_pre_attn_scalar = 256.0
-  m.sliding_window = 1024
-  m.sliding_window_pattern = 6
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_config_arg(arg, allowed=("base", "data_dir", "runlocal"))
   c = configlib.default_config()
-  gemma3_4b(c)
+  recipes.gemma3_4b(c)
   c.model.max_seq_len = 1024  # 8-shot GSM8K prompt (~740 tokens) + 256 new tokens.
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "bfloat16"

@@ -64,36 +64,10 @@ from restem_jax import configlib, recipes
 NAME = "gemma3_4b_math"
 
 
-def gemma3_4b(c: ml_collections.ConfigDict) -> None:
-  """config.model of Gemma 3 4B's text model, as the HF importer reads google/gemma-3-4b-pt."""
-  m = c.model
-  m.vocab_size = 262208
-  m.d_model = 2560
-  m.n_layers = 34
-  m.n_heads = 8
-  m.n_kv_heads = 4
-  m.head_dim = 256
-  m.d_ff = 10240
-  m.norm_eps = 1e-6
-  m.tie_embeddings = True
-  m.rope_base = 1_000_000.0
-  m.rope_scaling = "linear"  # Global layers only (model.inv_frequencies).
-  m.rope_scaling_factor = 8.0
-  m.rope_local_base = 10_000.0
-  m.qk_norm = True
-  m.norm_unit_offset = True
-  m.embed_scale = True
-  m.mlp_activation = "gelu_tanh"
-  m.post_norms = True
-  m.query_pre_attn_scalar = 256.0
-  m.sliding_window = 1024
-  m.sliding_window_pattern = 6
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configlib.parse_config_arg(arg, allowed=("bucket", "runlocal"))
   c = recipes.paper_math_pod(NAME, bucket=args.get("bucket", "gs://YOUR_BUCKET"))
-  gemma3_4b(c)
+  recipes.gemma3_4b(c)
   c.model.max_seq_len = 2048  # ~700-token 4-shot prompt + question + 512 new tokens.
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"

@@ -3,6 +3,7 @@
     embedded_demo(runlocal)        configs/demo.py, and the base of configs/ablations.py
     paper_math_pod(name, bucket)   the paper's MATH recipe on a pod (llama3_*, gemma3_4b_*)
     llama3_rope(c, factor)         Llama 3.1 / 3.2 RoPE (base and llama3 scaling)
+    gemma3_270m(c), gemma3_4b(c)   Gemma 3 text models (the family's switches set once)
     shrink_to_runlocal(c)          a pod config's `:runlocal` variant for a laptop CPU
     lora(c, rank, ...)             LoRA / QLoRA M-steps (configs/demo.py:lora, gemma3_4b_lora_*)
 
@@ -146,6 +147,47 @@ def llama3_rope(c: ml_collections.ConfigDict, factor: float) -> None:
   m.rope_low_freq_factor = 1.0
   m.rope_high_freq_factor = 4.0
   m.rope_original_max_len = 8192
+
+
+def _gemma3_family(c: ml_collections.ConfigDict, sliding_window: int) -> None:
+  """The switches every Gemma 3 text model shares: (1 + w) norms before and after each
+  sublayer, sqrt(d) embedding scale, GeGLU (tanh GELU), QK-norm, head_dim 256 with
+  query_pre_attn_scalar 256, tied embeddings, 5 local : 1 global layers with RoPE bases
+  10k (local) / 1M (global)."""
+  m = c.model
+  m.head_dim = 256
+  m.query_pre_attn_scalar = 256.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = True
+  m.rope_base = 1_000_000.0
+  m.rope_local_base = 10_000.0
+  m.qk_norm = True
+  m.norm_unit_offset = True
+  m.embed_scale = True
+  m.mlp_activation = "gelu_tanh"
+  m.post_norms = True
+  m.sliding_window = sliding_window
+  m.sliding_window_pattern = 6
+
+
+def gemma3_270m(c: ml_collections.ConfigDict) -> None:
+  """config.model of Gemma 3 270M (the GGUF's metadata + llama.cpp's gemma3 constants)."""
+  _gemma3_family(c, sliding_window=512)
+  m = c.model
+  m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = (
+      262144, 640, 18, 4, 1, 2048)
+
+
+def gemma3_4b(c: ml_collections.ConfigDict) -> None:
+  """config.model of Gemma 3 4B's text model, as the HF importer reads google/gemma-3-4b-pt
+  (vocab 262208: its config.json states none, transformers' Gemma3TextConfig default; a
+  GGUF of the 4B has 262144 rows)."""
+  _gemma3_family(c, sliding_window=1024)
+  m = c.model
+  m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = (
+      262208, 2560, 34, 8, 4, 10240)
+  m.rope_scaling = "linear"  # Global layers only (model.inv_frequencies).
+  m.rope_scaling_factor = 8.0
 
 
 def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
