@@ -11,13 +11,14 @@ falls back to fresh params.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -49,13 +50,26 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 # ----------------------------------------------------------------------------- params
 
 
-def _quiet_orphan_reads() -> None:
-  """After a failed restore: Orbax reads arrays in asyncio tasks, and the sibling reads of
-  the one that failed are reported again, when collected, by asyncio's "Task exception
-  was never retrieved" handler as multi-line tracebacks. The caller names the damaged
-  checkpoint in one line; those duplicates go (this code base runs no asyncio of its own).
+@contextlib.contextmanager
+def _orphan_reads_quieted() -> Iterator[None]:
+  """Around an Orbax read. Orbax reads arrays in asyncio tasks; when one read fails, its
+  sibling reads are reported again, when collected, by asyncio's "Task exception was never
+  retrieved" handler as multi-line tracebacks, sometimes before the failure reaches us
+  (collected inside Orbax's own cleanup). The caller names the damaged checkpoint in one
+  line; those duplicates go. The asyncio logger is quiet during the read and stays quiet
+  only after a failure (orphans may be collected later); this code base runs no asyncio
+  of its own.
   """
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  logger = logging.getLogger("asyncio")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  ok = False
+  try:
+    yield
+    ok = True
+  finally:
+    if ok:
+      logger.setLevel(level)
 
 
 def _params_checkpointer() -> ocp.Checkpointer:
@@ -172,9 +186,9 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
   ckptr = _params_checkpointer()
   try:
     try:
-      stored = ckptr.metadata(path).item_metadata[_PARAMS]
+      with _orphan_reads_quieted():
+        stored = ckptr.metadata(path).item_metadata[_PARAMS]
     except Exception as e:  # Orbax raises many types for damaged directories.
-      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"params checkpoint at {path} is unreadable ({_one_line(e)}); re-create it "
           "(save_params) or point to another path") from e
@@ -183,10 +197,10 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
                                    "it was not written by checkpoints.save_params")
     _check_tree_matches(path, getattr(stored, "tree", stored), target, "params")
     try:
-      out = ckptr.restore(path, args=ocp.args.Composite(
-          **{_PARAMS: ocp.args.StandardRestore(target)}))
+      with _orphan_reads_quieted():
+        out = ckptr.restore(path, args=ocp.args.Composite(
+            **{_PARAMS: ocp.args.StandardRestore(target)}))
     except Exception as e:
-      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"params checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
           "it or point to another path") from e
@@ -284,9 +298,9 @@ class TrainCheckpointer:
         raise CheckpointError(f"no checkpoint in {self.directory}; nothing to resume from")
     where = os.path.join(self.directory, str(step))
     try:
-      stored = self._mgr.item_metadata(step)[_STATE]
+      with _orphan_reads_quieted():
+        stored = self._mgr.item_metadata(step)[_STATE]
     except Exception as e:
-      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"train checkpoint {where} is unreadable ({_one_line(e)}); delete that step "
           "directory to resume from an earlier one") from e
@@ -296,10 +310,11 @@ class TrainCheckpointer:
     _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train",
                         "the model/optimizer config of this run")
     try:
-      out = self._mgr.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}))
+      with _orphan_reads_quieted():
+        out = self._mgr.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract_state),
+            _EXTRA: ocp.args.JsonRestore()}))
     except Exception as e:
-      _quiet_orphan_reads()
       raise DamagedCheckpointError(
           f"train checkpoint {where} is corrupt or incomplete ({_one_line(e)}); delete that "
           "step directory to resume from an earlier one") from e

@@ -9,6 +9,7 @@ differs from the one saved in the workdir stops the run unless --override is giv
 The config is checked (configlib.validate) before JAX, SeqIO and TensorFlow are
 imported, so a bad value fails in about a second, one `error:` line per problem.
 """
+import gc
 import logging as pylogging
 import sys
 
@@ -39,9 +40,17 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def _exit_bad_input(e: Exception) -> None:
-  """Bad input (config, data, checkpoint, workdir): one line per problem, no traceback."""
+  """Bad input (config, data, checkpoint, workdir): one line per problem, no traceback.
+
+  The error lines are the last thing printed: what a failed library call left behind is
+  collected first, and cleanup noise at interpreter exit (e.g. a failed Orbax save's
+  callbacks finding their event loop closed) is dropped, as it adds nothing to them.
+  """
+  gc.collect()
+  sys.stderr.flush()
   for line in str(e).splitlines() or [type(e).__name__]:
     print(f"error: {line}", file=sys.stderr)
+  sys.unraisablehook = lambda unraisable: None
   sys.exit(2)
 
 
