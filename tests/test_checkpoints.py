@@ -105,8 +105,8 @@ def test_damaged_checkpoint_fails_naming_path(saved, tmp_path, damage):
 
 def test_shape_mismatch_fails_naming_path(saved):
   with pytest.raises(C.CheckpointError,
-                     match=f"{saved} does not match.*layers/down has shape \\(2, 48, 32\\), "
-                           "the config needs \\(2, 40, 32\\)"):
+                     match=f"{saved} does not match.*layers_0/down has shape \\(48, 32\\), "
+                           "the config needs \\(40, 32\\)"):
     C.restore_params(saved, tiny_cfg(d_ff=40), mesh1())
 
 

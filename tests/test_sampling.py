@@ -30,7 +30,7 @@ tiny_cfg = functools.partial(conftest.tiny_cfg, max_seq_len=48)
 def env():
   cfg = tiny_cfg()
   mesh = mesh_of((1, 1, 1), jax.devices()[:1])
-  params = M.init_params(cfg, mesh, jax.random.key(1))  # A seed whose greedy rows end both ways.
+  params = M.init_params(cfg, mesh, jax.random.key(3))  # A seed whose greedy rows end both ways.
   return cfg, mesh, params, S.Sampler(cfg, mesh, eos_id=EOS, pad_id=PAD)
 
 
