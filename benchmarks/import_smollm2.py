@@ -65,12 +65,11 @@ def python_loop_greedy(cfg, params, prompts, new_tokens, eos_id):
   cache = M.init_cache(cfg, b)
   logits, cache = prefill(params, jnp.asarray(prompts),
                           jnp.broadcast_to(jnp.arange(length), (b, length)), cache)
-  layered_params = M.split_params(cfg, params)
   caches = M.split_layers(cache, cfg.n_layers)
   tok = jnp.argmax(logits[:, -1], -1)
   out = [tok]
   for i in range(new_tokens - 1):
-    logits, caches = step(layered_params, tok[:, None], jnp.full((b, 1), length + i), caches)
+    logits, caches = step(params, tok[:, None], jnp.full((b, 1), length + i), caches)
     tok = jnp.argmax(logits[:, -1], -1)
     out.append(tok)
   toks = np.asarray(jnp.stack(out, 1))

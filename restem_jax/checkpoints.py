@@ -179,6 +179,15 @@ def _check_tree_matches(path: str, stored: Any, target: Any, what: str,
         "it was saved with")
 
 
+def _keys(tree: Any) -> set[str]:
+  """Every dict key anywhere in a (metadata) tree."""
+  if isinstance(tree, dict):
+    return set(tree).union(*(_keys(v) for v in tree.values()))
+  if isinstance(tree, (list, tuple)):
+    return set().union(*(_keys(v) for v in tree))
+  return set()
+
+
 def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> Any:
   """Params saved by save_params, placed on `mesh` with model.param_shardings."""
   _check_exists(path, "params")
@@ -195,17 +204,25 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
     if stored is None:
       raise DamagedCheckpointError(f"params checkpoint at {path} has no '{_PARAMS}' item; "
                                    "it was not written by checkpoints.save_params")
-    _check_tree_matches(path, getattr(stored, "tree", stored), target, "params")
+    stored = getattr(stored, "tree", stored)
+    # Checkpoints written before per-layer params hold params["layers"] stacked
+    # [n_layers, ...] (model.py): restored in that layout, then split.
+    legacy = isinstance(stored, dict) and model_lib.STACKED_KEY in stored
+    want = model_lib.stacked_layout(model_cfg, target) if legacy else target
+    _check_tree_matches(path, stored, want, "params")
     try:
       with _orphan_reads_quieted():
         out = ckptr.restore(path, args=ocp.args.Composite(
-            **{_PARAMS: ocp.args.StandardRestore(target)}))
+            **{_PARAMS: ocp.args.StandardRestore(want)}))
     except Exception as e:
       raise DamagedCheckpointError(
           f"params checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
           "it or point to another path") from e
   finally:
     ckptr.close()
+  if legacy:
+    return model_lib.unstack_layout(model_cfg, out[_PARAMS],
+                                    jax.tree.map(lambda a: a.sharding, target))
   return out[_PARAMS]
 
 
@@ -307,7 +324,14 @@ class TrainCheckpointer:
     if stored is None:
       raise DamagedCheckpointError(f"train checkpoint {where} has no '{_STATE}' item; delete "
                                    "that step directory to resume from an earlier one")
-    _check_tree_matches(where, getattr(stored, "tree", stored), abstract_state, "train",
+    stored = getattr(stored, "tree", stored)
+    # Not a DamagedCheckpointError: the files are fine, and restore_latest must not delete them.
+    if model_lib.STACKED_KEY in _keys(stored):
+      raise CheckpointError(
+          f"train checkpoint {where} holds layers stacked [n_layers, ...], the layout before "
+          "per-layer params (model.py); resume it with the code that wrote it, or delete "
+          f"{self.directory} to redo this M-step")
+    _check_tree_matches(where, stored, abstract_state, "train",
                         "the model/optimizer config of this run")
     try:
       with _orphan_reads_quieted():

@@ -18,11 +18,19 @@ batch: row b's next token goes to slot positions[b], which overwrites the
 padding the prefill left there (never attended to, since a query at position p
 sees only slots <= p and slots < p hold real tokens).
 
-Layers are stacked with nn.scan (params carry a leading "layers" axis), which
-keeps compile time flat in depth: a 30-layer model compiles like a 1-layer one.
-Token-by-token decoding instead goes through `decode_step`, which runs the same
-Block layer by layer on weights and caches split per layer once, before the
-decode loop (see its docstring for why). RoPE uses the rotate-half (Hugging
+Each layer owns its params (params["layers_0"], params["layers_1"], ...;
+`layer_params` lists them) and the forward applies the layers in a Python loop.
+Why not nn.scan over params stacked [layers, ...] (compile time flat in depth):
+a while loop can only read a layer of a stacked array by slicing it, and XLA
+materialises the slice. Token-by-token decoding (`decode_step`, inside the
+sampler's loop) then either copied every layer's weights on every step or, split
+once before the loop, held a second copy of all the weights for the whole call
+(SmolLM2-135M, batch 64: +425 MB next to 538 MB of params; benchmarks/sampler.py
+prints it). Per-layer arrays are read in place by training, prefill and
+decode_step alike; the cost is compile time that grows with depth (SmolLM2-135M's
+30 layers, train step 4 x 128 on CPU: compile + first step 23 CPU-s vs 11 with the
+scan). Checkpoints written with the stacked layout are
+converted when restored (checkpoints.py). RoPE uses the rotate-half (Hugging
 Face Llama) layout, so HF checkpoints import without permutation.
 """
 from __future__ import annotations
@@ -273,7 +281,7 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
 
 
 def split_layers(tree: Any, n_layers: int) -> list[Any]:
-  """Per-layer slices of a tree whose leaves carry a leading layers axis (params["layers"], a Cache)."""
+  """Per-layer slices of a tree whose leaves carry a leading layers axis (a Cache)."""
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n_layers)]
 
 
@@ -363,9 +371,63 @@ def rope(x_BxLxNxH: jax.Array, tables: RopeTables) -> jax.Array:
   return out.astype(x_BxLxNxH.dtype)
 
 
-# A layer's kind: a Python bool when it is known while tracing (decode_step, or a
-# model whose layers are all alike), else a traced bool scalar (the scanned layers).
+# A layer's kind: a Python bool (the layers are applied in a Python loop), or a
+# traced bool scalar for a caller that scans Block over stacked layers.
 IsLocal = bool | jax.Array
+
+LAYER_PREFIX = "layers_"  # params[f"layers_{i}"] holds layer i's params.
+
+
+def layer_name(i: int) -> str:
+  return f"{LAYER_PREFIX}{i}"
+
+
+def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
+  """The per-layer param trees, in order (views of `params`, no copy)."""
+  return [params[layer_name(i)] for i in range(cfg.n_layers)]
+
+
+STACKED_KEY = "layers"  # Where the earlier (nn.scan) layout kept all layers, stacked.
+
+
+def stacked_layout(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+  """`params` (arrays or ShapeDtypeStructs) in the stacked layout of older checkpoints:
+  params["layers"] leaves are [n_layers, ...] (for a ShapeDtypeStruct, the sharding
+  gains an unsharded leading axis)."""
+  def stack(*leaves):
+    a = leaves[0]
+    if isinstance(a, jax.ShapeDtypeStruct):
+      sharding = a.sharding
+      if sharding is not None:
+        sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+      return jax.ShapeDtypeStruct((len(leaves),) + a.shape, a.dtype, sharding=sharding)
+    return jnp.stack(leaves)
+  out = {k: v for k, v in params.items() if not k.startswith(LAYER_PREFIX)}
+  out[STACKED_KEY] = jax.tree.map(stack, *layer_params(cfg, params))
+  return out
+
+
+def unstack_layout(cfg: ModelConfig, stacked: dict[str, Any], shardings: Any) -> dict[str, Any]:
+  """The per-layer params of a stacked-layout tree, placed on `shardings` (per-layer
+  param shardings). Each stacked array is deleted once split, so the devices hold
+  the params plus one stacked array at most."""
+  out = {k: v for k, v in stacked.items() if k != STACKED_KEY}
+  paths_leaves = jax.tree_util.tree_flatten_with_path(stacked[STACKED_KEY])[0]
+  layers = [{} for _ in range(cfg.n_layers)]
+  for path, x in paths_leaves:
+    keys = [k.key for k in path]
+    for i in range(cfg.n_layers):
+      sharding = shardings[layer_name(i)]
+      for k in keys:
+        sharding = sharding[k]
+      tree = layers[i]
+      for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+      tree[keys[-1]] = jax.device_put(x[i], sharding)
+    x.delete()
+  out.update({layer_name(i): layers[i] for i in range(cfg.n_layers)})
+  return out
 
 
 def _static_kind(cfg: ModelConfig, is_local: IsLocal) -> IsLocal:
@@ -395,7 +457,7 @@ def _attn_logits(cfg: ModelConfig, qk: jax.Array) -> jax.Array:
 
 class Block(nn.Module):
   """Pre-norm block: GQA attention + gated MLP, with the family switches of ModelConfig.
-  Transformer scans it over the layers; decode_step applies it layer by layer."""
+  Transformer and decode_step apply it layer by layer."""
   cfg: ModelConfig
   mesh: Mesh | None = None
 
@@ -406,8 +468,7 @@ class Block(nn.Module):
                ) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
     """Returns (new residual stream, this layer's updated cache or None).
 
-    is_local: whether this is a sliding-window layer (a bool scalar per layer
-    in the scan, a Python bool in decode_step). With a SharedPrefixCache
+    is_local: whether this is a sliding-window layer (IsLocal). With a SharedPrefixCache
     (decoding), key_pos_BxS and key_valid_BxS are unused.
     """
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
@@ -570,22 +631,18 @@ class Transformer(nn.Module):
                        nn.initializers.normal(stddev=cfg.d_model ** -0.5), cfg.weight_dtype)
     x_BxLxD = _embed(cfg, self.mesh, embedding, tokens_BxL)
 
-    # Each layer gets its slice of the cache (scan xs) and returns it updated
-    # (scan ys, restacked). That copies the cache once per call: fine for
-    # prefill, which is why token-by-token decoding uses decode_step instead.
-    # Whether a layer is local (sliding window) is scanned data too: one body.
-    layers = nn.scan(
-        Block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0),
-        length=cfg.n_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, self.mesh, name="layers")
+    # Layer i's cache is its slice of the stacked cache (a copy per call, fine
+    # for prefill; token-by-token decoding uses decode_step on per-layer caches).
     tables = layer_rope_tables(cfg, positions_BxL)
-    is_local_N = jnp.asarray(cfg.local_layers, bool)
-    x_BxLxD, new_cache = layers(x_BxLxD, positions_BxL, tables, is_local_N, key_pos_BxS,
-                                key_valid_BxS, cache)
+    new_caches = []
+    for i, is_local in enumerate(cfg.local_layers):
+      layer_cache = None if cache is None else {k: c[i] for k, c in cache.items()}
+      x_BxLxD, layer_cache = Block(cfg, self.mesh, name=layer_name(i))(
+          x_BxLxD, positions_BxL, tables, is_local, key_pos_BxS, key_valid_BxS, layer_cache)
+      new_caches.append(layer_cache)
+    new_cache = None if cache is None else {
+        k: partitioning.constrain(jnp.stack([c[k] for c in new_caches]), self.mesh, CACHE_AXES)
+        for k in cache}
 
     x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
@@ -596,16 +653,7 @@ class Transformer(nn.Module):
     return _unembed(cfg, self.mesh, x_BxLxD, w_out_DxV), new_cache
 
 
-def split_params(cfg: ModelConfig, params: Any) -> dict[str, Any]:
-  """The (unboxed) params with params["layers"] split into a list of per-layer trees, for decode_step.
-
-  Call it once, outside the decode loop: the split copies every layer's
-  weights, which is what decode_step avoids doing on every step.
-  """
-  return {**params, "layers": split_layers(params["layers"], cfg.n_layers)}
-
-
-def decode_step(cfg: ModelConfig, mesh: Mesh | None, layered_params: dict[str, Any],
+def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
                 tokens_BxL: jax.Array, positions_BxL: jax.Array,
                 layer_caches: Sequence[LayerCache] | Sequence[SharedPrefixCache]
                 ) -> tuple[jax.Array, list[Any]]:
@@ -613,13 +661,9 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, layered_params: dict[str, A
 
   Same math as the cached Transformer call (the same Block, layer by layer), but
   shaped for a lax.while_loop that feeds one token per step. The caches are
-  either per-row LayerCaches or SharedPrefixCaches (the Sampler's):
-    * weights come pre-split (split_params): slicing layer i out of the stacked
-      [layers, ...] params inside the loop body copied every layer's weights on
-      every step (XLA does not hoist those slices out of the loop);
-    * each layer's cache is its own array (split_layers of a Cache), updated
-      in place: reading a layer out of a stacked cache also copied it on every
-      step.
+  either per-row LayerCaches or SharedPrefixCaches (the Sampler's). Each
+  layer's weights and cache are their own arrays, read (and the cache updated)
+  in place: reading a layer out of a stacked array copies it (module docstring).
   Returns (float32 logits [B, L, V], the updated per-layer caches).
   """
   b = tokens_BxL.shape[0]
@@ -627,17 +671,16 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, layered_params: dict[str, A
     key_pos_BxS = key_valid_BxS = None
   else:
     key_pos_BxS, key_valid_BxS = _cache_keys(b, layer_caches[0]["k"].shape[2])
-  x_BxLxD = _embed(cfg, mesh, layered_params["embedding"], tokens_BxL)
+  x_BxLxD = _embed(cfg, mesh, params["embedding"], tokens_BxL)
   tables = layer_rope_tables(cfg, positions_BxL)
   block = Block(cfg, mesh)
   new_caches = []
-  for weights, cache, is_local in zip(layered_params["layers"], layer_caches, cfg.local_layers):
+  for weights, cache, is_local in zip(layer_params(cfg, params), layer_caches, cfg.local_layers):
     x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, tables, is_local,
                                  key_pos_BxS, key_valid_BxS, cache)
     new_caches.append(cache)
-  x_BxLxD = _norm(cfg).apply({"params": layered_params["final_norm"]}, x_BxLxD)
-  w_out_DxV = (layered_params["embedding"].T if cfg.tie_embeddings
-               else layered_params["lm_head"])
+  x_BxLxD = _norm(cfg).apply({"params": params["final_norm"]}, x_BxLxD)
+  w_out_DxV = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
   return _unembed(cfg, mesh, x_BxLxD, w_out_DxV), new_caches
 
 

@@ -457,8 +457,8 @@ class Sampler:
     b = num_p * n
 
     # 1-2. Prefill each prompt once. Its n rows share that cache while decoding
-    # (M.SharedPrefixCache); each layer's cache is its own array and the weights
-    # are split per layer, both here, once (M.decode_step says why). Decode
+    # (M.SharedPrefixCache); each layer's cache is its own array, split here,
+    # once (M.decode_step says why; the weights are per-layer arrays already). Decode
     # step 0 feeds the last prompt token again (its logits give the first new
     # token), so its prefill slot is masked out: it would be attended twice.
     cache = prefill_cache(cfg, mesh, params, prompts_PxL)
@@ -466,7 +466,6 @@ class Sampler:
     chunks = decode_chunks(T, self.max_decode_phases)
     layer_caches = [M.SharedPrefixCache.create(lc, prompt_valid_PxL, n, chunks).constrain(mesh)
                     for lc in M.split_layers(cache, cfg.n_layers)]
-    layered_params = M.split_params(cfg, params)
     last_P = jnp.take_along_axis(prompts_PxL, (prompt_lengths_P - 1)[:, None], axis=1)[:, 0]
     token_B = jnp.repeat(last_P, n)
     position_B = jnp.repeat(prompt_lengths_P - 1, n)
@@ -481,7 +480,7 @@ class Sampler:
 
     def body(state: DecodeState) -> DecodeState:
       t = state.step
-      logits_Bx1xV, caches = M.decode_step(cfg, mesh, layered_params, state.token_B[:, None],
+      logits_Bx1xV, caches = M.decode_step(cfg, mesh, params, state.token_B[:, None],
                                            state.position_B[:, None], state.caches)
       logits_BxV = logits_Bx1xV[:, 0]
       step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)

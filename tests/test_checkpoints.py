@@ -40,6 +40,22 @@ def test_params_restore_on_any_mesh(params8, saved, shape):
   assert C.read_metadata(saved) == {"model": {"d_model": 32}, "note": "base"}
 
 
+def test_stacked_layer_checkpoint_restores_per_layer(params8, tmp_path):
+  """A checkpoint of the earlier layout (params["layers"] leaves stacked [n_layers, ...],
+  built here by hand) restores into per-layer params, on another mesh's shardings."""
+  p, cfg = host(params8), tiny_cfg()
+  layers = [p[f"layers_{i}"] for i in range(cfg.n_layers)]
+  legacy = {k: v for k, v in p.items() if not k.startswith("layers_")}
+  legacy["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  path = str(tmp_path / "legacy")
+  C.save_params(path, jax.tree.map(jax.numpy.asarray, legacy), {"note": "stacked"})
+  mesh = mesh_of((1, 4, 2))
+  restored = C.restore_params(path, cfg, mesh)
+  assert_trees_equal(restored, params8)
+  for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(M.param_shardings(cfg, mesh))):
+    assert x.sharding == s
+
+
 def test_save_params_overwrites_atomically(params8, tmp_path):
   path = str(tmp_path / "best")
   C.save_params(path, params8, {"v": 1})
@@ -89,8 +105,8 @@ def test_damaged_checkpoint_fails_naming_path(saved, tmp_path, damage):
 
 def test_shape_mismatch_fails_naming_path(saved):
   with pytest.raises(C.CheckpointError,
-                     match=f"{saved} does not match.*layers/down has shape \\(2, 48, 32\\), "
-                           "the config needs \\(2, 40, 32\\)"):
+                     match=f"{saved} does not match.*layers_0/down has shape \\(48, 32\\), "
+                           "the config needs \\(40, 32\\)"):
     C.restore_params(saved, tiny_cfg(d_ff=40), mesh1())
 
 

@@ -201,10 +201,10 @@ def test_cached_decoding_matches_full_forward(family):
   logits, cache = prefill(params, jnp.asarray(tokens[:, :prompt]),
                           jnp.broadcast_to(jnp.arange(prompt), (2, prompt)), M.init_cache(cfg, 2))
   np.testing.assert_allclose(logits, ref[:, :prompt], atol=1e-4)
-  layered, caches = M.split_params(cfg, params), M.split_layers(cache, cfg.n_layers)
+  caches = M.split_layers(cache, cfg.n_layers)
   step = jax.jit(lambda p, t, pos, cs: M.decode_step(cfg, None, p, t, pos, cs))
   for t in range(prompt, tokens.shape[1]):
-    logits, caches = step(layered, jnp.asarray(tokens[:, t:t + 1]), jnp.full((2, 1), t), caches)
+    logits, caches = step(params, jnp.asarray(tokens[:, t:t + 1]), jnp.full((2, 1), t), caches)
     np.testing.assert_allclose(logits[:, 0], ref[:, t], atol=1e-4)
 
 

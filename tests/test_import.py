@@ -92,9 +92,9 @@ def test_hf_bfloat16_checkpoint_and_8_device_mesh(tmp_path):
   hf = save_tiny_hf(str(tmp_path), tie=False, dtype=torch.bfloat16)
   cfg, params = import_model("hf", str(tmp_path), mesh_of((2, 2, 2)), max_seq_len=64)
   want = M.param_shardings(cfg, mesh_of((2, 2, 2)))
-  assert params["layers"]["q"].sharding.spec == want["layers"]["q"].spec
-  assert params["layers"]["q"].sharding.spec[2] == "tensor"  # heads split over tensor.
-  assert len(params["layers"]["gate"].sharding.device_set) == 8
+  assert params["layers_1"]["q"].sharding.spec == want["layers_1"]["q"].spec
+  assert params["layers_1"]["q"].sharding.spec[1] == "tensor"  # heads split over tensor.
+  assert len(params["layers_1"]["gate"].sharding.device_set) == 8
   np.testing.assert_allclose(our_logits(cfg, params, TOKENS), hf_logits(hf, TOKENS),
                              atol=1e-4, rtol=1e-4)
 

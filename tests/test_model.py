@@ -29,7 +29,7 @@ def numpy_forward(params, cfg: M.ModelConfig, tokens):
     pos = np.arange(L, dtype=np.float64)
     x = p["embedding"][seq]
     for i in range(cfg.n_layers):
-      lp = jax.tree.map(lambda a: a[i], p["layers"])
+      lp = p[f"layers_{i}"]
       y = rms(x, lp["attn_norm"]["scale"])
       q = rot(np.einsum("ld,dnh->lnh", y, lp["q"]), pos)
       kk = rot(np.einsum("ld,dkh->lkh", y, lp["k"]), pos)
@@ -167,7 +167,6 @@ def test_shared_prefix_decoding_matches_float64_reference(setup):
   # Generated slots in two chunks (the sampler's decode phases): 2 + 3.
   caches = [M.SharedPrefixCache.create(lc, valid, n, [2, steps - 2])
             for lc in M.split_layers(cache, cfg.n_layers)]
-  layered = M.split_params(cfg, params)
   rows = np.repeat(np.arange(2), n)  # row b = prompt b // n
   feed = np.array(jax.random.randint(jax.random.key(7), (2 * n, steps), 0, cfg.vocab_size))
   feed[:, 0] = prompt[rows, np.asarray(lens)[rows] - 1]
@@ -175,7 +174,7 @@ def test_shared_prefix_decoding_matches_float64_reference(setup):
   step = jax.jit(lambda lp, t, q, cs: M.decode_step(cfg, None, lp, t, q, cs))
   for t in range(steps):
     caches = [c.replace(active=1 if t < 2 else 2) for c in caches]
-    logits, caches = step(layered, jnp.asarray(feed[:, t:t + 1]), jnp.asarray(pos[:, None] + t),
+    logits, caches = step(params, jnp.asarray(feed[:, t:t + 1]), jnp.asarray(pos[:, None] + t),
                           caches)
     for b in range(2 * n):
       seq = np.concatenate([prompt[rows[b], :lens[rows[b]] - 1], feed[b, :t + 1]])

@@ -6,26 +6,22 @@ per-format modules (hf.py, gguf.py) only translate names, dequantize and undo
 format quirks; the layout conversion, shape checks and device placement live
 here, once.
 
-Memory bound (why params are built this way): a stacked parameter kind
-([n_layers, ...], e.g. all 30 `gate` matrices) is never materialised on the
-host. It is allocated once on the devices, already sharded, and each layer is
-converted on the host, device_put onto the per-layer slice sharding and written
-into the stack by a jitted dynamic-update-slice that donates the stack (an
-in-place write). So the host holds at most one source tensor plus its
-converted copy at a time (2 x the largest single tensor: for SmolLM2-135M the
-49152 x 576 float32 embedding, 113 MB; for a 70B Llama one 8192 x 28672 MLP
-matrix, 0.9 GB), and the devices hold the final params plus one layer slice.
+Memory bound (why params are built this way): tensors are converted and placed
+one at a time, each device_put straight onto its sharding and freed on the host
+before the next one (every layer's params are their own arrays, model.py). So the
+host holds at most one source tensor plus its converted copy at a time (2 x the
+largest single tensor: for SmolLM2-135M the 49152 x 576 float32 embedding,
+113 MB; for a 70B Llama one 8192 x 28672 MLP matrix, 0.9 GB), and the devices
+hold only the final params.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from restem_jax import model as model_lib
 
@@ -47,7 +43,7 @@ def layer_name(i: int, suffix: str) -> str:
   return f"model.layers.{i}.{suffix}"
 
 
-# Per-layer params: our path under params["layers"] -> (HF suffix, HF shape, to-ours).
+# Per-layer params: our path under params["layers_<i>"] -> (HF suffix, HF shape, to-ours).
 # HF Linear weights are [out, in]; ours are [in, ...out] with heads split out.
 # Norm weights are copied as stored (Gemma's (1 + w) is model.py's norm_unit_offset).
 def _layer_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...],
@@ -137,10 +133,13 @@ def build_params(cfg: model_lib.ModelConfig, mesh: Mesh, source: TensorSource) -
     _set_path(params, path, jax.device_put(host, _get_path(shardings, path)))
     del host  # Free before the next tensor: the host bound is one tensor.
 
-  for path, (suffix, shape, convert) in _layer_specs(cfg).items():
-    stack_sharding: NamedSharding = _get_path(shardings["layers"], path)
-    stacked = _stack_layers(cfg, source, suffix, shape, convert, stack_sharding, dtype)
-    _set_path(params, ("layers",) + path, stacked)
+  for i in range(cfg.n_layers):
+    layer = model_lib.layer_name(i)
+    for path, (suffix, shape, convert) in _layer_specs(cfg).items():
+      host = np.ascontiguousarray(convert(_fetch(source, layer_name(i, suffix), shape)),
+                                  dtype=dtype)
+      _set_path(params, (layer,) + path, jax.device_put(host, _get_path(shardings[layer], path)))
+      del host
 
   # The tree must be exactly what the model expects (catches drift with model.py).
   want = jax.tree.structure(jax.tree.map(lambda s: 0, shardings))
@@ -148,39 +147,6 @@ def build_params(cfg: model_lib.ModelConfig, mesh: Mesh, source: TensorSource) -
   if want != got:
     raise ImportFormatError(f"imported param tree {got} differs from the model's {want}")
   return params
-
-
-def _stack_layers(cfg: model_lib.ModelConfig, source: TensorSource, suffix: str,
-                  shape: tuple[int, ...], convert: Callable, stack_sharding: NamedSharding,
-                  dtype: Any) -> jax.Array:
-  """[n_layers, ...] device array filled one layer at a time (see module docstring)."""
-  first = np.ascontiguousarray(convert(_fetch(source, layer_name(0, suffix), shape)), dtype=dtype)
-  stack_shape = (cfg.n_layers,) + first.shape
-  spec = tuple(stack_sharding.spec) + (None,) * (len(stack_shape) - len(stack_sharding.spec))
-  # The layer axis is never sharded ("layers" -> None), so a slice keeps the rest of the spec.
-  slice_sharding = NamedSharding(stack_sharding.mesh, P(*spec[1:]))
-  zeros, write = _stack_programs(stack_shape, np.dtype(dtype), stack_sharding)
-  stacked = zeros()
-  for i in range(cfg.n_layers):
-    if i == 0:
-      host, first = first, None
-    else:
-      host = np.ascontiguousarray(convert(_fetch(source, layer_name(i, suffix), shape)),
-                                  dtype=dtype)
-    stacked = write(stacked, jax.device_put(host, slice_sharding), np.int32(i))
-    del host
-  return stacked
-
-
-@functools.lru_cache(maxsize=None)
-def _stack_programs(stack_shape: tuple[int, ...], dtype: np.dtype, stack_sharding: NamedSharding
-                    ) -> tuple[Callable, Callable]:
-  """(zeros, write) for one stacked shape: param kinds of the same shape (k and v, gate
-  and up, the norms) and later imports share the compiled programs."""
-  zeros = jax.jit(lambda: jnp.zeros(stack_shape, dtype), out_shardings=stack_sharding)
-  write = jax.jit(lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
-                  out_shardings=stack_sharding, donate_argnums=0)
-  return zeros, write
 
 
 def model_config_dict(cfg: model_lib.ModelConfig) -> dict[str, Any]:
