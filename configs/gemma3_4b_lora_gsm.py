@@ -23,15 +23,15 @@ Memory estimate, one device (GB; bfloat16 params and compute):
     activations and the sampler's copies: does not leave room on 80 GB.
   this config (LoRA rank 16 on q, k, v, o, gate, up, down: 29.8M adapter params):
     base 7.8 (frozen, held by the run) + adapters and their AdamW state 0.5
-    + inside the step (restem_jax/lora.py merges W + s A B before the layer scan): the
+    + inside the step (restem_jax/lora.py merges W + s A B before the forward): the
       merged layer weights 6.4 and their gradient 6.4 (transient)
     + activations of one micro-batch of 2 x 1024 tokens (train.micro_batches = 4):
       float32 logits 2.1 (x2 with their gradient), attention probabilities 8 heads x
       1024^2 x 34 layers x 2 rows x 2 B = 1.1, the rest ~5 (no rematerialisation)
     = ~32 in the M-step.
-  E-step / evaluation: the merged model 7.8 + the sampler's per-layer copy 6.4 + KV cache
-    (139 KB per token: 34 layers x 2 x 4 heads x 256 x 2 B) x 64 rows x 1024 = 9.1
-    + the frozen base 7.8 = ~31.
+  E-step / evaluation: the merged model 7.8 (read in place: params are per layer, no
+    sampler copy) + KV cache (139 KB per token: 34 layers x 2 x 4 heads x 256 x 2 B)
+    x 64 rows x 1024 = 9.1 + the frozen base 7.8 = ~25.
   base_dtype = "int8" / "nf4" (QLoRA) would keep the step's frozen layers in 3.2 / 1.6
     (nf4 codes are uint4; two per byte only where XLA packs sub-byte types), but the run
     still holds the bfloat16 base it loaded for the E-step, so on one 80 GB device it

@@ -26,8 +26,8 @@ Mesh (data, fsdp, tensor) = (2, 4, 2) on 16 devices (v5p megacore: 1 device/chip
   * tensor=2 divides the 8 query / 4 KV heads, d_ff 10240 and the 262208 vocabulary,
     so attention, MLP and logits split in two and the KV cache is not replicated;
   * fsdp=4 with tensor=2 shards each weight 8 ways: 3.88B params x 16 B (f32 params
-    and grads, AdamW's two moments) = 62 GB become ~7.8 GB per chip (95 GB HBM), plus
-    ~1.6 GB for the sampler's per-layer copy of the 3.2B f32 layer weights;
+    and grads, AdamW's two moments) = 62 GB become ~7.8 GB per chip (95 GB HBM); the
+    sampler reads the per-layer weights in place (no copy);
   * data=2: decode-time weight all-gathers run over the fsdp axis, within 4 chips.
   Batches must be multiples of data*fsdp = 8.
 

@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 512  # Embedding rows; >= the task vocabulary's size.
   c.model.d_model = 128  # Residual stream width.
-  c.model.n_layers = 2  # Transformer blocks (scanned: compile time is flat in depth).
+  c.model.n_layers = 2  # Transformer blocks (params per layer; compile time grows with depth).
   c.model.n_heads = 4  # Query heads.
   c.model.n_kv_heads = 4  # Key/value heads (grouped-query attention when < n_heads).
   c.model.head_dim = 0  # 0 means d_model // n_heads.

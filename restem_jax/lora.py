@@ -1,13 +1,15 @@
 """Low-rank adapters (LoRA) on the params pytree, over a frozen, optionally quantized base.
 
 For each target matrix W (`train.lora.targets`: q, k, v, o, gate, up, down of every
-layer) the adapted weight is
+layer; each layer's are their own arrays, params["layers_<i>"], model.py) the adapted
+weight is
 
     W' = W + (alpha / rank) * A @ B,    A: [in, rank] (random),  B: [rank, out] (zeros)
 
 where "in" are the axes the model's einsum contracts (embed for q/k/v/gate/up, heads x
-head_dim for o, mlp for down) and "out" the others; a leading "layers" axis (the scanned
-stack) is a batch axis of the product. B starts at zero, so W' = W before training.
+head_dim for o, mlp for down) and "out" the others. The adapters mirror the params'
+layout: adapters["layers_<i>"][target] = {"a", "b"}. B starts at zero, so W' = W before
+training.
 
 How it is used (training.Trainer with train.lora.rank > 0): the train state holds only
 the adapters and their optimizer state; the base is a jit argument that is never
@@ -32,12 +34,13 @@ einsums on the pytree, independent of the model code.
 
 Measured trade-off of merging inside the step (benchmarks/train_step.py --lora): no
 full-size optimizer state and no update of W, but the step still holds the merged
-weights and their full-size gradient dW' transiently (the scan over layers needs the
-stacked weights). Applying the adapter per layer inside Block (x W + s (x A) B) would drop
-both; that needs a hook in model.py and is left for later.
+weights W' (the backward pass reads them) and full-size gradients dW' transiently.
+Applying the adapter inside Block instead (x W + s (x A) B) would drop the merged
+copy too, but Block would then read adapters and a quantized base (dequantized inside
+the model); that hook in model.py is left for later.
 
-Adapters carry the logical axes of W (A: layers, in-axes, rank; B: layers, rank,
-out-axes; rank unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
+Adapters carry the logical axes of W (A: in-axes, rank; B: rank, out-axes; rank
+unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
 """
 from __future__ import annotations
 
@@ -57,10 +60,9 @@ from restem_jax import model as model_lib
 
 TARGETS = configlib.LORA_TARGETS
 BASE_DTYPES = configlib.LORA_BASE_DTYPES
-# The einsum's contracted (input) axes of each target; W's other axes after "layers" are outputs.
+# The einsum's contracted (input) axes of each target; W's other axes are outputs.
 IN_AXES = {"q": ("embed",), "k": ("embed",), "v": ("embed",), "o": ("heads", "head_dim"),
            "gate": ("embed",), "up": ("embed",), "down": ("mlp",)}
-BATCH_AXES = ("layers",)
 NF4_BLOCK = 64  # QLoRA's block size along the input axis.
 
 Path = tuple[str, ...]
@@ -92,54 +94,50 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
-  path: Path
-  names: tuple[str, ...]  # W's logical axes: batch, then input, then output axes
+  path: Path  # (layers_<i>, name)
+  names: tuple[str, ...]  # W's logical axes: input, then output axes
   shape: tuple[int, ...]
-  n_batch: int
   n_in: int
 
   @property
   def in_shape(self) -> tuple[int, ...]:
-    return self.shape[self.n_batch:self.n_batch + self.n_in]
+    return self.shape[:self.n_in]
 
   @property
   def a_names(self) -> tuple[str | None, ...]:
-    return self.names[:self.n_batch + self.n_in] + (None,)
+    return self.names[:self.n_in] + (None,)
 
   @property
   def b_names(self) -> tuple[str | None, ...]:
-    return self.names[:self.n_batch] + (None,) + self.names[self.n_batch + self.n_in:]
+    return (None,) + self.names[self.n_in:]
 
   def a_shape(self, rank: int) -> tuple[int, ...]:
-    return self.shape[:self.n_batch + self.n_in] + (rank,)
+    return self.shape[:self.n_in] + (rank,)
 
   def b_shape(self, rank: int) -> tuple[int, ...]:
-    return self.shape[:self.n_batch] + (rank,) + self.shape[self.n_batch + self.n_in:]
+    return (rank,) + self.shape[self.n_in:]
 
   def delta_subscripts(self) -> str:
-    """einsum "A,B->W" for A: [batch, in, r], B: [batch, r, out]."""
+    """einsum "A,B->W" for A: [in..., r], B: [r, out...]."""
     letters = iter(c for c in string.ascii_lowercase if c != "r")
-    bt = "".join(next(letters) for _ in range(self.n_batch))
     it = "".join(next(letters) for _ in range(self.n_in))
-    ot = "".join(next(letters) for _ in range(len(self.shape) - self.n_batch - self.n_in))
-    return f"{bt}{it}r,{bt}r{ot}->{bt}{it}{ot}"
+    ot = "".join(next(letters) for _ in range(len(self.shape) - self.n_in))
+    return f"{it}r,r{ot}->{it}{ot}"
 
 
 def _targets(model_cfg: model_lib.ModelConfig, names: tuple[str, ...]) -> list[_Target]:
-  """The target matrices of the model's params, with their axes split batch / in / out."""
+  """The target matrices of every layer, with their axes split in / out."""
   boxed = traverse_util.flatten_dict(model_lib.abstract_params(model_cfg))
   out = []
   for path, leaf in sorted(boxed.items()):
     if path[-1] not in names:
       continue
     axes, shape = tuple(leaf.names), tuple(leaf.value.shape)
-    n_batch = sum(1 for a in axes if a in BATCH_AXES)
     n_in = len(IN_AXES[path[-1]])
-    if (axes[:n_batch] != BATCH_AXES[:n_batch] * n_batch
-        or axes[n_batch:n_batch + n_in] != IN_AXES[path[-1]]):
-      raise ValueError(f"lora: param {'/'.join(path)} has axes {axes}; expected (layers,) + "
+    if axes[:n_in] != IN_AXES[path[-1]]:
+      raise ValueError(f"lora: param {'/'.join(path)} has axes {axes}; expected "
                        f"{IN_AXES[path[-1]]} + output axes")
-    out.append(_Target(path, axes, shape, n_batch, n_in))
+    out.append(_Target(path, axes, shape, n_in))
   missing = sorted(set(names) - {t.path[-1] for t in out})
   if missing:
     raise errors.ConfigError(f"train.lora.targets: the model has no {missing} matrices")
@@ -148,17 +146,16 @@ def _targets(model_cfg: model_lib.ModelConfig, names: tuple[str, ...]) -> list[_
 
 def _quant_axes(t: _Target, kind: str) -> tuple[tuple[int, ...], dict[int, int]]:
   """(channelwise axes, tiled axes) of qwix.quantize for target t."""
-  last_in = t.n_batch + t.n_in - 1
-  outs = tuple(range(t.n_batch + t.n_in, len(t.shape)))
-  batch = tuple(range(t.n_batch))
-  if kind == "int8":  # One absmax scale per output channel (and layer).
-    return batch + outs, {}
+  last_in = t.n_in - 1
+  outs = tuple(range(t.n_in, len(t.shape)))
+  if kind == "int8":  # One absmax scale per output channel.
+    return outs, {}
   # nf4: one scale per block of 64 inputs, per output channel; the other input axes of a
   # multi-axis input (o: heads) get their own scales.
-  others = tuple(range(t.n_batch, last_in))
+  others = tuple(range(last_in))
   size = t.shape[last_in]
   tile = NF4_BLOCK if size % NF4_BLOCK == 0 else size
-  return batch + others + outs, {last_in: tile}
+  return others + outs, {last_in: tile}
 
 
 def _qwix():

@@ -4,8 +4,7 @@ One Block serves every family: each difference is a ModelConfig switch (RoPE
 scaling, qkv bias, QK-norm, (1 + w) norms, GeGLU, sandwich norms, soft-caps,
 sliding-window local layers with their own RoPE base), read by training,
 prefill and decode_step alike. Per-layer differences (local vs global
-attention) enter the scanned layers as scanned data (a per-layer flag), not
-as a second layer body.
+attention) are a per-layer flag of the same Block, not a second layer body.
 
 One forward serves training, scoring and prefill:
   * no cache: attention over the L given tokens (training, no-cache reference);

@@ -31,7 +31,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("layers", None),
     ("norm", None),
     # Activations.
     ("act_batch", BATCH_AXES),
