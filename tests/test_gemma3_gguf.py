@@ -53,7 +53,11 @@ def mesh(name):
 
 
 def our_logits(cfg, params, tokens):
-  return np.asarray(M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens))[0])
+  # Jitted: applied eagerly, the per-layer loop dispatches each op of each layer as its own
+  # program, and on an 8-device CPU mesh their collectives' rendezvous starved under load
+  # (XLA aborted: "Termination timeout for all reduce ... only 6 of 8 arrived").
+  forward = jax.jit(lambda p, t: M.Transformer(cfg).apply({"params": p}, t)[0])
+  return np.asarray(forward(params, jnp.asarray(tokens)))
 
 
 # ----------------------------------------------------------------------------- tiny GGUF
