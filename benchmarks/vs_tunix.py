@@ -45,7 +45,12 @@ first step are compared.
    id <-> text adapter (text = space-separated ids), pad id -1, so nothing is
    lost to tokenization and a generated token can never be taken for padding.
 2. Training: one optimizer step on the same --train_batch x --train_len batch
-   (64-token prompt + random-length target, right padding, weights 1). Ours:
+   (right padding, weights 1), in two shapes (--train_shapes): "sft", a prompt of
+   min(64, L/4) tokens + a target of L/2 .. L - prompt tokens (logits needed almost
+   everywhere), and "restem", a 3L/4-token prompt + an L/8 .. L/4-token target
+   (the M-step's batches: a few-shot prompt and a short sampled solution; ours
+   computes logits only in the target window, training.target_window, tunix at
+   every position). Ours:
    training.Trainer.step (reward-weighted NLL, token normalisation). Tunix:
    PeftTrainer's jitted train step (what PeftTrainer.train runs per step; its
    host-side loop, metrics and checkpoint hooks are not timed) with its default
@@ -348,14 +353,17 @@ def tunix_model_input(x: "peft_trainer.TrainingInput") -> dict:
 def bench_training(cfg, params, tmodel, args, rng) -> dict:
   mesh = mesh1()
   b, seq = args.train_batch, args.train_len
-  prompt_len = min(64, seq // 4)
+  if args.train_shape == "sft":  # Short prompt, long targets: logits needed almost everywhere.
+    prompt_len, target_lens = min(64, seq // 4), (seq // 2, seq - min(64, seq // 4))
+  else:  # "restem": a few-shot prompt (3/4 of the row) and a short sampled solution.
+    prompt_len, target_lens = 3 * seq // 4, (seq // 8, seq // 4)
   c = configlib.default_config()
   c.train.batch_size, c.train.micro_batches = b, 1
   c.train.max_steps, c.train.warmup_steps = 1000, 10
   c.train.loss_normalization = "token"
   trainer = training.Trainer(cfg, c.train, mesh)
   prompts = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(b)]
-  targets = [list(rng.integers(3, cfg.vocab_size, rng.integers(seq // 2, seq - prompt_len + 1)))
+  targets = [list(rng.integers(3, cfg.vocab_size, rng.integers(target_lens[0], target_lens[1] + 1)))
              for _ in range(b)]
   batch = training.make_batch(prompts, targets, [1.0] * b, seq)
   # tunix's input_mask marks target *tokens*; ours marks the positions predicting them.
@@ -386,7 +394,8 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   med, _, times = interleaved({"ours": run_ours, "tunix": run_tunix}, args.repeats)
   tokens = b * seq
   rel = abs(first["ours"] - first["tunix"]) / abs(first["tunix"])
-  res = {"batch": b, "seq_len": seq, "tokens_per_step": tokens,
+  res = {"shape": args.train_shape, "prompt_len": prompt_len, "batch": b, "seq_len": seq,
+         "tokens_per_step": tokens,
          "target_tokens": int(batch["loss_mask_BxL"].sum()),
          "ours_s": med["ours"], "tunix_s": med["tunix"],
          "ours_tok_s": tokens / med["ours"], "tunix_tok_s": tokens / med["tunix"],
@@ -395,7 +404,7 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
          "times_s": times}
   print(f"  first-step loss: ours {first['ours']:.5f}, tunix {first['tunix']:.5f} "
         f"(rel diff {rel:.1e})")
-  print(f"  train step {b} x {seq} tokens: ours {med['ours'] * 1e3:.0f} ms "
+  print(f"  train step ({args.train_shape}) {b} x {seq} tokens: ours {med['ours'] * 1e3:.0f} ms "
         f"({res['ours_tok_s']:.0f} tok/s), tunix {med['tunix'] * 1e3:.0f} ms "
         f"({res['tunix_tok_s']:.0f} tok/s); ours/tunix {res['ratio']:.2f}x (pairwise "
         f"{res['ratio_pairwise']:.2f}x)")
@@ -425,6 +434,10 @@ def main() -> None:
                   help="default 256 (128 for SmolLM2 and Gemma 3 270M on CPU)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-token calls: prefill cost and per-decode-step cost")
+  ap.add_argument("--train_shapes", default="sft,restem",
+                  help="training batches: sft (prompt min(64, L/4), targets L/2..L-prompt) "
+                  "and/or restem (prompt 3L/4, targets L/8..L/4: a few-shot prompt and a "
+                  "short sampled solution, the M-step's batches)")
   ap.add_argument("--skip", default="", help="comma list: sampling,training")
   ap.add_argument("--json", default="", help="write the results here")
   args = ap.parse_args()
@@ -463,7 +476,9 @@ def main() -> None:
       args_t.train_batch = args.train_batch or (
           (2 if name == "gemma3_270m" else 4) if big else 8)
       args_t.train_len = args.train_len or (128 if big else 256)
-      r["training"] = bench_training(cfg, params, to_tunix(cfg, params), args_t, rng)
+      for shape in args.train_shapes.split(","):
+        args_t.train_shape = shape
+        r[f"training_{shape}"] = bench_training(cfg, params, to_tunix(cfg, params), args_t, rng)
     results["models"][name] = r
   env["load_avg_end"] = os.getloadavg()[0]
 
@@ -477,9 +492,9 @@ def main() -> None:
             f"{s['top_k']} T {s['temperature']} | {s['ours_tok_s']:.0f} | {s['tunix_tok_s']:.0f} "
             f"| {s['ratio']:.2f}x ({s['ratio_pairwise']:.2f}x) | greedy {g['new_tokens']} tok equal: {g['all_equal']} "
             f"({g['positions_equal']:.1%}) |")
-    if "training" in r:
-      t = r["training"]
-      print(f"| {name} | train step {t['batch']}x{t['seq_len']} | {t['ours_tok_s']:.0f} | "
+    for t in (v for k, v in r.items() if k.startswith("training_")):
+      print(f"| {name} | train step {t['batch']}x{t['seq_len']}, {t['shape']} (prompt "
+            f"{t['prompt_len']}) | {t['ours_tok_s']:.0f} | "
             f"{t['tunix_tok_s']:.0f} | {t['ratio']:.2f}x ({t['ratio_pairwise']:.2f}x) | loss rel diff "
             f"{t['first_loss']['rel_diff']:.1e} |")
   if args.json:

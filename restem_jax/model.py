@@ -602,7 +602,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None, *,
                input_mask_BxL: jax.Array | None = None,
-               cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+               cache: Cache | None = None,
+               logits_at_BxT: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
     """Returns (float32 logits [B, L, V], updated cache or None).
 
     Args:
@@ -612,6 +613,10 @@ class Transformer(nn.Module):
       input_mask_BxL: 1 for real tokens. Without a cache, padding keys are
         masked out; with a cache, slot validity follows from positions alone.
       cache: None, or init_cache(...) / a cache returned by a previous call.
+      logits_at_BxT: if given, logits only at these indices into each row's L
+        positions ([B, T, V]). Training needs logits only where there is a target
+        (a ReST-EM batch is mostly prompt): the output projection, the largest
+        matmul of a big-vocabulary model, then costs T/L of the full one.
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -643,6 +648,8 @@ class Transformer(nn.Module):
         k: partitioning.constrain(jnp.stack([c[k] for c in new_caches]), self.mesh, CACHE_AXES)
         for k in cache}
 
+    if logits_at_BxT is not None:
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, logits_at_BxT[..., None], axis=1)
     x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       w_out_DxV = embedding.T

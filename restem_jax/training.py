@@ -91,22 +91,55 @@ def make_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]
 # ----------------------------------------------------------------------------- loss
 
 
-def _numerator_and_counts(params: Any, batch: dict, model: nn.Module
+def target_window(loss_mask_BxL: np.ndarray) -> int | None:
+  """How many positions per row the loss needs logits for (static: one compile each).
+
+  A row's masked positions lie in one window starting at its first masked position;
+  T covers the widest row, rounded up to a power of two (>= 8) so that a run
+  compiles a handful of variants. None: the whole row (no saving, no gather).
+  """
+  mask = np.asarray(loss_mask_BxL) > 0
+  seq_len = mask.shape[1]
+  rows = np.flatnonzero(mask.any(axis=1))
+  if rows.size == 0:
+    return None
+  first = mask[rows].argmax(axis=1)
+  last = seq_len - 1 - mask[rows, ::-1].argmax(axis=1)
+  window = max(8, 1 << int(np.max(last - first)).bit_length())
+  return None if window >= seq_len else window
+
+
+def _numerator_and_counts(params: Any, batch: dict, model: nn.Module,
+                          target_len: int | None = None
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need."""
+  """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need.
+
+  target_len (target_window of the batch): logits only for that many positions per
+  row, from the row's first target position on; None: every position."""
   tokens_BxL = batch["tokens_BxL"]
   mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
   weights_B = batch["weights_B"].astype(jnp.float32)
-  logits_BxLxV, _ = model.apply({"params": params}, tokens_BxL)
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
   # Label at position t is token t + 1; the last position has none (mask is 0 there).
   labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
+  if target_len is None:
+    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL)
+    mask_BxT, labels_BxT = mask_BxL, labels_BxL
+  else:
+    seq_len = tokens_BxL.shape[1]
+    start_B = jnp.argmax(mask_BxL > 0, axis=1)
+    at_BxT = start_B[:, None] + jnp.arange(target_len)
+    in_row_BxT = at_BxT < seq_len
+    at_BxT = jnp.minimum(at_BxT, seq_len - 1)
+    mask_BxT = jnp.take_along_axis(mask_BxL, at_BxT, axis=1) * in_row_BxT
+    labels_BxT = jnp.take_along_axis(labels_BxL, at_BxT, axis=1)
+    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, logits_at_BxT=at_BxT)
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   # Select the label logit with an elementwise compare rather than a gather, so a
   # vocab dimension sharded over the tensor axis needs only a reduction.
-  vocab_V = jnp.arange(logits_BxLxV.shape[-1], dtype=labels_BxL.dtype)
-  label_logit_BxL = jnp.sum(jnp.where(labels_BxL[..., None] == vocab_V, logits_BxLxV, 0.0), -1)
-  nll_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1) - label_logit_BxL
-  seq_nll_B = jnp.sum(nll_BxL * mask_BxL, axis=-1)
+  vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=labels_BxT.dtype)
+  label_logit_BxT = jnp.sum(jnp.where(labels_BxT[..., None] == vocab_V, logits_BxTxV, 0.0), -1)
+  nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - label_logit_BxT
+  seq_nll_B = jnp.sum(nll_BxT * mask_BxT, axis=-1)
   numerator = jnp.sum(weights_B * seq_nll_B)
   counts = {
       "tokens": jnp.sum(mask_BxL),
@@ -126,11 +159,12 @@ def check_normalization(normalization: str) -> None:
   configlib.check_choice("train.loss_normalization", normalization)
 
 
-def loss_fn(params: Any, batch: dict, model: nn.Module,
-            normalization: str) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Reward-weighted next-token NLL of `batch` (see the module docstring). Pure."""
+def loss_fn(params: Any, batch: dict, model: nn.Module, normalization: str,
+            target_len: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Reward-weighted next-token NLL of `batch` (see the module docstring). Pure.
+  target_len: target_window(batch mask) or None (the same loss, less work)."""
   check_normalization(normalization)
-  numerator, counts = _numerator_and_counts(params, batch, model)
+  numerator, counts = _numerator_and_counts(params, batch, model, target_len)
   loss = numerator / _denominator(counts, normalization)
   return loss, {**counts, "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(
       counts["tokens"], 1.0)}
@@ -263,12 +297,15 @@ class Trainer:
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=_copy_tree(p),
                              opt_state=self.optimizer.init(p)),
         in_shardings=(self.trainable_shardings,), out_shardings=self._state_shardings)
+    # One compile per (batch length, target window) pair: a handful in a run.
     self._step = jax.jit(self._train_step,
                          in_shardings=(self._state_shardings, base_shardings, self.batch_shardings),
-                         out_shardings=(self._state_shardings, rep), donate_argnums=(0,))
-    self._loss = jax.jit(lambda p, b: loss_fn(p, b, self.model, self.normalization)[0],
-                         in_shardings=(self.param_shardings, self.batch_shardings),
-                         out_shardings=rep)
+                         out_shardings=(self._state_shardings, rep), donate_argnums=(0,),
+                         static_argnums=(3,))
+    self._loss = jax.jit(
+        lambda p, b, target_len: loss_fn(p, b, self.model, self.normalization, target_len)[0],
+        in_shardings=(self.param_shardings, self.batch_shardings), out_shardings=rep,
+        static_argnums=(2,))
     self._copy_params = jax.jit(_copy_tree, in_shardings=(self.trainable_shardings,),
                                 out_shardings=self.trainable_shardings)
 
@@ -328,13 +365,15 @@ class Trainer:
     x = jnp.swapaxes(x, 0, 1)
     return partitioning.constrain(x, self.mesh, (None, "act_batch") + (None,) * (x.ndim - 2))
 
-  def _train_step(self, state: TrainState, base: Any, batch: dict) -> tuple[TrainState, dict]:
+  def _train_step(self, state: TrainState, base: Any, batch: dict,
+                  target_len: int | None = None) -> tuple[TrainState, dict]:
     if self.adapters is None:
       as_params = lambda p: p
     else:  # Merged inside the step: the base gets no gradient, the adapters do.
       as_params = lambda a: self.adapters.merge(base, a, self.model_cfg.compute_dtype)
-    grad_fn = jax.grad(lambda p, b: _numerator_and_counts(as_params(p), b, self.model),
-                       has_aux=True)
+    grad_fn = jax.grad(
+        lambda p, b: _numerator_and_counts(as_params(p), b, self.model, target_len),
+        has_aux=True)
     if self.micro_batches == 1:
       numerator_grads, counts = grad_fn(state.params, batch)
     else:
@@ -369,7 +408,8 @@ class Trainer:
                     for k in BATCH_KEYS}
     step_before = int(state.step)
     base = None if self.adapters is None else self._require_base()
-    state, metrics = self._step(state, base, device_batch)
+    state, metrics = self._step(state, base, device_batch,
+                                target_window(batch["loss_mask_BxL"]))
     # Checked every step: the metrics come back to the host anyway (the device
     # sync costs a little dispatch overlap, negligible next to a real step).
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -383,4 +423,4 @@ class Trainer:
     """Eval loss (train.loss_normalization) of `batch`; no update."""
     device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
                     for k in BATCH_KEYS}
-    return float(self._loss(params, device_batch))
+    return float(self._loss(params, device_batch, target_window(batch["loss_mask_BxL"])))

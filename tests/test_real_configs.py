@@ -1,7 +1,8 @@
 """The real-model configs' `:runlocal` variants run end to end, as a user types them.
 
-configs/smollm2_135m_rg.py:runlocal is the README's real-model run on a tiny random
-Llama (the same task, reward, transfer, SFT and report code paths), one iteration.
+configs/smollm2_135m_rg.py:runlocal and configs/gemma3_270m_rg.py:runlocal are the
+README's real-model runs on a tiny random model of each family (the same task, reward,
+transfer, SFT and report code paths), one iteration.
 Besides the config's own transfer tasks it evaluates, as a transfer task, the very
 task it trains on: that column must equal the main test columns, an invariant
 between the two evaluation paths (the transfer path rebuilds the task from its dict).
@@ -9,13 +10,16 @@ between the two evaluation paths (the transfer path rebuilds the task from its d
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT, load_config, main_cmd, subprocess_env
 
 from restem_jax import report
 
 
-def test_smollm2_rg_runlocal_end_to_end(tmp_path):
-  path = os.path.join(ROOT, "configs", "smollm2_135m_rg.py")
+@pytest.mark.parametrize("config", ["smollm2_135m_rg.py", "gemma3_270m_rg.py"])
+def test_real_model_rg_runlocal_end_to_end(tmp_path, config):
+  path = os.path.join(ROOT, "configs", config)
   local = load_config(path).get_config("runlocal")
   same = {"label": "same_as_test", "rg_datasets": tuple(local.task.rg_datasets),
           "num_test": local.task.num_test}

@@ -32,11 +32,20 @@ def mesh1():
   return mesh_of((1, 1, 1), jax.devices()[:1])
 
 
-def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None):
-  """Prompts and targets of different lengths, so masks and counts vary by row."""
+def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None, shape="long"):
+  """Prompts and targets of different lengths, so masks and counts vary by row.
+
+  shape "long": short prompts, targets up to the end of the row (the loss needs
+  logits at every position); "short": ReST-EM's shape, long prompts and short
+  targets (training.target_window < seq_len: logits only in a window per row)."""
   rng = np.random.default_rng(seed)
-  prompts = [list(rng.integers(1, V, rng.integers(1, 5))) for _ in range(b)]
-  targets = [list(rng.integers(1, V, rng.integers(1, seq_len - len(p) + 1))) for p in prompts]
+  if shape == "long":
+    prompts = [list(rng.integers(1, V, rng.integers(1, 5))) for _ in range(b)]
+    targets = [list(rng.integers(1, V, rng.integers(1, seq_len - len(p) + 1))) for p in prompts]
+  else:
+    seq_len = 16
+    prompts = [list(rng.integers(1, V, rng.integers(3, 12))) for _ in range(b)]
+    targets = [list(rng.integers(1, V, rng.integers(1, 5))) for p in prompts]
   if weights is None:
     weights = list(rng.choice([0.0, 0.5, 1.0, 2.0], b))
   return T.make_batch(prompts, targets, weights, seq_len)
@@ -70,6 +79,18 @@ def test_make_batch_layout():
     T.make_batch([[1], [1]], [[2], [2] * 6], [1.0, 1.0], seq_len=6)
 
 
+def test_target_window_by_hand():
+  mask = np.zeros((3, 40), np.float32)
+  mask[0, 10:13] = 1  # 3 positions
+  mask[1, 30:39] = 1  # 9 positions: the widest row -> 16
+  assert T.target_window(mask) == 16
+  mask[2, 2] = mask[2, 38] = 1  # a row spanning 37 positions: 64 >= 40, every position
+  assert T.target_window(mask) is None
+  assert T.target_window(np.zeros((2, 40))) is None  # nothing to learn: no window
+  assert T.target_window(mask[:1]) == 8  # at least 8
+  np.testing.assert_array_equal(mask[0, 10:13], 1)  # the caller's mask is unchanged
+
+
 def numpy_loss(params, batch, normalization):
   """Independent float64 loss: numpy forward, log-softmax, mask, weights, reduction."""
   cfg = tiny_cfg()
@@ -88,17 +109,32 @@ def numpy_loss(params, batch, normalization):
   return total / (tokens if normalization == "token" else examples)
 
 
+@pytest.mark.parametrize("shape", ["long", "short"])
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
-def test_loss_matches_float64_numpy(params, normalization):
-  batch = random_batch(1)
+def test_loss_matches_float64_numpy(params, normalization, shape):
+  batch = random_batch(1, shape=shape)
   assert 0.0 in batch["weights_B"] and len(set(batch["weights_B"])) > 2
+  window = T.target_window(batch["loss_mask_BxL"])
+  assert window == (None if shape == "long" else 8)  # "short" runs the windowed path
   model = M.Transformer(tiny_cfg())
-  loss, aux = T.loss_fn(params, jax.tree.map(jnp.asarray, batch), model, normalization)
+  loss, aux = T.loss_fn(params, jax.tree.map(jnp.asarray, batch), model, normalization, window)
   np.testing.assert_allclose(float(loss), numpy_loss(params, batch, normalization), rtol=2e-5)
   assert float(aux["tokens"]) == batch["loss_mask_BxL"].sum()
   # The jitted eval loss is the same function.
   np.testing.assert_allclose(trainer((1, 1, 1), 1, normalization).loss(params, batch),
                              float(loss), rtol=1e-6)
+
+
+def test_windowed_loss_has_the_full_loss_gradient(params):
+  """Logits only in the target window (training.target_window) is the same function:
+  its gradient equals the every-position computation's."""
+  batch = jax.tree.map(jnp.asarray, random_batch(7, shape="short"))
+  model = M.Transformer(tiny_cfg())
+  grad = lambda w: jax.grad(lambda p: T.loss_fn(p, batch, model, "token", w)[0])(params)
+  full, windowed = host(grad(None)), host(grad(8))
+  for a, b in zip(jax.tree.leaves(windowed), jax.tree.leaves(full)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+  assert max(float(np.abs(b).max()) for b in jax.tree.leaves(full)) > 1e-3  # not all zero
 
 
 def test_zero_reward_example_contributes_no_gradient(params):
@@ -169,9 +205,9 @@ def assert_states_close(a, b):
   assert int(a.step) == int(b.step)
 
 
-@pytest.fixture(scope="module")
-def single_device_step(params):
-  batch = random_batch(4)
+@pytest.fixture(scope="module", params=["long", "short"])
+def single_device_step(params, request):
+  batch = random_batch(4, shape=request.param)
   state, metrics = trainer().step(trainer().init_state(params), batch)
   return batch, host(state), metrics
 
