@@ -110,10 +110,13 @@ def token_texts(vocabulary: Any, vocab_size: int) -> tuple[list[str], list[str]]
   head = vocabulary.decode(anchor)
   if not anchor or not head:
     raise ValueError(f"{vocabulary!r}: 'a' does not encode to a token that decodes to text")
-  first, inside = [], []
-  for v in range(vocab_size):
-    first.append(vocabulary.decode([v]))
-    pair = vocabulary.decode(anchor + [v])
+  # A vocabulary with a batched decode (importers.BPEVocabulary) does this in one call.
+  decode_all = getattr(vocabulary, "decode_batch", None) or (
+      lambda rows: [vocabulary.decode(r) for r in rows])
+  first = decode_all([[v] for v in range(vocab_size)])
+  pairs = decode_all([anchor + [v] for v in range(vocab_size)])
+  inside = []
+  for v, pair in enumerate(pairs):
     if not pair.startswith(head):
       raise ValueError(f"{vocabulary!r}: decode({anchor + [v]}) = {pair!r} does not start with "
                        f"decode({anchor}) = {head!r}; stop strings need per-token text")

@@ -405,6 +405,19 @@ def test_smollm2_vocabulary_round_trips(smol):
   assert vocab.decode(vocab.encode(CHAT)) == "user\nWhat is the capital of France?"
 
 
+def test_smollm2_decode_batch_equals_decode_row_by_row(smol):
+  """decode_batch (one Rust call; the stop tables decode every id) == seqio's decode per
+  row: ids past the vocabulary, EOS cut, pad / special ids, byte pieces of one character."""
+  vocab = smol[3]
+  size = vocab.vocab_size
+  euro = vocab.encode("€")  # one character over several byte-level tokens
+  rows = ([[v] for v in range(0, size, 97)] + [[v] for v in range(size - 40, size + 5)]
+          + [vocab.encode("yes") + [vocab.eos_id] + vocab.encode(" no"),
+             [vocab.pad_id] + vocab.encode("a b"), vocab.encode(CHAT), euro[:1], euro, [],
+             vocab.encode("a") + [size + 3] + vocab.encode("b")])
+  assert vocab.decode_batch(rows) == [vocab.decode(r) for r in rows]
+
+
 def test_smollm2_ids_match_the_gguf_token_list(smol, gguf_pieces):
   vocab = smol[3]
   piece = {p: i for i, p in enumerate(gguf_pieces)}

@@ -86,6 +86,11 @@ class BPEVocabulary(seqio.Vocabulary):
       pad_id = seqio.vocabularies.PAD_ID if seqio.vocabularies.PAD_ID in self._special_ids \
           else self._eos_id
     self._pad_id = int(pad_id)
+    # Cached: tokenizers builds the whole vocabulary map to count it (Gemma 3: 262k entries
+    # per call), and seqio's decode asks for it every time.
+    self._size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    # Never in decoded text (Gemma 3 has ~6k special ids: built once, not per decode).
+    self._dropped_ids = self._special_ids | {self._pad_id, self._eos_id}
     self.name = name
     super().__init__(extra_ids=0)
 
@@ -108,7 +113,7 @@ class BPEVocabulary(seqio.Vocabulary):
 
   @property
   def _base_vocab_size(self) -> int:
-    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+    return self._size
 
   @property
   def tokenizer(self) -> tokenizers.Tokenizer:
@@ -135,10 +140,23 @@ class BPEVocabulary(seqio.Vocabulary):
             self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
   def _decode(self, ids: Iterable[int]) -> str:
-    size = self._base_vocab_size
-    drop = self._special_ids | {self._pad_id, self._eos_id}
-    keep = [int(i) for i in ids if 0 <= int(i) < size and int(i) not in drop]
-    return self._tokenizer.decode(keep, skip_special_tokens=True)
+    return self._tokenizer.decode(self._kept_ids(ids), skip_special_tokens=True)
+
+  def _kept_ids(self, ids: Iterable[int]) -> list[int]:
+    size, drop = self._base_vocab_size, self._dropped_ids
+    return [int(i) for i in ids if 0 <= int(i) < size and int(i) not in drop]
+
+  def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+    """[decode(r) for r in rows] in one call into the Rust tokenizer: the stop tables
+    decode every id of the vocabulary twice (262k ids for Gemma 3: minutes one by one)."""
+    eos, unk, size = self._eos_id, self._unk_id, self._base_vocab_size
+    clean = []
+    for r in rows:  # seqio.Vocabulary.decode's cleaning: unk for ids past the vocabulary,
+      r = [unk if unk is not None and int(i) >= size else int(i) for i in r]
+      if eos is not None and eos in r:  # then cut after the first EOS.
+        r = r[:r.index(eos) + 1]
+      clean.append(self._kept_ids(r))
+    return self._tokenizer.decode_batch(clean, skip_special_tokens=True)
 
   def _encode_tf(self, s: tf.Tensor) -> tf.Tensor | tf.RaggedTensor:
     """Scalar string -> int32 [L]; rank-1 strings -> ragged int32 [B, None]."""
