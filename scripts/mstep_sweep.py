@@ -44,7 +44,9 @@ def parse_setting(train_cfg, setting: str) -> dict:
 
 def main(argv):
   del argv
-  from restem_jax import configlib, run, samples  # pylint: disable=import-outside-toplevel
+  from restem_jax import configlib, quiet  # pylint: disable=import-outside-toplevel
+  quiet.import_tensorflow()  # As restem_jax.main: no C++ start-up noise on a CPU.
+  from restem_jax import run, samples  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   configlib.validate(c)
   settings = [parse_setting(c.train, s) for s in _SET.value]  # Bad flags fail before loading.
@@ -64,6 +66,9 @@ def main(argv):
   base = ctx.restore(ctx.layout.base.model if c.base.source != "checkpoint" else c.base.path)
   kept = samples.read_samples(it.samples)
   examples = ctx.examples([(s.prompt, s.sample) for s in kept], [s.reward for s in kept])
+  if not examples:
+    raise app.UsageError(f"iteration {_ITERATION.value}'s E-step kept no samples: nothing to "
+                         "fine-tune on")
   validate = run.evaluate.make_validation_fn(ctx.sampler, ctx.task, ctx.splits.val,
                                              **run.evaluate.sampling_budget(c))
   root = os.path.join(_WORKDIR.value, "sweeps", f"iter_{_ITERATION.value:03d}")
