@@ -235,6 +235,9 @@ def default_config() -> ml_collections.ConfigDict:
   # trained on: each a dict of config.task overrides plus an optional "label",
   # e.g. ({"label": "gsm8k", "name": "gsm8k", "data_dir": "...", "few_shot": 8},).
   c.eval.transfer_tasks = ()
+  # Also pass@k / maj@k / sampled pass@1 (eval.num_samples samples, the test split's
+  # sampling settings) on each transfer task: n x its problems more samples.
+  c.eval.transfer_sampled = False
   # Completion budget and rows per sampler call of every evaluation (greedy,
   # sampled, validation during the M-step); 0 = sampling.max_new_tokens /
   # sampling.max_batch.

@@ -131,8 +131,9 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
   n = eval_cfg.num_samples
   subset = (train_subset(train_problems, eval_cfg.num_train_eval)
             if eval_cfg.on_train and train_problems else [])
+  sampled_transfer = bool(eval_cfg.transfer_sampled) and n > 0
   total = (len(test_problems) * (1 + (n if n > 0 else 0)) + len(subset)
-           + sum(len(t.problems) for t in transfer))
+           + sum(len(t.problems) for t in transfer) * (1 + (n if sampled_transfer else 0)))
   budget = dict(max_new_tokens=max_new_tokens, max_batch=max_batch)
   with progress.Progress("eval", total, "samples", log=log,
                          enabled=jax.process_index() == 0) as bar:
@@ -155,6 +156,10 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
       result.update(_sampled_metrics(sampler, params, task, test_problems, eval_cfg, budget,
                                      seed, bar))
     result.update(transfer_metrics(params, sampler, transfer, **budget, bar=bar))
+    for t in transfer if sampled_transfer else ():
+      # The same sampling (settings and key) as the test split's, on the task's problems.
+      sampled = _sampled_metrics(sampler, params, t.task, t.problems, eval_cfg, budget, seed, bar)
+      result.update({f"transfer/{t.label}/{k}": v for k, v in sampled.items()})
   log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))
   return result
 

@@ -84,6 +84,10 @@ def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict,
     cols.append((f"{name} (transfer)", f"transfer/{name}/pass@1_greedy"))
     if f"transfer/{name}/distinct_answers" in keys:
       cols.append((f"{name} distinct answers", f"transfer/{name}/distinct_answers"))
+    # eval.transfer_sampled: the sampled columns the main split has, for this task.
+    cols += [(f"{name} {m}", f"transfer/{name}/{m}")
+             for m in [f"pass@{k}" for k in ks] + [f"maj@{eval_cfg.majority_k}"]
+             if f"transfer/{name}/{m}" in keys]
   lines = ["| " + " | ".join(c for c, _ in cols) + " |",
            "|" + "---|" * len(cols)]
   for r in results:

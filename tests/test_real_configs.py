@@ -32,7 +32,8 @@ def test_real_model_rg_runlocal_end_to_end(tmp_path, config):
   transfer = tuple(dict(t) for t in local.eval.transfer_tasks) + (same,)
   workdir = str(tmp_path / "run")
   p = subprocess.run(main_cmd(workdir, f"--config.eval.transfer_tasks={transfer!r}",
-                              f"--config.seed={SEEDS[config]}", config=path + ":runlocal"),
+                              f"--config.seed={SEEDS[config]}", "--config.eval.transfer_sampled=True",
+                              config=path + ":runlocal"),
                      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
   assert p.returncode == 0, p.stderr[-3000:]
   run = report.load_run(workdir)
@@ -52,8 +53,17 @@ def test_real_model_rg_runlocal_end_to_end(tmp_path, config):
     # The invariant: the trained-on task evaluated as a transfer task gives the main figures.
     assert e["transfer/same_as_test/pass@1_greedy"] == e["pass@1_greedy_test"], name
     assert e["transfer/same_as_test/distinct_answers"] == e["distinct_answers_test"], name
+    # eval.transfer_sampled: the same sampling on the same problems, so the same figures.
+    sampled = [k for k in e if k.startswith(("pass@", "maj@")) and k != "pass@1_greedy_test"
+               and not k.startswith("pass@1_greedy")]
+    assert {"pass@1_sampled", f"maj@{local.eval.majority_k}"} <= set(sampled), sorted(e)
+    for k in sampled:
+      assert e[f"transfer/same_as_test/{k}"] == e[k], (name, k)
+      for t in transfer:
+        assert 0.0 <= e[f"transfer/{t['label']}/{k}"] <= 1.0, (name, t["label"], k)
   with open(os.path.join(workdir, "summary.txt")) as f:
     summary = f.read()
   for t in transfer:
     assert f"{t['label']} (transfer)" in summary
   assert "distinct answers (test)" in summary
+  assert f"same_as_test maj@{local.eval.majority_k}" in summary
