@@ -677,8 +677,8 @@ class Transformer(nn.Module):
 
 def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
                 tokens_BxL: jax.Array, positions_BxL: jax.Array,
-                layer_caches: Sequence[LayerCache] | Sequence[SharedPrefixCache]
-                ) -> tuple[jax.Array, list[Any]]:
+                layer_caches: Sequence[LayerCache] | Sequence[SharedPrefixCache],
+                lora: Any = None) -> tuple[jax.Array, list[Any]]:
   """Transformer(cfg, mesh).apply(..., cache=...) for per-layer weights and caches.
 
   Same math as the cached Transformer call (the same Block, layer by layer), but
@@ -686,7 +686,8 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
   either per-row LayerCaches or SharedPrefixCaches (the Sampler's). Each
   layer's weights and cache are their own arrays, read (and the cache updated)
   in place: reading a layer out of a stacked array copies it (module docstring).
-  Returns (float32 logits [B, L, V], the updated per-layer caches).
+  Returns (float32 logits [B, L, V], the updated per-layer caches). lora: as for
+  Transformer (benchmarks/lora_sampling_memory.py; the Sampler passes merged weights).
   """
   b = tokens_BxL.shape[0]
   if isinstance(layer_caches[0], SharedPrefixCache):
@@ -697,9 +698,11 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
   tables = layer_rope_tables(cfg, positions_BxL)
   block = Block(cfg, mesh)
   new_caches = []
-  for weights, cache, is_local in zip(layer_params(cfg, params), layer_caches, cfg.local_layers):
+  for i, (weights, cache, is_local) in enumerate(zip(layer_params(cfg, params), layer_caches,
+                                                     cfg.local_layers)):
     x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, tables, is_local,
-                                 key_pos_BxS, key_valid_BxS, cache)
+                                 key_pos_BxS, key_valid_BxS, cache,
+                                 None if lora is None else lora.layer(i))
     new_caches.append(cache)
   x_BxLxD = _norm(cfg).apply({"params": params["final_norm"]}, x_BxLxD)
   w_out_DxV = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]

@@ -240,6 +240,30 @@ def test_dropout_on_the_adapter_input(params):
   assert np.isfinite(m_micro["loss"]) and m_micro["loss"] != m1["loss"]
 
 
+def test_decode_step_with_the_hook_equals_merged_weights(params):
+  """Prefill + 4 decode steps on the base with lora=Adapters.apply(...) (what
+  benchmarks/lora_sampling_memory.py measures) give the merged model's logits."""
+  cfg = tiny_cfg()
+  ad = lora.Adapters(cfg, lora_cfg(), mesh1())
+  adapters = random_adapters(ad, 3)
+  merged = ad.merged(params, adapters)
+
+  def run(p, hook):
+    cache = M.init_cache(cfg, 2)
+    out, cache = M.Transformer(cfg).apply({"params": p}, jnp.asarray(TOKENS[:, :6]),
+                                          cache=cache, lora=hook)
+    caches, outs = M.split_layers(cache, cfg.n_layers), [out[:, -1]]
+    for t in range(6, 10):
+      pos = jnp.full((2, 1), t, jnp.int32)
+      out, caches = M.decode_step(cfg, None, p, jnp.asarray(TOKENS[:, t:t + 1]), pos, caches,
+                                  hook)
+      outs.append(out[:, 0])
+    return np.stack(outs)
+
+  np.testing.assert_allclose(run(params, ad.apply(adapters)), run(merged, None),
+                             rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def one_device_steps(params):
   return {bd: _three_steps(params, (1, 1, 1), bd) for bd in ("", "int8")}
