@@ -20,8 +20,8 @@ through model._project, here LayerAdapters.project. No merged W' and no full-siz
 gradient dW exist in the step, only dA, dB (and dx). A bfloat16 or quantized base leaf
 is converted / dequantized where the layer reads it, under jax.checkpoint: otherwise
 jax.grad keeps every layer's float W from the forward pass for the backward one (the
-whole model's float weights at once); so one layer's float weights live at a time, at
-the cost of converting them twice. With rank 0 (full fine-tuning) no hook is passed and
+whole model's float weights at once); under remat they need to live one layer at a
+time, at the cost of converting them twice (peak RSS did not drop: measured below). With rank 0 (full fine-tuning) no hook is passed and
 the step compiles to the same HLO as without this code (checked at the commit below).
 
 train.lora.dropout p: the adapter's input x (not x W) is dropped with probability p
@@ -30,12 +30,17 @@ key(DROPOUT_SEED) folded with the step (split per micro-batch), so a resumed run
 the same ones.
 
 The sampler gets one merged copy W' per call site (Trainer.model_params: once per
-validation, once per M-step result), and decode_step reads plain weights. Why not pass
-the adapters into decode_step too: a merged copy costs one model's weights for the call
-(the float32 base's size) against two extra small einsums per projection per token in
-every decode step and a dequantization per layer per step for a quantized base; the
-hook would allow it (decode_step applies the same Block), but it is not measured here
-and the merge stays.
+validation, once per M-step result; the M-step's result is the iteration's saved model
+anyway). decode_step accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py
+measures one generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64
+greedy tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS,
+and XLA's memory analysis of the compiled call incl. the base held beside it):
+float32 base: merge 2.51 GB (XLA 1.39), in-Block 1.85 GB (XLA 0.86): the merged copy;
+int8 base: merge 2.07 GB (XLA 1.08, temp 0.30), in-Block 2.32 GB (XLA 0.96, temp 0.72):
+XLA hoists every layer's dequantization out of the decode loop, so the float weights
+exist for the whole call. Greedy tokens are equal both ways. The Sampler keeps the merge
+(a): worse for a quantized base, and the float32 gain (one model copy during sampling)
+needs the adapters threaded through sampling.py, not done.
 
 The frozen base can be kept in another dtype (`train.lora.base_dtype`): bfloat16, or
 quantized (QLoRA): "int8" (per-output-channel absmax) or "nf4" (4-bit NormalFloat,
@@ -50,7 +55,30 @@ Block directly, outside any wrapped model. Its QLoRA base is a tree of WithAux w
 that our checkpoint and sharding code does not read. The hook here is one argument of
 Block and a few einsums on the pytree.
 
-MEASURED
+Measured (benchmarks/train_step.py --lora [--recipe=gemma3_270m]: real weights, batch
+4 x 128, rank 16 on all 7 matrices, each variant in its own process; peak RSS in GB,
+params resident before: SmolLM2 ~1.0, Gemma ~2.1), merging W' in the step (before,
+commit 68bcaac = main + the --recipe option) vs in-Block (after, commits 2c7fe96 /
+08eab17), same session on a shared 2-core AMD EPYC CPU at load 2-9 (other jobs' memory
+varied too):
+
+                     full   lora f32   bf16   int8   nf4
+    SmolLM2  before  4.43     3.76     4.09   4.10   4.07
+             after   4.40     3.72     4.39   4.28   4.24
+    Gemma    before  7.98     4.46     5.48   5.62   5.42
+             after   7.90     4.68     5.88   5.90   5.77
+
+The expected saving (no merged W', no dW') does not show in peak RSS on CPU: the
+in-Block step peaks about the same (SmolLM2 float32 base -0.04 GB) or higher (Gemma
+float32 +0.22; bf16 / int8 / nf4 bases +0.17 to +0.40), and its compile is longer
+(remat). Likely reason: with per-layer params XLA already freed each layer's W' and dW'
+soon after use, so they were never all alive at the peak (XLA's memory analysis of the
+compiled SmolLM2 step, temporaries: before full 1.42 GB, lora 1.55, bf16 1.55; after
+lora 1.43, bf16 1.74: the float32 base saves 0.12 GB of temporaries, the bf16 base's
+converted weights cost 0.20 GB more, so remat does not keep them to one layer here).
+Losses are equal to the merged step's to 4 digits. The gain is the structure: the step
+holds no full-size gradient, the grad pytree is adapters only (tests/test_lora.py
+checks the jaxpr), and dropout on the adapter input becomes possible.
 
 Adapters carry the logical axes of W (A: in-axes, rank; B: rank, out-axes; rank
 unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
