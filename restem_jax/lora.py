@@ -22,7 +22,8 @@ is converted / dequantized where the layer reads it, under jax.checkpoint: other
 jax.grad keeps every layer's float W from the forward pass for the backward one (the
 whole model's float weights at once); under remat they need to live one layer at a
 time, at the cost of converting them twice (peak RSS did not drop: measured below). With rank 0 (full fine-tuning) no hook is passed and
-the step compiles to the same HLO as without this code (checked at the commit below).
+the step compiles to the same HLO as without this code (2c7fe96 vs 68bcaac: the jaxpr
+and the optimized HLO, minus source locations, are identical; 1 and 2 micro-batches).
 
 train.lora.dropout p: the adapter's input x (not x W) is dropped with probability p
 and rescaled by 1 / (1 - p), as PEFT does; training only. The masks come from
