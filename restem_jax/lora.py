@@ -74,9 +74,10 @@ in-Block step peaks about the same (SmolLM2 float32 base -0.04 GB) or higher (Ge
 float32 +0.22; bf16 / int8 / nf4 bases +0.17 to +0.40), and its compile is longer
 (remat). Likely reason: with per-layer params XLA already freed each layer's W' and dW'
 soon after use, so they were never all alive at the peak (XLA's memory analysis of the
-compiled SmolLM2 step, temporaries: before full 1.42 GB, lora 1.55, bf16 1.55; after
-lora 1.43, bf16 1.74: the float32 base saves 0.12 GB of temporaries, the bf16 base's
-converted weights cost 0.20 GB more, so remat does not keep them to one layer here).
+compiled SmolLM2 step, temporaries: before full 1.42 GB, lora 1.55, bf16 1.55, int8
+1.55; after lora 1.43, bf16 1.74, int8 1.74: the float32 base saves 0.12 GB, a bf16 or
+int8 base's converted weights cost 0.20 GB more, so remat does not keep them to one
+layer here).
 Losses are equal to the merged step's to 4 digits. The gain is the structure: the step
 holds no full-size gradient, the grad pytree is adapters only (tests/test_lora.py
 checks the jaxpr), and dropout on the adapter input becomes possible.
