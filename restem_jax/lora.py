@@ -2,42 +2,85 @@
 
 For each target matrix W (`train.lora.targets`: q, k, v, o, gate, up, down of every
 layer; each layer's are their own arrays, params["layers_<i>"], model.py) the adapted
-weight is
+projection is
 
-    W' = W + (alpha / rank) * A @ B,    A: [in, rank] (random),  B: [rank, out] (zeros)
+    x W + s (x A) B  (= x W' with W' = W + s A B),   s = alpha / rank,
+    A: [in, rank] (random),  B: [rank, out] (zeros)
 
 where "in" are the axes the model's einsum contracts (embed for q/k/v/gate/up, heads x
 head_dim for o, mlp for down) and "out" the others. The adapters mirror the params'
-layout: adapters["layers_<i>"][target] = {"a", "b"}. B starts at zero, so W' = W before
-training.
+layout: adapters["layers_<i>"][target] = {"a", "b"}. B starts at zero, so the adapted
+model is the base before training.
 
 How it is used (training.Trainer with train.lora.rank > 0): the train state holds only
 the adapters and their optimizer state; the base is a jit argument that is never
-differentiated, and `merge(base, adapters)` runs inside the jitted step, so gradients
-and Adam moments exist for A and B alone. The sampler gets one merged copy per call site
-(Trainer.model_params: once per validation, once per M-step result), since
-decode_step reads plain weights.
+differentiated, and the model applies the adapters inside each Block: Transformer(...,
+lora=Adapters.apply(adapters)) hands layer i's adapters to Block i, whose projections go
+through model._project, here LayerAdapters.project. No merged W' and no full-size
+gradient dW exist in the step, only dA, dB (and dx). A bfloat16 or quantized base leaf
+is converted / dequantized where the layer reads it, under jax.checkpoint: otherwise
+jax.grad keeps every layer's float W from the forward pass for the backward one (the
+whole model's float weights at once); under remat they need to live one layer at a
+time, at the cost of converting them twice (peak RSS did not drop: measured below). With rank 0 (full fine-tuning) no hook is passed and
+the step compiles to the same HLO as without this code (2c7fe96 vs 68bcaac: the jaxpr
+and the optimized HLO, minus source locations, are identical; 1 and 2 micro-batches).
+
+train.lora.dropout p: the adapter's input x (not x W) is dropped with probability p
+and rescaled by 1 / (1 - p), as PEFT does; training only. The masks come from
+key(DROPOUT_SEED) folded with the step (split per micro-batch), so a resumed run draws
+the same ones.
+
+The sampler gets one merged copy W' per call site (Trainer.model_params: once per
+validation, once per M-step result; the M-step's result is the iteration's saved model
+anyway). decode_step accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py
+measures one generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64
+greedy tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS,
+and XLA's memory analysis of the compiled call incl. the base held beside it):
+float32 base: merge 2.51 GB (XLA 1.39), in-Block 1.85 GB (XLA 0.86): the merged copy;
+int8 base: merge 2.07 GB (XLA 1.08, temp 0.30), in-Block 2.32 GB (XLA 0.96, temp 0.72):
+XLA hoists every layer's dequantization out of the decode loop, so the float weights
+exist for the whole call. Greedy tokens are equal both ways. The Sampler keeps the merge
+(a): worse for a quantized base, and the float32 gain (one model copy during sampling)
+needs the adapters threaded through sampling.py, not done.
 
 The frozen base can be kept in another dtype (`train.lora.base_dtype`): bfloat16, or
 quantized (QLoRA): "int8" (per-output-channel absmax) or "nf4" (4-bit NormalFloat,
-absmax blocks of 64 along the input axis, as in Dettmers et al. 2023), dequantized to
-float32 inside the step. The quantization is google/qwix's (`qwix.quantize` /
-`qwix.dequantize`; its QArray is a pytree, so a quantized base is still a params pytree
-with shardings).
+absmax blocks of 64 along the input axis, as in Dettmers et al. 2023). The quantization
+is google/qwix's (`qwix.quantize` / `qwix.dequantize`; its QArray is a pytree, so a
+quantized base is still a params pytree with shardings).
 
 Why not qwix's LoRA too (qwix.LoraProvider, what tunix uses): it intercepts the einsums
 of a wrapped Flax module and selects weights by *module path*; our seven matrices live in
 one Block module, so targets could not be chosen, and the sampler's decode_step applies
 Block directly, outside any wrapped model. Its QLoRA base is a tree of WithAux wrappers
-that our checkpoint and sharding code does not read. The adapter math here is a few
-einsums on the pytree, independent of the model code.
+that our checkpoint and sharding code does not read. The hook here is one argument of
+Block and a few einsums on the pytree.
 
-Measured trade-off of merging inside the step (benchmarks/train_step.py --lora): no
-full-size optimizer state and no update of W, but the step still holds the merged
-weights W' (the backward pass reads them) and full-size gradients dW' transiently.
-Applying the adapter inside Block instead (x W + s (x A) B) would drop the merged
-copy too, but Block would then read adapters and a quantized base (dequantized inside
-the model); that hook in model.py is left for later.
+Measured (benchmarks/train_step.py --lora [--recipe=gemma3_270m]: real weights, batch
+4 x 128, rank 16 on all 7 matrices, each variant in its own process; peak RSS in GB,
+params resident before: SmolLM2 ~1.0, Gemma ~2.1), merging W' in the step (before,
+commit 68bcaac = main + the --recipe option) vs in-Block (after, commits 2c7fe96 /
+08eab17), same session on a shared 2-core AMD EPYC CPU at load 2-9 (other jobs' memory
+varied too):
+
+                     full   lora f32   bf16   int8   nf4
+    SmolLM2  before  4.43     3.76     4.09   4.10   4.07
+             after   4.40     3.72     4.39   4.28   4.24
+    Gemma    before  7.98     4.46     5.48   5.62   5.42
+             after   7.90     4.68     5.88   5.90   5.77
+
+The expected saving (no merged W', no dW') does not show in peak RSS on CPU: the
+in-Block step peaks about the same (SmolLM2 float32 base -0.04 GB) or higher (Gemma
+float32 +0.22; bf16 / int8 / nf4 bases +0.17 to +0.40), and its compile is longer
+(remat). Likely reason: with per-layer params XLA already freed each layer's W' and dW'
+soon after use, so they were never all alive at the peak (XLA's memory analysis of the
+compiled SmolLM2 step, temporaries: before full 1.42 GB, lora 1.55, bf16 1.55, int8
+1.55; after lora 1.43, bf16 1.74, int8 1.74: the float32 base saves 0.12 GB, a bf16 or
+int8 base's converted weights cost 0.20 GB more, so remat does not keep them to one
+layer here).
+Losses are equal to the merged step's to 4 digits. The gain is the structure: the step
+holds no full-size gradient, the grad pytree is adapters only (tests/test_lora.py
+checks the jaxpr), and dropout on the adapter input becomes possible.
 
 Adapters carry the logical axes of W (A: in-axes, rank; B: rank, out-axes; rank
 unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
@@ -64,6 +107,7 @@ BASE_DTYPES = configlib.LORA_BASE_DTYPES
 IN_AXES = {"q": ("embed",), "k": ("embed",), "v": ("embed",), "o": ("heads", "head_dim"),
            "gate": ("embed",), "up": ("embed",), "down": ("mlp",)}
 NF4_BLOCK = 64  # QLoRA's block size along the input axis.
+DROPOUT_SEED = 0  # train.lora.dropout's masks: key(DROPOUT_SEED) folded with the step.
 
 Path = tuple[str, ...]
 
@@ -186,14 +230,80 @@ def dequantize(x: Any) -> jax.Array:
   return _qwix().dequantize(x) if is_quantized(x) else x
 
 
+def _low_rank_subscripts(subscripts: str) -> tuple[str, str]:
+  """The einsums of x A and (x A) B for the model's x W einsum "x,w->y": A's axes are W's
+  contracted (input) axes + rank, B's are rank + W's output axes (the adapters' layout)."""
+  operands, y = subscripts.split("->")
+  x, w = operands.split(",")
+  r = next(c for c in "rzyxwvu" if c not in subscripts)
+  w_in = "".join(c for c in w if c not in y)
+  w_out = "".join(c for c in w if c in y)
+  x_rest = "".join(c for c in x if c not in w_in)
+  return f"{x},{w_in}{r}->{x_rest}{r}", f"{x_rest}{r},{r}{w_out}->{y}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAdapters:
+  """One layer's adapters as model.Block applies them (the `lora` hook of model._project)."""
+  adapters: dict[str, Any]  # target -> {"a", "b"}
+  scale: float
+  dropout: float = 0.0
+  rng: jax.Array | None = None  # dropout's key for this layer; None: no dropout
+
+  def weight(self, w: Any, dt: Any) -> jax.Array:
+    """A base weight in the compute dtype (a quantized one dequantized here, per layer)."""
+    return dequantize(w).astype(dt)
+
+  def project(self, name: str, subscripts: str, x: jax.Array, w: Any, dt: Any) -> jax.Array:
+    """x W + scale (x A) B for a target (x W alone for the others): no W + s A B and,
+    since the base is not differentiated, no dW; the backward pass computes dx, dA, dB."""
+    ab = self.adapters.get(name)
+    if ab is None:
+      return jnp.einsum(subscripts, x, self.weight(w, dt))
+    xa_sub, xab_sub = _low_rank_subscripts(subscripts)
+    key = None if self.rng is None else jax.random.fold_in(self.rng, TARGETS.index(name))
+
+    def proj(x, w, a, b):
+      y = jnp.einsum(subscripts, x, self.weight(w, dt))
+      if key is not None:  # Dropout on the adapter's input only (as PEFT): W sees all of x.
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+      xa = jnp.einsum(xa_sub, x, a.astype(dt))
+      return y + (self.scale * jnp.einsum(xab_sub, xa, b.astype(dt))).astype(y.dtype)
+
+    if is_quantized(w) or w.dtype != dt:
+      # The float W is an intermediate computed from the base alone: jax.grad would keep
+      # every layer's as a residual for the backward pass (the whole model's float weights
+      # at once). Under remat the residual is the stored base leaf and the backward pass
+      # dequantizes again, one layer at a time.
+      proj = jax.checkpoint(proj)
+    return proj(x, w, ab["a"], ab["b"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAdapters:
+  """The `lora` argument of model.Transformer: every layer's adapters (the train state's
+  adapters pytree), the scale, and dropout with its key (training only)."""
+  adapters: Any  # adapters["layers_<i>"][target] = {"a", "b"}
+  scale: float
+  dropout: float = 0.0
+  rng: jax.Array | None = None
+
+  def layer(self, i: int) -> LayerAdapters | None:
+    ad = self.adapters.get(model_lib.layer_name(i))
+    if ad is None:
+      return None
+    use_dropout = self.dropout > 0 and self.rng is not None
+    return LayerAdapters(ad, self.scale, self.dropout if use_dropout else 0.0,
+                         jax.random.fold_in(self.rng, i) if use_dropout else None)
+
+
 class Adapters:
   """LoRA adapters of one model config on one mesh: shapes, shardings, init, merge."""
 
   def __init__(self, model_cfg: model_lib.ModelConfig, lora_cfg: LoraConfig, mesh: Mesh):
-    if lora_cfg.dropout:
-      raise errors.ConfigError(
-          f"train.lora.dropout={lora_cfg.dropout}: not supported, the adapter is merged into "
-          "the weights inside the step (no separate adapter input to drop); use 0")
+    if not 0 <= lora_cfg.dropout < 1:
+      raise errors.ConfigError(f"train.lora.dropout={lora_cfg.dropout}: must be in [0, 1)")
     self.model_cfg, self.cfg, self.mesh = model_cfg, lora_cfg, mesh
     self.targets = _targets(model_cfg, lora_cfg.targets)
     self._by_path = {t.path: t for t in self.targets}
@@ -275,6 +385,11 @@ class Adapters:
     t = self._by_path[path]
     return self.cfg.scale * jnp.einsum(t.delta_subscripts(), a.astype(jnp.float32),
                                        b.astype(jnp.float32))
+
+  def apply(self, adapters: Any, rng: jax.Array | None = None) -> ModelAdapters:
+    """The `lora` argument of model.Transformer for these adapters: the train step applies
+    them inside each Block on the frozen base. rng: dropout's key (training); None: none."""
+    return ModelAdapters(adapters, self.cfg.scale, self.cfg.dropout, rng)
 
   def merge(self, base: Any, adapters: Any, dtype: Any = None) -> Any:
     """Params of the adapted model: W + scale * A @ B for every target (computed in

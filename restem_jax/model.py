@@ -463,12 +463,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, rope_BxL: LayerRopeTables,
                is_local: IsLocal, key_pos_BxS: jax.Array | None,
-               key_valid_BxS: jax.Array | None, cache: LayerCache | SharedPrefixCache | None
-               ) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
+               key_valid_BxS: jax.Array | None, cache: LayerCache | SharedPrefixCache | None,
+               lora: Any = None) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
     """Returns (new residual stream, this layer's updated cache or None).
 
     is_local: whether this is a sliding-window layer (IsLocal). With a SharedPrefixCache
-    (decoding), key_pos_BxS and key_valid_BxS are unused.
+    (decoding), key_pos_BxS and key_valid_BxS are unused. lora: None, or this layer's
+    LoRA adapters (lora.LayerAdapters; see _project).
     """
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -483,9 +484,9 @@ class Block(nn.Module):
     wv = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init, pdt)
     wo = _param(self, "o", (n, h, d), ("heads", "head_dim", "embed"),
                 nn.initializers.normal(stddev=(n * h) ** -0.5), pdt)
-    q_BxLxNxH = jnp.einsum("bld,dnh->blnh", hx, wq.astype(dt))
-    k_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wk.astype(dt))
-    v_BxLxKxH = jnp.einsum("bld,dkh->blkh", hx, wv.astype(dt))
+    q_BxLxNxH = _project(lora, "q", "bld,dnh->blnh", hx, wq, dt)
+    k_BxLxKxH = _project(lora, "k", "bld,dkh->blkh", hx, wk, dt)
+    v_BxLxKxH = _project(lora, "v", "bld,dkh->blkh", hx, wv, dt)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_BxLxNxH += _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros, pdt).astype(dt)
@@ -507,7 +508,7 @@ class Block(nn.Module):
       attn_BxLxNxH, cache = _attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL,
                                        key_pos_BxS, key_valid_BxS, cache, is_local)
     attn_BxLxNxH = cons(attn_BxLxNxH, ("act_batch", "act_len", "act_heads", None))
-    out_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, wo.astype(dt))
+    out_BxLxD = _project(lora, "o", "blnh,nhd->bld", attn_BxLxNxH, wo, dt)
     if cfg.post_norms:
       out_BxLxD = _norm(cfg, "post_attn_norm")(out_BxLxD)
     x_BxLxD = cons(x_BxLxD + out_BxLxD, ("act_batch", "act_len", "act_embed"))
@@ -518,16 +519,27 @@ class Block(nn.Module):
     w_up = _param(self, "up", (d, cfg.d_ff), ("embed", "mlp"), init, pdt)
     w_down = _param(self, "down", (cfg.d_ff, d), ("mlp", "embed"),
                     nn.initializers.normal(stddev=cfg.d_ff ** -0.5), pdt)
-    gate_BxLxF = jnp.einsum("bld,df->blf", hx, w_gate.astype(dt))
-    up_BxLxF = jnp.einsum("bld,df->blf", hx, w_up.astype(dt))
+    gate_BxLxF = _project(lora, "gate", "bld,df->blf", hx, w_gate, dt)
+    up_BxLxF = _project(lora, "up", "bld,df->blf", hx, w_up, dt)
     act = (jax.nn.silu if cfg.mlp_activation == "silu"
            else lambda x: jax.nn.gelu(x, approximate=True))
     hidden_BxLxF = cons(act(gate_BxLxF) * up_BxLxF, ("act_batch", "act_len", "act_mlp"))
-    out_BxLxD = jnp.einsum("blf,fd->bld", hidden_BxLxF, w_down.astype(dt))
+    out_BxLxD = _project(lora, "down", "blf,fd->bld", hidden_BxLxF, w_down, dt)
     if cfg.post_norms:
       out_BxLxD = _norm(cfg, "post_mlp_norm")(out_BxLxD)
     x_BxLxD = cons(x_BxLxD + out_BxLxD, ("act_batch", "act_len", "act_embed"))
     return x_BxLxD, cache
+
+
+def _project(lora: Any, name: str, subscripts: str, x: jax.Array, w: Any, dt: Any) -> jax.Array:
+  """x W by `subscripts`. With a LoRA hook (lora.LayerAdapters, train.lora.rank > 0) the
+  hook computes it: x W + s (x A) B, W dequantized (a quantized base leaf is a qwix
+  QArray: Flax's param shape check pairs its first leaf, qvalue, with W's shape). The
+  hook's math lives in lora.py; without one (full fine-tuning, sampling) this is the
+  plain einsum, the same computation as without the hook."""
+  if lora is None:
+    return jnp.einsum(subscripts, x, w.astype(dt))
+  return lora.project(name, subscripts, x, w, dt)
 
 
 def _attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array,
@@ -603,7 +615,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None, *,
                input_mask_BxL: jax.Array | None = None,
                cache: Cache | None = None,
-               logits_at_BxT: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+               logits_at_BxT: jax.Array | None = None,
+               lora: Any = None) -> tuple[jax.Array, Cache | None]:
     """Returns (float32 logits [B, L, V], updated cache or None).
 
     Args:
@@ -617,6 +630,8 @@ class Transformer(nn.Module):
         positions ([B, T, V]). Training needs logits only where there is a target
         (a ReST-EM batch is mostly prompt): the output projection, the largest
         matmul of a big-vocabulary model, then costs T/L of the full one.
+      lora: None, or LoRA adapters applied inside each Block (lora.ModelAdapters: its
+        layer(i) is layer i's hook, or None); the params are then the frozen base.
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
@@ -642,7 +657,8 @@ class Transformer(nn.Module):
     for i, is_local in enumerate(cfg.local_layers):
       layer_cache = None if cache is None else {k: c[i] for k, c in cache.items()}
       x_BxLxD, layer_cache = Block(cfg, self.mesh, name=layer_name(i))(
-          x_BxLxD, positions_BxL, tables, is_local, key_pos_BxS, key_valid_BxS, layer_cache)
+          x_BxLxD, positions_BxL, tables, is_local, key_pos_BxS, key_valid_BxS, layer_cache,
+          None if lora is None else lora.layer(i))
       new_caches.append(layer_cache)
     new_cache = None if cache is None else {
         k: partitioning.constrain(jnp.stack([c[k] for c in new_caches]), self.mesh, CACHE_AXES)
@@ -661,8 +677,8 @@ class Transformer(nn.Module):
 
 def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
                 tokens_BxL: jax.Array, positions_BxL: jax.Array,
-                layer_caches: Sequence[LayerCache] | Sequence[SharedPrefixCache]
-                ) -> tuple[jax.Array, list[Any]]:
+                layer_caches: Sequence[LayerCache] | Sequence[SharedPrefixCache],
+                lora: Any = None) -> tuple[jax.Array, list[Any]]:
   """Transformer(cfg, mesh).apply(..., cache=...) for per-layer weights and caches.
 
   Same math as the cached Transformer call (the same Block, layer by layer), but
@@ -670,7 +686,8 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
   either per-row LayerCaches or SharedPrefixCaches (the Sampler's). Each
   layer's weights and cache are their own arrays, read (and the cache updated)
   in place: reading a layer out of a stacked array copies it (module docstring).
-  Returns (float32 logits [B, L, V], the updated per-layer caches).
+  Returns (float32 logits [B, L, V], the updated per-layer caches). lora: as for
+  Transformer (benchmarks/lora_sampling_memory.py; the Sampler passes merged weights).
   """
   b = tokens_BxL.shape[0]
   if isinstance(layer_caches[0], SharedPrefixCache):
@@ -681,9 +698,11 @@ def decode_step(cfg: ModelConfig, mesh: Mesh | None, params: dict[str, Any],
   tables = layer_rope_tables(cfg, positions_BxL)
   block = Block(cfg, mesh)
   new_caches = []
-  for weights, cache, is_local in zip(layer_params(cfg, params), layer_caches, cfg.local_layers):
+  for i, (weights, cache, is_local) in enumerate(zip(layer_params(cfg, params), layer_caches,
+                                                     cfg.local_layers)):
     x_BxLxD, cache = block.apply({"params": weights}, x_BxLxD, positions_BxL, tables, is_local,
-                                 key_pos_BxS, key_valid_BxS, cache)
+                                 key_pos_BxS, key_valid_BxS, cache,
+                                 None if lora is None else lora.layer(i))
     new_caches.append(cache)
   x_BxLxD = _norm(cfg).apply({"params": params["final_norm"]}, x_BxLxD)
   w_out_DxV = params["embedding"].T if cfg.tie_embeddings else params["lm_head"]

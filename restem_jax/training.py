@@ -110,19 +110,22 @@ def target_window(loss_mask_BxL: np.ndarray) -> int | None:
 
 
 def _numerator_and_counts(params: Any, batch: dict, model: nn.Module,
-                          target_len: int | None = None
+                          target_len: int | None = None, lora: Any = None
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need.
 
   target_len (target_window of the batch): logits only for that many positions per
-  row, from the row's first target position on; None: every position."""
+  row, from the row's first target position on; None: every position. lora: None, or
+  LoRA adapters the model applies inside its Blocks (lora.ModelAdapters) on `params`,
+  the frozen base."""
+  apply_kw = {} if lora is None else {"lora": lora}
   tokens_BxL = batch["tokens_BxL"]
   mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
   weights_B = batch["weights_B"].astype(jnp.float32)
   # Label at position t is token t + 1; the last position has none (mask is 0 there).
   labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
   if target_len is None:
-    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL)
+    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, **apply_kw)
     mask_BxT, labels_BxT = mask_BxL, labels_BxL
   else:
     seq_len = tokens_BxL.shape[1]
@@ -132,7 +135,8 @@ def _numerator_and_counts(params: Any, batch: dict, model: nn.Module,
     at_BxT = jnp.minimum(at_BxT, seq_len - 1)
     mask_BxT = jnp.take_along_axis(mask_BxL, at_BxT, axis=1) * in_row_BxT
     labels_BxT = jnp.take_along_axis(labels_BxL, at_BxT, axis=1)
-    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, logits_at_BxT=at_BxT)
+    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, logits_at_BxT=at_BxT,
+                                  **apply_kw)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   # Select the label logit with an elementwise compare rather than a gather, so a
   # vocab dimension sharded over the tensor axis needs only a reduction.
@@ -160,11 +164,13 @@ def check_normalization(normalization: str) -> None:
 
 
 def loss_fn(params: Any, batch: dict, model: nn.Module, normalization: str,
-            target_len: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            target_len: int | None = None, lora: Any = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Reward-weighted next-token NLL of `batch` (see the module docstring). Pure.
-  target_len: target_window(batch mask) or None (the same loss, less work)."""
+  target_len: target_window(batch mask) or None (the same loss, less work). lora: None,
+  or adapters applied inside the model on the base `params` (lora.Adapters.apply)."""
   check_normalization(normalization)
-  numerator, counts = _numerator_and_counts(params, batch, model, target_len)
+  numerator, counts = _numerator_and_counts(params, batch, model, target_len, lora)
   loss = numerator / _denominator(counts, normalization)
   return loss, {**counts, "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(
       counts["tokens"], 1.0)}
@@ -248,7 +254,8 @@ class Trainer:
 
   With train.lora.rank > 0 the state's params are LoRA adapters (lora.py): the frozen
   base is set by init_state / attach_base, passed to the jitted step as an argument that
-  is neither differentiated nor donated, and merged with the adapters inside the step.
+  is neither differentiated nor donated, and the model applies the adapters to it inside
+  each Block (x W + s (x A) B): gradients exist for A and B only.
   `model_params(state.params)` is the model's params in both modes.
   """
 
@@ -367,20 +374,25 @@ class Trainer:
 
   def _train_step(self, state: TrainState, base: Any, batch: dict,
                   target_len: int | None = None) -> tuple[TrainState, dict]:
+    rng = None  # LoRA dropout's key: one per step (the same again after a resume).
     if self.adapters is None:
-      as_params = lambda p: p
-    else:  # Merged inside the step: the base gets no gradient, the adapters do.
-      as_params = lambda a: self.adapters.merge(base, a, self.model_cfg.compute_dtype)
-    grad_fn = jax.grad(
-        lambda p, b: _numerator_and_counts(as_params(p), b, self.model, target_len),
-        has_aux=True)
+      objective = lambda p, b, rng: _numerator_and_counts(p, b, self.model, target_len)
+    else:  # Applied inside the model: the base gets no gradient, the adapters do.
+      objective = lambda a, b, rng: _numerator_and_counts(base, b, self.model, target_len,
+                                                          self.adapters.apply(a, rng))
+      if self.adapters.cfg.dropout:
+        rng = jax.random.fold_in(jax.random.key(lora_lib.DROPOUT_SEED), state.step)
+    grad_fn = jax.grad(objective, has_aux=True)
     if self.micro_batches == 1:
-      numerator_grads, counts = grad_fn(state.params, batch)
+      numerator_grads, counts = grad_fn(state.params, batch, rng)
     else:
       micro = jax.tree.map(self._micro_split, batch)
+      if rng is not None:  # Each micro-batch its own dropout key.
+        micro = (micro, jax.random.split(rng, self.micro_batches))
 
       def body(acc, mb):
-        g, c = grad_fn(state.params, mb)
+        mb, key = mb if rng is not None else (mb, None)
+        g, c = grad_fn(state.params, mb, key)
         return jax.tree.map(jnp.add, acc, (g, c)), None
 
       zeros = (jax.tree.map(jnp.zeros_like, state.params),

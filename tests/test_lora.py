@@ -1,6 +1,7 @@
 """LoRA / QLoRA M-steps (restem_jax/lora.py): the adapted model against float64 numpy,
 gradients against float64 finite differences, frozen base, sharding invariance, the
 quantized base's error, and train.lora's config checks."""
+import dataclasses
 import glob
 import json
 import os
@@ -150,6 +151,117 @@ def test_fresh_adapters_get_gradient_only_through_b(params):
       ad.init(jax.random.key(1))))
   for _, _, g in per_target(grads):
     assert not np.any(g["a"]) and np.abs(g["b"]).max() > 1e-4
+
+
+def _eqn_shapes(jaxpr, prims):
+  """Output shapes of every equation of `prims` in a jaxpr and its sub-jaxprs (pjit, remat)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in prims:
+      out += [tuple(v.aval.shape) for v in eqn.outvars]
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out += _eqn_shapes(sub, prims)
+  return out
+
+
+@pytest.mark.parametrize("base_dtype", ["", "bfloat16", "int8"])
+def test_in_block_adapters_equal_merging_and_make_no_weight_gradient(params, base_dtype):
+  """The train step's formulation (x W + s (x A) B inside each Block, model._project)
+  against merging W' = W + s A B first (what the step did before): the same loss and the
+  same dA, dB to float32 rounding; and no W-shaped product or sum (a merged W' or a dW)
+  anywhere in the gradient's computation, which the merging formulation has."""
+  if base_dtype == "int8":
+    pytest.importorskip("qwix")
+  cfg = tiny_cfg()
+  ad = lora.Adapters(cfg, lora_cfg(base_dtype), mesh1())
+  base = ad.prepare_base(params)
+  adapters = random_adapters(ad, 13)
+  model = M.Transformer(cfg)
+  batch = jax.tree.map(jnp.asarray, random_batch(4))
+  in_block = lambda a: T.loss_fn(base, batch, model, "token", lora=ad.apply(a))[0]
+  merging = lambda a: T.loss_fn(ad.merge(base, a, jnp.float32), batch, model, "token")[0]
+  (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(adapters) for f in (in_block, merging))
+  np.testing.assert_allclose(float(l1), float(l2), rtol=2e-6)
+  assert jax.tree.structure(g1) == jax.tree.structure(adapters)  # adapter leaves only
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(host(g1)), jax.tree.leaves(host(g2))):
+    assert np.abs(y).max() > 1e-4
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * np.abs(y).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  w_shapes = {t.shape for t in ad.targets}
+  prims = ("dot_general", "add", "add_any")
+  shapes = lambda f: set(_eqn_shapes(jax.make_jaxpr(jax.grad(f))(adapters).jaxpr, prims))
+  assert not shapes(in_block) & w_shapes
+  assert shapes(merging) >= w_shapes  # the check would see them
+
+
+def test_dropout_on_the_adapter_input(params):
+  """train.lora.dropout p: the adapter sees x with entries zeroed with probability p and
+  the rest scaled by 1 / (1 - p); x W does not (with B = 0 the loss is the base's exactly).
+  Inverted dropout is unbiased: dB averaged over masks is the dB without dropout."""
+  cfg = tiny_cfg()
+  with pytest.raises(errors.ConfigError, match="train.lora.dropout=1.0: must be in"):
+    lora.Adapters(cfg, dataclasses.replace(lora_cfg(), dropout=1.0), mesh1())
+  ad = lora.Adapters(cfg, dataclasses.replace(lora_cfg(), dropout=0.1), mesh1())
+  model = M.Transformer(cfg)
+  batch = jax.tree.map(jnp.asarray, random_batch(5))
+  fresh = ad.init(jax.random.key(2))  # B = 0
+  loss = jax.jit(lambda a, key: T.loss_fn(params, batch, model, "token", lora=ad.apply(a, key)))
+  grad = jax.jit(jax.grad(lambda a, key: loss(a, key)[0]))
+  assert float(loss(fresh, jax.random.key(0))[0]) == float(loss(fresh, None)[0])
+  no_drop = host(grad(fresh, None))
+  one = host(grad(fresh, jax.random.key(0)))
+  mean = jax.tree.map(lambda *g: np.mean(g, axis=0),
+                      *[host(grad(fresh, jax.random.key(k))) for k in range(64)])
+  for (path, g), g1, gm in zip(jax.tree_util.tree_leaves_with_path(no_drop),
+                               jax.tree.leaves(one), jax.tree.leaves(mean)):
+    if path[-1].key == "a":  # B = 0: dA = 0 with or without dropout
+      assert not np.any(g) and not np.any(g1)
+      continue
+    rel = lambda x: np.linalg.norm(x - g) / np.linalg.norm(g)
+    assert rel(g1) > 0.02, jax.tree_util.keystr(path)  # one mask moves dB,
+    assert rel(gm) < 0.35 * rel(g1), jax.tree_util.keystr(path)  # 64 average out
+  # The Trainer draws a mask per step (and per micro-batch) from the step number: two
+  # runs of the same steps agree, and differ from a run without dropout.
+  def run(dropout, micro_batches=1):
+    c = lora_train_cfg(micro_batches=micro_batches)
+    c.lora.dropout = dropout
+    tr = T.Trainer(cfg, c, mesh1())
+    state = tr.init_state(params, rng=jax.random.key(0))
+    for seed in range(2):
+      state, m = tr.step(state, random_batch(seed, weights=[1.0] * 8))
+    return host(state.params), m
+  (a1, m1), (a2, m2), (a0, m0) = run(0.1), run(0.1), run(0.0)
+  assert m1 == m2 and m1["loss"] != m0["loss"]
+  jax.tree.map(np.testing.assert_array_equal, a1, a2)
+  _, m_micro = run(0.1, micro_batches=2)
+  assert np.isfinite(m_micro["loss"]) and m_micro["loss"] != m1["loss"]
+
+
+def test_decode_step_with_the_hook_equals_merged_weights(params):
+  """Prefill + 4 decode steps on the base with lora=Adapters.apply(...) (what
+  benchmarks/lora_sampling_memory.py measures) give the merged model's logits."""
+  cfg = tiny_cfg()
+  ad = lora.Adapters(cfg, lora_cfg(), mesh1())
+  adapters = random_adapters(ad, 3)
+  merged = ad.merged(params, adapters)
+
+  def run(p, hook):
+    cache = M.init_cache(cfg, 2)
+    out, cache = M.Transformer(cfg).apply({"params": p}, jnp.asarray(TOKENS[:, :6]),
+                                          cache=cache, lora=hook)
+    caches, outs = M.split_layers(cache, cfg.n_layers), [out[:, -1]]
+    for t in range(6, 10):
+      pos = jnp.full((2, 1), t, jnp.int32)
+      out, caches = M.decode_step(cfg, None, p, jnp.asarray(TOKENS[:, t:t + 1]), pos, caches,
+                                  hook)
+      outs.append(out[:, 0])
+    return np.stack(outs)
+
+  np.testing.assert_allclose(run(params, ad.apply(adapters)), run(merged, None),
+                             rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -307,13 +419,13 @@ def test_config_problems_name_the_field():
   c.train.lora.rank = 8
   assert configlib.problems(c) == []
   c.train.lora.alpha = 0.0
-  c.train.lora.dropout = 0.1
+  c.train.lora.dropout = 1.0
   c.train.lora.targets = ("q", "qkv")
   c.train.lora.base_dtype = "int4"
   lines = configlib.problems(c)
   assert len(lines) == 4, lines
   assert lines[0].startswith("train.lora.alpha=0.0: must be > 0")
-  assert lines[1].startswith("train.lora.dropout=0.1: only 0")
+  assert lines[1].startswith("train.lora.dropout=1.0: must be in [0, 1)")
   assert lines[2].startswith("train.lora.targets=('q', 'qkv'): give distinct names from q, k")
   assert lines[3].startswith("train.lora.base_dtype='int4': use one of '', 'float32'")
   c.train.lora.rank = -1
