@@ -50,6 +50,24 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 # ----------------------------------------------------------------------------- params
 
 
+class _OrbaxOrphanTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of Orbax's own tasks.
+
+  Orbax writes (and reads) arrays in asyncio tasks; when one fails (a full disk), its
+  sibling tasks' failures are reported again as multi-line tracebacks whenever the garbage
+  collector takes them: for an async save, in Orbax's background thread, before the failure
+  reaches us. The failure itself does reach the caller, which names the directory in one
+  line (CheckpointError). Installed on the asyncio logger at import; other asyncio reports
+  pass (this code base runs no asyncio of its own)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
+
+
+logging.getLogger("asyncio").addFilter(_OrbaxOrphanTasks())
+
+
 @contextlib.contextmanager
 def _orphan_reads_quieted() -> Iterator[None]:
   """Around an Orbax read. Orbax reads arrays in asyncio tasks; when one read fails, its

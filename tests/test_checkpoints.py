@@ -189,3 +189,28 @@ def test_check_model_config_compares_the_recorded_model(params8, tmp_path):
   other = str(tmp_path / "by_hand")
   C.save_params(other, params8, {"note": "no model config"})
   C.check_model_config(other, tiny_cfg(norm_unit_offset=True), "base.path")
+
+
+def test_orbax_orphan_task_reports_are_dropped_and_others_pass():
+  """asyncio's late "never retrieved" tracebacks of Orbax's tasks (a failed save's
+  siblings) are dropped; any other asyncio report still reaches the handlers."""
+  import logging
+  from restem_jax import checkpoints  # noqa: F401  (installs the filter)
+  seen = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+  logger = logging.getLogger("asyncio")
+  handler, level = Keep(), logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.ERROR)  # A failed read earlier in this process may have quieted it.
+  try:
+    logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<write() "
+                 "defined at /x/site-packages/orbax/checkpoint/_src/serialization.py:1>>")
+    logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<mine()>>")
+    logger.error("Unclosed client session")
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+  assert len(seen) == 2 and "mine()" in seen[0] and seen[1] == "Unclosed client session"
