@@ -58,7 +58,11 @@ class _OrbaxOrphanTasks(logging.Filter):
   collector takes them: for an async save, in Orbax's background thread, before the failure
   reaches us. The failure itself does reach the caller, which names the directory in one
   line (CheckpointError). Installed on the asyncio logger at import; other asyncio reports
-  pass (this code base runs no asyncio of its own)."""
+  pass (this code base runs no asyncio of its own). Reads keep their own scoped silence
+  (_orphan_reads_quieted): a failed read's orphans are TensorStore futures wrapped by
+  asyncio (coro `_wrap_awaitable`), whose reports name neither Orbax nor our code
+  (checked on a params checkpoint with garbled array files), so no filter can tell them
+  apart from another library's."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     msg = record.getMessage()
