@@ -216,13 +216,29 @@ class RunContext:
                weights: list[float] | None = None) -> list[improve.Example]:
     return improve.make_examples(self.task.vocabulary, pairs, self.model_cfg.max_seq_len, weights)
 
+  def kept_examples(self, m: wd.ModelPaths) -> list[improve.Example]:
+    """The E-step's kept samples in m.samples as M-step examples, weighted by reward."""
+    kept = samples.read_samples(m.samples)
+    return self.examples([(s.prompt, s.sample) for s in kept], [s.reward for s in kept])
+
+  def validation_fn(self) -> Callable[[Any], float] | None:
+    """The M-step's early-stopping reward (greedy pass@1 on validation); None without one."""
+    if not self.splits.val:
+      return None
+    return evaluate.make_validation_fn(self.sampler, self.task, self.splits.val,
+                                       **evaluate.sampling_budget(self.config))
+
+  @property
+  def base_path(self) -> str:
+    """Where theta_base's params are (restored by _run, or written there by pretraining)."""
+    c = self.config
+    return c.base.path if c.base.source == "checkpoint" else self.layout.base.model
+
   def finetune(self, init_params: Any, examples: list[improve.Example], train_dir: str,
                seed: int, train_cfg: ml_collections.ConfigDict | None = None,
                validate: bool = True) -> tuple[Any, dict]:
     c = self.config
-    eval_fn = (evaluate.make_validation_fn(self.sampler, self.task, self.splits.val,
-                                           **evaluate.sampling_budget(c))
-               if validate and self.splits.val else None)
+    eval_fn = self.validation_fn() if validate else None
     return improve.improve(model_cfg=self.model_cfg, train_cfg=train_cfg or c.train,
                            mesh=self.mesh, init_params=init_params, examples=examples,
                            seq_len=self.model_cfg.max_seq_len, eval_fn=eval_fn,
@@ -254,8 +270,7 @@ def m_step(ctx: RunContext, start: Any, m: wd.ModelPaths, iteration: int,
   """Improve(start, D_i): fine-tune `start` on the kept samples in m.samples."""
   ctx.log(f"iteration {iteration}: improve on {stats['kept']} kept samples "
           f"({stats['problems_solved']}/{stats['problems']} problems solved)")
-  kept = samples.read_samples(m.samples)
-  examples = ctx.examples([(s.prompt, s.sample) for s in kept], [s.reward for s in kept])
+  examples = ctx.kept_examples(m)
   if not examples:
     # An outcome, not bad input: nothing was solved, so there is nothing to
     # learn from; the iterate stays the start model and the run goes on.
@@ -286,7 +301,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
   c, layout = config, ctx.layout
 
   if c.base.source in ("checkpoint", "import"):
-    base = ctx.restore(c.base.path if c.base.source == "checkpoint" else layout.base.model)
+    base = ctx.restore(ctx.base_path)
   else:
     base = ctx.trained(layout.base, functools.partial(pretrain_base, ctx))
   results = [ctx.evaluated(layout.base, base)]

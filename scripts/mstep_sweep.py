@@ -46,7 +46,7 @@ def main(argv):
   del argv
   from restem_jax import configlib, quiet  # pylint: disable=import-outside-toplevel
   quiet.import_tensorflow()  # As restem_jax.main: no C++ start-up noise on a CPU.
-  from restem_jax import run, samples  # pylint: disable=import-outside-toplevel
+  from restem_jax import run  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   configlib.validate(c)
   settings = [parse_setting(c.train, s) for s in _SET.value]  # Bad flags fail before loading.
@@ -59,18 +59,16 @@ def main(argv):
   if not ctx.progress.is_done(it.generated):
     raise app.UsageError(f"{_WORKDIR.value}: iteration {_ITERATION.value}'s E-step is not done; "
                          "run the experiment until its 'improve on ... kept samples' line")
-  if not ctx.splits.val:
+  validate = ctx.validation_fn()
+  if validate is None:
     raise app.UsageError("task.num_val=0: there is no validation split to choose on")
   if _ITERATION.value > 1 and c.restem.finetune_from != "base":
     raise app.UsageError("restem.finetune_from='previous': sweep iteration 1 only")
-  base = ctx.restore(ctx.layout.base.model if c.base.source != "checkpoint" else c.base.path)
-  kept = samples.read_samples(it.samples)
-  examples = ctx.examples([(s.prompt, s.sample) for s in kept], [s.reward for s in kept])
+  base = ctx.restore(ctx.base_path)
+  examples = ctx.kept_examples(it)
   if not examples:
     raise app.UsageError(f"iteration {_ITERATION.value}'s E-step kept no samples: nothing to "
                          "fine-tune on")
-  validate = run.evaluate.make_validation_fn(ctx.sampler, ctx.task, ctx.splits.val,
-                                             **run.evaluate.sampling_budget(c))
   root = os.path.join(_WORKDIR.value, "sweeps", f"iter_{_ITERATION.value:03d}")
   start_score = float(validate(base))
   print(f"{len(examples)} kept samples, {len(ctx.splits.val)} validation problems; start model "
