@@ -23,12 +23,14 @@ Memory estimate, one device (GB; bfloat16 params and compute):
     activations and the sampler's copies: does not leave room on 80 GB.
   this config (LoRA rank 16 on q, k, v, o, gate, up, down: 29.8M adapter params):
     base 7.8 (frozen, held by the run) + adapters and their AdamW state 0.5
-    + inside the step (restem_jax/lora.py merges W + s A B before the forward): the
-      merged layer weights 6.4 and their gradient 6.4 (transient)
+    + inside the step nothing model-sized: the adapters are applied in each Block
+      (x W + s (x A) B, restem_jax/lora.py), so there is no merged W' and no dW
     + activations of one micro-batch of 2 x 1024 tokens (train.micro_batches = 4):
       float32 logits 2.1 (x2 with their gradient), attention probabilities 8 heads x
       1024^2 x 34 layers x 2 rows x 2 B = 1.1, the rest ~5 (no rematerialisation)
-    = ~32 in the M-step.
+    = ~19 in the M-step (+ 7.8 from iteration 2 on: the previous iterate's merged
+      params, which the run still holds).
+  Saved per iteration: the adapters alone (29.8M floats, 0.12 GB), the base once.
   E-step / evaluation: the merged model 7.8 (read in place: params are per layer, no
     sampler copy) + KV cache (139 KB per token: 34 layers x 2 x 4 heads x 256 x 2 B)
     x 64 rows x 1024 = 9.1 + the frozen base 7.8 = ~25.

@@ -212,8 +212,32 @@ def _keys(tree: Any) -> set[str]:
 
 def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> Any:
   """Params saved by save_params, placed on `mesh` with model.param_shardings."""
-  _check_exists(path, "params")
   target = abstract_params_on(model_cfg, mesh)
+
+  def layout(stored: Any) -> Any:
+    # Checkpoints written before per-layer params hold params["layers"] stacked
+    # [n_layers, ...] (model.py): restored in that layout, then split.
+    if isinstance(stored, dict) and model_lib.STACKED_KEY in stored:
+      return model_lib.stacked_layout(model_cfg, target)
+    return target
+  out = _restore_tree(path, layout, "params")
+  if jax.tree.structure(out) != jax.tree.structure(target):
+    return model_lib.unstack_layout(model_cfg, out, jax.tree.map(lambda a: a.sharding, target))
+  return out
+
+
+def restore_adapters(path: str, abstract: Any) -> Any:
+  """LoRA adapters saved by save_params (an iteration's model with train.lora), placed as
+  `abstract` (lora.Adapters.abstract(): shapes with this mesh's shardings) says."""
+  return _restore_tree(path, lambda _: abstract, "adapters",
+                       expected="the adapters of the LoRA config recorded with it")
+
+
+def _restore_tree(path: str, target_for: Callable[[Any], Any], what: str,
+                  expected: str = "the model config") -> Any:
+  """The pytree saved at `path`, restored onto target_for(stored tree metadata): same keys
+  and shapes or a CheckpointError naming the difference; unreadable: DamagedCheckpointError."""
+  _check_exists(path, what)
   ckptr = _params_checkpointer()
   try:
     try:
@@ -221,30 +245,24 @@ def restore_params(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh) -> A
         stored = ckptr.metadata(path).item_metadata[_PARAMS]
     except Exception as e:  # Orbax raises many types for damaged directories.
       raise DamagedCheckpointError(
-          f"params checkpoint at {path} is unreadable ({_one_line(e)}); re-create it "
+          f"{what} checkpoint at {path} is unreadable ({_one_line(e)}); re-create it "
           "(save_params) or point to another path") from e
     if stored is None:
-      raise DamagedCheckpointError(f"params checkpoint at {path} has no '{_PARAMS}' item; "
+      raise DamagedCheckpointError(f"{what} checkpoint at {path} has no '{_PARAMS}' item; "
                                    "it was not written by checkpoints.save_params")
     stored = getattr(stored, "tree", stored)
-    # Checkpoints written before per-layer params hold params["layers"] stacked
-    # [n_layers, ...] (model.py): restored in that layout, then split.
-    legacy = isinstance(stored, dict) and model_lib.STACKED_KEY in stored
-    want = model_lib.stacked_layout(model_cfg, target) if legacy else target
-    _check_tree_matches(path, stored, want, "params")
+    want = target_for(stored)
+    _check_tree_matches(path, stored, want, what, expected)
     try:
       with _orphan_reads_quieted():
         out = ckptr.restore(path, args=ocp.args.Composite(
             **{_PARAMS: ocp.args.StandardRestore(want)}))
     except Exception as e:
       raise DamagedCheckpointError(
-          f"params checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
+          f"{what} checkpoint at {path} is corrupt or incomplete ({_one_line(e)}); re-create "
           "it or point to another path") from e
   finally:
     ckptr.close()
-  if legacy:
-    return model_lib.unstack_layout(model_cfg, out[_PARAMS],
-                                    jax.tree.map(lambda a: a.sharding, target))
   return out[_PARAMS]
 
 

@@ -35,6 +35,17 @@ from restem_jax import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
+class Trained:
+  """A model as a run holds it. `params` are what the sampler reads. With train.lora they
+  are `base` with `adapters` merged in: a checkpoint then stores the adapters alone (the
+  base is stored once, by the run), and `finetune_from = previous` continues the adapters
+  on the same frozen base instead of stacking a fresh adapter on merged weights."""
+  params: Any
+  adapters: Any = None  # None: full params (no LoRA)
+  base: Any = None  # with adapters: the frozen params they apply to
+
+
+@dataclasses.dataclass(frozen=True)
 class Example:
   prompt: list[int]
   target: list[int]  # ends with EOS
@@ -122,8 +133,12 @@ def _validate(examples: Sequence[Example], seq_len: int, train_cfg: ml_collectio
 def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
             mesh: Mesh, init_params: Any, examples: Sequence[Example], seq_len: int,
             eval_fn: Callable[[Any], float] | None, workdir: str, seed: int,
-            log: Callable[[str], None] = logging.info) -> tuple[Any, dict]:
-  """One M-step. Returns (best params, info); see the module docstring.
+            log: Callable[[str], None] = logging.info,
+            init_adapters: Any = None) -> tuple[Trained, dict]:
+  """One M-step. Returns (best model, info); see the module docstring.
+
+  With train.lora, init_params is the frozen base and the state's adapters start as
+  `init_adapters` (continuing an earlier M-step's) or, when None, fresh ones (B = 0).
 
   Every example must fit in seq_len tokens (prompt + target); each batch is
   padded to `padded_length` of its own longest example.
@@ -142,7 +157,10 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
     lc = trainer.adapters.cfg
     log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "
         f"{trainer.adapters.count()} trainable params, base frozen "
-        f"({lc.base_dtype or 'as loaded'})")
+        f"({lc.base_dtype or 'as loaded'}), "
+        f"{'fresh adapters' if init_adapters is None else 'continuing the given adapters'}")
+  elif init_adapters is not None:
+    raise ValueError("improve: init_adapters given but train.lora.rank = 0 (full fine-tuning)")
   # With train.lora the state and the best-so-far are adapters: checkpoints hold those
   # (and their optimizer state) only; the result is merged with the base at the end.
   abstract = {"train": trainer.abstract_state(), "best": trainer.abstract_state().params}
@@ -153,7 +171,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
     # A damaged newest checkpoint is removed (warning) and an earlier one used.
     latest = ckpt.restore_latest(abstract, log)
     if latest is None:
-      state = trainer.init_state(init_params, rng=jax.random.key(seed))
+      state = trainer.init_state(init_params, rng=jax.random.key(seed), adapters=init_adapters)
       # Best-so-far starts as the initial params, so the pytree is always full;
       # it is replaced by the first evaluation (best_score None < any score).
       best_params = trainer.copy_params(state.params)
@@ -170,7 +188,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
       trainer.attach_base(init_params)
       log(f"improve: resumed from {ckpt.directory} at step {book['step']}")
     if book["done"]:
-      return _result(trainer, best_params, state, book, eval_fn)
+      return _result(trainer, best_params, state, book, eval_fn, init_params)
 
     step = int(book["step"])
     # One line per M-step (progress.py): steps/s, ETA and the latest loss, not a line per step.
@@ -213,16 +231,19 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
     bar.close()
     log(f"improve: stopped ({book['stopped']}) after {step} steps; best step "
         f"{book['best_step']} score {book['best_score']}")
-    return _result(trainer, best_params, state, book, eval_fn)
+    return _result(trainer, best_params, state, book, eval_fn, init_params)
   finally:
     ckpt.close()  # Async writes complete before improve returns (or raises).
 
 
 def _result(trainer: training.Trainer, best_params: Any, state: training.TrainState,
-            book: dict, eval_fn: Any) -> tuple[Any, dict]:
+            book: dict, eval_fn: Any, init_params: Any) -> tuple[Trained, dict]:
   info = {"best_step": int(book["best_step"]) if eval_fn else int(book["step"]),
           "best_score": book["best_score"],
           "steps": int(book["step"]),
           "evals": [(int(s), float(v)) for s, v in book["evals"]],
           "stopped": book["stopped"]}
-  return trainer.model_params(best_params if eval_fn is not None else state.params), info
+  trained = best_params if eval_fn is not None else state.params
+  if trainer.adapters is None:
+    return Trained(trained), info
+  return Trained(trainer.model_params(trained), adapters=trained, base=init_params), info

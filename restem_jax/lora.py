@@ -31,8 +31,12 @@ key(DROPOUT_SEED) folded with the step (split per micro-batch), so a resumed run
 the same ones.
 
 The sampler gets one merged copy W' per call site (Trainer.model_params: once per
-validation, once per M-step result; the M-step's result is the iteration's saved model
-anyway). decode_step accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py
+validation, once per M-step result). The iteration's model is saved as its adapters alone,
+with this LoraConfig's `metadata()` and the base's path (run.RunContext.save_model; the
+base is stored once); a restore merges them onto the run's base with the same jitted
+merge, so a resumed run samples the very params it held. With restem.finetune_from =
+"previous" the next M-step continues those adapters on the same frozen base
+(Trainer.init_state(adapters=)), not a fresh adapter on merged weights. decode_step accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py
 measures one generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64
 greedy tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS,
 and XLA's memory analysis of the compiled call incl. the base held beside it):
@@ -124,6 +128,16 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return float(self.alpha) / self.rank
+
+  def metadata(self) -> dict:
+    """What a checkpoint of these adapters records to be read back (not dropout: training only)."""
+    return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
+            "base_dtype": self.base_dtype}
+
+  @classmethod
+  def from_metadata(cls, meta: dict) -> "LoraConfig":
+    return cls(rank=int(meta["rank"]), alpha=float(meta["alpha"]),
+               targets=tuple(meta["targets"]), base_dtype=str(meta.get("base_dtype", "")))
 
   @classmethod
   def from_train_config(cls, train_cfg: ml_collections.ConfigDict) -> "LoraConfig | None":

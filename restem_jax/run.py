@@ -24,8 +24,9 @@ import ml_collections
 from etils import epath
 
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
-                        improve, model, partitioning, preemption, report, samples, sampling,
-                        tasks, workdir as wd)
+                        improve, lora, model, partitioning, preemption, report, samples,
+                        sampling, tasks, workdir as wd)
+from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
 from restem_jax.training import NonFiniteLossError
@@ -171,15 +172,17 @@ class RunContext:
     self.progress.mark(phase)
     return out
 
-  def trained(self, m: wd.ModelPaths, fit: Callable[[], tuple[Any, dict]]) -> Any:
-    """m's params: restored, or fit() and saved (with fit's info as m.improve_json)."""
-    def save(out: tuple[Any, dict]) -> None:
-      params, info = out
-      checkpoints.save_params(m.model, params, metadata={"model": self.config.model.to_dict()})
+  def trained(self, m: wd.ModelPaths, fit: Callable[[], tuple[Trained, dict]],
+              base: Trained | None = None) -> Trained:
+    """m's model: restored, or fit() and saved (with fit's info as m.improve_json).
+    base: the run's base, which a LoRA model's saved adapters apply to."""
+    def save(out: tuple[Trained, dict]) -> None:
+      self.save_model(m.model, out[0])
       if m.improve_json:
-        self.write_json(m.improve_json, info)
-    params, _ = self.resumable(m.trained, fit, save, restore=lambda: (self.restore(m.model), None))
-    return params
+        self.write_json(m.improve_json, out[1])
+    out, _ = self.resumable(m.trained, fit, save,
+                            restore=lambda: (self.restore(m.model, base), None))
+    return out
 
   def generated(self, m: wd.ModelPaths, params: Any, iteration: int) -> dict:
     """The E-step's shards in m.samples (written if not yet complete); returns their counts."""
@@ -234,21 +237,51 @@ class RunContext:
     c = self.config
     return c.base.path if c.base.source == "checkpoint" else self.layout.base.model
 
-  def finetune(self, init_params: Any, examples: list[improve.Example], train_dir: str,
+  def finetune(self, start: Trained, examples: list[improve.Example], train_dir: str,
                seed: int, train_cfg: ml_collections.ConfigDict | None = None,
-               validate: bool = True) -> tuple[Any, dict]:
+               validate: bool = True) -> tuple[Trained, dict]:
+    """improve() from `start`; a LoRA start (adapters on a frozen base) continues its
+    adapters on that base, full params with train.lora get fresh adapters."""
     c = self.config
     eval_fn = self.validation_fn() if validate else None
+    init = start.params if start.adapters is None else start.base
     return improve.improve(model_cfg=self.model_cfg, train_cfg=train_cfg or c.train,
-                           mesh=self.mesh, init_params=init_params, examples=examples,
-                           seq_len=self.model_cfg.max_seq_len, eval_fn=eval_fn,
-                           workdir=train_dir, seed=seed, log=self.log)
+                           mesh=self.mesh, init_params=init, init_adapters=start.adapters,
+                           examples=examples, seq_len=self.model_cfg.max_seq_len,
+                           eval_fn=eval_fn, workdir=train_dir, seed=seed, log=self.log)
 
-  def restore(self, path: str) -> Any:
-    return checkpoints.restore_params(path, self.model_cfg, self.mesh)
+  def restored_base(self) -> Trained:
+    """theta_base of a checkpoint / import base: the params at base_path (merged, if they
+    are another run's LoRA iterate: this run's adapters start on top of them)."""
+    return Trained(self.restore(self.base_path).params)
+
+  def save_model(self, path: str, trained: Trained) -> None:
+    """Full params, or with train.lora only the adapters (a few MB instead of a model copy
+    per iteration) and where their base is: the base is stored once, at base_path."""
+    meta = {"model": self.config.model.to_dict()}
+    if trained.adapters is None:
+      checkpoints.save_params(path, trained.params, metadata=meta)
+      return
+    lc = lora.LoraConfig.from_train_config(self.config.train)
+    meta["lora"] = {**lc.metadata(), "base": wd.absolute(self.base_path)}
+    checkpoints.save_params(path, trained.adapters, metadata=meta)
+
+  def restore(self, path: str, base: Trained | None = None) -> Trained:
+    """The model saved at `path` (save_model): its params, or an adapters checkpoint merged
+    onto `base` (default: the base path it records, e.g. another run's teacher)."""
+    lora_meta = checkpoints.read_metadata(path).get("lora")
+    if not isinstance(lora_meta, dict):
+      return Trained(checkpoints.restore_params(path, self.model_cfg, self.mesh))
+    if base is None:
+      base = self.restore(lora_meta["base"])
+    adapters = lora.Adapters(self.model_cfg, lora.LoraConfig.from_metadata(lora_meta), self.mesh)
+    ad = checkpoints.restore_adapters(path, adapters.abstract())
+    # The same merge as the M-step's result (Trainer.model_params), so a restored iterate
+    # samples exactly as the one the run held before it was killed.
+    return Trained(adapters.merged(adapters.prepare_base(base.params), ad), ad, base.params)
 
 
-def pretrain_base(ctx: RunContext) -> tuple[Any, dict]:
+def pretrain_base(ctx: RunContext) -> tuple[Trained, dict]:
   """theta_base for base.source='pretrain': a fresh model fitted to the human solutions."""
   c = ctx.config
   human = ctx.task.human_solutions()
@@ -261,12 +294,12 @@ def pretrain_base(ctx: RunContext) -> tuple[Any, dict]:
   pre_cfg.lora.rank = 0  # A model from scratch trains every weight (train.lora: M-steps only).
   init = model.init_params(ctx.model_cfg, ctx.mesh, jax.random.key(c.seed))
   examples = ctx.examples([(p.prompt, p.target) for p in human])
-  return ctx.finetune(init, examples, ctx.layout.base.train, seed=c.seed, train_cfg=pre_cfg,
-                      validate=False)
+  return ctx.finetune(Trained(init), examples, ctx.layout.base.train, seed=c.seed,
+                      train_cfg=pre_cfg, validate=False)
 
 
-def m_step(ctx: RunContext, start: Any, m: wd.ModelPaths, iteration: int,
-           stats: dict) -> tuple[Any, dict]:
+def m_step(ctx: RunContext, start: Trained, m: wd.ModelPaths, iteration: int,
+           stats: dict) -> tuple[Trained, dict]:
   """Improve(start, D_i): fine-tune `start` on the kept samples in m.samples."""
   ctx.log(f"iteration {iteration}: improve on {stats['kept']} kept samples "
           f"({stats['problems_solved']}/{stats['problems']} problems solved)")
@@ -281,7 +314,7 @@ def m_step(ctx: RunContext, start: Any, m: wd.ModelPaths, iteration: int,
   return ctx.finetune(start, examples, m.train, seed=ctx.config.seed + iteration)
 
 
-def sft_baseline(ctx: RunContext, base: Any, human: list[Problem]) -> tuple[Any, dict]:
+def sft_baseline(ctx: RunContext, base: Trained, human: list[Problem]) -> tuple[Trained, dict]:
   """The paper's baseline: theta_base fine-tuned on the human solutions instead of D_i."""
   ctx.log(f"SFT baseline: fine-tuning the base on {len(human)} human solutions")
   examples = ctx.examples([(p.prompt, p.target) for p in human])
@@ -301,21 +334,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
   c, layout = config, ctx.layout
 
   if c.base.source in ("checkpoint", "import"):
-    base = ctx.restore(ctx.base_path)
+    base = ctx.restored_base()
   else:
     base = ctx.trained(layout.base, functools.partial(pretrain_base, ctx))
-  results = [ctx.evaluated(layout.base, base)]
+  results = [ctx.evaluated(layout.base, base.params)]
 
-  teacher = ctx.restore(c.restem.teacher_path) if c.restem.sample_from == "teacher" else None
+  teacher = (ctx.restore(c.restem.teacher_path).params if c.restem.sample_from == "teacher"
+             else None)
   current = base
   for i in range(1, c.restem.num_iterations + 1):
     it = layout.iteration(i)
     # E-step: sample theta_{i-1} (or the teacher), keep the correct samples.
-    stats = ctx.generated(it, teacher if teacher is not None else current, i)
-    # M-step: fine-tune theta_base (ReST-EM) or theta_{i-1} (ReST) on them.
+    stats = ctx.generated(it, teacher if teacher is not None else current.params, i)
+    # M-step: fine-tune theta_base (ReST-EM) or theta_{i-1} (ReST; with LoRA: its adapters).
     start = base if c.restem.finetune_from == "base" else current
-    current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats))
-    results.append(ctx.evaluated(it, current, samples_kept=stats["kept"],
+    current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats), base)
+    results.append(ctx.evaluated(it, current.params, samples_kept=stats["kept"],
                                  problems_solved=stats["problems_solved"],
                                  grader_faults=stats["grader_faults"]))
 
@@ -326,8 +360,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
                     "train split (e.g. reasoning-gym generators without worked solutions)",
                     c.task.name)
   elif human:
-    sft = ctx.trained(layout.sft, functools.partial(sft_baseline, ctx, base, human))
-    results.append(ctx.evaluated(layout.sft, sft, samples_kept=len(human)))
+    sft = ctx.trained(layout.sft, functools.partial(sft_baseline, ctx, base, human), base)
+    results.append(ctx.evaluated(layout.sft, sft.params, samples_kept=len(human)))
 
   if ctx.coordinator:
     report.write_summary(workdir, results, c.eval)

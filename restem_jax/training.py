@@ -326,16 +326,25 @@ class Trainer:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self._abstract, self._state_shardings)
 
-  def init_state(self, params: Any, rng: jax.Array | None = None) -> TrainState:
+  def init_state(self, params: Any, rng: jax.Array | None = None,
+                 adapters: Any = None) -> TrainState:
     """Fresh optimizer state around a *copy* of `params` (the caller's stay valid).
 
-    LoRA: `params` become the frozen base (attach_base) and the state holds fresh
-    adapters drawn from `rng` (default key 0) with B = 0."""
+    LoRA: `params` become the frozen base (attach_base) and the state holds a copy of
+    `adapters` (an earlier M-step's, continued) or, when None, fresh ones drawn from
+    `rng` (default key 0) with B = 0."""
     if self.adapters is None:
       params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
       return self._init(params)
     self.attach_base(params)
-    return self._init(self.adapters.init(jax.random.key(0) if rng is None else rng))
+    if adapters is None:
+      return self._init(self.adapters.init(jax.random.key(0) if rng is None else rng))
+    if jax.tree.structure(adapters) != jax.tree.structure(self.adapters.shardings):
+      raise errors.ConfigError(
+          "the adapters to continue were trained with other train.lora.targets than "
+          f"{','.join(self.adapters.cfg.targets)}; keep train.lora as it was, or set "
+          "restem.finetune_from='base' to start fresh adapters")
+    return self._init(jax.tree.map(partitioning.put_global, adapters, self.adapters.shardings))
 
   def attach_base(self, params: Any) -> None:
     """LoRA: the frozen base the adapters apply to (a resumed state needs it again).

@@ -8,7 +8,8 @@
       base_eval/eval.json        base model evaluation (iteration "000")
       iter_001/samples/          E-step shards (kept samples + per-problem counts, samples.py)
       iter_001/improve/          M-step mid-phase checkpoints (resume)
-      iter_001/model/            this iteration's best params (Orbax)
+      iter_001/model/            this iteration's best params (Orbax; with train.lora its
+                                 adapters alone, and the base path they apply to)
       iter_001/improve.json      the M-step's info (steps, evals, best step, why it stopped)
       iter_001/eval.json         this iteration's metrics
       sft/                       the SFT-on-human-data baseline: model/, improve/,

@@ -64,13 +64,13 @@ def main(argv):
     raise app.UsageError("task.num_val=0: there is no validation split to choose on")
   if _ITERATION.value > 1 and c.restem.finetune_from != "base":
     raise app.UsageError("restem.finetune_from='previous': sweep iteration 1 only")
-  base = ctx.restore(ctx.base_path)
+  base = ctx.restored_base()
   examples = ctx.kept_examples(it)
   if not examples:
     raise app.UsageError(f"iteration {_ITERATION.value}'s E-step kept no samples: nothing to "
                          "fine-tune on")
   root = os.path.join(_WORKDIR.value, "sweeps", f"iter_{_ITERATION.value:03d}")
-  start_score = float(validate(base))
+  start_score = float(validate(base.params))
   print(f"{len(examples)} kept samples, {len(ctx.splits.val)} validation problems; start model "
         f"validation reward {start_score:.4f}", flush=True)
   results = []

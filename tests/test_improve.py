@@ -38,9 +38,12 @@ def init():
 
 
 def run(workdir, init, eval_fn, **kw):
-  return I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(**kw), mesh=mesh1(), init_params=init,
-                   examples=examples(), seq_len=10, eval_fn=eval_fn, workdir=str(workdir),
-                   seed=3, log=lambda _: None)
+  """improve's (params, info); full fine-tuning returns no adapters."""
+  trained, info = I.improve(model_cfg=tiny_cfg(), train_cfg=cfg(**kw), mesh=mesh1(),
+                            init_params=init, examples=examples(), seq_len=10, eval_fn=eval_fn,
+                            workdir=str(workdir), seed=3, log=lambda _: None)
+  assert trained.adapters is None and trained.base is None
+  return trained.params, info
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_early_stopping_keeps_best_and_resume_is_exact(init, reference, tmp_path
                              log=logs.append)
   assert "improve: removed damaged checkpoint step 6" in logs
   assert "improve: resumed from %s at step 3" % (damaged / "checkpoints") in logs
-  assert info_x == info and fingerprint(best_x) == fingerprint(best)
+  assert info_x == info and fingerprint(best_x.params) == fingerprint(best)
   assert len(calls) == 3  # steps 4, 6 and 8 evaluated again
 
   calls = []

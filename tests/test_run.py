@@ -263,7 +263,8 @@ def test_base_checkpoint_of_another_model_fails_in_one_line(tmp_path):
 # window the sequences cross, linear RoPE scaling on the global layer) on one CPU,
 # cut to one short iteration.
 # (The 8B Llama is the 1B with other sizes: its runlocal variant adds no code path.)
-POD_RUNLOCAL = ["llama3_1b_math_v4_32", "gemma3_4b_math_v5p_32"]
+# gemma3_4b_lora_gsm: the same with LoRA M-steps on a GSM8K-format task.
+POD_RUNLOCAL = ["llama3_1b_math_v4_32", "gemma3_4b_math_v5p_32", "gemma3_4b_lora_gsm"]
 
 
 @pytest.mark.parametrize("name", POD_RUNLOCAL)
