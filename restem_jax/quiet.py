@@ -28,6 +28,7 @@ with a scoped filter where it does not:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -92,6 +93,35 @@ def filtered_stderr(noise: Sequence[re.Pattern] = NOISE) -> Iterator[None]:
     # A subprocess started inside the block keeps its copy of the pipe; the daemon
     # reader then keeps forwarding its lines, and we do not wait for it.
     reader.join(timeout=5.0)
+
+
+class _QuietLibraries(logging.Filter):
+  """Orbax logs every save at INFO; keep its warnings, drop its chatter. Its background
+  threads also log a failed save (e.g. a full disk) with a traceback of its internals;
+  the error line is kept, the traceback dropped: the run then stops with one `error:`
+  line saying what to do (checkpoints.CheckpointError)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
+
+
+def _unraisable(u: sys.UnraisableHookArgs) -> None:
+  # After a failed Orbax save its asyncio callbacks find their loop closed; Python would
+  # print each with a traceback. One line each: the run's own error line says what to do.
+  logging.warning("ignored during a library's cleanup: %s: %s", type(u.exc_value).__name__,
+                  u.exc_value)
+
+
+def configure_logging() -> None:
+  """Our INFO lines through absl's handler, libraries' chatter dropped (restem_jax.main and
+  the scripts that run its phases call this first)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _unraisable
 
 
 def import_tensorflow() -> None:

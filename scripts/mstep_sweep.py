@@ -45,7 +45,8 @@ def parse_setting(train_cfg, setting: str) -> dict:
 def main(argv):
   del argv
   from restem_jax import configlib, quiet  # pylint: disable=import-outside-toplevel
-  quiet.import_tensorflow()  # As restem_jax.main: no C++ start-up noise on a CPU.
+  quiet.configure_logging()  # As restem_jax.main: our progress lines, not Orbax's chatter,
+  quiet.import_tensorflow()  # and no C++ start-up noise on a CPU.
   from restem_jax import run  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   configlib.validate(c)
