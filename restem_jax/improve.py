@@ -40,9 +40,15 @@ class Trained:
   are `base` with `adapters` merged in: a checkpoint then stores the adapters alone (the
   base is stored once, by the run), and `finetune_from = previous` continues the adapters
   on the same frozen base instead of stacking a fresh adapter on merged weights."""
-  params: Any
+  params: Any  # None: a frozen base only (RunContext.frozen), which nothing samples any more
   adapters: Any = None  # None: full params (no LoRA)
-  base: Any = None  # with adapters: the frozen params they apply to
+  base: Any = None  # the frozen params the adapters apply to (maybe cast / quantized)
+
+  @property
+  def start_params(self) -> Any:
+    """What an M-step starting here trains from: the frozen base under adapters, else the
+    params (fine-tuned fully, or the base a LoRA M-step puts fresh adapters on)."""
+    return self.params if self.base is None else self.base
 
 
 @dataclasses.dataclass(frozen=True)

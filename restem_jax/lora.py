@@ -88,6 +88,11 @@ checks the jaxpr), and dropout on the adapter input becomes possible.
 
 Adapters carry the logical axes of W (A: in-axes, rank; B: rank, out-axes; rank
 unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
+
+A run with a cast or quantized base keeps the loaded base only while it is sampled (its
+evaluation, the first E-step): then run.RunContext.frozen keeps `prepare_base`'s copy
+alone, which prepare_base returns unchanged (is_prepared) to every later M-step and
+merge, so the iterates are the same as when each M-step quantized the loaded base.
 """
 from __future__ import annotations
 
@@ -387,10 +392,22 @@ class Adapters:
         flat[t.path] = flat[t.path].astype(kind)
     return traverse_util.unflatten_dict(flat)
 
+  def is_prepared(self, params: Any) -> bool:
+    """Whether `params` are a frozen base already (their target matrices in base_dtype)."""
+    kind = self.cfg.base_dtype
+    if not kind:
+      return False
+    w = traverse_util.flatten_dict(params)[self.targets[0].path]  # a QArray is one leaf
+    return is_quantized(w) if kind in ("int8", "nf4") else w.dtype == jnp.dtype(kind)
+
   def prepare_base(self, params: Any) -> Any:
     """The frozen base: params with the target matrices cast or quantized per base_dtype.
 
-    With base_dtype "" the params themselves are the base (no copy)."""
+    With base_dtype "" the params themselves are the base (no copy); a base prepared
+    before (is_prepared: the run keeps only that once nothing samples the loaded one) is
+    returned as it is."""
+    if self.is_prepared(params):
+      return params
     params = jax.tree.map(partitioning.put_global, params, self.param_shardings)
     return self._prepare(params) if self.cfg.base_dtype else params
 

@@ -564,3 +564,75 @@ def test_smollm2_rg_lora_variant_is_the_run_with_adapters():
   assert diff == {"lora", "learning_rate"}, diff
   with_lora.train, full.train = None, None
   assert with_lora.to_json_best_effort() == full.to_json_best_effort()
+
+
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
+def test_an_m_step_from_the_frozen_base_equals_one_from_the_loaded_base(params, tmp_path,
+                                                                        base_dtype):
+  """A run keeps only the frozen (cast / quantized) base once nothing samples the loaded
+  one (run.RunContext.frozen): the M-step from it is the M-step from the loaded base, bit
+  for bit, and preparing a prepared base is the identity."""
+  if base_dtype == "int8":
+    pytest.importorskip("qwix")
+  ad = lora.Adapters(tiny_cfg(), lora_cfg(base_dtype), mesh1())
+  frozen = ad.prepare_base(params)
+  assert ad.is_prepared(frozen) and not ad.is_prepared(params)
+  assert ad.prepare_base(frozen) is frozen
+  kw = dict(model_cfg=tiny_cfg(), train_cfg=lora_train_cfg(base_dtype, max_steps=3,
+                                                            checkpoint_every=3),
+            mesh=mesh1(), examples=_examples(), seq_len=16, eval_fn=None, seed=1,
+            log=lambda _: None)
+  a = improve.improve(init_params=params, workdir=str(tmp_path / "loaded"), **kw)[0]
+  b = improve.improve(init_params=frozen, workdir=str(tmp_path / "frozen"), **kw)[0]
+  for x, y in zip(jax.tree.leaves(host((a.adapters, a.params))),
+                  jax.tree.leaves(host((b.adapters, b.params)))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkeypatch):
+  """train.lora.base_dtype='int8': after theta_base is evaluated and sampled, the run holds
+  only its int8 copy (no float32 target matrix beyond what was alive before the run, at
+  the first M-step); an E-step that kept nothing makes the int8 base with zero adapters
+  the iterate, saved as adapters: its params are the per-channel absmax rounding of the
+  base (numpy reference) and the base's other leaves."""
+  pytest.importorskip("qwix")
+  from restem_jax import checkpoints, run as run_lib  # pylint: disable=import-outside-toplevel
+  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config.train.lora.rank, config.train.lora.base_dtype = 4, "int8"
+  config.restem.num_iterations, config.restem.sft_baseline = 1, False
+  cfg = M.ModelConfig.from_config(config.model)
+  targets = lora.Adapters(cfg, lora.LoraConfig.from_train_config(config.train), mesh1()).targets
+  shapes = {t.shape for t in targets}
+
+  def float_targets():
+    return sum(a.dtype == jnp.float32 and a.shape in shapes for a in jax.live_arrays())
+  before, at_m_step = float_targets(), []
+
+  def kept_nothing(self, m):
+    del self, m
+    at_m_step.append(float_targets())
+    return []
+  monkeypatch.setattr(run_lib.RunContext, "kept_examples", kept_nothing)
+  workdir = str(tmp_path / "w")
+  run_lib.run(config, workdir)
+  assert at_m_step and at_m_step[0] <= before, (at_m_step, before)
+
+  base = host(checkpoints.restore_params(os.path.join(workdir, "base"), cfg, mesh1()))
+  path = os.path.join(workdir, "iter_001", "model")
+  assert checkpoints.read_metadata(path)["lora"]["base_dtype"] == "int8"
+  got = host(run_lib.RunContext(config, workdir, override=False).restore(path).params)
+  by_path = {t.path: t for t in targets}
+  for keys, leaf in jax.tree_util.tree_leaves_with_path(got):
+    keys = tuple(k.key for k in keys)
+    want = base
+    for k in keys:
+      want = want[k]
+    if keys not in by_path:
+      np.testing.assert_array_equal(leaf, want)
+      continue
+    in_axes = tuple(range(len(lora.IN_AXES[keys[1]])))
+    step = np.abs(want.astype(np.float64)).max(axis=in_axes, keepdims=True) / 127.5
+    rounded = np.clip(np.round(want / step), -128, 127) * step
+    assert np.abs(leaf - rounded).max() <= 1.01 * step.max(), keys
+  with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
+    assert json.load(f)["stopped"] == "no_samples"
