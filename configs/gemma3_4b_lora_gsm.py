@@ -34,12 +34,12 @@ Memory estimate, one device (GB; bfloat16 params and compute):
   E-step / evaluation: the merged model 7.8 (read in place: params are per layer, no
     sampler copy) + KV cache (139 KB per token: 34 layers x 2 x 4 heads x 256 x 2 B)
     x 64 rows x 1024 = 9.1 + the frozen base 7.8 = ~25.
-  base_dtype = "int8" / "nf4" (QLoRA) keeps the frozen layers in 3.2 / 1.6 (nf4 codes are
-    uint4; two per byte only where XLA packs sub-byte types): after the base's evaluation
-    and the first E-step the run drops the bfloat16 base it loaded and keeps only that
-    (run.RunContext.frozen), so from the first M-step on the base costs 3.9 / 2.3 GB
-    instead of 7.8 (embedding and norms stay bfloat16); the merged model the E-steps
-    sample is dequantized base + adapters. The option for a 12B model.
+  base_dtype = "int8" / "nf4" (QLoRA) keeps the frozen layers in 3.2 / 1.6 (nf4 codes
+    are uint4; two per byte only where XLA packs sub-byte types): after the base's
+    evaluation and the first E-step the run drops the bfloat16 base it loaded and keeps
+    only that (run.RunContext.frozen), so from the first M-step on the base costs
+    ~4.6 / ~3.0 GB instead of 7.8 (the 1.3 GB embedding and the norms stay bfloat16);
+    the E-steps sample dequantized base + adapters. The option for a 12B model.
 """
 from __future__ import annotations
 
