@@ -179,11 +179,14 @@ def bench(name: str, ctx: dict, repeats: int) -> dict:
         f"<= {s.max_batch} rows, {s.max_new_tokens} new tokens, model "
         f"{M.count_params(ctx['params']) / 1e6:.1f}M params ({cfg.n_layers} layers, {cfg.dtype}), "
         f"stop strings {list(ctx['task'].stop_strings)}", flush=True)
+  t = time.perf_counter()
   timed_estep(ctx, overlap=True)  # warm-up: compile, task caches
+  print(f"  warm-up E-step (compiles included): {time.perf_counter() - t:.1f} s", flush=True)
   runs = {"overlapped": [], "serial": []}
-  for _ in range(repeats):
+  for r in range(repeats):
     for mode in runs:
       runs[mode].append(timed_estep(ctx, overlap=mode == "overlapped"))
+      print(f"  {mode} {r + 1}/{repeats}: {runs[mode][-1]['wall']:.1f} s", flush=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
   speedup = statistics.median(s_["wall"] / o["wall"]
                               for o, s_ in zip(runs["overlapped"], runs["serial"]))
