@@ -12,8 +12,9 @@ Llama (tests; a couple of minutes on CPU). `configs/smollm2_135m_rg.py:chat`
 prompts the instruct model in its own chat format (exemplars and question as
 turns through the GGUF's chat template) instead of plain few-shot text.
 `configs/smollm2_135m_rg.py:lora` trains rank-16 adapters on all seven matrices in
-the M-steps instead of every weight (README "LoRA M-steps"); options combine
-(`:lora,runlocal`).
+the M-steps instead of every weight; options combine (`:lora,runlocal`). Measured (README
+"Real pretrained models"): greedy test pass@1 13.4 -> 28.4 -> 30.8 (full fine-tuning),
+13.4 -> 28.2 -> 30.0 (`:lora`).
 """
 from __future__ import annotations
 
