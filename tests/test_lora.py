@@ -636,3 +636,29 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
     assert np.abs(leaf - rounded).max() <= 1.01 * step.max(), keys
   with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
     assert json.load(f)["stopped"] == "no_samples"
+
+
+def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tmp_path, monkeypatch):
+  """ReST-EM fine-tunes theta_base: while iteration 2's M-step runs, theta_1's params are
+  not alive beside the base's (counted as arrays of the q matrix's shape when the M-step
+  reads its samples)."""
+  from restem_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config.restem.num_iterations, config.restem.sft_baseline = 2, False
+  cfg = M.ModelConfig.from_config(config.model)
+  q_shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
+  before, counts = sum(a.shape == q_shape for a in jax.live_arrays()), []
+  real = run_lib.RunContext.kept_examples
+
+  def counted(self, m):
+    counts.append(sum(a.shape == q_shape for a in jax.live_arrays()) - before)
+    return real(self, m)
+  monkeypatch.setattr(run_lib.RunContext, "kept_examples", counted)
+  run_lib.run(config, str(tmp_path / "w"))
+  # One model's worth: each such matrix as a global array and its per-device buffers
+  # (jax.live_arrays lists both). Iteration 1's M-step holds the base alone; iteration 2's
+  # holds no more (with theta_1 kept: twice as many, checked).
+  per_model = sum(x.value.shape == q_shape for x in jax.tree.leaves(
+      M.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names")))
+  assert len(counts) == 2 and counts[0] <= per_model * (1 + jax.device_count()), counts
+  assert counts[1] == counts[0], counts
