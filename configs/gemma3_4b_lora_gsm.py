@@ -28,8 +28,8 @@ Memory estimate, one device (GB; bfloat16 params and compute):
     + activations of one micro-batch of 2 x 1024 tokens (train.micro_batches = 4):
       float32 logits 2.1 (x2 with their gradient), attention probabilities 8 heads x
       1024^2 x 34 layers x 2 rows x 2 B = 1.1, the rest ~5 (no rematerialisation)
-    = ~19 in the M-step (+ 7.8 from iteration 2 on: the previous iterate's merged
-      params, which the run still holds).
+    = ~19 in the M-step (the previous iterate is not held during it: finetune_from =
+      base).
   Saved per iteration: the adapters alone (29.8M floats, 0.12 GB), the base once.
   E-step / evaluation: the merged model 7.8 (read in place: params are per layer, no
     sampler copy) + KV cache (139 KB per token: 34 layers x 2 x 4 heads x 256 x 2 B)
