@@ -21,9 +21,10 @@ gradient dW exist in the step, only dA, dB (and dx). A bfloat16 or quantized bas
 is converted / dequantized where the layer reads it, under jax.checkpoint: otherwise
 jax.grad keeps every layer's float W from the forward pass for the backward one (the
 whole model's float weights at once); under remat they need to live one layer at a
-time, at the cost of converting them twice (peak RSS did not drop: measured below). With rank 0 (full fine-tuning) no hook is passed and
-the step compiles to the same HLO as without this code (2c7fe96 vs 68bcaac: the jaxpr
-and the optimized HLO, minus source locations, are identical; 1 and 2 micro-batches).
+time, at the cost of converting them twice (peak RSS did not drop: measured below).
+With rank 0 (full fine-tuning) no hook is passed and the step compiles to the same HLO
+as without this code (2c7fe96 vs 68bcaac: the jaxpr and the optimized HLO, minus source
+locations, are identical; 1 and 2 micro-batches).
 
 train.lora.dropout p: the adapter's input x (not x W) is dropped with probability p
 and rescaled by 1 / (1 - p), as PEFT does; training only. The masks come from
@@ -36,10 +37,11 @@ with this LoraConfig's `metadata()` and the base's path (run.RunContext.save_mod
 base is stored once); a restore merges them onto the run's base with the same jitted
 merge, so a resumed run samples the very params it held. With restem.finetune_from =
 "previous" the next M-step continues those adapters on the same frozen base
-(Trainer.init_state(adapters=)), not a fresh adapter on merged weights. decode_step accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py
-measures one generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64
-greedy tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS,
-and XLA's memory analysis of the compiled call incl. the base held beside it):
+(Trainer.init_state(adapters=)), not a fresh adapter on merged weights. decode_step
+accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py measures one
+generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64 greedy
+tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS, and
+XLA's memory analysis of the compiled call incl. the base held beside it):
 float32 base: merge 2.51 GB (XLA 1.39), in-Block 1.85 GB (XLA 0.86): the merged copy;
 int8 base: merge 2.07 GB (XLA 1.08, temp 0.30), in-Block 2.32 GB (XLA 0.96, temp 0.72):
 XLA hoists every layer's dequantization out of the decode loop, so the float weights

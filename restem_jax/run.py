@@ -139,6 +139,8 @@ class RunContext:
                                     pad_id=vocab.pad_id, stop_strings=self.task.stop_strings,
                                     vocabulary=vocab)
     self.progress = wd.Progress(self.layout.progress, write=self.coordinator)
+    # train.lora's adapters (None: full fine-tuning): what the run's models are saved as.
+    self.lora = lora.make(self.model_cfg, config.train, self.mesh)
 
   def log(self, msg: str) -> None:
     if self.coordinator:
@@ -260,20 +262,18 @@ class RunContext:
     quantized LoRA base (train.lora.base_dtype) only that frozen copy, which every M-step
     trains on and every iterate is merged from (the same arrays improve() would make from
     the loaded base); otherwise `base` itself. Frees the loaded base: for Gemma 3 4B in
-    bfloat16 with an int8 base, 7.8 GB for 3.9."""
-    adapters = lora.make(self.model_cfg, self.config.train, self.mesh)
-    if adapters is None or not adapters.cfg.base_dtype:
+    bfloat16 with an int8 base, ~4.6 GB kept instead of 7.8 + 4.6."""
+    if self.lora is None or not self.lora.cfg.base_dtype:
       return base
-    return Trained(params=None, base=adapters.prepare_base(base.start_params))
+    return Trained(params=None, base=self.lora.prepare_base(base.start_params))
 
   def unchanged(self, start: Trained) -> Trained:
     """`start` as an iterate; a frozen base alone (frozen) gets zero adapters (B = 0), so
     that there are params to sample: the cast / quantized base's."""
     if start.params is not None:
       return start
-    adapters = lora.make(self.model_cfg, self.config.train, self.mesh)
-    zero = adapters.init(jax.random.key(0))
-    return Trained(adapters.merged(start.base, zero), zero, start.base)
+    zero = self.lora.init(jax.random.key(0))
+    return Trained(self.lora.merged(start.base, zero), zero, start.base)
 
   def save_model(self, path: str, trained: Trained) -> None:
     """Full params, or with train.lora only the adapters (a few MB instead of a model copy
@@ -282,8 +282,7 @@ class RunContext:
     if trained.adapters is None:
       checkpoints.save_params(path, trained.params, metadata=meta)
       return
-    lc = lora.LoraConfig.from_train_config(self.config.train)
-    meta["lora"] = {**lc.metadata(), "base": wd.absolute(self.base_path)}
+    meta["lora"] = {**self.lora.cfg.metadata(), "base": wd.absolute(self.base_path)}
     checkpoints.save_params(path, trained.adapters, metadata=meta)
 
   def restore(self, path: str, base: Trained | None = None) -> Trained:
