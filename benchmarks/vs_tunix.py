@@ -50,7 +50,11 @@ first step are compared.
    everywhere), and "restem", a 3L/4-token prompt + an L/8 .. L/4-token target
    (the M-step's batches: a few-shot prompt and a short sampled solution; ours
    computes logits only in the target window, training.target_window, tunix at
-   every position). Ours:
+   every position). A third shape, "shared" (not run by default), is restem's with
+   --shared_samples targets per prompt, as an M-step keeps up to 10 correct samples
+   of a problem: tunix trains the same examples one per row, ours with
+   train.share_prompts (training.make_shared_batch: one row per prompt, its layers run
+   once for all its targets); the losses are then equal up to rounding. Ours:
    training.Trainer.step (reward-weighted NLL, token normalisation). Tunix:
    PeftTrainer's jitted train step (what PeftTrainer.train runs per step; its
    host-side loop, metrics and checkpoint hooks are not timed) with its default
@@ -355,17 +359,26 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   b, seq = args.train_batch, args.train_len
   if args.train_shape == "sft":  # Short prompt, long targets: logits needed almost everywhere.
     prompt_len, target_lens = min(64, seq // 4), (seq // 2, seq - min(64, seq // 4))
-  else:  # "restem": a few-shot prompt (3/4 of the row) and a short sampled solution.
+  else:  # "restem" / "shared": a few-shot prompt (3/4 of the row), a short solution.
     prompt_len, target_lens = 3 * seq // 4, (seq // 8, seq // 4)
+  # "shared": k samples per prompt (the examples are the same for both sides).
+  k = args.shared_samples if args.train_shape == "shared" else 1
+  if b % k:
+    raise SystemExit(f"--train_batch {b} must be a multiple of --shared_samples {k}")
   c = configlib.default_config()
-  c.train.batch_size, c.train.micro_batches = b, 1
+  c.train.batch_size, c.train.micro_batches = b // k, 1
   c.train.max_steps, c.train.warmup_steps = 1000, 10
   c.train.loss_normalization = "token"
   trainer = training.Trainer(cfg, c.train, mesh)
-  prompts = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(b)]
+  prompts = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(b // k)]
   targets = [list(rng.integers(3, cfg.vocab_size, rng.integers(target_lens[0], target_lens[1] + 1)))
              for _ in range(b)]
-  batch = training.make_batch(prompts, targets, [1.0] * b, seq)
+  batch = training.make_batch([p for p in prompts for _ in range(k)], targets, [1.0] * b, seq)
+  ours_batch = batch
+  if k > 1:
+    rows = [(p, [(t, 1.0) for t in targets[i * k:(i + 1) * k]]) for i, p in enumerate(prompts)]
+    longest = max(len(p) + sum(len(t) for t, _ in ts) for p, ts in rows)
+    ours_batch = training.make_shared_batch(rows, -(-longest // 16) * 16)
   # tunix's input_mask marks target *tokens*; ours marks the positions predicting them.
   tmask = np.zeros_like(batch["loss_mask_BxL"])
   tmask[:, 1:] = batch["loss_mask_BxL"][:, :-1]
@@ -381,7 +394,7 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   first = {}
 
   def run_ours():
-    state["s"], m = trainer.step(state["s"], batch)
+    state["s"], m = trainer.step(state["s"], ours_batch)
     first.setdefault("ours", m["loss"])
     return m["loss"]
 
@@ -395,6 +408,7 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   tokens = b * seq
   rel = abs(first["ours"] - first["tunix"]) / abs(first["tunix"])
   res = {"shape": args.train_shape, "prompt_len": prompt_len, "batch": b, "seq_len": seq,
+         "samples_per_prompt": k, "ours_rows": ours_batch["tokens_BxL"].shape,
          "tokens_per_step": tokens,
          "target_tokens": int(batch["loss_mask_BxL"].sum()),
          "ours_s": med["ours"], "tunix_s": med["tunix"],
@@ -437,7 +451,10 @@ def main() -> None:
   ap.add_argument("--train_shapes", default="sft,restem",
                   help="training batches: sft (prompt min(64, L/4), targets L/2..L-prompt) "
                   "and/or restem (prompt 3L/4, targets L/8..L/4: a few-shot prompt and a "
-                  "short sampled solution, the M-step's batches)")
+                  "short sampled solution, the M-step's batches) and/or shared (restem's "
+                  "with --shared_samples targets per prompt; ours with train.share_prompts)")
+  ap.add_argument("--shared_samples", type=int, default=4,
+                  help="shape shared: targets per prompt (train.share_prompts)")
   ap.add_argument("--skip", default="", help="comma list: sampling,training")
   ap.add_argument("--json", default="", help="write the results here")
   args = ap.parse_args()
@@ -493,8 +510,9 @@ def main() -> None:
             f"| {s['ratio']:.2f}x ({s['ratio_pairwise']:.2f}x) | greedy {g['new_tokens']} tok equal: {g['all_equal']} "
             f"({g['positions_equal']:.1%}) |")
     for t in (v for k, v in r.items() if k.startswith("training_")):
+      per = f", {t['samples_per_prompt']} per prompt" if t["samples_per_prompt"] > 1 else ""
       print(f"| {name} | train step {t['batch']}x{t['seq_len']}, {t['shape']} (prompt "
-            f"{t['prompt_len']}) | {t['ours_tok_s']:.0f} | "
+            f"{t['prompt_len']}{per}) | {t['ours_tok_s']:.0f} | "
             f"{t['tunix_tok_s']:.0f} | {t['ratio']:.2f}x ({t['ratio_pairwise']:.2f}x) | loss rel diff "
             f"{t['first_loss']['rel_diff']:.1e} |")
   if args.json:

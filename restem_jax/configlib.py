@@ -201,6 +201,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0  # Global-norm clip; 0 disables.
   c.train.batch_size = 32  # Examples per optimizer step (across all devices).
   c.train.micro_batches = 1  # Gradient accumulation: batch_size is split into this many.
+  # True: the kept samples of a problem train in rows of <= model.max_seq_len tokens after
+  # one copy of its prompt (improve.shared_rows), so the prompt's layers run once per row
+  # instead of once per sample; batch_size then counts rows. Same loss per example.
+  c.train.share_prompts = False
   c.train.max_steps = 200  # Upper bound on steps per M-step.
   # "token": sum of weighted token NLL / number of target tokens in the batch.
   # "sequence": mean over examples of the weighted per-sequence NLL sum (paper's J).

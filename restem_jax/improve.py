@@ -88,35 +88,66 @@ def padded_length(longest: int, seq_len: int) -> int:
   return min(seq_len, -(-longest // 16) * 16)
 
 
-class BatchStream:
-  """Batch s = examples at stream positions [s*B, (s+1)*B) of epoch permutations.
+def shared_rows(examples: Sequence[Example], row_len: int) -> list[list[int]]:
+  """Examples grouped into rows that share a prompt (training.make_shared_batch): each
+  prompt's examples in order, as many per row as fit in row_len tokens (one copy of
+  the prompt + their targets). Deterministic: the same examples give the same rows."""
+  by_prompt: dict[tuple[int, ...], list[int]] = {}
+  for i, e in enumerate(examples):
+    by_prompt.setdefault(tuple(e.prompt), []).append(i)
+  rows = []
+  for prompt, members in by_prompt.items():
+    row, used = [], len(prompt)
+    for i in members:
+      if row and used + len(examples[i].target) > row_len:
+        rows.append(row)
+        row, used = [], len(prompt)
+      row.append(i)
+      used += len(examples[i].target)
+    rows.append(row)
+  return rows
 
-  The stream is perm_0 ++ perm_1 ++ ..., perm_e a permutation of all examples
-  seeded by (seed, e): every example is seen once per epoch, and any step's
+
+class BatchStream:
+  """Batch s = units at stream positions [s*B, (s+1)*B) of epoch permutations.
+
+  A unit is an example, or with share_prompts a row of examples with the same prompt
+  (shared_rows: the prompt's layers then run once per row, not once per example; B
+  counts rows). The stream is perm_0 ++ perm_1 ++ ..., perm_e a permutation of all
+  units seeded by (seed, e): every example is seen once per epoch, and any step's
   batch is computable without replaying earlier ones (exact resume).
   """
 
   def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, seed: int,
-               pad_id: int = 0):
+               pad_id: int = 0, share_prompts: bool = False):
     self.examples, self.batch_size, self.seq_len, self.seed = examples, batch_size, seq_len, seed
     self.pad_id = pad_id
+    self.units = (shared_rows(examples, seq_len) if share_prompts
+                  else [[i] for i in range(len(examples))])
+    self.share_prompts = share_prompts
     self._perms: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
       self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.examples))}  # Only the current epoch is ever needed again.
+          len(self.units))}  # Only the current epoch is ever needed again.
     return self._perms[epoch]
 
   def indices(self, step: int) -> list[int]:
-    n = len(self.examples)
+    """The units (example indices without share_prompts) of batch `step`."""
+    n = len(self.units)
     out = []
     for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
       out.append(int(self._perm(pos // n)[pos % n]))
     return out
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    chosen = [self.examples[i] for i in self.indices(step)]
+    units = [[self.examples[i] for i in self.units[u]] for u in self.indices(step)]
+    if self.share_prompts:
+      rows = [(row[0].prompt, [(e.target, e.weight) for e in row]) for row in units]
+      longest = max(len(p) + sum(len(t) for t, _ in ts) for p, ts in rows)
+      return training.make_shared_batch(rows, padded_length(longest, self.seq_len), self.pad_id)
+    chosen = [row[0] for row in units]
     length = padded_length(max(len(e.prompt) + len(e.target) for e in chosen), self.seq_len)
     return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
                                [e.weight for e in chosen], length, self.pad_id)
@@ -147,7 +178,7 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   `init_adapters` (continuing an earlier M-step's) or, when None, fresh ones (B = 0).
 
   Every example must fit in seq_len tokens (prompt + target); each batch is
-  padded to `padded_length` of its own longest example.
+  padded to `padded_length` of its own longest example (or row: train.share_prompts).
 
   info = {"best_step", "best_score", "steps", "evals": [(step, score)],
           "stopped": "patience" | "max_steps"}. Without eval_fn the final params are
@@ -158,7 +189,8 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   eval_every, patience = int(train_cfg.eval_every), int(train_cfg.patience)
   ckpt_every = int(train_cfg.checkpoint_every)
   trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
-  stream = BatchStream(examples, trainer.batch_size, seq_len, seed)
+  stream = BatchStream(examples, trainer.batch_size, seq_len, seed,
+                       share_prompts=bool(train_cfg.share_prompts))
   if trainer.adapters is not None:
     lc = trainer.adapters.cfg
     log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "

@@ -464,12 +464,13 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, rope_BxL: LayerRopeTables,
                is_local: IsLocal, key_pos_BxS: jax.Array | None,
                key_valid_BxS: jax.Array | None, cache: LayerCache | SharedPrefixCache | None,
-               lora: Any = None) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
+               lora: Any = None, segments_BxL: jax.Array | None = None
+               ) -> tuple[jax.Array, LayerCache | SharedPrefixCache | None]:
     """Returns (new residual stream, this layer's updated cache or None).
 
     is_local: whether this is a sliding-window layer (IsLocal). With a SharedPrefixCache
     (decoding), key_pos_BxS and key_valid_BxS are unused. lora: None, or this layer's
-    LoRA adapters (lora.LayerAdapters; see _project).
+    LoRA adapters (lora.LayerAdapters; see _project). segments_BxL: see Transformer.
     """
     cfg, dt, pdt = self.cfg, self.cfg.compute_dtype, self.cfg.weight_dtype
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -506,7 +507,8 @@ class Block(nn.Module):
                                                      positions_BxL, cache, is_local)
     else:
       attn_BxLxNxH, cache = _attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, positions_BxL,
-                                       key_pos_BxS, key_valid_BxS, cache, is_local)
+                                       key_pos_BxS, key_valid_BxS, cache, is_local,
+                                       segments_BxL)
     attn_BxLxNxH = cons(attn_BxLxNxH, ("act_batch", "act_len", "act_heads", None))
     out_BxLxD = _project(lora, "o", "blnh,nhd->bld", attn_BxLxNxH, wo, dt)
     if cfg.post_norms:
@@ -544,9 +546,10 @@ def _project(lora: Any, name: str, subscripts: str, x: jax.Array, w: Any, dt: An
 
 def _attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array,
                v_BxLxKxH: jax.Array, positions_BxL: jax.Array, key_pos_BxS: jax.Array,
-               key_valid_BxS: jax.Array, cache: LayerCache | None, is_local: IsLocal
-               ) -> tuple[jax.Array, LayerCache | None]:
-  """Attention of L new tokens per row: over themselves, or over a per-row cache."""
+               key_valid_BxS: jax.Array, cache: LayerCache | None, is_local: IsLocal,
+               segments_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+  """Attention of L new tokens per row: over themselves, or over a per-row cache.
+  segments_BxL (no cache): see Transformer."""
   b, l, n, h = q_BxLxNxH.shape
   k = k_BxLxKxH.shape[2]
   dt = cfg.compute_dtype
@@ -574,6 +577,9 @@ def _attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array,
   # last `sliding_window` of them (positions > p - window).
   mask_BxLxS = ((key_pos_BxS[:, None, :] <= positions_BxL[:, :, None])
                 & key_valid_BxS[:, None, :])
+  if segments_BxL is not None:  # Keys of the shared segment 0, or of the query's own.
+    mask_BxLxS &= ((segments_BxL[:, None, :] == 0)
+                   | (segments_BxL[:, None, :] == segments_BxL[:, :, None]))
   if cfg.sliding_window:
     in_window_BxLxS = key_pos_BxS[:, None, :] > positions_BxL[:, :, None] - cfg.sliding_window
     mask_BxLxS = _window_mask(mask_BxLxS, in_window_BxLxS, is_local)
@@ -616,7 +622,8 @@ class Transformer(nn.Module):
                input_mask_BxL: jax.Array | None = None,
                cache: Cache | None = None,
                logits_at_BxT: jax.Array | None = None,
-               lora: Any = None) -> tuple[jax.Array, Cache | None]:
+               lora: Any = None,
+               segments_BxL: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
     """Returns (float32 logits [B, L, V], updated cache or None).
 
     Args:
@@ -632,11 +639,17 @@ class Transformer(nn.Module):
         matmul of a big-vocabulary model, then costs T/L of the full one.
       lora: None, or LoRA adapters applied inside each Block (lora.ModelAdapters: its
         layer(i) is layer i's hook, or None); the params are then the frozen base.
+      segments_BxL: None, or (no cache) several sequences sharing a prefix in one row
+        (training.make_shared_batch): a token sees the keys of segment 0 (the shared
+        prompt) and of its own segment, causally by position; -1 marks padding, which
+        no other segment sees. Positions then restart after the prompt in each segment.
     """
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if segments_BxL is not None and cache is not None:
+      raise ValueError("Transformer: segments_BxL is for training rows, not with a cache")
     if cache is None:
       key_pos_BxS = positions_BxL
       key_valid_BxS = (jnp.ones((b, l), bool) if input_mask_BxL is None
@@ -658,7 +671,7 @@ class Transformer(nn.Module):
       layer_cache = None if cache is None else {k: c[i] for k, c in cache.items()}
       x_BxLxD, layer_cache = Block(cfg, self.mesh, name=layer_name(i))(
           x_BxLxD, positions_BxL, tables, is_local, key_pos_BxS, key_valid_BxS, layer_cache,
-          None if lora is None else lora.layer(i))
+          None if lora is None else lora.layer(i), segments_BxL)
       new_caches.append(layer_cache)
     new_cache = None if cache is None else {
         k: partitioning.constrain(jnp.stack([c[k] for c in new_caches]), self.mesh, CACHE_AXES)

@@ -42,6 +42,9 @@ from restem_jax import partitioning
 
 NORMALIZATIONS = configlib.CHOICES["train.loss_normalization"]
 BATCH_KEYS = ("tokens_BxL", "loss_mask_BxL", "weights_B")
+# make_shared_batch's rows: several targets after one prompt, predictions listed explicitly.
+SHARED_BATCH_KEYS = ("tokens_BxL", "positions_BxL", "segments_BxL", "predict_at_BxT",
+                     "labels_BxT", "loss_mask_BxT", "weights_BxT", "examples_B")
 _COUNT_KEYS = ("tokens", "examples", "nll_sum", "weighted_nll")
 
 
@@ -88,6 +91,64 @@ def make_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]
           "weights_B": np.asarray(weights, np.float32).reshape(b)}
 
 
+def make_shared_batch(rows: Sequence[tuple[Sequence[int], Sequence[tuple[Sequence[int], float]]]],
+                      seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows of one prompt followed by several targets that share it (ReST-EM keeps up to
+  10 correct samples per problem, all after the same few-shot prompt): the prompt's
+  layers then run once per row instead of once per sample. Same loss as make_batch on
+  the unpacked (prompt, target, weight) examples.
+
+  rows: [(prompt, [(target, weight), ...])]. A row is the prompt, then each target in
+  turn; target k's positions continue from the prompt (len(prompt) + t) and its
+  segments_BxL is k + 1 (0 on the prompt, -1 on padding: model.Transformer's
+  segments_BxL). Every target's first token is predicted at the prompt's last position,
+  so the predictions are listed: predict_at_BxT (the index whose logits predict),
+  labels_BxT, loss_mask_BxT, weights_BxT (the target's reward), over T = the most
+  target tokens in a row rounded up to a power of two (>= 8: a handful of compiles).
+  examples_B counts each row's targets (the "sequence" normalization's denominator).
+  """
+  b = len(rows)
+  width = max([sum(len(t) for t, _ in targets) for _, targets in rows] + [1])
+  t_len = max(8, 1 << (width - 1).bit_length())
+  out = {"tokens_BxL": np.full((b, seq_len), pad_id, np.int32),
+         "positions_BxL": np.zeros((b, seq_len), np.int32),
+         "segments_BxL": np.full((b, seq_len), -1, np.int32),
+         "predict_at_BxT": np.zeros((b, t_len), np.int32),
+         "labels_BxT": np.zeros((b, t_len), np.int32),
+         "loss_mask_BxT": np.zeros((b, t_len), np.float32),
+         "weights_BxT": np.zeros((b, t_len), np.float32),
+         "examples_B": np.zeros((b,), np.float32)}
+  for r, (prompt, targets) in enumerate(rows):
+    n = len(prompt) + sum(len(t) for t, _ in targets)
+    if len(prompt) == 0:
+      raise ValueError(f"make_shared_batch: row {r} has an empty prompt; at least one prompt "
+                       "token (e.g. BOS) is needed to predict the first target token")
+    if n > seq_len:
+      raise ValueError(f"make_shared_batch: row {r} has {n} tokens > seq_len={seq_len}; "
+                       "put fewer targets in a row")
+    lp = len(prompt)
+    out["tokens_BxL"][r, :lp] = prompt
+    out["positions_BxL"][r, :lp] = np.arange(lp)
+    out["segments_BxL"][r, :lp] = 0
+    at, j = lp, 0  # next free index; next prediction slot
+    for k, (target, weight) in enumerate(targets):
+      m = len(target)
+      if m == 0:
+        continue
+      out["tokens_BxL"][r, at:at + m] = target
+      out["positions_BxL"][r, at:at + m] = lp + np.arange(m)
+      out["segments_BxL"][r, at:at + m] = k + 1
+      # Token t of the target is predicted at the index holding token t - 1 (the
+      # prompt's last token for t = 0).
+      out["predict_at_BxT"][r, j:j + m] = np.concatenate([[lp - 1], at + np.arange(m - 1)])
+      out["labels_BxT"][r, j:j + m] = target
+      out["loss_mask_BxT"][r, j:j + m] = 1.0
+      out["weights_BxT"][r, j:j + m] = weight
+      out["examples_B"][r] += 1
+      at, j = at + m, j + m
+  return out
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -114,41 +175,48 @@ def _numerator_and_counts(params: Any, batch: dict, model: nn.Module,
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need.
 
-  target_len (target_window of the batch): logits only for that many positions per
-  row, from the row's first target position on; None: every position. lora: None, or
-  LoRA adapters the model applies inside its Blocks (lora.ModelAdapters) on `params`,
-  the frozen base."""
+  `batch` is make_batch's or make_shared_batch's. target_len (make_batch only:
+  target_window of the batch): logits only for that many positions per row, from the
+  row's first target position on; None: every position. lora: None, or LoRA adapters
+  the model applies inside its Blocks (lora.ModelAdapters) on `params`, the frozen base."""
   apply_kw = {} if lora is None else {"lora": lora}
   tokens_BxL = batch["tokens_BxL"]
-  mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
-  weights_B = batch["weights_B"].astype(jnp.float32)
-  # Label at position t is token t + 1; the last position has none (mask is 0 there).
-  labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
-  if target_len is None:
-    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, **apply_kw)
-    mask_BxT, labels_BxT = mask_BxL, labels_BxL
-  else:
-    seq_len = tokens_BxL.shape[1]
-    start_B = jnp.argmax(mask_BxL > 0, axis=1)
-    at_BxT = start_B[:, None] + jnp.arange(target_len)
-    in_row_BxT = at_BxT < seq_len
-    at_BxT = jnp.minimum(at_BxT, seq_len - 1)
-    mask_BxT = jnp.take_along_axis(mask_BxL, at_BxT, axis=1) * in_row_BxT
-    labels_BxT = jnp.take_along_axis(labels_BxL, at_BxT, axis=1)
-    logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, logits_at_BxT=at_BxT,
-                                  **apply_kw)
+  if "segments_BxL" in batch:  # make_shared_batch: the predictions are listed.
+    at_BxT, labels_BxT = batch["predict_at_BxT"], batch["labels_BxT"]
+    mask_BxT = batch["loss_mask_BxT"].astype(jnp.float32)
+    weights_BxT = batch["weights_BxT"].astype(jnp.float32)
+    examples = jnp.sum(batch["examples_B"].astype(jnp.float32))
+    apply_kw.update(positions_BxL=batch["positions_BxL"], segments_BxL=batch["segments_BxL"],
+                    logits_at_BxT=at_BxT)
+  else:  # make_batch: position t predicts token t + 1 where loss_mask_BxL is 1.
+    mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
+    weights_BxT = batch["weights_B"].astype(jnp.float32)[:, None]
+    examples = jnp.sum((jnp.sum(mask_BxL, axis=-1) > 0).astype(jnp.float32))
+    # Label at position t is token t + 1; the last position has none (mask is 0 there).
+    labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
+    if target_len is None:
+      mask_BxT, labels_BxT = mask_BxL, labels_BxL
+    else:
+      seq_len = tokens_BxL.shape[1]
+      start_B = jnp.argmax(mask_BxL > 0, axis=1)
+      at_BxT = start_B[:, None] + jnp.arange(target_len)
+      in_row_BxT = at_BxT < seq_len
+      at_BxT = jnp.minimum(at_BxT, seq_len - 1)
+      mask_BxT = jnp.take_along_axis(mask_BxL, at_BxT, axis=1) * in_row_BxT
+      labels_BxT = jnp.take_along_axis(labels_BxL, at_BxT, axis=1)
+      apply_kw["logits_at_BxT"] = at_BxT
+  logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, **apply_kw)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   # Select the label logit with an elementwise compare rather than a gather, so a
   # vocab dimension sharded over the tensor axis needs only a reduction.
   vocab_V = jnp.arange(logits_BxTxV.shape[-1], dtype=labels_BxT.dtype)
   label_logit_BxT = jnp.sum(jnp.where(labels_BxT[..., None] == vocab_V, logits_BxTxV, 0.0), -1)
-  nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - label_logit_BxT
-  seq_nll_B = jnp.sum(nll_BxT * mask_BxT, axis=-1)
-  numerator = jnp.sum(weights_B * seq_nll_B)
+  nll_BxT = (jax.nn.logsumexp(logits_BxTxV, axis=-1) - label_logit_BxT) * mask_BxT
+  numerator = jnp.sum(weights_BxT * nll_BxT)
   counts = {
-      "tokens": jnp.sum(mask_BxL),
-      "examples": jnp.sum((jnp.sum(mask_BxL, axis=-1) > 0).astype(jnp.float32)),
-      "nll_sum": jnp.sum(seq_nll_B),  # Unweighted, for monitoring.
+      "tokens": jnp.sum(mask_BxT),
+      "examples": examples,
+      "nll_sum": jnp.sum(nll_BxT),  # Unweighted, for monitoring.
       "weighted_nll": numerator,
   }
   return numerator, counts
@@ -296,9 +364,8 @@ class Trainer:
     self._abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
                                 params=abstract_trainable, opt_state=abstract_opt)
     base_shardings = None if self.adapters is None else self.adapters.base_shardings
-    self.batch_shardings = {"tokens_BxL": partitioning.batch_sharding(mesh, 2),
-                            "loss_mask_BxL": partitioning.batch_sharding(mesh, 2),
-                            "weights_B": partitioning.batch_sharding(mesh, 1)}
+    # Every batch array (either format) is split over the data axes by its leading dim.
+    batch_in = partitioning.batch_sharding(mesh, 1)
 
     self._init = jax.jit(
         lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=_copy_tree(p),
@@ -306,12 +373,12 @@ class Trainer:
         in_shardings=(self.trainable_shardings,), out_shardings=self._state_shardings)
     # One compile per (batch length, target window) pair: a handful in a run.
     self._step = jax.jit(self._train_step,
-                         in_shardings=(self._state_shardings, base_shardings, self.batch_shardings),
+                         in_shardings=(self._state_shardings, base_shardings, batch_in),
                          out_shardings=(self._state_shardings, rep), donate_argnums=(0,),
                          static_argnums=(3,))
     self._loss = jax.jit(
         lambda p, b, target_len: loss_fn(p, b, self.model, self.normalization, target_len)[0],
-        in_shardings=(self.param_shardings, self.batch_shardings), out_shardings=rep,
+        in_shardings=(self.param_shardings, batch_in), out_shardings=rep,
         static_argnums=(2,))
     self._copy_params = jax.jit(_copy_tree, in_shardings=(self.trainable_shardings,),
                                 out_shardings=self.trainable_shardings)
@@ -417,20 +484,28 @@ class Trainer:
                "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(counts["tokens"], 1.0)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+  def _device_batch(self, batch: dict) -> tuple[dict, int | None]:
+    """(the batch on the mesh, its target window): make_batch's or make_shared_batch's."""
+    keys = SHARED_BATCH_KEYS if "segments_BxL" in batch else BATCH_KEYS
+    missing = sorted(set(keys) - set(batch))
+    if missing:
+      raise ValueError(f"batch is missing {missing}; build it with training.make_batch or "
+                       "training.make_shared_batch")
+    device_batch = {k: partitioning.put_global(batch[k], partitioning.batch_sharding(
+        self.mesh, np.ndim(batch[k]))) for k in keys}
+    # make_shared_batch lists its predictions; make_batch's window is found here (static).
+    window = None if keys is SHARED_BATCH_KEYS else target_window(batch["loss_mask_BxL"])
+    return device_batch, window
+
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
     """One optimizer step (state is donated). Raises NonFiniteLossError on NaN/Inf."""
-    missing = sorted(set(BATCH_KEYS) - set(batch))
-    if missing:
-      raise ValueError(f"batch is missing {missing}; build it with training.make_batch")
     if batch["tokens_BxL"].shape[0] != self.batch_size:
       raise ValueError(f"batch has {batch['tokens_BxL'].shape[0]} rows but train.batch_size="
                        f"{self.batch_size}")
-    device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
-                    for k in BATCH_KEYS}
+    device_batch, window = self._device_batch(batch)
     step_before = int(state.step)
     base = None if self.adapters is None else self._require_base()
-    state, metrics = self._step(state, base, device_batch,
-                                target_window(batch["loss_mask_BxL"]))
+    state, metrics = self._step(state, base, device_batch, window)
     # Checked every step: the metrics come back to the host anyway (the device
     # sync costs a little dispatch overlap, negligible next to a real step).
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -442,6 +517,4 @@ class Trainer:
 
   def loss(self, params: Any, batch: dict) -> float:
     """Eval loss (train.loss_normalization) of `batch`; no update."""
-    device_batch = {k: partitioning.put_global(batch[k], self.batch_shardings[k])
-                    for k in BATCH_KEYS}
-    return float(self._loss(params, device_batch, target_window(batch["loss_mask_BxL"])))
+    return float(self._loss(params, *self._device_batch(batch)))

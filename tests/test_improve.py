@@ -162,6 +162,21 @@ def test_batch_stream_epochs_are_permutations():
       I.BatchStream(ex, 3, 10, seed=2).indices(1) != stream.indices(1)
 
 
+def test_shared_rows_group_by_prompt_within_the_row_budget():
+  a, b = [1, 2, 3], [4, 5]
+  ex = [I.Example(a, [7] * 3, 1.0), I.Example(b, [8] * 2, 1.0), I.Example(a, [9] * 4, 0.5),
+        I.Example(a, [6] * 2, 1.0), I.Example(b, [5], 1.0)]
+  # Budget 10: prompt a (3) + 3 + 4 = 10 fits, + 2 more does not; prompt b (2) + 2 + 1.
+  assert I.shared_rows(ex, row_len=10) == [[0, 2], [3], [1, 4]]
+  stream = I.BatchStream(ex, batch_size=2, seq_len=10, seed=0, share_prompts=True)
+  seen = [i for s in range(3) for u in stream.indices(s) for i in stream.units[u]]
+  assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
+  batch = stream.batch(0)
+  assert batch["tokens_BxL"].shape == (2, 10)  # rounded up to 16, at most seq_len
+  targets = sorted(int(n) for n in batch["examples_B"])
+  assert targets in ([1, 2], [2, 2])  # rows, not examples, per batch
+
+
 class _CharVocab:
   """One token per character (a hand count of lengths), eos = 1."""
   eos_id = 1

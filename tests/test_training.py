@@ -137,6 +137,73 @@ def test_windowed_loss_has_the_full_loss_gradient(params):
   assert max(float(np.abs(b).max()) for b in jax.tree.leaves(full)) > 1e-3  # not all zero
 
 
+def test_shared_batch_layout_by_hand():
+  """One prompt, then each target; positions restart after the prompt; a target's first
+  token is predicted at the prompt's last index."""
+  b = T.make_shared_batch([([5, 6], [([1, 2], 1.0), ([3], 0.5)]), ([9], [([4, 8, 7], 2.0)])],
+                          seq_len=6, pad_id=0)
+  np.testing.assert_array_equal(b["tokens_BxL"], [[5, 6, 1, 2, 3, 0], [9, 4, 8, 7, 0, 0]])
+  np.testing.assert_array_equal(b["positions_BxL"], [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 0, 0]])
+  np.testing.assert_array_equal(b["segments_BxL"], [[0, 0, 1, 1, 2, -1], [0, 1, 1, 1, -1, -1]])
+  assert b["labels_BxT"].shape == (2, 8)  # 3 target tokens at most -> T = 8
+  np.testing.assert_array_equal(b["predict_at_BxT"][:, :3], [[1, 2, 1], [0, 1, 2]])
+  np.testing.assert_array_equal(b["labels_BxT"][:, :3], [[1, 2, 3], [4, 8, 7]])
+  np.testing.assert_array_equal(b["loss_mask_BxT"].sum(1), [3, 3])
+  np.testing.assert_array_equal(b["weights_BxT"][:, :3], [[1.0, 1.0, 0.5], [2.0, 2.0, 2.0]])
+  np.testing.assert_array_equal(b["examples_B"], [2, 1])
+  with pytest.raises(ValueError, match="row 0 has 7 tokens > seq_len=6"):
+    T.make_shared_batch([([1, 2], [([3, 4], 1.0), ([5, 6, 7], 1.0)])], seq_len=6)
+
+
+def shared_examples(seed: int, prompts: int = 8):
+  """(rows for make_shared_batch, the same examples unpacked as make_batch lists)."""
+  rng = np.random.default_rng(seed)
+  rows, unpacked = [], ([], [], [])
+  for _ in range(prompts):
+    prompt = list(rng.integers(1, V, rng.integers(2, 9)))
+    targets = [(list(rng.integers(1, V, rng.integers(1, 5))), float(rng.choice([0.0, 0.5, 2.0])))
+               for _ in range(rng.integers(1, 4))]
+    rows.append((prompt, targets))
+    for t, w in targets:
+      for part, x in zip(unpacked, (prompt, t, w)):
+        part.append(x)
+  return rows, unpacked
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_shared_prompt_rows_have_the_unpacked_loss(params, normalization):
+  """A prompt computed once for several targets (make_shared_batch, segment masks) is the
+  float64 numpy loss of the examples one per row, and has the same gradient."""
+  rows, (prompts, targets, weights) = shared_examples(2)
+  assert len(prompts) > len(rows)  # some prompts really are shared
+  shared = jax.tree.map(jnp.asarray, T.make_shared_batch(rows, seq_len=24))
+  plain = T.make_batch(prompts, targets, weights, seq_len=16)
+  model = M.Transformer(tiny_cfg())
+  loss, aux = T.loss_fn(params, shared, model, normalization)
+  np.testing.assert_allclose(float(loss), numpy_loss(params, plain, normalization), rtol=2e-5)
+  assert float(aux["tokens"]) == sum(map(len, targets))
+  assert float(aux["examples"]) == len(targets)
+  grad = lambda b: host(jax.grad(lambda p: T.loss_fn(p, b, model, normalization)[0])(params))
+  for a, b in zip(jax.tree.leaves(grad(shared)), jax.tree.leaves(grad(jax.tree.map(jnp.asarray,
+                                                                                   plain)))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+
+
+def test_shared_prompt_step_on_8_devices_equals_the_unpacked_step(params):
+  """Trainer.step on shared rows over a (2,2,2) mesh with 2 micro-batches == one device
+  on the same examples one per row."""
+  rows, (prompts, targets, weights) = shared_examples(3)
+  ref = T.Trainer(tiny_cfg(), train_cfg(batch_size=len(prompts)), mesh1())
+  ref_state, ref_metrics = ref.step(ref.init_state(params),
+                                    T.make_batch(prompts, targets, weights, seq_len=16))
+  tr = T.Trainer(tiny_cfg(), train_cfg(batch_size=len(rows), micro_batches=2),
+                 mesh_of((2, 2, 2)))
+  state, metrics = tr.step(tr.init_state(params), T.make_shared_batch(rows, seq_len=24))
+  for k in ("loss", "grad_norm", "tokens"):
+    np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=2e-5)
+  assert_states_close(host(state), host(ref_state))
+
+
 def test_zero_reward_example_contributes_no_gradient(params):
   """grad(loss of B rows, row 2 at weight 0) * D_with == grad(loss without row 2) * D_without.
 
