@@ -12,7 +12,8 @@ Llama (tests; a couple of minutes on CPU). `configs/smollm2_135m_rg.py:chat`
 prompts the instruct model in its own chat format (exemplars and question as
 turns through the GGUF's chat template) instead of plain few-shot text.
 `configs/smollm2_135m_rg.py:lora` trains rank-16 adapters on all seven matrices in
-the M-steps instead of every weight; options combine (`:lora,runlocal`). Measured (README
+the M-steps instead of every weight; `:shared` trains each problem's kept samples in one
+row after one copy of its prompt (train.share_prompts); options combine (`:lora,runlocal`). Measured (README
 "Real pretrained models"): greedy test pass@1 13.4 -> 28.4 -> 30.8 (full fine-tuning),
 13.4 -> 28.2 -> 30.0 (`:lora`).
 """
@@ -103,7 +104,7 @@ def reasoning_gym_runlocal(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = configlib.parse_config_arg(arg, allowed=("runlocal", "chat", "lora"))
+  args = configlib.parse_config_arg(arg, allowed=("runlocal", "chat", "lora", "shared"))
   c = configlib.default_config()
 
   recipes.smollm2_135m(c)
@@ -120,6 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Adapters start at zero and move only 4.9M weights: 10x the full fine-tune's rate
     # (set a priori, the PEFT range for rank 16; the M-step early-stops on validation).
     recipes.lora(c, rank=16, alpha=32.0, learning_rate=3e-4)
+  if "shared" in args:
+    # A ~150-token prompt and <= 4 kept answers of ~10 tokens fit one 256-token row: the
+    # prompt's layers run once per problem instead of once per sample. batch_size counts
+    # rows: 8 rows hold ~19 examples here (2.4 kept per solved problem in iteration 1),
+    # near the 16 of one example per row.
+    c.train.share_prompts = True
+    c.train.batch_size = 8
   if "runlocal" in args:
     # Tiny random Llama: SmolLM2's 49k-row output layer would make the smoke run 30x slower.
     reasoning_gym_runlocal(c)
