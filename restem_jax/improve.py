@@ -191,6 +191,9 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
   stream = BatchStream(examples, trainer.batch_size, seq_len, seed,
                        share_prompts=bool(train_cfg.share_prompts))
+  if stream.share_prompts:
+    log(f"improve: {len(examples)} examples in {len(stream.units)} rows sharing their prompts "
+        f"(train.share_prompts; batch_size {trainer.batch_size} rows)")
   if trainer.adapters is not None:
     lc = trainer.adapters.cfg
     log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import subprocess
 
 import jax
@@ -481,17 +482,21 @@ def test_config_problems_name_the_field():
 def test_run_with_lora_end_to_end(tmp_path):
   """configs/tiny.py with train.lora and finetune_from='previous': the base is pretrained
   fully; every M-step and the SFT baseline train adapters (iteration 2 continuing iteration
-  1's); each model is saved as its adapters alone beside the base stored once, and a rerun
-  that restores them samples exactly as the run that trained them."""
+  1's) on rows that share a prompt (train.share_prompts); each model is saved as its
+  adapters alone beside the base stored once, and a rerun that restores them samples
+  exactly as the run that trained them."""
   from restem_jax import checkpoints, run as run_lib  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / "w")
-  cmd = main_cmd(workdir, "--config.train.lora.rank=4", "--config.restem.finetune_from=previous")
+  cmd = main_cmd(workdir, "--config.train.lora.rank=4", "--config.restem.finetune_from=previous",
+                 "--config.train.share_prompts=True")
   p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stderr.count("improve: LoRA rank 4 on q,k,v,o,gate,up,down") == 3
   assert p.stderr.count("base frozen (as loaded), fresh adapters") == 2  # iter_001, sft
   assert p.stderr.count("continuing the given adapters") == 1  # iter_002
+  shared = re.findall(r"improve: (\d+) examples in (\d+) rows sharing their prompts", p.stderr)
+  assert any(int(n) > int(r) for n, r in shared), shared  # some problems kept 2 samples
   evals = sorted(os.path.basename(os.path.dirname(f))
                  for f in glob.glob(os.path.join(workdir, "*", "eval.json")))
   assert evals == ["base_eval", "iter_001", "iter_002", "sft"], evals
@@ -500,6 +505,7 @@ def test_run_with_lora_end_to_end(tmp_path):
 
   config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   config.train.lora.rank, config.restem.finetune_from = 4, "previous"
+  config.train.share_prompts = True
   cfg = M.ModelConfig.from_config(config.model)
   base_dir = os.path.join(workdir, "base")
   base = host(checkpoints.restore_params(base_dir, cfg, mesh1()))
