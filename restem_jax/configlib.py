@@ -50,7 +50,7 @@ AT_LEAST: dict[str, int] = {
     "train.warmup_steps": 0, "train.weight_decay": 0, "train.grad_clip": 0,
     "train.batch_size": 1, "train.micro_batches": 1, "train.max_steps": 1,
     "train.eval_every": 1, "train.patience": 1, "train.checkpoint_every": 1,
-    "train.keep_checkpoints": 1,
+    "train.keep_checkpoints": 1, "train.shared_row_len": 0,
     "eval.num_samples": 1, "eval.temperature": 0, "eval.top_k": 0, "eval.majority_k": 1,
     "eval.num_train_eval": 0,
 }
@@ -201,10 +201,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0  # Global-norm clip; 0 disables.
   c.train.batch_size = 32  # Examples per optimizer step (across all devices).
   c.train.micro_batches = 1  # Gradient accumulation: batch_size is split into this many.
-  # True: the kept samples of a problem train in rows of <= model.max_seq_len tokens after
-  # one copy of its prompt (improve.shared_rows), so the prompt's layers run once per row
-  # instead of once per sample; batch_size then counts rows. Same loss per example.
+  # True: the kept samples of a problem train in rows after one copy of its prompt
+  # (improve.shared_rows), so the prompt's layers run once per row instead of once per
+  # sample; batch_size then counts rows. Same loss per example.
   c.train.share_prompts = False
+  # Tokens in such a row; 0 = model.max_seq_len. Longer rows hold more samples of a
+  # long prompt (positions still restart per sample, so they stay < max_seq_len).
+  c.train.shared_row_len = 0
   c.train.max_steps = 200  # Upper bound on steps per M-step.
   # "token": sum of weighted token NLL / number of target tokens in the batch.
   # "sequence": mean over examples of the weighted per-sequence NLL sum (paper's J).
@@ -536,6 +539,10 @@ def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list
     out.append(f"eval.max_batch={eval_batch} (0 = sampling.max_batch) < eval.num_samples="
                f"{c.eval.num_samples}: one problem's samples must fit one sampler call; "
                "raise eval.max_batch")
+  row = c.train.shared_row_len
+  if not bad & {"train.shared_row_len", "model.max_seq_len"} and 0 < row < c.model.max_seq_len:
+    out.append(f"train.shared_row_len={row} < model.max_seq_len={c.model.max_seq_len}: a row "
+               "must hold the longest example; raise it or set 0 (= model.max_seq_len)")
   if not bad & {"eval.max_new_tokens", "model.max_seq_len"} and \
       c.eval.max_new_tokens >= c.model.max_seq_len:
     out.append(f"eval.max_new_tokens={c.eval.max_new_tokens} leaves no room for a prompt in "

@@ -120,6 +120,7 @@ class BatchStream:
 
   def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, seed: int,
                pad_id: int = 0, share_prompts: bool = False):
+    """seq_len: the longest row (with share_prompts, of a prompt and its samples)."""
     self.examples, self.batch_size, self.seq_len, self.seed = examples, batch_size, seq_len, seed
     self.pad_id = pad_id
     self.units = (shared_rows(examples, seq_len) if share_prompts
@@ -189,11 +190,14 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   eval_every, patience = int(train_cfg.eval_every), int(train_cfg.patience)
   ckpt_every = int(train_cfg.checkpoint_every)
   trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
-  stream = BatchStream(examples, trainer.batch_size, seq_len, seed,
-                       share_prompts=bool(train_cfg.share_prompts))
-  if stream.share_prompts:
-    log(f"improve: {len(examples)} examples in {len(stream.units)} rows sharing their prompts "
-        f"(train.share_prompts; batch_size {trainer.batch_size} rows)")
+  share = bool(train_cfg.share_prompts)
+  row_len = int(train_cfg.shared_row_len) or seq_len
+  stream = BatchStream(examples, trainer.batch_size, row_len if share else seq_len, seed,
+                       share_prompts=share)
+  if share:
+    log(f"improve: {len(examples)} examples in {len(stream.units)} rows of <= {row_len} "
+        f"tokens sharing their prompts (train.share_prompts; batch_size "
+        f"{trainer.batch_size} rows)")
   if trainer.adapters is not None:
     lc = trainer.adapters.cfg
     log(f"improve: LoRA rank {lc.rank} on {','.join(lc.targets)}: "

@@ -55,6 +55,7 @@ BAD = [
     (["--config.mesh.shape=(3,1,1)", "--config.base.batch_size=8"],
      "base.batch_size=8 must be a multiple of train.micro_batches=1 x the mesh's data-parallel size 3"),
     (["--config.sampling.max_new_tokens=96"], "sampling.max_new_tokens=96 leaves no room for a prompt"),
+    (["--config.train.shared_row_len=50"], "train.shared_row_len=50 < model.max_seq_len=96"),
     # Model shape, mesh vs model.
     (["--config.model.n_kv_heads=3"], "model.n_heads=2 is not divisible by model.n_kv_heads=3"),
     (["--config.model.d_model=63"], "model.d_model=63 is not divisible by model.n_heads=2"),

@@ -495,7 +495,7 @@ def test_run_with_lora_end_to_end(tmp_path):
   assert p.stderr.count("improve: LoRA rank 4 on q,k,v,o,gate,up,down") == 3
   assert p.stderr.count("base frozen (as loaded), fresh adapters") == 2  # iter_001, sft
   assert p.stderr.count("continuing the given adapters") == 1  # iter_002
-  shared = re.findall(r"improve: (\d+) examples in (\d+) rows sharing their prompts", p.stderr)
+  shared = re.findall(r"improve: (\d+) examples in (\d+) rows of", p.stderr)
   assert any(int(n) > int(r) for n, r in shared), shared  # some problems kept 2 samples
   evals = sorted(os.path.basename(os.path.dirname(f))
                  for f in glob.glob(os.path.join(workdir, "*", "eval.json")))
