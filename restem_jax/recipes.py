@@ -215,6 +215,7 @@ def shrink_to_runlocal(c: ml_collections.ConfigDict) -> None:
   c.base.source = "pretrain"
   c.base.path = ""
   c.base.steps = 20
+  c.base.batch_size = 8  # 20 x 8 rows: seconds, not minutes, for a smoke run's base.
   c.task.name = "embedded_arith"
   c.task.data_dir = ""
   c.task.vocab_path = ""
