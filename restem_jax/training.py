@@ -18,6 +18,10 @@ numerator  N = sum_b w_b * sum_t m_bt * nll_bt  and differ in the denominator:
 Zero-weight examples add nothing to N but their tokens/rows still count in the
 denominator (they are real examples that earned reward 0).
 
+Batches come one example per row (make_batch) or, with train.share_prompts, as rows of
+one prompt followed by several of its targets (make_shared_batch: the prompt runs once);
+both give the same N and counts for the same examples.
+
 Because N and the denominator are sums, gradient accumulation is exact: each
 micro-batch contributes grad(N_micro); the sum is divided once by the
 full-batch denominator (never a mean of per-micro-batch means).

@@ -189,6 +189,22 @@ def test_shared_prompt_rows_have_the_unpacked_loss(params, normalization):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
+def test_shared_prompt_rows_on_sliding_window_layers():
+  """Gemma-style local layers (window 3 < the rows' lengths, local / global alternating,
+  the window counted in positions that restart per target): shared rows give the loss
+  of the examples one per row."""
+  cfg = tiny_cfg(sliding_window=3, sliding_window_pattern=2)
+  assert cfg.local_layers == (True, False)
+  params = M.init_params(cfg, mesh1(), jax.random.key(5))
+  rows, (prompts, targets, weights) = shared_examples(4)
+  model = M.Transformer(cfg)
+  shared = T.loss_fn(params, jax.tree.map(jnp.asarray, T.make_shared_batch(rows, seq_len=24)),
+                     model, "token")[0]
+  plain = T.loss_fn(params, jax.tree.map(jnp.asarray, T.make_batch(prompts, targets, weights,
+                                                                   seq_len=16)), model, "token")[0]
+  np.testing.assert_allclose(float(shared), float(plain), rtol=1e-5)
+
+
 def test_shared_prompt_step_on_8_devices_equals_the_unpacked_step(params):
   """Trainer.step on shared rows over a (2,2,2) mesh with 2 micro-batches == one device
   on the same examples one per row."""
