@@ -29,7 +29,7 @@ demo: $(STAMP)
 # Any failure fails, "no tests collected" (pytest exit 5) included: with this suite
 # that can only mean a broken collection.
 test: $(STAMP) sandbox
-	JAX_PLATFORMS=cpu $(VPY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV)
