@@ -112,8 +112,7 @@ def make_shared_batch(rows: Sequence[tuple[Sequence[int], Sequence[tuple[Sequenc
   examples_B counts each row's targets (the "sequence" normalization's denominator).
   """
   b = len(rows)
-  width = max([sum(len(t) for t, _ in targets) for _, targets in rows] + [1])
-  t_len = max(8, 1 << (width - 1).bit_length())
+  t_len = _window_size(max([sum(len(t) for t, _ in targets) for _, targets in rows] + [1]))
   out = {"tokens_BxL": np.full((b, seq_len), pad_id, np.int32),
          "positions_BxL": np.zeros((b, seq_len), np.int32),
          "segments_BxL": np.full((b, seq_len), -1, np.int32),
@@ -156,6 +155,12 @@ def make_shared_batch(rows: Sequence[tuple[Sequence[int], Sequence[tuple[Sequenc
 # ----------------------------------------------------------------------------- loss
 
 
+def _window_size(n: int) -> int:
+  """Prediction slots for n target tokens: a power of two >= n, at least 8 (one compile
+  per size, a handful in a run)."""
+  return max(8, 1 << (n - 1).bit_length())
+
+
 def target_window(loss_mask_BxL: np.ndarray) -> int | None:
   """How many positions per row the loss needs logits for (static: one compile each).
 
@@ -170,7 +175,7 @@ def target_window(loss_mask_BxL: np.ndarray) -> int | None:
     return None
   first = mask[rows].argmax(axis=1)
   last = seq_len - 1 - mask[rows, ::-1].argmax(axis=1)
-  window = max(8, 1 << int(np.max(last - first)).bit_length())
+  window = _window_size(int(np.max(last - first)) + 1)
   return None if window >= seq_len else window
 
 
