@@ -375,7 +375,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
     # M-step: fine-tune theta_base (ReST-EM) or theta_{i-1} (ReST; with LoRA: its adapters).
     start = base if c.restem.finetune_from == "base" else current
     # The M-step reads `start` alone: from ReST-EM's base, theta_{i-1} is not held beside
-    # it (that would hold two models beside the train state; tests/test_run.py counts arrays).
+    # it (that would hold two models beside the train state; tests/test_lora.py counts live arrays).
     current = None
     current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats), base)
     results.append(ctx.evaluated(it, current.params, samples_kept=stats["kept"],
