@@ -114,8 +114,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -205,6 +206,99 @@ def _procs_of_uid(uid: int) -> list[int]:
   return pids
 
 
+def _traversable_parents(paths) -> list[str]:
+  """`--dir` arguments for every parent of `paths`, mode 0755 (bwrap would copy the
+  host's modes: /root is 0700, and the unprivileged uid could not reach the file)."""
+  dirs = set()
+  for p in paths:
+    d = os.path.dirname(p)
+    while d != "/":
+      dirs.add(d)
+      d = os.path.dirname(d)
+  out = []
+  for d in sorted(dirs):
+    out += ["--perms", "0755", "--dir", d]
+  return out
+
+
+def _root_symlinks() -> list[str]:
+  """/bin -> usr/bin and the like, where the host has them (merged /usr)."""
+  out = []
+  for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    if os.path.islink(d):
+      out += ["--symlink", os.readlink(d), d]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_view(python: str) -> tuple[str, ...]:
+  """bwrap arguments for the read-only files `python` needs, and nothing else.
+
+  The interpreter, its standard library (site-packages hidden by an empty
+  read-only tmpfs) and the shared libraries `ldd` lists for it and for every
+  extension module of lib-dynload. Less to see means less page cache a program
+  can probe for traces of an earlier program (docs/RELIABILITY.md). Without
+  `ldd` the wide view (/usr and /lib*) is used, with a warning.
+  """
+  query = ("import json, sysconfig; print(json.dumps([sysconfig.get_path(k) for k in "
+           "('stdlib', 'platstdlib', 'purelib', 'platlib')]))")
+  dirs = json.loads(subprocess.run([python, "-I", "-S", "-c", query], capture_output=True,
+                                   check=True, text=True).stdout)
+  stdlibs = sorted({os.path.realpath(d) for d in dirs[:2]})
+  hidden = sorted({os.path.realpath(d) for d in dirs[2:]} & {
+      os.path.join(lib, "site-packages") for lib in stdlibs})
+  ldd = shutil.which("ldd")
+  if ldd is None:
+    _LOG.warning("code sandbox: no `ldd`; the sandbox sees all of /usr and /lib*")
+    return _wide_view(python)
+  objects = [python] + [os.path.join(lib, "lib-dynload", n) for lib in stdlibs
+                        if os.path.isdir(os.path.join(lib, "lib-dynload"))
+                        for n in sorted(os.listdir(os.path.join(lib, "lib-dynload")))
+                        if n.endswith(".so")]
+  out = subprocess.run([ldd, *objects], capture_output=True, text=True, env={"LC_ALL": "C"}).stdout
+  libs = set()
+  for line in out.splitlines():
+    words = line.split()
+    path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+    if path.startswith("/") and os.path.exists(path):
+      libs.add(path)
+  # glibc loads libgcc_s at run time (thread cancellation unwinding).
+  for lib in list(libs):
+    if os.path.basename(lib).startswith("libc.so"):
+      gcc_s = os.path.join(os.path.dirname(lib), "libgcc_s.so.1")
+      if os.path.exists(gcc_s):
+        libs.add(gcc_s)
+  # A file is bound where the loader looks for it: its directory resolved (the
+  # sandbox has the same /lib -> usr/lib symlinks), its own name kept (libz.so.1).
+  files = {os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p)): p
+           for p in libs}
+  files[os.path.realpath(python)] = python
+  argv = _root_symlinks() + _traversable_parents(list(files) + stdlibs)
+  for dest, src in sorted(files.items()):
+    argv += ["--ro-bind", src, dest]
+  for lib in stdlibs:
+    argv += ["--ro-bind", lib, lib]
+  for d in hidden:
+    if os.path.isdir(d):
+      argv += ["--size", "4096", "--perms", "0555", "--tmpfs", d, "--remount-ro", d]
+  return tuple(argv)
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_view(python: str) -> tuple[str, ...]:
+  """/usr, /lib* and the interpreter's whole prefix, read-only (round two's view;
+  kept for hosts without ldd and for benchmarks/rewards.py's comparison)."""
+  argv = ["--ro-bind", "/usr", "/usr"] + _root_symlinks()
+  for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    if os.path.isdir(d) and not os.path.islink(d):
+      argv += ["--ro-bind", d, d]
+  prefixes = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(python))}
+  for p in sorted(prefixes):
+    if p != "/usr" and not p.startswith("/usr/"):
+      argv += _traversable_parents([p]) + ["--ro-bind", p, p]
+  return tuple(argv)
+
+
 def _children(pid: int) -> list[int]:
   kids = []
   for name in os.listdir("/proc"):
@@ -223,13 +317,15 @@ class CodeExecutor:
 
   def __init__(self, limits: Limits = Limits(), num_workers: int = 2,
                unsafe_local_exec: bool = False, *, python: str | None = None,
-               uid_base: int | None = None, _benchmark_without_seccomp: bool = False):
+               uid_base: int | None = None, _benchmark_without_seccomp: bool = False,
+               _benchmark_wide_view: bool = False):
     self.limits = limits
     self.num_workers = max(1, int(num_workers))
     self.unsafe_local_exec = unsafe_local_exec
     self.python = os.path.realpath(python or sys.executable)
     self._root = os.geteuid() == 0
     self._bwrap = None
+    self._wide_view = _benchmark_wide_view  # only benchmarks/rewards.py widens the view
     if not unsafe_local_exec:
       self._bwrap = shutil.which("bwrap")
       if self._bwrap is None:
@@ -260,6 +356,11 @@ class CodeExecutor:
       _LOG.warning("code sandbox: no memory cgroup (%s); memory is bounded per process "
                    "only: %d MB x %d processes per sandbox", why, limits.memory_mb,
                    limits.max_procs)
+    elif not self._cgroups.socket_memory_charged:
+      _LOG.warning("code sandbox: this kernel does not charge socket buffers to the memory "
+                   "cgroup (cgroup v1 without memory.kmem.tcp); they are bounded per socket "
+                   "only (net.ipv4.tcp_{r,w}mem x %d files x %d processes)",
+                   limits.open_files, limits.max_procs)
     self._slots: queue.Queue[int] = queue.Queue()
     for i in range(self.num_workers):
       self._slots.put(i)
@@ -278,6 +379,11 @@ class CodeExecutor:
   def memory_cgroup(self) -> bool:
     """Whether each sandbox has a memory cgroup (Limits.sandbox_memory_mb in force)."""
     return self._cgroups is not None
+
+  @property
+  def socket_memory_charged(self) -> bool:
+    """Whether TCP/UDP socket buffers count against sandbox_memory_mb too."""
+    return self._cgroups is not None and self._cgroups.socket_memory_charged
 
   # ------------------------------------------------------------------ API
   def run_humaneval(self, program: str, test: str, entry_point: str) -> float:
@@ -446,23 +552,8 @@ class CodeExecutor:
     # be signalled by the candidates, and its exit kills the whole namespace.
     argv += ["--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
              "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-             "--setenv", "HOME", "/tmp", "--ro-bind", "/usr", "/usr"]
-    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-      if os.path.islink(d):
-        argv += ["--symlink", os.readlink(d), d]
-      elif os.path.isdir(d):
-        argv += ["--ro-bind", d, d]
-    prefixes = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(self.python))}
-    for p in sorted(prefixes):
-      if p != "/usr" and not p.startswith("/usr/"):
-        # bwrap would copy the modes of the host's parents (/root is 0700):
-        # make them traversable so the unprivileged uid can reach the interpreter.
-        parents = [os.path.dirname(p)]
-        while parents[-1] != "/":
-          parents.append(os.path.dirname(parents[-1]))
-        for d in reversed(parents[:-1]):
-          argv += ["--perms", "0755", "--dir", d]
-        argv += ["--ro-bind", p, p]
+             "--setenv", "HOME", "/tmp"]
+    argv += _wide_view(self.python) if self._wide_view else _interpreter_view(self.python)
     argv += ["--perms", "0755", "--dir", os.path.dirname(_SANDBOX_RUNNER),
              "--ro-bind", _RUNNER, _SANDBOX_RUNNER,
              "--proc", "/proc", "--dev", "/dev",
