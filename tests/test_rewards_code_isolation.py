@@ -64,6 +64,7 @@ RUNS = 100  # calls into one serve process
 STDIO_RUNS = 20  # candidate processes of one stdio job (~0.1-0.2 s each on a loaded host)
 
 
+@pytest.mark.slow
 def test_candidate_signals_never_change_the_verdict():
   # 100 calls into one serve process and 20 stdio runs (one candidate process
   # each), batched in two jobs, plus two wrong variants: the right answer

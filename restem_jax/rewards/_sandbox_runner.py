@@ -1,12 +1,13 @@
-"""Trusted runner executed inside the code sandbox (see code.py for the design).
+"""Trusted runner executed inside the code sandbox (design: docs/RELIABILITY.md).
 
 Standard library only, never imported by the harness: `code.py` starts it as a
 script. Roles, chosen by argv[1]:
 
-* ``check``: the trusted checker. Drops root (when asked), makes itself
-  non-dumpable, reads the job spec (with the harness's nonce) from stdin, runs the
-  tests and writes exactly one verdict line ``<nonce> PASS|FAIL <peak RSS kB>
-  <reason>`` to the stdout it inherited from the harness. Candidate code never
+* ``check``: the trusted checker. Ignores every signal it can, drops root (when
+  asked), makes itself non-dumpable, reads the job spec (with the harness's nonce)
+  from stdin, runs the tests (opening no path once a candidate has run) and writes
+  exactly one verdict line ``<nonce> PASS|FAIL <peak RSS kB> <reason>`` to the
+  stdout it inherited from the harness. Candidate code never
   runs in this process: the candidate runs in separate processes (rlimits and the
   seccomp filter from the spec applied between fork and exec) that talk to the
   checker over pipes, and the checker does every comparison on plain decoded
@@ -14,7 +15,8 @@ script. Roles, chosen by argv[1]:
 * ``serve``: the candidate process for HumanEval / call-based jobs. Executes the
   program, then answers ``call``/``describe`` requests. Untrusted by design: it
   can answer anything, so its answers only ever become plain data in the checker.
-* ``script``: the candidate process of a stdio job.
+* ``script``: the candidate process of a stdio job (the program comes from a
+  sealed memfd of the checker's, not from a file).
 """
 import builtins
 import json

@@ -1,114 +1,23 @@
 """Binary reward for generated programs: 1.0 iff every test passes inside a sandbox.
 
-Job kinds: HumanEval (program defines a function, `check(candidate)` test code),
-APPS call-based (`fn_name` + argument / expected-output lists) and APPS
-standard-input (input strings, expected stdout compared like APPS does).
+Job kinds: HumanEval (`check(candidate)` test code), APPS call-based (`fn_name` +
+argument / expected-output lists) and APPS standard-input (stdout compared like APPS).
 
-Isolation (default)
--------------------
-Every program gets a fresh bubblewrap sandbox: new pid, net, ipc, uts and cgroup
-namespaces (no network at all: only a loopback interface of its own), a
-read-only view of /usr (+ /lib*, /bin, /sbin) and of the Python installation,
-its own /proc and minimal /dev, a size-capped tmpfs at /tmp as the only writable
-place (the root is a read-only tmpfs: no /etc, /home, /root, /work, no repo),
-a cleared environment (PATH, HOME, LANG only: the harness's secrets are not
-there), `--die-with-parent` and `--new-session`.
+Each job runs in a fresh bubblewrap sandbox: its own pid, net, ipc, uts and cgroup
+namespaces, a read-only view of only the files the interpreter needs, a size-capped
+private /tmp as the only writable place, a cleared environment, a dedicated
+unprivileged uid per worker slot (when run as root), rlimits, a seccomp filter
+(`seccomp.py`) and a memory cgroup (`memcg.py`) where one can be made. The verdict
+comes from a trusted checker (`_sandbox_runner.py check`, the sandbox's pid 1) that
+runs candidate code only in other processes and writes `<nonce> PASS|FAIL` to a
+channel no candidate holds; the harness accepts only the nonce it drew for the job.
+A wrong, crashing, slow or hostile program is a FAIL; a sandbox that fails to start,
+hangs, or whose checker dies is a grader fault (reward 0, logged, counted in
+`faults`). Why each piece is there, what bounds each resource, the tests that show
+it and what is not promised: docs/RELIABILITY.md, "Code sandbox".
 
-Unprivileged user. When the harness runs as root, bwrap itself runs as root
-without a user namespace (so it can bind an interpreter that lives under a
-private directory such as /root/.pyenv; `--unshare-all` would imply a user
-namespace, so the other namespaces are listed one by one) keeping only
-CAP_SETUID/CAP_SETGID, and the runner's first action inside the sandbox is to
-set no_new_privs and switch to a dedicated host uid, `uid_base + worker slot`
-(2_000_000_000.. by default, outside every range Debian/systemd hand out),
-which clears all capabilities.
-Why not a uid inside a bwrap user namespace: as root that maps to host uid 0,
-and host root can read root-owned files and is exempt from RLIMIT_NPROC (fork
-bombs). Why not the shared `nobody`: one uid per slot gives every sandbox its
-own RLIMIT_NPROC budget (a fork bomb in one slot cannot make another program
-fail to start), and lets the harness SIGKILL everything owned by that uid after
-a run without touching unrelated `nobody` daemons. When the harness is not root
-it is already unprivileged: bwrap then uses `--unshare-all` with a user
-namespace and `--disable-userns`, and RLIMIT_NPROC is counted on top of the
-processes the caller already owns.
-
-Seccomp. Every candidate process runs under a seccomp-BPF deny list
-(`seccomp.py`, installed by the checker between fork and exec, inherited by
-everything the program starts): no keyrings (per-uid kernel state that would
-outlive the sandbox and reach the next program in the slot), no new namespaces
-or mounts (a user namespace of its own would let a program mount an uncapped
-tmpfs), no System V IPC, POSIX message queues or memfd (memory RLIMIT_AS does
-not count), no ptrace / bpf / io_uring / userfaultfd / perf. Denied calls fail
-with EPERM. The self-test at construction checks that the filter is in force
-and raises SandboxError where the kernel refuses it: there is no unfiltered
-fallback. As defence in depth the checker gives candidates a fresh session
-keyring and, with a slot uid of its own, empties that uid's keyrings before
-and after every job (after a grader fault a fresh checker does it).
-
-Limits. Candidate processes get RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
-RLIMIT_NOFILE (soft == hard: an unprivileged program cannot raise them) and
-RLIMIT_CORE=0; the scratch tmpfs is capped at `scratch_mb`. The runner is the
-pid namespace's init (`--as-pid-1`): after each candidate it SIGKILLs every
-other process in the namespace and reaps them, and when it exits the kernel
-kills whatever is left (daemons that double-forked and called setsid included).
-The harness enforces `wall_s` for the whole job: on timeout it SIGKILLs that
-init, reaps bwrap (no orphan is left for a host init that may not reap), then
-kills any process still owned by the slot's uid. Candidates run with `-I -S`
-(stdlib only: no site-packages, no .pth hooks). Memory: where the harness can
-create cgroups (root, or a delegated cgroup v2 subtree; `memcg.py`) each slot has
-a memory cgroup capped at `sandbox_memory_mb` for the whole sandbox, kernel
-memory and tmpfs pages included, and candidates are the OOM killer's first
-choice. Elsewhere a warning is logged and memory is bounded per process only
-(memory_mb * max_procs per sandbox); `memory_cgroup` tells which. What then
-stays outside every rlimit is kernel memory the job frees when it ends: tmpfs
-inodes (empty files in /tmp, ~1 KB each), pipe and socket buffers.
-
-Unforgeable verdict
--------------------
-Candidate code never runs in a process that can produce the verdict:
-
-* The harness draws a random 128-bit nonce per job and sends it, with the job,
-  over the runner's stdin. The nonce is never in argv or the environment.
-* The trusted checker (`_sandbox_runner.py check`) drops privileges, marks
-  itself non-dumpable (a same-uid process can then neither ptrace it nor open its
-  /proc/<pid>/{mem,fd,environ}), reads the job and keeps the harness's stdout as
-  its private verdict fd (fd 1 is pointed at /dev/null; candidates are started
-  with fresh pipes and close_fds).
-* The candidate runs in separate, freshly exec'd interpreters. For HumanEval and
-  call-based jobs a `serve` process executes the program and answers
-  call-requests; the checker passes *proxies* to `check(candidate)` (and for
-  helper names the test reads, e.g. `poly`), so the test's asserts run in the
-  checker. Results come back as tagged JSON decoded into plain builtins only:
-  an object with a rigged `__eq__`, a monkeypatched `assert`/`AssertionError`/
-  `check`, `sys.settrace` tricks, `os._exit(0)`/`sys.exit(0)` or a printed
-  "PASS" all stay inside the candidate's process. For stdio jobs the checker
-  compares the captured (capped) stdout itself.
-* The harness awards 1.0 only for the exact line `<nonce> PASS` on that channel
-  from a run that finished in time. A killed checker, a dead candidate, a
-  timeout or a protocol error is a FAIL (fail-closed). Even a process that got
-  hold of the pipe could not write a verdict without the nonce, which lives only
-  in the harness and the non-dumpable checker.
-* The checker reads a candidate's replies under caps (4 MB, 2^18 values, depth
-  200) and writes its verdict as escaped ASCII: no reply and no exception text
-  can make it balloon or crash.
-
-Grader faults
--------------
-A sandbox that fails to start, hangs past `wall_s` + 1 s, or whose checker dies
-(OOM kill, a signal from outside) costs its sample only: reward 0, a warning
-logged, `Outcome.fault` set and `faults[kind]` counted; the slot is cleaned
-and the next job runs normally. A wrong, crashing or slow *program* is a FAIL
-verdict, not a fault.
-
-Known, documented gaps: a HumanEval completion may redefine helper functions of
-its own prompt that the test calls (as in the original harness); arguments are
-passed by value (tests that inspect in-place mutation are unsupported).
-
-`unsafe_local_exec=True` (only where a user explicitly asks, e.g. a machine
-without bubblewrap) runs the same runner without bwrap: rlimits, the seccomp filter, the memory
-cgroup, wall timeout, process-group kill and the nonce-checked verdict stay, but
-there is no filesystem/network/pid isolation, when run as root no RLIMIT_NPROC,
-and a program can kill its checker (counted as a "checker died" fault).
+`unsafe_local_exec=True` (only where a user explicitly asks, e.g. no bubblewrap) runs
+the same checker without bwrap: no filesystem, network or pid isolation.
 """
 from __future__ import annotations
 
@@ -540,7 +449,7 @@ class CodeExecutor:
     lim = self.limits
     argv = [self._bwrap]
     if self._root:
-      # No user namespace (see module docstring): the runner drops to the slot uid.
+      # No user namespace (docs/RELIABILITY.md): the runner drops to the slot uid.
       argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                "--unshare-cgroup-try", "--cap-drop", "ALL",
                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
