@@ -312,3 +312,32 @@ def test_no_page_cache_trace_of_files_outside_the_view(ex):
   # neither the checker nor a bare candidate imports.
   inside = os.path.join(os.path.dirname(shutil.__file__), "turtle.py")
   assert _probe_sees_earlier_read(ex, inside)
+
+
+def test_memory_files_written_per_cgroup_version(tmp_path):
+  """Which cgroup files carry the cap, on a directory standing in for each kind of
+  kernel (this host can only run the v1 case for real, above)."""
+  cap = 256 << 20
+
+  def limits(version, kmem_tcp):
+    groups = memcg.SlotCgroups(str(tmp_path / f"v{version}{kmem_tcp}"), version, 1)
+    os.makedirs(groups.dirs[0])
+    if not kmem_tcp:  # a v1 kernel without socket accounting: the file cannot be written
+      os.mkdir(os.path.join(groups.dirs[0], "memory.kmem.tcp.limit_in_bytes"))
+    groups._limit(groups.dirs[0], cap)
+    files = {}
+    for name in sorted(os.listdir(groups.dirs[0])):
+      path = os.path.join(groups.dirs[0], name)
+      if os.path.isfile(path):
+        with open(path) as f:
+          files[name] = int(f.read())
+    return groups.socket_memory_charged, files
+
+  rest = cap - cap // 16
+  assert limits(1, True) == (True, {"memory.kmem.tcp.limit_in_bytes": cap // 16,
+                                    "memory.limit_in_bytes": rest,
+                                    "memory.memsw.limit_in_bytes": rest})
+  assert limits(1, False) == (False, {"memory.limit_in_bytes": cap,
+                                      "memory.memsw.limit_in_bytes": cap})
+  # v2 charges socket buffers to memory.max itself: nothing to split.
+  assert limits(2, True) == (True, {"memory.max": cap, "memory.swap.max": 0})

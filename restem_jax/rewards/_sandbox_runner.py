@@ -26,12 +26,12 @@ import sys
 # Candidate roles start with `-I -S` (no site: the interpreter's own
 # site-packages and .pth hooks stay out, and start-up is ~4x faster); modules
 # only the checker needs are imported by _checker_imports().
-ast = resource = select = signal = subprocess = time = None
+ast = fcntl = resource = select = signal = subprocess = time = None
 
 
 def _checker_imports() -> None:
-  global ast, resource, select, signal, subprocess, time
-  import ast, resource, select, signal, subprocess, time  # noqa: E401
+  global ast, fcntl, resource, select, signal, subprocess, time
+  import ast, fcntl, resource, select, signal, subprocess, time  # noqa: E401
 
 # Bounds on what the checker reads from a candidate. A reply is one JSON line of
 # at most _MSG_CAP bytes and _MAX_ITEMS values (counted as brackets + braces +
@@ -154,8 +154,8 @@ def _ignore_signals() -> list:
 
   A candidate runs as the checker's uid, so it may signal the checker: ignored
   signals change nothing (Python's SIGINT handler would raise KeyboardInterrupt
-  into the test, SIGTERM would kill it: a verdict or a grader fault of the
-  candidate's choosing). SIGKILL and SIGSTOP cannot be ignored: as init of the
+  into the test; without a pid namespace SIGTERM would kill it: a verdict or a
+  grader fault of the candidate's choosing). SIGKILL and SIGSTOP cannot be ignored: as init of the
   sandbox's pid namespace the kernel drops them when they come from inside.
   SIGCHLD keeps its default (ignoring it would auto-reap children).
   """
@@ -456,7 +456,6 @@ def _sealed_program(program: str) -> int:
   program). A memfd is created by the checker (the filter denies it to
   candidates only) and sealed, so an earlier test's run cannot alter it either.
   """
-  import fcntl
   fd = os.memfd_create("main.py", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
   view = memoryview(program.encode("utf-8", "surrogatepass"))
   while view:
