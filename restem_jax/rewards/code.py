@@ -139,13 +139,18 @@ def _root_symlinks() -> list[str]:
   return out
 
 
+# Extension modules whose libraries are left out of the view (each bind costs bwrap
+# time): they need a display, a NIS server or a terminal, none of which a sandbox has.
+_NO_USE_IN_SANDBOX = ("_tkinter", "nis", "_curses", "_curses_panel", "readline")
+
+
 @functools.lru_cache(maxsize=None)
 def _interpreter_view(python: str) -> tuple[str, ...]:
   """bwrap arguments for the read-only files `python` needs, and nothing else.
 
   The interpreter, its standard library (site-packages hidden by an empty
-  read-only tmpfs) and the shared libraries `ldd` lists for it and for every
-  extension module of lib-dynload. Less to see means less page cache a program
+  read-only tmpfs) and the shared libraries `ldd` lists for it and for the
+  extension modules of lib-dynload (but _NO_USE_IN_SANDBOX's). Less to see means less page cache a program
   can probe for traces of an earlier program (docs/RELIABILITY.md). Without
   `ldd` the wide view (/usr and /lib*) is used, with a warning.
   """
@@ -163,7 +168,7 @@ def _interpreter_view(python: str) -> tuple[str, ...]:
   objects = [python] + [os.path.join(lib, "lib-dynload", n) for lib in stdlibs
                         if os.path.isdir(os.path.join(lib, "lib-dynload"))
                         for n in sorted(os.listdir(os.path.join(lib, "lib-dynload")))
-                        if n.endswith(".so")]
+                        if n.endswith(".so") and n.split(".")[0] not in _NO_USE_IN_SANDBOX]
   out = subprocess.run([ldd, *objects], capture_output=True, text=True, env={"LC_ALL": "C"}).stdout
   libs = set()
   for line in out.splitlines():
