@@ -244,6 +244,11 @@ class CodeExecutor:
       self._bwrap = shutil.which("bwrap")
       if self._bwrap is None:
         raise SandboxError(_INSTALL_HINT)
+      try:  # computed once per interpreter; here, so that a failure names its cause
+        (_wide_view if self._wide_view else _interpreter_view)(self.python)
+      except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        raise SandboxError(f"code sandbox: cannot list the files {self.python} needs "
+                           f"({e})") from None
     try:
       self._keyctl_nr = seccomp.syscall_number("keyctl")
       # Only benchmarks/rewards.py turns the filter off, to measure what it costs.
