@@ -19,7 +19,8 @@ from restem_jax.rewards import math as math_reward
 from restem_jax.tasks import datasets, prompts
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-NAMES = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds", "reasoning_gym")
+NAMES = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds", "reasoning_gym",
+         "jsonl")
 
 
 def test_registry_lists_every_dataset_once():

@@ -305,7 +305,8 @@ class Jsonl(DatasetSpec):
 
   def for_config(self, task_cfg: Any) -> "Jsonl":
     layout = Layout.of(template_of(task_cfg))
-    stops = tuple(task_cfg.get("stop_strings", ()) or ())
+    stops = task_cfg.get("stop_strings", ()) or ()
+    stops = (stops,) if isinstance(stops, str) else tuple(stops)
     if not stops:
       lead = next(iter(string.Formatter().parse(layout.template)), ("",))[0].strip()
       stops = ("\n\n" + lead, "\n" + lead) if lead else ("\n\n",)
@@ -317,7 +318,8 @@ class Jsonl(DatasetSpec):
       check(task_cfg, data_dir)
 
   def config_key(self, task_cfg: Any) -> dict:
-    files = files_of(task_cfg, "")
+    from restem_jax.tasks.task import data_dir_of  # pylint: disable=import-outside-toplevel
+    files = files_of(task_cfg, data_dir_of(task_cfg))
     versions = {s: (p, os.stat(p).st_mtime_ns if os.path.isfile(p) else 0)
                 for s, (p, _) in files.items()}
     return {"files": versions, "template": template_of(task_cfg),
