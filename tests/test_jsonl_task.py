@@ -305,3 +305,14 @@ def test_chat_format_equals_transformers_rendering(data):
         [messages], chat_template=r.fields["tokenizer.chat_template"].contents(),
         add_generation_prompt=True, **special)
     assert p.prompt == expected
+
+
+def test_reward_faults_reach_the_e_step_counts(data):
+  """Task.score_detailed hands each sample's grader fault to the E-step's fault budget."""
+  from restem_jax import tasks
+  c = _cfg(data, reward_fn=REWARDS + ":misbehaves", grader_workers=1)
+  task = tasks.get_task(c.task)
+  test = task.problems("test")
+  rewards, faults = task.score_detailed(test * 3, [" 18", " raise", " half", " 17", " 18", "1"])
+  assert rewards == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]  # test * 3: rows 0, 1, 0, 1, 0, 1
+  assert faults == [None, "reward raised", "reward not 0 or 1", None, None, None]
