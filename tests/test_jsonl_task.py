@@ -271,13 +271,13 @@ def test_malformed_inputs_fail_validation_with_one_line(data, tmp_path):
 @pytest.mark.slow
 def test_main_prints_one_line_and_exits_2(data):
   p = subprocess.run([sys.executable, "-m", "restem_jax.main", f"--config={CONFIG}:runlocal",
-                      "--workdir=/tmp/unused", f"--config.task.data_dir={data}",
+                      f"--workdir={data / 'w'}", f"--config.task.data_dir={data}",
                       f"--config.task.reward_fn={REWARDS}:nope"], cwd=ROOT,
                      env=subprocess_env(), capture_output=True, text=True, timeout=120)
   assert p.returncode == 2
   lines = p.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: task.reward_fn=") and "nope" in lines[0]
-  assert not os.path.exists("/tmp/unused")
+  assert not (data / "w").exists()  # stopped before the run made its workdir
 
 
 def test_chat_format_equals_transformers_rendering(data):
