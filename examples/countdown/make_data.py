@@ -4,7 +4,7 @@
 
 A row: two or three numbers from 1-9 and a target made from them with + - *; the
 model writes an expression that makes the target (any correct one counts: reward.py).
-The first 200 train rows carry a worked solution (the human data); the rest only
+Every other train row carries a worked solution (the human data); the rest only
 the question. The same seed always writes the same files.
 """
 import json
@@ -36,7 +36,7 @@ def main() -> None:
       seen.add(r["question"])
       rows.append(r)
   test, train = rows[:100], rows[100:]
-  for i, r in enumerate(train[:200]):
+  for r in train[::2]:
     r["solution"] = f"{r['answer']} = {r['target']}"
   for name, part in (("train", train), ("test", test)):
     with open(os.path.join(HERE, f"{name}.jsonl"), "w") as f:
