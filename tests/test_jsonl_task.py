@@ -280,6 +280,7 @@ def test_main_prints_one_line_and_exits_2(data):
   assert not (data / "w").exists()  # stopped before the run made its workdir
 
 
+@pytest.mark.slow  # (loads SmolLM2's GGUF tokenizer: ~20 s)
 def test_chat_format_equals_transformers_rendering(data):
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   from smollm2_135m_gsm import smollm2_gguf_path  # pylint: disable=import-outside-toplevel
