@@ -126,7 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- Task (restem_jax/tasks). ---
   c.task = ml_collections.ConfigDict()
-  c.task.name = "embedded_arith"  # embedded_arith | gsm8k | gsm8k_tfds | math | apps | humaneval.
+  # embedded_arith | gsm8k | gsm8k_tfds | math | apps | humaneval | reasoning_gym | jsonl.
+  c.task.name = "embedded_arith"
   c.task.data_dir = ""  # Directory holding the official files (not for embedded/humaneval).
   c.task.num_train = 0  # Training problems used; 0 = all (paper's data-size ablation).
   c.task.num_val = 64  # Held-out part of train used as D_val for early stopping.
@@ -160,6 +161,16 @@ def default_config() -> ml_collections.ConfigDict:
   # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
   # (("chain_sum", 1.0, {"max_terms": 3}),); see tasks/datasets/reasoning_gym.py.
   c.task.rg_datasets = ()
+  # jsonl (a user's task, docs/YOUR_TASK.md; tasks/datasets/jsonl.py): the files, if not
+  # task.data_dir/{train,validation,test}.jsonl (validation optional: else carved from train).
+  c.task.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+  c.task.prompt_template = ""  # str.format over a row's fields; "" = "Question: {question}\nAnswer:".
+  c.task.exemplars_file = ""  # Few-shot exemplar rows (JSONL); "" = drawn from train.
+  c.task.stop_strings = ()  # Where a completion ends; () = the template's opening on a new line.
+  c.task.reward = ""  # exact | math | code | reasoning_gym:<dataset>; "" = exact (or reward_fn).
+  c.task.reward_fn = ""  # "package.module:function" or "/path/reward.py:function": fn(completion, row).
+  # reward_fn returning values in [0, 1]: 1 from this value up; 0 = it must return 1.0 / 0.0.
+  c.task.reward_threshold = 0.0
 
   # --- Generate (E-step) sampling. ---
   c.sampling = ml_collections.ConfigDict()
@@ -363,11 +374,35 @@ def _dataset_names() -> tuple[str, ...]:
   return tasks.dataset_names()
 
 
+JSONL_ONLY = ("files", "prompt_template", "exemplars_file", "stop_strings", "reward",
+              "reward_fn", "reward_threshold")
+
+
+def _jsonl_problems(task_cfg: Any, field: str = "task") -> list[str]:
+  """The jsonl task's own fields (values only: files and imports are `_data_problems`')."""
+  if task_cfg.name != "jsonl":
+    default = default_config().task
+    return [f"{field}.{k}={_plain(task_cfg[k])!r} applies to task.name='jsonl' only; remove it"
+            for k in JSONL_ONLY if k in task_cfg and _plain(task_cfg[k]) != _plain(default[k])]
+  from restem_jax.tasks.datasets import jsonl  # pylint: disable=import-outside-toplevel
+  p = jsonl.reward_problem(task_cfg)
+  return [p.replace("task.", field + ".") if field != "task" else p] if p else []
+
+
+def _plain(v: Any) -> Any:
+  return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else (
+      tuple(v) if isinstance(v, list) else v)
+
+
 def _data_problems(task_cfg: Any, field: str = "task") -> list[str]:
-  """The dataset's own cheap checks of a task config (paths only, reads no data)."""
+  """The dataset's own checks of a task config before a model loads (built-in datasets:
+  paths only; jsonl: reads its files and imports its reward)."""
   from restem_jax import tasks  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks.datasets import jsonl  # pylint: disable=import-outside-toplevel
   try:
     tasks.check_data(task_cfg)
+  except jsonl.JsonlTaskError as e:  # Names its fields itself.
+    return [str(e).replace("task.", field + ".") if field != "task" else str(e)]
   except tasks.DataLayoutError as e:
     return [f"{field}.data_dir: {e}"]
   if task_cfg.name == "reasoning_gym":
@@ -581,7 +616,7 @@ def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
     out.append(_missing_path_problem(
         "task.vocab_path", c.task.vocab_path,
         "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
-  if c.task.name in _dataset_names():
+  if c.task.name in _dataset_names() and not _jsonl_problems(c.task):
     out += _data_problems(c.task)
   return out + _prompt_format_problems(c) + _transfer_problems(c)
 
@@ -600,6 +635,7 @@ def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> lis
   bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
   out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
   out += lora_problems(c.train.lora)
+  out += _jsonl_problems(c.task)
   if check_files:
     out += _file_problems(c)
   return [p for p in out if p]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any, Callable, Optional, Sequence
 
 from restem_jax.tasks.spec import DatasetSpec, Problem
@@ -79,6 +80,15 @@ def math_rewards(spec: DatasetSpec, problems: Sequence[Problem], completions: Se
                                                [spec.postprocess(c) for c in completions])
   workers.record_faults([g.fault for g in grades])
   return [g.reward for g in grades]
+
+
+_FENCED = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
+
+
+def program_of(completion: str) -> str:
+  """The program in a completion: its first fenced block, else the whole text."""
+  fenced = _FENCED.search(completion)
+  return fenced.group(1) if fenced else completion
 
 
 def code_job(spec: Any, problem: Problem, completion: str) -> dict:

@@ -65,8 +65,16 @@ class DatasetSpec:
   def layout_error(self, data_dir: str, why: str) -> DataLayoutError:
     return DataLayoutError(f"{self.name}: data_dir {data_dir!r} {why}; expected {self.layout}")
 
-  def check_layout(self, data_dir: str) -> None:
-    """Cheap (paths only, nothing read): one-line DataLayoutError naming the layout."""
+  def for_config(self, task_cfg: Any) -> "DatasetSpec":
+    """The spec a task_cfg uses: itself, or (a spec whose constants come from the config,
+    e.g. jsonl's stop strings) a copy with those fields set."""
+    del task_cfg
+    return self
+
+  def check_layout(self, data_dir: str, task_cfg: Any = None) -> None:
+    """The data's checks before a model loads (built-in specs: paths only, nothing read;
+    jsonl also reads its files with task_cfg): one-line DataLayoutError naming the layout."""
+    del task_cfg
     if not self.layout:
       return
     if not data_dir:
