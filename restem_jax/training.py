@@ -257,7 +257,7 @@ def loss_fn(params: Any, batch: dict, model: nn.Module, normalization: str,
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  # configlib.validate checked the choice already; this is for library callers.
+  # preflight.check checked the choice already; this is for library callers.
   configlib.check_choice("train.schedule", train_cfg.schedule)
   peak, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
   if train_cfg.schedule == "constant":

@@ -14,7 +14,7 @@ from conftest import ROOT, task_cfg
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 from smollm2_135m_gsm import smollm2_gguf_path  # noqa: E402
 
-from restem_jax import configlib, errors  # noqa: E402
+from restem_jax import configlib, errors, preflight  # noqa: E402
 from restem_jax.tasks import chat  # noqa: E402
 
 GGUF = smollm2_gguf_path()
@@ -181,27 +181,27 @@ def test_stored_template_of_smollm2_equals_the_gguf_library():
 def test_config_checks_chat_up_front(tmp_path):
   c = configlib.default_config()
   c.task.name, c.task.rg_datasets, c.task.prompt_format = "reasoning_gym", MIX, "chat"
-  lines = configlib.problems(c)
+  lines = preflight.problems(c)
   assert lines == ["task.prompt_format='chat' needs a tokenizer with a stored chat template, "
                    "but the vocabulary is the embedded SentencePiece model; set "
                    "task.vocab_path to an instruct model's .gguf / tokenizer.json, or use "
                    "prompt_format='few_shot'"]
   (tmp_path / "tokenizer.json").write_text("{}")
   c.task.vocab_path = str(tmp_path / "tokenizer.json")
-  assert configlib.problems(c) == [
+  assert preflight.problems(c) == [
       f"task.prompt_format='chat': {tmp_path}/tokenizer.json stores no chat template "
       "(tokenizer.chat_template / tokenizer_config.json chat_template); use an instruct "
       "model's tokenizer (task.vocab_path) or prompt_format='few_shot'"]
   if GGUF and os.path.isfile(GGUF):
     c.task.vocab_path = GGUF
-    assert configlib.problems(c) == []
+    assert preflight.problems(c) == []
   c.task.name = "math"
   assert any(l.startswith("task.prompt_format='chat': task.name='math' has no chat format")
-             for l in configlib.problems(c))
+             for l in preflight.problems(c))
   c.task.name = "reasoning_gym"
   c.eval.transfer_tasks = ({"name": "embedded_arith", "prompt_format": "few_shot"},
                            {"name": "embedded_arith"}, {"prompt_format": "cat"})
-  assert [l for l in configlib.problems(c) if "prompt_format" in l] == [
+  assert [l for l in preflight.problems(c) if "prompt_format" in l] == [
       "eval.transfer_tasks[1].prompt_format='chat': eval.transfer_tasks[1].name="
       "'embedded_arith' has no chat format (reasoning_gym and gsm8k have); use "
       "prompt_format='few_shot'",
