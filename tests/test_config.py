@@ -219,13 +219,25 @@ def test_ablations_load_from_another_directory(tmp_path):
   assert "error: train.optimizer='x'" in p.stderr
 
 
+def test_configs_import_each_other_as_a_package(tmp_path):
+  # gemma3_270m_rg -> `from configs import smollm2_135m_rg` -> `... smollm2_135m_gsm`, with
+  # no sys.path edits: `python -m` from the repo root puts it on sys.path (no PYTHONPATH).
+  env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+  proc = subprocess.run(main_cmd(str(tmp_path / "w"), "--config.train.optimizer=x",
+                                 config="configs/gemma3_270m_rg.py:runlocal"),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=WALL_LIMIT_S)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: train.optimizer='x'" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_partitioning_still_exports_config_error():
   from restem_jax import partitioning  # pylint: disable=import-outside-toplevel
   assert partitioning.ConfigError is errors.ConfigError
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "smollm2_135m_gsm", "llama3_1b_math_v4_32",
-                                  "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32"])
+                                  "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32",
+                                  "smollm2_135m_rg", "gemma3_270m_rg"])
 def test_config_files_refuse_an_unknown_argument(name):
   # `file.py:arg` goes through configlib.parse_config_arg: a typo is an error, not ignored.
   mod = load_config(os.path.join(ROOT, "configs", name + ".py"))
