@@ -34,7 +34,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # restem_jax and the configs package
 
-from restem_jax import checkpoints, configlib, model as M, partitioning, recipes, training  # noqa: E402
+from restem_jax import (batches, checkpoints, configlib, model as M, partitioning,  # noqa: E402
+                        recipes, training)
 
 BATCH, SEQ_LEN = 4, 128
 VARIANTS = {  # name -> train.lora (rank 0 = full fine-tuning)
@@ -96,7 +97,7 @@ def run_variant(variant: str, ckpt: str, rank: int, steps: int,
   params = checkpoints.restore_params(ckpt, cfg, mesh)
   jax.block_until_ready(params)
   rng = np.random.default_rng(0)
-  batch = training.make_batch(
+  batch = batches.make_batch(
       [list(rng.integers(1, cfg.vocab_size, 16)) for _ in range(BATCH)],
       [list(rng.integers(1, cfg.vocab_size, SEQ_LEN - 16)) for _ in range(BATCH)],
       [1.0] * BATCH, SEQ_LEN)

@@ -12,7 +12,7 @@ https://ai.google.dev/gemma/terms), imported into WORKDIR/base on first run:
 Measured (README "Real model", 2-core CPU): greedy test pass@1 11.0 -> 23.4 -> 22.8 over
 two iterations, 56 min, peak RSS 15.0 GB. The 262k-row output layer makes a Gemma token
 ~2x a SmolLM2 token; the M-step computes logits only in each row's target window
-(training.target_window), so the 16-token answers cost little there.
+(batches.target_window), so the 16-token answers cost little there.
 
 `:runlocal` is the same pipeline on a tiny random model with every Gemma 3 switch
 (tests; a couple of minutes on CPU).

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import checkpoints, preemption, progress, sampling, training
+from restem_jax import batches, checkpoints, preemption, progress, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -89,7 +89,7 @@ def padded_length(longest: int, seq_len: int) -> int:
 
 
 def shared_rows(examples: Sequence[Example], row_len: int) -> list[list[int]]:
-  """Examples grouped into rows that share a prompt (training.make_shared_batch): each
+  """Examples grouped into rows that share a prompt (batches.make_shared_batch): each
   prompt's examples in order, as many per row as fit in row_len tokens (one copy of
   the prompt + their targets). Deterministic: the same examples give the same rows."""
   by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -142,15 +142,15 @@ class BatchStream:
       out.append(int(self._perm(pos // n)[pos % n]))
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int) -> batches.Batch:
     units = [[self.examples[i] for i in self.units[u]] for u in self.indices(step)]
     if self.share_prompts:
       rows = [(row[0].prompt, [(e.target, e.weight) for e in row]) for row in units]
       longest = max(len(p) + sum(len(t) for t, _ in ts) for p, ts in rows)
-      return training.make_shared_batch(rows, padded_length(longest, self.seq_len), self.pad_id)
+      return batches.make_shared_batch(rows, padded_length(longest, self.seq_len), self.pad_id)
     chosen = [row[0] for row in units]
     length = padded_length(max(len(e.prompt) + len(e.target) for e in chosen), self.seq_len)
-    return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
+    return batches.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
                                [e.weight for e in chosen], length, self.pad_id)
 
 
