@@ -3,13 +3,14 @@
 Experiment configs (configs/*.py) start from `default_config()` and override
 fields. The returned ConfigDict is locked, so a misspelt key in a config file or
 on the command line (`--config.trian.steps=3`) fails at once instead of being
-silently ignored. `validate(config)` then checks the values (choices, ranges,
-model shape vs mesh, paths) before anything is loaded: `main` calls it first,
-and every problem is one `error: <field>=<value>: <what to do>` line.
+silently ignored. `problems(config)` checks the values (choices, ranges, model
+shape vs mesh, fields against each other), each problem one
+`<field>=<value>: <what to do>` line; preflight.py adds the checks that read the
+task registry, data, tokenizers and files, and `main` runs both before anything loads.
 
-This module imports only ml_collections (plus the cheap task registry and
-workdir helpers inside `validate`), so checking a config costs well under a
-second: no JAX, SeqIO or TensorFlow.
+This module sits at the bottom of the package: it imports only ml_collections and
+errors, so the model, mesh and trainer can use its tables, and checking a config
+costs well under a second (no JAX, SeqIO or TensorFlow).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import ml_collections
 
 from restem_jax import errors
 
-# Fields that take one of a few strings (task.name: the dataset registry, see
-# `_dataset_names`). The code that acts on a field checks it against this table too.
+# Fields that take one of a few strings (task.name: the dataset registry, checked by
+# preflight.py). The code that acts on a field checks it against this table too.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
@@ -369,51 +370,6 @@ def tensor_axis_problems(m: Any, tensor: int) -> list[str]:
           for name in ("n_heads", "n_kv_heads") if getattr(m, name) % tensor]
 
 
-def _dataset_names() -> tuple[str, ...]:
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel  (cheap: no seqio)
-  return tasks.dataset_names()
-
-
-JSONL_ONLY = ("files", "prompt_template", "exemplars_file", "stop_strings", "reward",
-              "reward_fn", "reward_threshold")
-
-
-def _jsonl_problems(task_cfg: Any, field: str = "task") -> list[str]:
-  """The jsonl task's own fields (values only: files and imports are `_data_problems`')."""
-  if task_cfg.name != "jsonl":
-    default = default_config().task
-    return [f"{field}.{k}={_plain(task_cfg[k])!r} applies to task.name='jsonl' only; remove it"
-            for k in JSONL_ONLY if k in task_cfg and _plain(task_cfg[k]) != _plain(default[k])]
-  from restem_jax.tasks.datasets import jsonl  # pylint: disable=import-outside-toplevel
-  p = jsonl.reward_problem(task_cfg)
-  return [p.replace("task.", field + ".") if field != "task" else p] if p else []
-
-
-def _plain(v: Any) -> Any:
-  return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else (
-      tuple(v) if isinstance(v, list) else v)
-
-
-def _data_problems(task_cfg: Any, field: str = "task") -> list[str]:
-  """The dataset's own checks of a task config before a model loads (built-in datasets:
-  paths only; jsonl: reads its files and imports its reward)."""
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
-  from restem_jax.tasks.datasets import jsonl  # pylint: disable=import-outside-toplevel
-  try:
-    tasks.check_data(task_cfg)
-  except jsonl.JsonlTaskError as e:  # Names its fields itself.
-    return [str(e).replace("task.", field + ".") if field != "task" else str(e)]
-  except tasks.DataLayoutError as e:
-    return [f"{field}.data_dir: {e}"]
-  if task_cfg.name == "reasoning_gym":
-    from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
-    try:
-      reasoning_gym.parse_mix(task_cfg.rg_datasets, field=f"{field}.rg_datasets")
-    except reasoning_gym.ReasoningGymError as e:
-      return [str(e)]
-  return []
-
-
 def transfer_label(overrides: dict) -> str:
   """A transfer task's name in eval.json ("transfer/<label>/..."): its "label", else its task."""
   return str(overrides.get("label") or overrides.get("name") or "task")
@@ -426,73 +382,6 @@ def transfer_task_cfg(task_cfg: ml_collections.ConfigDict,
   out = ml_collections.ConfigDict(task_cfg.to_dict())
   out.update(num_train=1, num_val=0)
   out.update({k: v for k, v in overrides.items() if k != "label"})
-  return out
-
-
-def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
-  """eval.transfer_tasks: dicts of config.task fields (+ "label"), each a valid task."""
-  out = []
-  labels = [transfer_label(t) for t in c.eval.transfer_tasks if isinstance(t, dict)]
-  if len(set(labels)) != len(labels):
-    out.append(f"eval.transfer_tasks: labels {labels} repeat; give each a distinct 'label'")
-  for i, overrides in enumerate(c.eval.transfer_tasks):
-    field = f"eval.transfer_tasks[{i}]"
-    if not isinstance(overrides, dict):
-      out.append(f"{field}={overrides!r}: give a dict of config.task fields (and 'label')")
-      continue
-    unknown = sorted(set(overrides) - set(c.task) - {"label"})
-    if unknown:
-      out.append(f"{field} sets {unknown}, which are not task fields; use keys of config.task "
-                 "(and 'label')")
-      continue
-    task_cfg = transfer_task_cfg(c.task, overrides)
-    if task_cfg.name not in _dataset_names():
-      out.append(choice_problem(f"{field}.name", task_cfg.name, _dataset_names()))
-    else:
-      out += _data_problems(task_cfg, field)
-  return out
-
-
-def _vocab_source(c: ml_collections.ConfigDict) -> str:
-  """Where the run's tokenizer comes from (as run.load_vocabulary picks it): "" = the
-  embedded SentencePiece model, "?" = a model package, located (and checked) by the
-  import itself (the importers import JAX); the run then checks its template."""
-  if c.task.vocab_path:
-    return c.task.vocab_path
-  if c.base.source != "import" or not c.base.path:
-    return ""
-  return "?" if c.base.path.startswith("package:") else c.base.path
-
-
-def _prompt_format_problems(c: ml_collections.ConfigDict) -> list[str]:
-  """task.prompt_format='chat' (the run's or a transfer task's): a dataset with a chat
-  format, and a tokenizer with a stored template."""
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
-  from restem_jax.tasks import chat  # pylint: disable=import-outside-toplevel
-  out, chats = [], []
-  fields = [("task", c.task.name, c.task.prompt_format)] + [
-      (f"eval.transfer_tasks[{i}]", t.get("name", c.task.name),
-       t.get("prompt_format", c.task.prompt_format))
-      for i, t in enumerate(c.eval.transfer_tasks) if isinstance(t, dict)]
-  for field, name, fmt in fields:
-    if field != "task" and fmt not in CHOICES["task.prompt_format"]:
-      out.append(choice_problem("task.prompt_format", fmt).replace("task.", field + ".", 1))
-    elif fmt == "chat":
-      chats.append(field)
-      if name in _dataset_names() and tasks.get_spec(name).chat_before is None:
-        out.append(f"{field}.prompt_format='chat': {field}.name={name!r} has no chat format "
-                   "(reasoning_gym and gsm8k have); use prompt_format='few_shot'")
-  if not chats:
-    return out
-  source, field = _vocab_source(c), f"{chats[0]}.prompt_format='chat'"
-  if not source:
-    out.append(f"{field} needs a tokenizer with a stored chat template, but the vocabulary "
-               "is the embedded SentencePiece model; set task.vocab_path to an instruct "
-               "model's .gguf / tokenizer.json, or use prompt_format='few_shot'")
-  elif source != "?" and chat.stored_template(source) is None:
-    out.append(f"{field}: {source} stores no chat template (tokenizer.chat_template / "
-               "tokenizer_config.json chat_template); use an instruct model's tokenizer "
-               "(task.vocab_path) or prompt_format='few_shot'")
   return out
 
 
@@ -516,11 +405,6 @@ def lora_problems(lc: Any) -> list[str]:
                f"{', '.join(LORA_TARGETS)}")
   p = choice_problem("train.lora.base_dtype", lc.base_dtype, LORA_BASE_DTYPES)
   return out + ([p] if p else [])
-
-
-def _missing_path_problem(field: str, path: str, what: str) -> str | None:
-  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
-  return None if wd.exists(path) else f"{field}={path!r} does not exist; {what}"
 
 
 def _range_problems(c: ml_collections.ConfigDict) -> list[str]:
@@ -602,45 +486,26 @@ def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list
   return out
 
 
-def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
-  out = []
-  if c.base.source == "checkpoint" and c.base.path:
-    out.append(_missing_path_problem(
-        "base.path", c.base.path,
-        "import a model there first (python -m restem_jax.importers --out=...) or fix the path"))
-  if c.restem.sample_from == "teacher" and c.restem.teacher_path:
-    out.append(_missing_path_problem(
-        "restem.teacher_path", c.restem.teacher_path,
-        "point it at a params checkpoint (e.g. another run's iter_003/model)"))
-  if c.task.vocab_path:
-    out.append(_missing_path_problem(
-        "task.vocab_path", c.task.vocab_path,
-        "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
-  if c.task.name in _dataset_names() and not _jsonl_problems(c.task):
-    out += _data_problems(c.task)
-  return out + _prompt_format_problems(c) + _transfer_problems(c)
+def problems(config: ml_collections.ConfigDict,
+             dataset_names: Iterable[str] | None = None) -> list[str]:
+  """Every problem of `config`'s values, one line each naming the field; [] if none.
 
-
-def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> list[str]:
-  """Every problem of `config`, one line each naming the field; [] for a config that works.
-
-  check_files: also check the paths the config names (base.path, teacher_path,
-  task.data_dir's layout, task.vocab_path). False for a config meant for other
-  machines (a pod config's gs:// paths).
+  Values and fields against each other only: nothing is read. dataset_names: the task
+  registry's names, to check task.name against (preflight passes them; this module
+  does not import tasks/). What needs data, tokenizers or files: preflight.problems.
   """
   c = config
   out = [choice_problem(f, _get(c, f)) for f in CHOICES]
-  out.append(choice_problem("task.name", c.task.name, _dataset_names()))
+  if dataset_names is not None:
+    out.append(choice_problem("task.name", c.task.name, dataset_names))
   ranges = _range_problems(c)
   bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
   out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
   out += lora_problems(c.train.lora)
-  out += _jsonl_problems(c.task)
-  if check_files:
-    out += _file_problems(c)
   return [p for p in out if p]
 
 
-def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises one ConfigError listing every problem of `config` (see `problems`)."""
-  errors.raise_if(problems(config, check_files=check_files))
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises one ConfigError listing every problem of `config`'s values (see `problems`;
+  preflight.check adds task.name and what needs data and files)."""
+  errors.raise_if(problems(config))

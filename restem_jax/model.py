@@ -638,7 +638,7 @@ class Transformer(nn.Module):
       lora: None, or LoRA adapters applied inside each Block (lora.ModelAdapters: its
         layer(i) is layer i's hook, or None); the params are then the frozen base.
       segments_BxL: None, or (no cache) several sequences sharing a prefix in one row
-        (training.make_shared_batch): a token sees the keys of segment 0 (the shared
+        (batches.make_shared_batch): a token sees the keys of segment 0 (the shared
         prompt) and of its own segment, causally by position; -1 marks padding, which
         no other segment sees. Positions then restart after the prompt in each segment.
     """

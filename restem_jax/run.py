@@ -24,8 +24,8 @@ import ml_collections
 from etils import epath
 
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
-                        improve, lora, model, partitioning, preemption, report, samples,
-                        sampling, tasks, workdir as wd)
+                        improve, lora, model, partitioning, preemption, preflight, report,
+                        samples, sampling, tasks, workdir as wd)
 from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
@@ -92,7 +92,7 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
 
 def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
                   model_cfg: model.ModelConfig) -> list[evaluate.TransferTask]:
-  """eval.transfer_tasks (checked by configlib.validate): config.task with each dict's
+  """eval.transfer_tasks (checked by preflight.check): config.task with each dict's
   overrides, its test split only, under the dict's "label" (default: its task name)."""
   out = []
   max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
@@ -113,7 +113,8 @@ class RunContext:
     self.coordinator = distributed.is_coordinator()
     self.layout = wd.Layout(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    wd.check_or_save_config(self.layout.config, config, override, write=self.coordinator)
+    wd.check_or_save_config(self.layout.config, config, override, write=self.coordinator,
+                            defaults=configlib.default_config())
     self.model_cfg = model.ModelConfig.from_config(config.model)
     self.mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_model_fits_mesh(self.model_cfg, self.mesh)
@@ -347,7 +348,7 @@ def sft_baseline(ctx: RunContext, base: Trained, human: list[Problem]) -> tuple[
 
 def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False) -> list[dict]:
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
-  configlib.validate(config)  # main did already; here for callers of the library
+  preflight.check(config)  # main did already; here for callers of the library
   distributed.initialize(config.distributed)
   with preemption.handling():  # SIGTERM: stop at the next safe point (preemption.py)
     return _run(config, workdir, override)

@@ -235,9 +235,15 @@ class Progress:
 
 
 def check_or_save_config(path: str, config: ml_collections.ConfigDict, override: bool,
-                         write: bool = True) -> None:
-  """A restarted run must use the config it started with (or say --override)."""
+                         write: bool = True,
+                         defaults: ml_collections.ConfigDict | None = None) -> None:
+  """A restarted run must use the config it started with (or say --override).
+
+  defaults (configlib.default_config()): a field added since the run started and left
+  at its default there is no change, so an old workdir resumes without --override.
+  """
   current = json.loads(config.to_json_best_effort(sort_keys=True))
+  default = {} if defaults is None else json.loads(defaults.to_json_best_effort(sort_keys=True))
   if exists(path):
     try:
       saved = read_json(path)
@@ -246,7 +252,8 @@ def check_or_save_config(path: str, config: ml_collections.ConfigDict, override:
         raise WorkdirError(f"{str(e).split(';')[0]}; if this workdir was started with this "
                            "config, pass --override to rewrite it, else use a new --workdir") from e
       saved = current  # --override: the damaged copy is replaced below.
-    diff = sorted(d for d in _diff(saved, current) if not _added_at_default(saved, current, d))
+    diff = sorted(d for d in _diff(saved, current)
+                  if not _added_at_default(saved, current, default, d))
     if diff:
       if not override:
         raise WorkdirError(
@@ -268,11 +275,9 @@ def _lookup(tree: Any, dotted: str) -> Any:
   return tree
 
 
-def _added_at_default(saved: dict, current: dict, field: str) -> bool:
+def _added_at_default(saved: dict, current: dict, default: dict, field: str) -> bool:
   """A field this version added since the run started, left at its default: not a change
   (the run behaves as before), so an old workdir resumes without --override."""
-  from restem_jax import configlib  # pylint: disable=import-outside-toplevel
-  default = json.loads(configlib.default_config().to_json_best_effort(sort_keys=True))
   value = _lookup(current, field)
   return (_lookup(saved, field) is _ABSENT and value is not _ABSENT
           and value == _lookup(default, field))

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, load_config, subprocess_env, task_cfg
 
-from restem_jax import configlib
+from restem_jax import configlib, preflight
 from restem_jax.rewards import pool, rows
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "jsonl")
@@ -164,7 +164,7 @@ def test_reasoning_gym_reward_by_dataset_name():
 def test_prompts_splits_and_rows_reach_the_reward(data):
   from restem_jax import tasks
   c = _cfg(data, reward_fn=REWARDS + ":exact", few_shot=2, seed=1)
-  assert configlib.problems(c) == []
+  assert preflight.problems(c) == []
   task = tasks.get_task(c.task)
   train, val, test = (task.problems(s) for s in ("train", "validation", "test"))
   # 24 rows: 2 exemplars out, 4 validation carved, 18 train; test as written.
@@ -198,7 +198,7 @@ def test_template_exemplars_file_stops_and_validation_file(data):
   shots = _write(data / "shots.jsonl", [{"question": "x", "answer": "5", "a": 2, "b": 3}])
   c = _cfg(data, prompt_template="Add {a} and {b}.\n=", few_shot=1, exemplars_file=shots,
            stop_strings=("\nAdd",), reward="exact")
-  assert configlib.problems(c) == []
+  assert preflight.problems(c) == []
   task = tasks.get_task(c.task)
   assert len(task.problems("validation")) == 3 and len(task.problems("train")) == len(TRAIN)
   p = task.problems("test")[1]
@@ -220,10 +220,10 @@ def test_math_and_code_rewards_from_rows(data, tmp_path):
 
 
 def _one_problem(c):
-  out = configlib.problems(c)
+  out = preflight.problems(c)
   assert len(out) == 1, out
   with pytest.raises(configlib.errors.ConfigError):
-    configlib.validate(c)
+    preflight.check(c)
   return out[0]
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from restem_jax.tasks.spec import DatasetSpec, Problem
+if TYPE_CHECKING:  # spec.py imports this module: DatasetSpec.score runs REWARDS.
+  from restem_jax.tasks.spec import DatasetSpec, Problem
 
 
 class Workers:
@@ -106,3 +107,7 @@ def code_rewards(spec: Any, problems: Sequence[Problem], completions: Sequence[s
                                                      for p, c in zip(problems, completions)])
   workers.record_faults([o.fault for o in outcomes])
   return [o.reward for o in outcomes]
+
+
+# DatasetSpec.reward -> the reward the default DatasetSpec.score runs.
+REWARDS: dict[str, Callable[..., list[float]]] = {"math": math_rewards, "code": code_rewards}

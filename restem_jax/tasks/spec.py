@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from etils import epath
 
-from restem_jax.tasks import prompts
+from restem_jax.tasks import prompts, scoring
 
 SplitBuilder = Callable[[str], list]  # split ("train"/"validation"/"test") -> records
 
@@ -47,7 +47,9 @@ class DatasetSpec:
   """One dataset. Subclasses override the methods; the fields are constants."""
 
   name: str  # config.task.name.
-  reward: str  # What `score` checks ("exact_int", "math", "code"): a label for logs/tests.
+  # What `score` checks: a built-in reward kind (scoring.REWARDS: "math", "code") that the
+  # default `score` runs, or a label of the spec's own `score` ("exact_int", "reasoning_gym").
+  reward: str
   stop_strings: tuple[str, ...]  # Where a completion stops being an answer.
   difficulty: str  # What Problem.level holds.
   splits: tuple[str, ...] = ("train", "test")  # The splits the source has.
@@ -121,8 +123,13 @@ class DatasetSpec:
   def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
             workers: Any) -> list[float]:
     """Binary rewards of raw completions. `workers` (scoring.Workers) hands out the
-    task's grader processes / sandboxes; Task makes this robust to failing items."""
-    raise NotImplementedError
+    task's grader processes / sandboxes; Task makes this robust to failing items.
+    This runs the built-in reward named by `reward`; a spec with its own check overrides it."""
+    del task_cfg
+    if self.reward not in scoring.REWARDS:
+      raise NotImplementedError(f"{self.name}: reward {self.reward!r} is not built in "
+                                f"({', '.join(scoring.REWARDS)}); override DatasetSpec.score")
+    return scoring.REWARDS[self.reward](self, problems, completions, workers)
 
 
 # --- Official train/test files: validation carved out of train, test capped, by seed.

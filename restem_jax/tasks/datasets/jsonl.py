@@ -318,8 +318,7 @@ class Jsonl(DatasetSpec):
       check(task_cfg, data_dir)
 
   def config_key(self, task_cfg: Any) -> dict:
-    from restem_jax.tasks.task import data_dir_of  # pylint: disable=import-outside-toplevel
-    files = files_of(task_cfg, data_dir_of(task_cfg))
+    files = files_of(task_cfg, _data_dir(task_cfg))
     versions = {s: (p, os.stat(p).st_mtime_ns if os.path.isfile(p) else 0)
                 for s, (p, _) in files.items()}
     return {"files": versions, "template": template_of(task_cfg),
@@ -347,8 +346,7 @@ class Jsonl(DatasetSpec):
     return build
 
   def _exemplars(self, task_cfg: Any) -> list[dict]:
-    from restem_jax.tasks.task import data_dir_of  # pylint: disable=import-outside-toplevel
-    return exemplars_and_train(task_cfg, data_dir_of(task_cfg))[0]
+    return exemplars_and_train(task_cfg, _data_dir(task_cfg))[0]
 
   def prompt_format(self, few_shot: int) -> prompts.PromptFormat:
     if few_shot:
@@ -407,3 +405,9 @@ SPEC = Jsonl(
     answer_key=answer_key,
     chat_before="Question: ",
 )
+
+
+def _data_dir(task_cfg: Any) -> str:
+  """task.data_dir made absolute, as tasks.task reads it ("" if unset)."""
+  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  return wd.absolute(task_cfg.data_dir) if task_cfg.data_dir else ""
