@@ -1,5 +1,10 @@
-"""Run outputs for people: the summary table, the pass@1 plot, TensorBoard, and
-`load_run`, which reads a workdir back (colab/inspect_run.ipynb is built on it)."""
+"""Run outputs for people: the summary table, the pass@1 plot, TensorBoard, report.html
+(report/html.py), and `load_run`, which reads a workdir back (colab/inspect_run.ipynb and
+the HTML report are built on it).
+
+    python -m restem_jax.report WORKDIR     writes WORKDIR/report.html (also written at
+                                            the end of every run)
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +15,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 from etils import epath
 
-from restem_jax import workdir as wd
+from restem_jax import metrics, runinfo, workdir as wd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +27,18 @@ class RunFiles:
   # Per E-step ("iter_001", ...): one row per training problem (problem_id, level,
   # num_samples, num_correct, num_kept) ...
   stats: dict[str, list[dict]]
-  # ... and the kept samples (problem_id, prompt, sample, reward, iteration, seed).
+  # ... and the kept samples (problem_id, prompt, sample, reward, iteration, seed, and
+  # their provenance: samples.KeptSample).
   kept: dict[str, list[dict]]
+  # Per evaluated model (its eval.json "iteration"): eval_problems.jsonl, one record per
+  # problem (evaluate.problem_records); models evaluated before the records existed: none.
+  problems: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+  # Per E-step: the failed samples restem.keep_rejected stored (never trained on).
+  rejected: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+  # progress.json ({"done": [...], "seconds": {phase: wall seconds}}) and launches.jsonl
+  # (each start's command and code version, runinfo.py).
+  progress: dict = dataclasses.field(default_factory=dict)
+  launches: list[dict] = dataclasses.field(default_factory=list)
 
 
 def load_run(workdir: str) -> RunFiles:
@@ -39,17 +54,28 @@ def load_run(workdir: str) -> RunFiles:
   config_path = os.path.join(workdir, "config.json")
   config = (ml_collections.ConfigDict(wd.read_json(config_path))
             if wd.exists(config_path) else None)
-  evals = [wd.read_json(p) for p in wd.glob(workdir, "*/eval.json")]
+  evals, problems = [], {}
+  for path in wd.glob(workdir, "*/eval.json"):
+    evals.append(wd.read_json(path))
+    # eval.json is written after its records: with it, they are complete.
+    records = os.path.join(os.path.dirname(path), "eval_problems.jsonl")
+    if wd.exists(records):
+      problems[evals[-1]["iteration"]] = wd.read_lines(records)
   evals.sort(key=lambda r: (r["iteration"] == "sft", r["iteration"]))
-  stats, kept = {}, {}
+  stats, kept, rejected = {}, {}, {}
   for samples_dir in wd.glob(workdir, "iter_*/samples"):
     name = os.path.basename(os.path.dirname(samples_dir))
-    stats[name], kept[name] = [], []
+    stats[name], kept[name], rejected[name] = [], [], []
     for stats_path in wd.glob(samples_dir, "stats_*.jsonl"):
       stats[name] += wd.read_lines(stats_path)
-      shard = os.path.join(samples_dir, os.path.basename(stats_path).replace("stats_", "shard_"))
-      kept[name] += wd.read_lines(shard) if wd.exists(shard) else []
-  return RunFiles(config=config, evals=evals, stats=stats, kept=kept)
+      for kind, rows in (("shard_", kept[name]), ("rejected_", rejected[name])):
+        path = os.path.join(samples_dir, os.path.basename(stats_path).replace("stats_", kind))
+        rows += wd.read_lines(path) if wd.exists(path) else []
+  progress_path = os.path.join(workdir, "progress.json")
+  progress = wd.read_json(progress_path) if wd.exists(progress_path) else {}
+  return RunFiles(config=config, evals=evals, stats=stats, kept=kept, problems=problems,
+                  rejected=rejected, progress=progress,
+                  launches=runinfo.read_launches(workdir))
 
 
 def _fmt(v: Any) -> str:
@@ -62,12 +88,9 @@ def _label(iteration: str) -> str:
   return "0 (base)" if iteration == "000" else iteration
 
 
-def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict,
-                  label: Callable[[str], str] = _label) -> str:
-  """Markdown table: one row per model (base = iteration 000, sft = the baseline).
-
-  label: the first column's text for an iteration ("000" -> "0 (base)", others as is).
-  """
+def _summary_columns(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict
+                     ) -> list[tuple[str, str]]:
+  """(header, eval.json key) of each column of the summary table."""
   n = eval_cfg.num_samples
   ks = [k for k in eval_cfg.pass_k if k <= n and k > 1]
   cols = [("iteration", "iteration"), ("pass@1 test", "pass@1_greedy_test")]
@@ -88,14 +111,38 @@ def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict,
     cols += [(f"{name} {m}", f"transfer/{name}/{m}")
              for m in [f"pass@{k}" for k in ks] + [f"maj@{eval_cfg.majority_k}"]
              if f"transfer/{name}/{m}" in keys]
-  lines = ["| " + " | ".join(c for c, _ in cols) + " |",
-           "|" + "---|" * len(cols)]
+  return cols
+
+
+def summary_table(results: Sequence[dict], eval_cfg: ml_collections.ConfigDict,
+                  label: Callable[[str], str] = _label) -> str:
+  """Markdown table: one row per model (base = iteration 000, sft = the baseline).
+
+  label: the first column's text for an iteration ("000" -> "0 (base)", others as is).
+  """
+  headers, rows = summary_rows(results, eval_cfg, label)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def summary_rows(results: Sequence[dict], config_or_eval_cfg: Any,
+                 label: Callable[[str], str] = _label) -> tuple[list[str], list[list[str]]]:
+  """summary_table's headers and cells (report.html renders them as HTML). Takes the
+  run's config or its eval block; without either (a run that has not saved its config),
+  the default config's."""
+  cfg = config_or_eval_cfg
+  if cfg is None:
+    from restem_jax import configlib  # pylint: disable=import-outside-toplevel
+    cfg = configlib.default_config()
+  cols = _summary_columns(results, cfg.eval if "eval" in cfg else cfg)
+  rows = []
   for r in results:
     row = dict(r)
     if "iteration" in row:
       row["iteration"] = label(row["iteration"])
-    lines.append("| " + " | ".join(_fmt(row.get(k)) for _, k in cols) + " |")
-  return "\n".join(lines)
+    rows.append([_fmt(row.get(k)) for _, k in cols])
+  return [c for c, _ in cols], rows
 
 
 def pass_at_1_figure(results: Sequence[dict]) -> Any:
@@ -110,10 +157,20 @@ def pass_at_1_figure(results: Sequence[dict]) -> Any:
   xs = [int(r["iteration"]) for r in iters]
   fig = Figure(figsize=(5, 3.5), dpi=120)
   ax = fig.subplots()
-  ax.plot(xs, [100 * r["pass@1_greedy_test"] for r in iters], "o-", label="ReST-EM (test)")
+
+  def line(key: str, n_key: str, fmt: str, label: str, **kw: Any) -> None:
+    """pass@1 per iteration, with its 95% Wilson interval where the count is known."""
+    ys = [100 * r[key] for r in iters]
+    err = [interval_pct(r[key], r.get(n_key)) for r in iters]
+    if all(e is not None for e in err):
+      lo_hi = [[y - e[0] for y, e in zip(ys, err)], [e[1] - y for y, e in zip(ys, err)]]
+      ax.errorbar(xs, ys, yerr=lo_hi, fmt=fmt, capsize=3, label=label + ", 95% CI", **kw)
+    else:
+      ax.plot(xs, ys, fmt, label=label, **kw)
+
+  line("pass@1_greedy_test", "num_test", "o-", "ReST-EM (test)")
   if all("pass@1_greedy_train" in r for r in iters):
-    ax.plot(xs, [100 * r["pass@1_greedy_train"] for r in iters], "s--", alpha=0.7,
-            label="ReST-EM (train)")
+    line("pass@1_greedy_train", "num_train_eval", "s--", "ReST-EM (train)", alpha=0.7)
   for key in sorted({k for r in iters for k in r if k.endswith("/pass@1_greedy")}):
     if all(key in r for r in iters):
       ax.plot(xs, [100 * r[key] for r in iters], "^:", alpha=0.8,
@@ -129,6 +186,14 @@ def pass_at_1_figure(results: Sequence[dict]) -> Any:
   ax.legend(fontsize=8)
   fig.tight_layout()
   return fig
+
+
+def interval_pct(rate: float, n: int | None) -> tuple[float, float] | None:
+  """The 95% Wilson interval (in %) of a pass rate over n problems (None: n unknown)."""
+  if not n:
+    return None
+  lo, hi = metrics.wilson_interval(int(round(rate * n)), int(n))
+  return 100 * lo, 100 * hi
 
 
 def plot_pass_at_1(results: Sequence[dict], path: str) -> None:
@@ -148,8 +213,56 @@ def write_summary(workdir: str, results: Sequence[dict], eval_cfg: ml_collection
   return table
 
 
-def write_tensorboard(workdir: str, name: str, result: dict) -> None:
-  """Scalars of one evaluation at step = iteration; the SFT baseline under sft/."""
+def write_html(workdir: str) -> str:
+  """WORKDIR/report.html from what the workdir holds now; returns its path."""
+  from restem_jax.report import html  # pylint: disable=import-outside-toplevel
+  run = load_run(workdir)
+  buf = io.StringIO()
+  if run.evals:
+    pass_at_1_figure(run.evals).savefig(buf, format="svg")
+  path = os.path.join(workdir, "report.html")
+  wd.write_text_atomic(path, html.render(run, workdir=workdir, plot_svg=buf.getvalue(),
+                                         table=summary_rows(run.evals, run.config)))
+  return path
+
+
+# What TensorBoard's text tab shows per evaluation: this many greedy answers and kept samples.
+TB_TEXT_ROWS = 5
+
+
+def _md_cell(text: Any, limit: int = 300) -> str:
+  s = str(text).replace("\n", " ").replace("|", "\\|")
+  return s[:limit] + ("..." if len(s) > limit else "")
+
+
+def tensorboard_texts(workdir: str, name: str, records: Sequence[dict] | None) -> dict[str, str]:
+  """Markdown tables for TensorBoard's text tab: the first greedy test answers of model
+  `name` and (iterations) a few samples its E-step kept."""
+  out = {}
+  test = [r for r in records or () if r.get("split") == "test"][:TB_TEXT_ROWS]
+  if test:
+    out["greedy_answers"] = "\n".join(
+        ["| problem | level | answer | reward | completion |", "|---|---|---|---|---|"]
+        + [f"| {_md_cell(r['problem_id'])} | {_md_cell(r['level'])} | {_md_cell(r['answer'])} "
+           f"| {r['reward']:g} | {_md_cell(r['greedy'])} |" for r in test])
+  samples_dir = os.path.join(workdir, f"iter_{name}", "samples")
+  kept: list[dict] = []
+  for shard in wd.glob(samples_dir, "shard_*.jsonl") if name.isdigit() else []:
+    kept += wd.read_lines(shard)
+    if len(kept) >= TB_TEXT_ROWS:
+      break
+  if kept:
+    out["kept_samples"] = "\n".join(
+        ["| problem | reward | sample |", "|---|---|---|"]
+        + [f"| {_md_cell(r['problem_id'])} | {r['reward']:g} | {_md_cell(r['sample'])} |"
+           for r in kept[:TB_TEXT_ROWS]])
+  return out
+
+
+def write_tensorboard(workdir: str, name: str, result: dict,
+                      records: Sequence[dict] | None = None) -> None:
+  """Scalars of one evaluation at step = iteration; the SFT baseline under sft/. With its
+  problem records, also a few greedy answers and kept samples as text (tensorboard_texts)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel  (already loaded by seqio)
   prefix, step = ("sft", 0) if name == "sft" else ("eval", int(name))
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
@@ -157,5 +270,7 @@ def write_tensorboard(workdir: str, name: str, result: dict) -> None:
     for k, v in result.items():
       if isinstance(v, float):
         tf.summary.scalar(f"{prefix}/{k}", v, step=step)
+    for k, text in tensorboard_texts(workdir, name, records).items():
+      tf.summary.text(f"{prefix}/{k}", text, step=step)
   writer.flush()
   writer.close()
