@@ -203,7 +203,7 @@ class RunContext:
                                max_per_problem=c.restem.max_per_problem, iteration=iteration,
                                out_dir=m.samples, seed=c.seed,
                                max_fault_fraction=c.restem.max_fault_fraction, log=self.log,
-                               model_path=wd.absolute(sampled),
+                               model_path=wd.in_workdir(sampled, self.layout.root),
                                keep_rejected=c.restem.keep_rejected)
     return self.resumable(m.generated, compute, save=lambda _: None,
                           restore=lambda: samples.verify(m.samples, len(self.splits.train)))

@@ -5,7 +5,8 @@ For chunk C of the training problems, process H writes (atomic renames, in this 
   rejected_CCCCC_pHHH.jsonl  (restem.keep_rejected > 0) up to that many failed samples per
                              problem, same fields, for people to read: never trained on
   stats_CCCCC_pHHH.jsonl     one ProblemStats per line: each of its problems' counts
-Every sample carries its provenance: the model that drew it (checkpoint path),
+Every sample carries its provenance: the model that drew it (checkpoint path,
+relative to the workdir when inside it),
 the sampling settings, and the key: row key = fold_in(fold_in(rng_key,
 problem_index), sample_index), as sampling.py derives it.
 A chunk is complete once its stats files hold a line for each of its problems
@@ -38,7 +39,7 @@ class KeptSample:
   # Provenance (absent from shards written before it was recorded).
   problem_index: int = -1  # index in the run's training problems: the sampler's prompt id
   sample_index: int = -1  # which of the problem's num_samples samples
-  model: str = ""  # checkpoint path of the model that drew it
+  model: str = ""  # checkpoint of the model that drew it: relative to the workdir if in it
   sampling: dict | None = None  # temperature, top_k, top_p, num_samples, max_new_tokens, ...
   rng_key: list | None = None  # jax.random.key_data of the E-step's key (uint32 words)
 

@@ -83,6 +83,13 @@ def absolute(path: str) -> str:
   return str(path) if is_remote(path) else os.path.abspath(path)
 
 
+def in_workdir(path: str, root: str) -> str:
+  """`path` relative to the workdir `root` if it lies inside it (so records stay valid when
+  a workdir is copied or moved), else absolute."""
+  path, root = absolute(path).rstrip("/"), absolute(root).rstrip("/")
+  return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
 def write_text_atomic(path: str, text: str) -> None:
   """Writes via a temp file + rename, so readers never see half a file.
 

@@ -17,6 +17,7 @@ import collections
 import datetime
 import html
 import json
+import re
 from typing import Any, Sequence
 
 from restem_jax import metrics
@@ -345,6 +346,7 @@ def render(run: Any, *, workdir: str, plot_svg: str,
   data, notes = _browser_data(run)
   blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
   svg = plot_svg[plot_svg.find("<svg"):] if "<svg" in plot_svg else ""
+  svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)  # RDF identifiers: unused
   cut = ("".join(f"<li>{_e(n)}</li>" for n in notes) or "<li>nothing: every record is inlined"
          "</li>")
   now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
