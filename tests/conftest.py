@@ -97,3 +97,9 @@ def tiny_run(tmp_path_factory):
                      text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   return workdir, p
+
+
+def pytest_configure(config):
+  # `make test-fast` deselects these (-m "not slow"); registered here in case pytest.ini
+  # does not (yet) declare the marker.
+  config.addinivalue_line("markers", "slow: end-to-end, browser or otherwise > ~10 s tests")
