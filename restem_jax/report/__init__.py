@@ -163,7 +163,9 @@ def pass_at_1_figure(results: Sequence[dict]) -> Any:
     ys = [100 * r[key] for r in iters]
     err = [interval_pct(r[key], r.get(n_key)) for r in iters]
     if all(e is not None for e in err):
-      lo_hi = [[y - e[0] for y, e in zip(ys, err)], [e[1] - y for y, e in zip(ys, err)]]
+      # (max: at a rate of 0 or 1 the interval's end differs from it by rounding only.)
+      lo_hi = [[max(0.0, y - e[0]) for y, e in zip(ys, err)],
+               [max(0.0, e[1] - y) for y, e in zip(ys, err)]]
       ax.errorbar(xs, ys, yerr=lo_hi, fmt=fmt, capsize=3, label=label + ", 95% CI", **kw)
     else:
       ax.plot(xs, ys, fmt, label=label, **kw)

@@ -237,7 +237,7 @@ def _browser_data(run: Any) -> tuple[dict, list[str]]:
          "reward": r["reward"], "index": r.get("sample_index", -1), "text": _cut(r["sample"]),
          "model": r.get("model", ""),
          "key": (f"{r['rng_key']} / {r.get('problem_index')} / {r.get('sample_index')}"
-                 if r.get("rng_key") else "")} for _, (kind, r) in zip(range(MAX_ROWS), rows)]
+                 if r.get("rng_key") else "")} for kind, r in rows[:MAX_ROWS]]
   return {"greedy": greedy, "samples": samples}, notes
 
 
