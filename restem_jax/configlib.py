@@ -47,7 +47,7 @@ AT_LEAST: dict[str, int] = {
     "task.grader_workers": 1, "task.code_workers": 1,
     "sampling.num_samples": 1, "sampling.temperature": 0, "sampling.top_k": 0,
     "sampling.max_new_tokens": 1, "sampling.max_batch": 1,
-    "restem.num_iterations": 0, "restem.max_per_problem": 1,
+    "restem.num_iterations": 0, "restem.max_per_problem": 1, "restem.keep_rejected": 0,
     "train.warmup_steps": 0, "train.weight_decay": 0, "train.grad_clip": 0,
     "train.batch_size": 1, "train.micro_batches": 1, "train.max_steps": 1,
     "train.eval_every": 1, "train.patience": 1, "train.checkpoint_every": 1,
@@ -186,6 +186,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.restem = ml_collections.ConfigDict()
   c.restem.num_iterations = 3  # Generate/Improve rounds.
   c.restem.max_per_problem = 10  # Cap on kept correct samples per problem (1 = ReST*).
+  # Also store up to this many failed samples per problem (samples/rejected_*.jsonl) so
+  # report.html can show what failed; never trained on. 0 = none.
+  c.restem.keep_rejected = 2
   # "base": every M-step starts from the base model (ReST-EM).
   # "previous": start from the previous iterate (ReST-style ablation).
   c.restem.finetune_from = "base"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -25,7 +26,7 @@ from etils import epath
 
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
                         improve, lora, model, partitioning, preemption, preflight, report,
-                        samples, sampling, tasks, workdir as wd)
+                        runinfo, samples, sampling, tasks, workdir as wd)
 from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
@@ -140,6 +141,8 @@ class RunContext:
                                     pad_id=vocab.pad_id, stop_strings=self.task.stop_strings,
                                     vocabulary=vocab)
     self.progress = wd.Progress(self.layout.progress, write=self.coordinator)
+    if self.coordinator:  # Command and code version of every start (report.html shows them).
+      runinfo.record_launch(workdir)
     # train.lora's adapters (None: full fine-tuning): what the run's models are saved as.
     self.lora = lora.make(self.model_cfg, config.train, self.mesh)
 
@@ -170,9 +173,10 @@ class RunContext:
                         self.layout.progress, str(e).split(";")[0])
         self.progress.unmark(phase)
     preemption.check("nothing of it was started")
+    start = time.time()
     out = compute()
     save(out)
-    self.progress.mark(phase)
+    self.progress.mark(phase, seconds=time.time() - start)
     return out
 
   def trained(self, m: wd.ModelPaths, fit: Callable[[], tuple[Trained, dict]],
@@ -190,6 +194,8 @@ class RunContext:
   def generated(self, m: wd.ModelPaths, params: Any, iteration: int) -> dict:
     """The E-step's shards in m.samples (written if not yet complete); returns their counts."""
     c = self.config
+    sampled = (c.restem.teacher_path if c.restem.sample_from == "teacher" else
+               self.base_path if iteration == 1 else self.layout.iteration(iteration - 1).model)
 
     def compute() -> dict:
       self.log(f"iteration {iteration}: generate")
@@ -197,7 +203,9 @@ class RunContext:
                                problems=self.splits.train, sampling_cfg=c.sampling,
                                max_per_problem=c.restem.max_per_problem, iteration=iteration,
                                out_dir=m.samples, seed=c.seed,
-                               max_fault_fraction=c.restem.max_fault_fraction, log=self.log)
+                               max_fault_fraction=c.restem.max_fault_fraction, log=self.log,
+                               model_path=wd.in_workdir(sampled, self.layout.root),
+                               keep_rejected=c.restem.keep_rejected)
     return self.resumable(m.generated, compute, save=lambda _: None,
                           restore=lambda: samples.verify(m.samples, len(self.splits.train)))
 
@@ -205,18 +213,24 @@ class RunContext:
     """m's eval.json (computed if not yet written), with `extra` fields and its name."""
     c = self.config
 
-    def compute() -> dict:
-      result = evaluate.evaluate(params=params, sampler=self.sampler, task=self.task,
-                                 test_problems=self.splits.test, train_problems=self.splits.train,
-                                 eval_cfg=c.eval, **evaluate.sampling_budget(c), seed=c.seed,
-                                 transfer=self.transfer, log=self.log)
-      return {**result, **extra, "iteration": m.name}
+    def compute() -> tuple[dict, list[dict]]:
+      result, records = evaluate.evaluate_with_records(
+          params=params, sampler=self.sampler, task=self.task, test_problems=self.splits.test,
+          train_problems=self.splits.train, eval_cfg=c.eval, **evaluate.sampling_budget(c),
+          seed=c.seed, transfer=self.transfer, log=self.log)
+      return {**result, **extra, "iteration": m.name}, records
 
-    def save(result: dict) -> None:
-      self.write_json(m.eval_json, result)
-      if self.coordinator:
-        report.write_tensorboard(self.layout.root, m.name, result)
-    return self.resumable(m.evaluated, compute, save, restore=lambda: wd.read_json(m.eval_json))
+    def save(out: tuple[dict, list[dict]]) -> None:
+      if self.coordinator:  # The records first: eval.json is what marks both as written.
+        wd.write_lines_atomic(m.eval_problems, out[1])
+        wd.write_json_atomic(m.eval_json, out[0])
+        report.write_tensorboard(self.layout.root, m.name, out[0], out[1])
+
+    def restore() -> tuple[dict, None]:
+      if not wd.exists(m.eval_problems):  # (Deleted, or a workdir older than the records.)
+        raise wd.DamagedError(f"{m.eval_problems} is missing; the evaluation is redone")
+      return wd.read_json(m.eval_json), None
+    return self.resumable(m.evaluated, compute, save, restore)[0]
 
   def examples(self, pairs: list[tuple[str, str]],
                weights: list[float] | None = None) -> list[improve.Example]:
@@ -395,4 +409,5 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
 
   if ctx.coordinator:
     report.write_summary(workdir, results, c.eval)
+    report.write_html(workdir)
   return results
