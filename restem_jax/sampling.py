@@ -280,7 +280,7 @@ class Sampler:
     self.refill, self.refill_window = bool(refill), int(refill_window)
     # Decode work so far (benchmarks/estep.py): tokens kept (up to each row's
     # stop) and row-steps decoded (rows x loop steps, padding rows included).
-    self.decode_stats = {"tokens": 0, "row_steps": 0}
+    self.decode_stats = {"tokens": 0, "row_steps": 0, "steps": 0}
     self.cfg, self.mesh = model_cfg, mesh
     self.eos_id, self.pad_id = int(eos_id), int(pad_id)
     self.vocabulary = vocabulary
@@ -471,6 +471,7 @@ class Sampler:
                        logprobs=fold(logprobs_BxT), done=fold(done_B), steps=int(get(steps)))
     self.decode_stats["tokens"] += int(out.lengths.sum())
     self.decode_stats["row_steps"] += out.steps * slot_rows
+    self.decode_stats["steps"] += out.steps
     return out
 
   def _program(self, num_samples: int, max_new_tokens: int, static: tuple[bool, int, bool]):
