@@ -125,3 +125,21 @@ def fractions(peaks: Peaks, flops: float, bytes_: float, seconds: float) -> str:
   f, b = flops / seconds, bytes_ / seconds
   return (f"{f / 1e9:.2f} GFLOP/s = {f / peaks.matmul_flops_per_s:.1%} of matmul peak, "
           f"{b / 1e9:.2f} GB/s = {b / peaks.copy_bytes_per_s:.1%} of copy bandwidth")
+
+
+def sample_call(cfg: M.ModelConfig, prompts: int, rows: int, prompt_len: int,
+                new_tokens: int) -> tuple[int, int]:
+  """(FLOPs, least bytes) of one sampling call: prefill `prompts` prompts once, then
+  `new_tokens` decode steps of `rows` rows over the prompt and, on average, half the
+  generated slots (the prompt's keys stored and read once per prompt)."""
+  flops = prompts * forward_flops(cfg, 1, prompt_len)
+  flops += new_tokens * decode_step_flops(cfg, rows, prompt_len + new_tokens // 2)
+  cached = prompts * prompt_len + rows * (new_tokens // 2)
+  return flops, param_bytes(cfg) + new_tokens * decode_step_bytes(cfg, rows, cached)
+
+
+def train_step_bytes(cfg: M.ModelConfig) -> int:
+  """Least weight traffic of an AdamW step: params read twice (forward, backward),
+  the gradient written and read, both moments read and written, the params written:
+  8 x param bytes (activations not counted)."""
+  return 8 * param_bytes(cfg)
