@@ -32,6 +32,15 @@ Shapes are bucketed so new inputs rarely recompile:
 shape for all its chunks, L from the longest of all its prompts: one compile
 per E-step, the same executable for every evaluation of that prompt set.
 
+Refill (sample_chunked's default): a chunk's rows stop at different steps
+(GSM8K / MATH solutions of 50-500 tokens), and a loop that runs until its
+longest row stops decodes padding in the others. So one call takes the
+prompts of several chunks as a queue: its P slots start with the first P
+prompts, and when all N rows of a slot's prompt have stopped, the slot takes
+the next queued prompt (prefilled inside the loop, in a lax.cond) at the next
+step. The rows' generated keys then go to a ring of T slots with per-row
+start steps (model.SharedPrefixCache ring mode) instead of phases.
+
 Decoding modes (`SamplingMode`): temperature 0 is greedy; otherwise
 softmax(logits / T), restricted first to the top_k tokens (if top_k > 0), then
 to the nucleus (smallest prefix, by decreasing probability, of the
@@ -42,9 +51,9 @@ sweeping T = 0.7 -> 1.0 or p = 0.9 -> 0.95 reuses the same executable.
 
 Randomness: per-row keys, independent of batching. With `rng` the caller's key
 and `prompt_ids` caller-given integer ids (default: index of the prompt in the
-list given to sample / sample_chunked), sample j of prompt i at decode step t
+list given to sample / sample_chunked), token t of sample j of prompt i
 uses fold_in(fold_in(fold_in(rng, prompt_ids[i]), j), t). So results do not
-depend on chunking, batch padding or which other prompts share the call, and a
+depend on chunking, refill, batch padding or which other prompts share the call, and a
 resumed E-step regenerates exactly the samples of the prompts it redoes.
 
 Log-probs: `SampleOutput.logprobs` holds log_softmax(model logits) at the chosen
