@@ -692,20 +692,38 @@ class Sampler:
               done.at[dest_B].set(take(s.done_B), mode="drop"))
 
     def refill(st: RefillState) -> RefillState:
-      s, q = st.decode, st.next_q
-      slot = jnp.argmax(jnp.all(finished_B(s).reshape(num_slots, n), axis=1)).astype(jnp.int32)
+      """The first slot whose rows all stopped takes queue entry next_q, if any is left.
+
+      Only the prefill of that prompt runs under a lax.cond (its output is one
+      prompt's cache); the writes are masked, so the loop's big carried arrays
+      never pass through a conditional (which could copy them every step).
+      """
+      s, q = st.decode, jnp.minimum(st.next_q, num_q - 1)
+      free_S = jnp.all(finished_B(s).reshape(num_slots, n), axis=1)
+      do = jnp.any(free_S) & (st.next_q < num_real)
+      slot = jnp.argmax(free_S).astype(jnp.int32)
       rows_N = slot * n + jnp.arange(n)
       old_q = st.row_q_B[slot * n]
-      out = harvest(st, jnp.where(old_q < num_q, old_q * n + jnp.arange(n), num_q * n), rows_N)
-      one = prefill_cache(cfg, mesh, params, jax.lax.dynamic_slice_in_dim(queue_QxL, q, 1))
+      dest_N = jnp.where(do & (old_q < num_q), old_q * n + jnp.arange(n), num_q * n)
+      out = harvest(st, dest_N, rows_N)
+      one = jax.lax.cond(
+          do, lambda: prefill_cache(cfg, mesh, params, jax.lax.dynamic_slice_in_dim(queue_QxL, q, 1)),
+          lambda: {k: jnp.zeros(M.cache_shape(cfg, 1, prompt_len), cfg.compute_dtype)
+                   for k in ("k", "v")})
+
+      def put_slot(x: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+        """x with `new` (masked by `do`) written at `at` along axis 0."""
+        old = jax.lax.dynamic_slice_in_dim(x, at, new.shape[0], 0)
+        return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(do, new, old), at, 0)
+
       caches = [c.replace(
-          prompt_k=jax.lax.dynamic_update_slice_in_dim(c.prompt_k, lc["k"], slot, 0),
-          prompt_v=jax.lax.dynamic_update_slice_in_dim(c.prompt_v, lc["v"], slot, 0),
-          prompt_valid=jax.lax.dynamic_update_slice_in_dim(
-              c.prompt_valid, prompt_valid(q[None]), slot, 0)).constrain(mesh)
+          prompt_k=put_slot(c.prompt_k, lc["k"].astype(c.prompt_k.dtype), slot),
+          prompt_v=put_slot(c.prompt_v, lc["v"].astype(c.prompt_v.dtype), slot),
+          prompt_valid=put_slot(c.prompt_valid, prompt_valid(q[None]), slot)).constrain(mesh)
                 for c, lc in zip(s.caches, M.split_layers(one, cfg.n_layers))]
-      put = lambda x, v: cons(jax.lax.dynamic_update_slice_in_dim(
-          x, jnp.broadcast_to(jnp.asarray(v, x.dtype), (n,) + x.shape[1:]), slot * n, 0))
+      reset_B = do & (jnp.arange(b) // n == slot)
+      put = lambda x, v: cons(jnp.where(reset_B.reshape((b,) + (1,) * (x.ndim - 1)),
+                                        jnp.asarray(v, x.dtype), x))
       decode = s.replace(
           caches=caches, token_B=put(s.token_B, last_token(q)),
           position_B=put(s.position_B, queue_lengths_Q[q] - 1), done_B=put(s.done_B, False),
@@ -713,7 +731,8 @@ class Sampler:
           logprobs_BxT=put(s.logprobs_BxT, 0.0),
           stop_states=tuple(put(x, v) for x, v in zip(s.stop_states, stop_starts)))
       return RefillState(decode=decode, start_B=put(st.start_B, s.step),
-                         row_q_B=put(st.row_q_B, q), next_q=q + 1, out=out)
+                         row_q_B=put(st.row_q_B, q), next_q=st.next_q + do.astype(jnp.int32),
+                         out=out)
 
     def cond(st: RefillState) -> jax.Array:
       return ~(jnp.all(finished_B(st.decode)) & (st.next_q >= num_real))
@@ -750,9 +769,7 @@ class Sampler:
           tokens_BxT=s.tokens_BxT.at[rows_B, col_B].set(new_B, mode="drop"),
           logprobs_BxT=s.logprobs_BxT.at[rows_B, col_B].set(logp_B, mode="drop"),
           stop_states=stop_states)
-      st = st.replace(decode=decode)
-      free = jnp.any(jnp.all(finished_B(decode).reshape(num_slots, n), axis=1))
-      return jax.lax.cond(free & (st.next_q < num_real), refill, lambda x: x, st)
+      return refill(st.replace(decode=decode))
 
     state = jax.lax.while_loop(cond, body, state)
     dest_B = jnp.where(state.row_q_B < num_q, state.row_q_B * n + sample_B, num_q * n)
