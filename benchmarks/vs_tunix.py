@@ -88,6 +88,9 @@ import numpy as np  # noqa: E402
 
 from restem_jax import batches, configlib, model as M, partitioning, sampling as S, training  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402  (benchmarks/)
+
 try:
   from flax import nnx  # noqa: E402
   from tunix.generate import sampler as tunix_sampler  # noqa: E402
@@ -336,6 +339,10 @@ def bench_sampling(cfg, params, tmodel, args, rng) -> dict:
          "ratio": med["tunix"] / med["ours"], "ratio_pairwise": pairwise_ratio(times),
          "greedy": greedy,
          "ours_distinct_rows": distinct, "times_s": times, "breakdown": breakdown}
+  flops, bytes_ = roofline.sample_call(cfg, len(prompts), len(prompts) * n, PROMPT_BUCKET, new)
+  for k in ("ours", "tunix"):
+    res[f"{k}_roofline"] = roofline.fractions(args.peaks, flops, bytes_, med[k])
+    print(f"  sampling, {k}: {res[f'{k}_roofline']}")
   print(f"  sampling {len(prompts)} prompts x N={n} x {new} tokens: ours {med['ours']:.2f} s "
         f"({res['ours_tok_s']:.0f} tok/s), tunix {med['tunix']:.2f} s "
         f"({res['tunix_tok_s']:.0f} tok/s); ours/tunix {res['ratio']:.2f}x (pairwise "
@@ -416,6 +423,11 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
          "ratio": med["tunix"] / med["ours"], "ratio_pairwise": pairwise_ratio(times),
          "first_loss": {"ours": first["ours"], "tunix": first["tunix"], "rel_diff": rel},
          "times_s": times}
+  flops = roofline.train_flops(cfg, b, seq)
+  for key in ("ours", "tunix"):
+    res[f"{key}_roofline"] = roofline.fractions(args.peaks, flops,
+                                                roofline.train_step_bytes(cfg), med[key])
+    print(f"  train step, {key}: {res[f'{key}_roofline']}")
   print(f"  first-step loss: ours {first['ours']:.5f}, tunix {first['tunix']:.5f} "
         f"(rel diff {rel:.1e})")
   print(f"  train step ({args.train_shape}) {b} x {seq} tokens: ours {med['ours'] * 1e3:.0f} ms "
@@ -469,6 +481,8 @@ def main() -> None:
          "jax": jax.__version__, "flax": metadata.version("flax"),
          "google-tunix": metadata.version("google-tunix"), "dtype": dtype,
          "python": platform.python_version(), "repeats": args.repeats}
+  args.peaks = roofline.measure()
+  env["machine_peaks"] = args.peaks.describe()
   print(json.dumps(env))
   results = {"env": env, "models": {}}
   skip = set(filter(None, args.skip.split(",")))

@@ -198,6 +198,11 @@ class SharedPrefixCache:
   v: tuple[jax.Array, ...]  # chunks [B, K, H, C_i]
   step: jax.Array  # int32 []: generated slots filled so far
   active: int = flax.struct.field(pytree_node=False, default=1)  # chunks read; the last is written
+  # Ring mode (the refilling sampler): one chunk of C slots, step t writes slot
+  # t % C, and row b sees the slots written at steps start[b]..t (its own
+  # tokens: a row refilled with a new prompt at step start[b] must not see the
+  # previous occupant's). A row generates at most C tokens, so none is overwritten.
+  start: Any = None  # int32 [B] or None (not ring mode)
 
   @classmethod
   def create(cls, prompt: LayerCache, prompt_valid_PxL: jax.Array, num_samples: int,
@@ -233,8 +238,12 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
   dt = cfg.compute_dtype
   p, kh, prompt_len, _ = cache.prompt_k.shape
   ns, g, t, w = b // p, n // kh, cache.step, cache.active - 1
-  # Store this step's key/value in slot `step`, which is in chunk w (the sampler's phases).
-  offset = sum(c.shape[2] for c in cache.k[:w])
+  ring = cache.start is not None
+  if ring and len(cache.k) != 1:
+    raise ValueError(f"a ring-mode SharedPrefixCache has one chunk, got {len(cache.k)}")
+  # Store this step's key/value in slot `step` (ring: step % C), which is in chunk w
+  # (the sampler's phases).
+  offset = (t - t % cache.k[0].shape[2]) if ring else sum(c.shape[2] for c in cache.k[:w])
   k_chunks, v_chunks = list(cache.k), list(cache.v)
   k_chunks[w] = jax.lax.dynamic_update_slice(
       k_chunks[w], jnp.swapaxes(k_BxLxKxH, 1, 2).astype(k_chunks[w].dtype), (0, 0, t - offset, 0))
@@ -252,17 +261,20 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
                   preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1))
   prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
   slots_W = jnp.arange(gen_BxKxGxW.shape[-1])
-  gen_valid_W = slots_W <= t
+  # age_W: steps since slot s was written (its key's position is q - age).
+  age_W = (t - slots_W) % slots_W.shape[0] if ring else t - slots_W
+  gen_valid_BxW = (age_W[None, :] <= (t - cache.start)[:, None] if ring
+                   else (age_W >= 0)[None, :])
   if cfg.sliding_window:
-    # Prompt slot i holds position i; generated slot s holds position q - (t - s)
+    # Prompt slot i holds position i; generated slot s holds position q - age
     # (one slot per step, while the row is active): both in the window iff > q - window.
     start_B = positions_BxL[:, 0] - cfg.sliding_window
     prompt_valid_BxL = _window_mask(
         prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > start_B[:, None], is_local)
-    gen_valid_W = _window_mask(gen_valid_W, slots_W > t - cfg.sliding_window, is_local)
+    gen_valid_BxW = _window_mask(gen_valid_BxW, (age_W < cfg.sliding_window)[None, :], is_local)
   logits_BxKxGxS = jnp.concatenate(
       [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
-       jnp.where(gen_valid_W, gen_BxKxGxW, -1e30)], axis=-1)
+       jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
   probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
   probs_PxNxKxGxL = probs_BxKxGxS[..., :prompt_len].reshape(p, ns, kh, g, prompt_len)
   out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,

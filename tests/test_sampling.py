@@ -327,6 +327,46 @@ def test_sharded_equals_single_device(env, shape, mode):
   np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
 
 
+REFILL_PROMPTS = [list(np.random.default_rng(0).integers(3, 60, size=k))
+                  for k in (1, 4, 9, 2, 12, 6, 3, 7, 5, 11, 8)]
+
+
+@pytest.mark.parametrize("shape,mode,window", [
+    ((1, 1, 1), PAPER, 3), pytest.param((8, 1, 1), S.GREEDY, 0, marks=pytest.mark.slow),
+    pytest.param((2, 2, 2), PAPER, 0, marks=pytest.mark.slow)])
+def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window):
+  """sample_chunked with refill (slots take the next prompt when their N rows stop) gives
+  the tokens of the chunk-by-chunk phased loop on one device, bit for bit, while
+  decoding fewer row-steps. EOS is the token the model emits most, so rows stop at
+  varied steps; window 3 < max_new_tokens checks the ring cache's window mask."""
+  cfg = tiny_cfg(sliding_window=window)
+  one = mesh_of((1, 1, 1), jax.devices()[:1])
+  params = M.init_params(cfg, one, jax.random.key(3))
+  # 2 slots per call on 1 device; 8 (the data axes) on 8, the 11 prompts over 2 chunks.
+  max_batch = 4 if shape == (1, 1, 1) else 16
+  kw = dict(num_samples=2, max_new_tokens=T_NEW, mode=mode, rng=jax.random.key(1),
+            max_batch=max_batch)
+  free = S.Sampler(cfg, one, eos_id=-1, pad_id=PAD).sample(params, REFILL_PROMPTS, **{
+      k: v for k, v in kw.items() if k != "max_batch"})
+  eos = int(np.bincount(free.tokens[..., 1:].ravel()).argmax())
+  ref = S.Sampler(cfg, one, eos_id=eos, pad_id=PAD, refill=False)
+  want = list(ref.sample_chunked(params, REFILL_PROMPTS, **kw))
+  lengths = np.concatenate([o.lengths for _, o in want]).ravel()
+  assert len(set(lengths.tolist())) >= 3 and lengths.min() < T_NEW // 2  # varied stops
+  mesh = mesh_of(shape, None if shape != (1, 1, 1) else jax.devices()[:1])
+  refill = S.Sampler(cfg, mesh, eos_id=eos, pad_id=PAD, refill=True, refill_window=3)
+  got = list(refill.sample_chunked(jax.device_put(params, M.param_shardings(cfg, mesh)),
+                                   REFILL_PROMPTS, **kw))
+  assert [sl for sl, _ in got] == [sl for sl, _ in want]
+  for (_, a), (_, b) in zip(want, got):
+    np.testing.assert_array_equal(b.tokens, a.tokens)
+    np.testing.assert_array_equal(b.lengths, a.lengths)
+    np.testing.assert_array_equal(b.done, a.done)
+    np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+  assert refill.decode_stats["tokens"] == ref.decode_stats["tokens"] == lengths.sum()
+  assert refill.decode_stats["row_steps"] < ref.decode_stats["row_steps"]
+
+
 def test_bad_lengths_fail_before_compiling(env):
   cfg, mesh, params, _ = env
   sampler = S.Sampler(cfg, mesh, eos_id=EOS)
