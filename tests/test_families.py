@@ -26,7 +26,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from restem_jax import configlib, model as M, partitioning as P, sampling as S  # noqa: E402
+from helpers import mesh_of  # noqa: E402
+from restem_jax import model as M, partitioning as P, sampling as S  # noqa: E402
 from restem_jax import training as T  # noqa: E402
 from restem_jax.importers import ImportFormatError, common, hf as hf_importer  # noqa: E402
 from restem_jax.importers import import_model  # noqa: E402
@@ -68,12 +69,6 @@ PROMPTS = [list(np.random.RandomState(1).randint(3, V, 11)),
            list(np.random.RandomState(2).randint(3, V, 14))]
 LOGIT_TOKENS = np.random.RandomState(3).randint(0, V, (2, 20))
 NEW_TOKENS = 64  # Two decode phases of 32 (sampling.decode_chunks).
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
 
 
 MESHES = {}

@@ -49,7 +49,7 @@ def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_samp
   E-step rescores only the unfinished chunks and writes byte-identical files; every
   count agrees with one unchunked `Sampler.sample` call (keys are per problem)."""
   import jax
-  from conftest import task_cfg
+  from helpers import task_cfg
   from restem_jax import configlib, model as M, partitioning as P, sampling, tasks
 
   task = tasks.get_task(task_cfg(num_train=10, num_val=0, num_test=4, num_human=0))

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-from conftest import ROOT, main_cmd, mesh_of, subprocess_env
+import helpers
+from helpers import ROOT, main_cmd, mesh_of, subprocess_env
 from restem_jax import configlib, errors, improve, lora, model as M, training as T
 from test_model import numpy_forward
 from test_training import V, assert_states_close, host, mesh1, numpy_loss, random_batch, tiny_cfg, train_cfg
@@ -479,6 +479,7 @@ def test_config_problems_name_the_field():
     T.Trainer(tiny_cfg(), c.train, mesh1())
 
 
+@pytest.mark.slow
 def test_run_with_lora_end_to_end(tmp_path):
   """configs/tiny.py with train.lora and finetune_from='previous': the base is pretrained
   fully; every M-step and the SFT baseline train adapters (iteration 2 continuing iteration
@@ -503,7 +504,7 @@ def test_run_with_lora_end_to_end(tmp_path):
   with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
     assert json.load(f)["steps"] > 0
 
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   config.train.lora.rank, config.restem.finetune_from = 4, "previous"
   config.train.share_prompts = True
   cfg = M.ModelConfig.from_config(config.model)
@@ -544,7 +545,7 @@ def test_gemma3_4b_lora_config_and_its_memory_figures():
   """The config validates (full size and :runlocal), and the parameter counts its memory
   comment is built on are the model's: 3.88B params, 29.8M rank-16 adapter params."""
   path = os.path.join(ROOT, "configs", "gemma3_4b_lora_gsm.py")
-  mod = conftest.load_config(path)
+  mod = helpers.load_config(path)
   full = mod.get_config("base=/models/gemma-3-4b-pt")
   assert configlib.problems(full, check_files=False) == []
   assert configlib.problems(mod.get_config("runlocal")) == []
@@ -561,7 +562,7 @@ def test_gemma3_4b_lora_config_and_its_memory_figures():
 def test_smollm2_rg_lora_variant_is_the_run_with_adapters():
   """configs/smollm2_135m_rg.py:lora differs from the full fine-tune only in train.lora
   and the learning rate, and validates (also combined with runlocal)."""
-  mod = conftest.load_config(os.path.join(ROOT, "configs", "smollm2_135m_rg.py"))
+  mod = helpers.load_config(os.path.join(ROOT, "configs", "smollm2_135m_rg.py"))
   full, with_lora = mod.get_config(), mod.get_config("lora")
   assert configlib.problems(with_lora, check_files=False) == []
   assert configlib.problems(mod.get_config("lora,runlocal")) == []
@@ -595,6 +596,7 @@ def test_an_m_step_from_the_frozen_base_equals_one_from_the_loaded_base(params, 
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkeypatch):
   """train.lora.base_dtype='int8': after theta_base is evaluated and sampled, the run holds
   only its int8 copy (no float32 target matrix beyond what was alive before the run, at
@@ -603,7 +605,7 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
   base (numpy reference) and the base's other leaves."""
   pytest.importorskip("qwix")
   from restem_jax import checkpoints, run as run_lib  # pylint: disable=import-outside-toplevel
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   config.train.lora.rank, config.train.lora.base_dtype = 4, "int8"
   config.restem.num_iterations, config.restem.sft_baseline = 1, False
   cfg = M.ModelConfig.from_config(config.model)
@@ -644,12 +646,13 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
     assert json.load(f)["stopped"] == "no_samples"
 
 
+@pytest.mark.slow
 def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tmp_path, monkeypatch):
   """ReST-EM fine-tunes theta_base: while iteration 2's M-step runs, theta_1's params are
   not alive beside the base's (counted as arrays of the q matrix's shape when the M-step
   reads its samples)."""
   from restem_jax import run as run_lib  # pylint: disable=import-outside-toplevel
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   config.restem.num_iterations, config.restem.sft_baseline = 2, False
   cfg = M.ModelConfig.from_config(config.model)
   q_shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)

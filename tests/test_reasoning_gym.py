@@ -1,10 +1,10 @@
 """reasoning-gym task: disjoint splits, the datasets' own scoring, robust workers."""
 import json
-import signal
-import time
 
 import pytest
 import reasoning_gym as rg  # In the [test] extra: if missing, collection fails (not a skip).
+
+from helpers import misbehaving_grader
 
 from restem_jax.rewards import reasoning_gym as rrg
 from restem_jax.tasks.datasets import reasoning_gym as R
@@ -141,27 +141,8 @@ def test_worked_solutions_only_where_the_dataset_has_them(splits):
     assert bool(r["reasoning"]) == r["id"].startswith("rg/gsm_symbolic/")
 
 
-def _score_that_hangs(gold, answer, timeout_s):
-  if answer == "hang":
-    time.sleep(3600)  # SIGPROF blocked: only the parent's kill ends this.
-  if answer == "crash":
-    import os
-    os._exit(3)  # A scorer that takes its process down.
-  return _real_score(gold, answer, timeout_s)
-
-
-_real_score = rrg._score_in_worker
-
-
-def _faulty_worker_main(conn):
-  signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPROF])
-  rrg._score_in_worker = _score_that_hangs
-  rrg._worker_main(conn)
-
-
-class _FaultyGrader(rrg.ReasoningGymGrader):
-  _worker_target = staticmethod(_faulty_worker_main)
-  hang_grace_s = 1.0
+_FaultyGrader = misbehaving_grader(rrg.ReasoningGymGrader, "_score_in_worker",
+                                   hang_grace_s=1.0)
 
 
 def test_hanging_or_crashing_scorer_costs_one_sample(splits):
@@ -178,7 +159,7 @@ def test_hanging_or_crashing_scorer_costs_one_sample(splits):
 
 
 def test_task_composes_the_spec():
-  from conftest import task_cfg
+  from helpers import task_cfg
   cfg = task_cfg(name="reasoning_gym", rg_datasets=USED[:3], num_train=30, num_val=6,
                  num_test=12, few_shot=3)
   from restem_jax import tasks
@@ -202,7 +183,7 @@ def test_task_composes_the_spec():
 
 def test_distinct_answers_by_hand():
   """Distinct final answers, as the reward reads them: text after a stop is not an answer."""
-  from conftest import task_cfg
+  from helpers import task_cfg
   from restem_jax import evaluate, tasks
   task = tasks.get_task(task_cfg(name="reasoning_gym", rg_datasets=USED[:1], num_train=4,
                                  num_val=2, num_test=4, few_shot=1))

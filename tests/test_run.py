@@ -13,7 +13,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, main_cmd as _cmd, subprocess_env as _env
+from helpers import ROOT, main_cmd as _cmd, subprocess_env as _env
+
+# Every test starts `python -m restem_jax.main`.
+pytestmark = pytest.mark.slow
 
 
 def _run(workdir, *extra, timeout=400):
@@ -237,7 +240,7 @@ def test_base_checkpoint_of_another_model_fails_in_one_line(tmp_path):
   """base.source = "checkpoint": the model config recorded with the params (by the
   importer, or a run) must match config.model. A RoPE scaling changes no shape, so the
   restore alone would load these params and run them wrong."""
-  from conftest import load_config, mesh_of  # pylint: disable=import-outside-toplevel
+  from helpers import load_config, mesh_of  # pylint: disable=import-outside-toplevel
   from restem_jax import checkpoints, model  # pylint: disable=import-outside-toplevel
   c = load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   cfg = model.ModelConfig.from_config(c.model)

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-from conftest import mesh_of
+import helpers
+from helpers import mesh1, mesh_of
 from restem_jax import configlib, model as M, partitioning as P, training as T
 from test_model import numpy_forward
 
 V = 64
-tiny_cfg = functools.partial(conftest.tiny_cfg, vocab_size=V, max_seq_len=16)
+tiny_cfg = functools.partial(helpers.tiny_cfg, vocab_size=V, max_seq_len=16)
 
 
 def train_cfg(**kw):
@@ -26,10 +26,6 @@ def train_cfg(**kw):
   for k, v in kw.items():
     c[k] = v
   return c
-
-
-def mesh1():
-  return mesh_of((1, 1, 1), jax.devices()[:1])
 
 
 def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None, shape="long"):
