@@ -596,8 +596,16 @@ def test_an_m_step_from_the_frozen_base_equals_one_from_the_loaded_base(params, 
     np.testing.assert_array_equal(x, y)
 
 
+def tiny_config_on_the_tiny_run_base(tiny_run):
+  """configs/tiny.py with base.source = "checkpoint": the session's tiny run's pretrained
+  base (the in-process runs below need a base, not their own pretraining)."""
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config.base.source, config.base.path = "checkpoint", os.path.join(tiny_run[0], "base")
+  return config
+
+
 @pytest.mark.slow
-def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkeypatch):
+def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tiny_run, tmp_path, monkeypatch):
   """train.lora.base_dtype='int8': after theta_base is evaluated and sampled, the run holds
   only its int8 copy (no float32 target matrix beyond what was alive before the run, at
   the first M-step); an E-step that kept nothing makes the int8 base with zero adapters
@@ -605,7 +613,7 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
   base (numpy reference) and the base's other leaves."""
   pytest.importorskip("qwix")
   from restem_jax import checkpoints, run as run_lib  # pylint: disable=import-outside-toplevel
-  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = tiny_config_on_the_tiny_run_base(tiny_run)
   config.train.lora.rank, config.train.lora.base_dtype = 4, "int8"
   config.restem.num_iterations, config.restem.sft_baseline = 1, False
   cfg = M.ModelConfig.from_config(config.model)
@@ -625,7 +633,7 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
   run_lib.run(config, workdir)
   assert at_m_step and at_m_step[0] <= before, (at_m_step, before)
 
-  base = host(checkpoints.restore_params(os.path.join(workdir, "base"), cfg, mesh1()))
+  base = host(checkpoints.restore_params(config.base.path, cfg, mesh1()))
   path = os.path.join(workdir, "iter_001", "model")
   assert checkpoints.read_metadata(path)["lora"]["base_dtype"] == "int8"
   got = host(run_lib.RunContext(config, workdir, override=False).restore(path).params)
@@ -647,12 +655,13 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tmp_path, monkeypatch):
+def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tiny_run, tmp_path,
+                                                                    monkeypatch):
   """ReST-EM fine-tunes theta_base: while iteration 2's M-step runs, theta_1's params are
   not alive beside the base's (counted as arrays of the q matrix's shape when the M-step
   reads its samples)."""
   from restem_jax import run as run_lib  # pylint: disable=import-outside-toplevel
-  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = tiny_config_on_the_tiny_run_base(tiny_run)
   config.restem.num_iterations, config.restem.sft_baseline = 2, False
   cfg = M.ModelConfig.from_config(config.model)
   q_shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)
