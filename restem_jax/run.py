@@ -261,8 +261,8 @@ class RunContext:
     """What the run keeps of theta_base once nothing samples it any more: with a cast or
     quantized LoRA base (train.lora.base_dtype) only that frozen copy, which every M-step
     trains on and every iterate is merged from (the same arrays improve() would make from
-    the loaded base); otherwise `base` itself. Frees the loaded base: for Gemma 3 4B in
-    bfloat16 with an int8 base, ~4.6 GB kept instead of 7.8 + 4.6."""
+    the loaded base); otherwise `base` itself. Frees the loaded base (a bfloat16 model
+    with an int8 base then holds the int8 copy alone, not both)."""
     if self.lora is None or not self.lora.cfg.base_dtype:
       return base
     return Trained(params=None, base=self.lora.prepare_base(base.start_params))
@@ -375,7 +375,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
     # M-step: fine-tune theta_base (ReST-EM) or theta_{i-1} (ReST; with LoRA: its adapters).
     start = base if c.restem.finetune_from == "base" else current
     # The M-step reads `start` alone: from ReST-EM's base, theta_{i-1} is not held beside
-    # it (Gemma 3 270M on CPU with it: peak RSS 11.2 GB through iteration 1, 15.0 in 2).
+    # it (that would hold two models beside the train state; tests/test_lora.py counts live arrays).
     current = None
     current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats), base)
     results.append(ctx.evaluated(it, current.params, samples_kept=stats["kept"],
