@@ -165,6 +165,7 @@ def hf_greedy(hf, prompt):
   return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow  # A sampler compile per family (~6 s of CPU each).
 def test_sampler_greedy_equals_transformers_generate(family):
   """2 prompts (11 and 14 tokens, > the window) x 2 samples on the shared prompt cache,
   64 new tokens in 2 decode phases, so decoding crosses the window in both phases."""
@@ -262,7 +263,8 @@ def rel_err(a, b):
   return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+# The 8-device comparison (~5 s of CPU per family) runs in the full suite.
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_loss_and_gradient_match_torch_float64(family, devices):
   """jax.grad of training.loss_fn, jitted on the mesh, vs torch autograd in float64."""
   name, hf, cfg, params = family

@@ -231,6 +231,7 @@ def test_enospc_during_a_checkpoint_save_is_one_line_and_the_run_resumes(tiny_ru
 # ----------------------------------------------------------------------------- grader faults
 
 
+@pytest.mark.slow  # Real E-steps with a spawned grader pool (~14 s of CPU).
 def test_e_step_stops_when_too_many_samples_lose_their_grade_to_grader_faults(tmp_path):
   """A real grader pool whose worker dies on one answer, in a real E-step: each such
   sample costs its reward (0) and is counted in its problem's stats; over
