@@ -26,46 +26,19 @@ pytestmark = pytest.mark.slow
 SEEDS = {"smollm2_135m_rg.py": 1, "gemma3_270m_rg.py": 0}
 
 
-def _local_and_transfer(config):
-  local = load_config(os.path.join(ROOT, "configs", config)).get_config("runlocal")
+@pytest.mark.parametrize("config", sorted(SEEDS))
+def test_real_model_rg_runlocal_end_to_end(tmp_path, config):
+  path = os.path.join(ROOT, "configs", config)
+  local = load_config(path).get_config("runlocal")
   same = {"label": "same_as_test", "rg_datasets": tuple(local.task.rg_datasets),
           "num_test": local.task.num_test}
-  return local, tuple(dict(t) for t in local.eval.transfer_tasks) + (same,)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Both configs' runs, started together so that their mostly single-threaded work (tiny
-  models: compiles, Python) overlaps on the cores: config -> (process, workdir, stderr
-  file); each test waits for its own."""
-  started = {}
-  try:
-    for config in sorted(SEEDS):
-      _, transfer = _local_and_transfer(config)
-      out = tmp_path_factory.mktemp(config.split(".")[0])
-      workdir = str(out / "run")
-      with open(out / "stderr.txt", "w") as err:  # A pipe would fill and block.
-        p = subprocess.Popen(
-            main_cmd(workdir, f"--config.eval.transfer_tasks={transfer!r}",
-                     f"--config.seed={SEEDS[config]}", "--config.eval.transfer_sampled=True",
-                     config=os.path.join(ROOT, "configs", config) + ":runlocal"),
-            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=err)
-      started[config] = (p, workdir, str(out / "stderr.txt"))
-    yield started
-  finally:
-    for p, _, _ in started.values():
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-
-
-@pytest.mark.parametrize("config", sorted(SEEDS))
-def test_real_model_rg_runlocal_end_to_end(runs, config):
-  local, transfer = _local_and_transfer(config)
-  p, workdir, stderr = runs[config]
-  returncode = p.wait(timeout=1500)
-  with open(stderr) as f:
-    assert returncode == 0, f.read()[-3000:]
+  transfer = tuple(dict(t) for t in local.eval.transfer_tasks) + (same,)
+  workdir = str(tmp_path / "run")
+  p = subprocess.run(main_cmd(workdir, f"--config.eval.transfer_tasks={transfer!r}",
+                              f"--config.seed={SEEDS[config]}", "--config.eval.transfer_sampled=True",
+                              config=path + ":runlocal"),
+                     cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
+  assert p.returncode == 0, p.stderr[-3000:]
   run = report.load_run(workdir)
   # Base, one ReST-EM iteration, and the SFT baseline (gsm_symbolic has worked solutions).
   assert [e["iteration"] for e in run.evals] == ["000", "001", "sft"]
