@@ -266,6 +266,7 @@ def gemma_path():
   return path
 
 
+@pytest.mark.slow  # The real Gemma 3 270M package.
 def test_package_is_assembled_once(gemma_path):
   mtime = os.stat(gemma_path).st_mtime_ns
   assert packages.resolve(SPEC) == gemma_path
@@ -328,6 +329,7 @@ def test_real_import_and_config(ours):
   assert not again.imported and again.model == cfg
 
 
+@pytest.mark.slow  # The real Gemma 3 270M package.
 def test_real_config_mismatch_is_one_line_before_importing(gemma_path, tmp_path):
   expect = M.ModelConfig.from_config(gemma_config(rope_base=10000.0).model)
   with pytest.raises(ImportFormatError) as e:

@@ -211,6 +211,7 @@ def save_llama3_style_tokenizer(path):
                "tokenizer_class": "PreTrainedTokenizerFast"}, f)
 
 
+@pytest.mark.slow  # The import CLI in subprocesses (~14 s of CPU).
 def test_cli_writes_a_restorable_base_checkpoint_and_its_tokenizer(tmp_path):
   checkpoints = pytest.importorskip("restem_jax.checkpoints")
   hf = save_tiny_hf(str(tmp_path / "hf"), tie=True)

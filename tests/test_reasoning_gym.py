@@ -145,6 +145,7 @@ _FaultyGrader = misbehaving_grader(rrg.ReasoningGymGrader, "_score_in_worker",
                                    hang_grace_s=1.0)
 
 
+@pytest.mark.slow  # A spawned grader pool that hangs and crashes (~7 s of CPU).
 def test_hanging_or_crashing_scorer_costs_one_sample(splits):
   r = splits["test"][0]
   good = f"Answer: {r['answer']}"

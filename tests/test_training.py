@@ -121,6 +121,7 @@ def test_loss_matches_float64_numpy(params, normalization, shape):
                              float(loss), rtol=1e-6)
 
 
+@pytest.mark.slow  # Gradients of every window (~12 s of CPU).
 def test_windowed_loss_has_the_full_loss_gradient(params):
   """Logits only in the target window (training.target_window) is the same function:
   its gradient equals the every-position computation's."""
