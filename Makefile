@@ -1,11 +1,12 @@
 # The two commands: `make demo` and `make test`. Both create/reuse .venv.
+# `make test-fast` (unit tests, -m "not slow") after an edit; `make test` before a push (CI).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/restem_demo
 
-.PHONY: demo test install sandbox browser clean bench
+.PHONY: demo test test-fast install sandbox browser clean bench
 
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -37,6 +38,10 @@ demo: $(STAMP)
 # that can only mean a broken collection.
 test: $(STAMP) sandbox browser
 	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 tests
+
+# The tests not marked slow (pytest.ini): every module's unit tests, a few minutes.
+test-fast: $(STAMP) sandbox
+	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

@@ -77,10 +77,12 @@ FULL = Sizes(
                      d_ff=4096, tie_embeddings=False, max_seq_len=1024),
     train_batch=256, train_len=1024, micro_batches=32, train_steps=3,
     tunix_args=("--model", "MODEL", "--dtype", "bfloat16", "--repeats", "5"))
+# The dry run's sizes: each part runs once (one decode batch, 2 sampler compiles per mode;
+# the kv-cache part decodes a batch of 4).
 TINY = Sizes(
     decode_model=dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       d_ff=128, tie_embeddings=True, max_seq_len=64),
-    batches=(1, 4), prompt_len=16, steps=8, nocache_batch=4, nocache_new=8,
+    batches=(1,), prompt_len=16, steps=8, nocache_batch=4, nocache_new=8,
     train_model=dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                      tie_embeddings=False, max_seq_len=32),
     train_batch=4, train_len=32, micro_batches=2, train_steps=1,

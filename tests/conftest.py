@@ -35,62 +35,10 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
-TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: > ~10 s on 2 cores; `make test-fast` skips them")
-
-
-def subprocess_env() -> dict:
-  """Environment of a plain user run: one CPU device, quiet TensorFlow."""
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
-def task_cfg(name="embedded_arith", data_dir="", **kw):
-  """config.task of the default config with name, data_dir and any fields overridden."""
-  from restem_jax import configlib  # pylint: disable=import-outside-toplevel
-  cfg = configlib.default_config().task
-  cfg.unlock()
-  cfg.name, cfg.data_dir = name, data_dir
-  for k, v in kw.items():
-    cfg[k] = v
-  return cfg
-
-
-def load_config(path):
-  """A configs/*.py file as a module, loaded by path as config_flags loads it."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def tiny_cfg(**kw):
-  """A small GQA ModelConfig (4 query heads, 2 KV heads) for unit tests; kw overrides fields."""
-  from restem_jax import model  # pylint: disable=import-outside-toplevel
-  base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-              rope_base=10000.0, tie_embeddings=False, max_seq_len=24)
-  base.update(kw)
-  return model.ModelConfig(**base)
-
-
-def mesh_of(shape, devices=None):
-  """The mesh of `mesh.shape = shape` over `devices` (default: all 8 fake CPU devices)."""
-  from restem_jax import configlib, partitioning  # pylint: disable=import-outside-toplevel
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return partitioning.make_mesh(c.mesh, devices)
-
-
-def main_cmd(workdir: str, *extra: str, config: str = TINY_CONFIG) -> list:
-  return [sys.executable, "-m", "restem_jax.main", f"--config={config}",
-          f"--workdir={workdir}", *extra]
+# Plain helpers live in tests/helpers.py; the fixtures below use them.
+# Re-exported for tests that import them from conftest.
+from helpers import (ROOT, TINY_CONFIG, load_config, main_cmd, mesh_of, subprocess_env,  # noqa: E402,F401
+                     task_cfg, tiny_cfg)
 
 
 @pytest.fixture(scope="session")

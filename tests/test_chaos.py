@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, subprocess_env
+import pytest
+
+from helpers import ROOT, subprocess_env
+
+pytestmark = pytest.mark.slow  # scripts/chaos.py: a tiny run killed and resumed 3 times.
 
 
 def test_three_random_kills_end_with_the_unkilled_result(tiny_run, tmp_path):

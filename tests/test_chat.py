@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import task_cfg
+from helpers import ROOT, task_cfg, write_gguf
 from configs import smollm2_135m_gsm
 from restem_jax import configlib, errors, preflight
 from restem_jax.tasks import chat
@@ -141,22 +141,14 @@ def test_task_without_a_template_is_a_config_error():
 
 
 def test_stored_template_reads_gguf_and_hf_files(tmp_path):
-  import gguf
   template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
   for name, with_template in (("with.gguf", True), ("without.gguf", False)):
-    w = gguf.GGUFWriter(str(tmp_path / name), "llama")
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(["a", "b", "<|im_end|>"])
-    w.add_token_scores([0.0, -1.0, -2.0])
-    w.add_eos_token_id(2)
+    fields = [("tokenizer_model", "gpt2"), ("token_list", ["a", "b", "<|im_end|>"]),
+              ("token_scores", [0.0, -1.0, -2.0]), ("eos_token_id", 2)]
     if with_template:
-      w.add_chat_template(template)
-    w.add_uint32("zz.after", 7)
-    w.add_tensor("t", np.zeros((2, 2), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+      fields.append(("chat_template", template))
+    fields.append(("uint32", "zz.after", 7))
+    write_gguf(tmp_path / name, "llama", {"t": np.zeros((2, 2), np.float32)}, fields)
   assert chat.stored_template(str(tmp_path / "with.gguf")) == template
   assert chat.stored_template(str(tmp_path / "without.gguf")) is None
   (tmp_path / "hf").mkdir()

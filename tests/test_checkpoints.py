@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from restem_jax import checkpoints as C, model as M
-from conftest import mesh_of
+from helpers import mesh_of
 from test_training import host, mesh1, random_batch, tiny_cfg, trainer
 
 

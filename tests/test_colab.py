@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -76,6 +76,7 @@ def _outputs(nb):
   return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
 
 
+@pytest.mark.slow
 def test_inspect_run_notebook(tiny_run, venv_kernel):
   workdir, _ = tiny_run
   nb = _execute(workdir, venv_kernel, MAX_PROBLEMS=1000)

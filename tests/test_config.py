@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT, TINY_CONFIG, load_config, main_cmd, subprocess_env
+from helpers import ROOT, TINY_CONFIG, load_config, main_cmd, subprocess_env
 from restem_jax import configlib, errors, preflight, tasks
 
 # "Fails within 5 s" is measured as the process's own CPU time, which the other
@@ -134,6 +134,7 @@ def test_table_has_one_row_per_rule():
   assert len({expect for _, expect in BAD}) == len(BAD)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", range(len(BAD)), ids=[" ".join(f) for f, _ in BAD])
 def test_bad_config_fails_at_once_naming_the_field(bad_runs, row):
   flags, expect = BAD[row]
@@ -146,6 +147,7 @@ def test_bad_config_fails_at_once_naming_the_field(bad_runs, row):
   assert not os.path.exists(workdir)  # nothing was started, not even the workdir
 
 
+@pytest.mark.slow
 def test_every_problem_is_reported_on_its_own_line(tmp_path):
   p = _run_main(["--config.train.optimizer=sgd", "--config.eval.top_p=2.0",
                  "--config.model.n_kv_heads=3"], str(tmp_path / "w"))
@@ -209,6 +211,7 @@ def test_parse_config_arg():
     configlib.parse_config_arg("runlcoal", allowed=("runlocal",))
 
 
+@pytest.mark.slow
 def test_ablations_load_from_another_directory(tmp_path):
   # configs/ablations.py builds on the demo by import, not by file path: an absolute
   # --config works from any cwd (a bad override stops the run right after loading).

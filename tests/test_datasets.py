@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, subprocess_env, task_cfg
+from helpers import ROOT, subprocess_env, task_cfg
 from restem_jax import tasks
 from restem_jax.rewards import math as math_reward
 from restem_jax.tasks import datasets, prompts
@@ -85,7 +85,7 @@ def test_check_data_is_cheap_and_names_the_layout(tmp_path):
   validation runs it before any work)."""
   script = f"""
 import sys
-from conftest import task_cfg
+from helpers import task_cfg
 from restem_jax import tasks
 tasks.check_data(task_cfg("gsm8k", {os.path.join(FIXTURES, "gsm8k")!r}))
 tasks.check_data(task_cfg("embedded_arith"))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import main_cmd, subprocess_env
+from helpers import main_cmd, subprocess_env
 from restem_jax import configlib, distributed
 from restem_jax.partitioning import ConfigError
 
@@ -162,6 +162,7 @@ def _run_both(argvs: list, env: dict, budget_s: float) -> list:
   return outs
 
 
+@pytest.mark.slow
 def test_two_real_processes_on_localhost():
   env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -194,6 +195,7 @@ def _kept_samples(workdir: str) -> list:
   return sorted(rows)
 
 
+@pytest.mark.slow
 def test_tiny_run_on_two_processes_equals_one_process(tmp_path):
   """configs/tiny.py end to end on 2 processes x 1 CPU device == 1 process x 2 devices.
 

@@ -26,6 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import mesh_of  # noqa: E402
 from restem_jax import configlib, model as M, partitioning as P, sampling as S  # noqa: E402
 from restem_jax import batches as B, training as T  # noqa: E402
 from restem_jax.importers import ImportFormatError, common, hf as hf_importer  # noqa: E402
@@ -68,12 +69,6 @@ PROMPTS = [list(np.random.RandomState(1).randint(3, V, 11)),
            list(np.random.RandomState(2).randint(3, V, 14))]
 LOGIT_TOKENS = np.random.RandomState(3).randint(0, V, (2, 20))
 NEW_TOKENS = 64  # Two decode phases of 32 (sampling.decode_chunks).
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
 
 
 MESHES = {}
@@ -170,6 +165,7 @@ def hf_greedy(hf, prompt):
   return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow  # A sampler compile per family (~6 s of CPU each).
 def test_sampler_greedy_equals_transformers_generate(family):
   """2 prompts (11 and 14 tokens, > the window) x 2 samples on the shared prompt cache,
   64 new tokens in 2 decode phases, so decoding crosses the window in both phases."""
@@ -267,7 +263,8 @@ def rel_err(a, b):
   return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+# The 8-device comparison (~5 s of CPU per family) runs in the full suite.
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_loss_and_gradient_match_torch_float64(family, devices):
   """jax.grad of training.loss_fn, jitted on the mesh, vs torch autograd in float64."""
   name, hf, cfg, params = family

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, main_cmd, subprocess_env
+from helpers import ROOT, main_cmd, subprocess_env
 
 from restem_jax import workdir as wd
 
@@ -158,6 +158,7 @@ def damaged_runs(tiny_run, tmp_path_factory):
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_damaged_file_is_repaired_or_named_in_one_line(tiny_run, damaged_runs, case):
   ref, _ = tiny_run
@@ -212,6 +213,7 @@ def _can_mount_tmpfs(tmp_path):
     return False
 
 
+@pytest.mark.slow
 def test_enospc_during_a_checkpoint_save_is_one_line_and_the_run_resumes(tiny_run, tmp_path):
   """A real full disk: the workdir is a 600 KB tmpfs in a user namespace (unprivileged where
   the kernel allows it; skipped elsewhere), too small for the first M-step checkpoint."""
@@ -234,32 +236,22 @@ def test_enospc_during_a_checkpoint_save_is_one_line_and_the_run_resumes(tiny_ru
 # ----------------------------------------------------------------------------- grader faults
 
 
-def _dying_worker_main(conn):
-  """A math-verify worker that is OOM-killed (dies) on every check of the answer 13."""
-  from restem_jax.rewards import math as math_reward
-
-  def check(gold, pred, timeout_s):
-    if pred.strip() == "13":
-      os._exit(137)  # As the kernel's OOM killer would end it.
-    return math_reward._check_in_worker(gold, pred, timeout_s)  # pylint: disable=protected-access
-  math_reward.serve_checks(conn, check)
-
-
+@pytest.mark.slow  # Real E-steps with a spawned grader pool (~14 s of CPU).
 def test_e_step_stops_when_too_many_samples_lose_their_grade_to_grader_faults(tmp_path):
   """A real grader pool whose worker dies on one answer, in a real E-step: each such
   sample costs its reward (0) and is counted in its problem's stats; over
   restem.max_fault_fraction the E-step stops with one line naming the fraction, at or
   under it the E-step ends with the count in its summary."""
   import jax
-  from conftest import task_cfg
+  from helpers import misbehaving_grader, task_cfg
   from restem_jax import configlib, generate, model as M, partitioning as P, sampling, samples
   from restem_jax import tasks
   from restem_jax.rewards import math as math_reward
   from restem_jax.tasks import scoring
   from restem_jax.tasks import task as task_lib
 
-  class DyingGrader(math_reward.MathGrader):
-    _worker_target = staticmethod(_dying_worker_main)
+  # A math-verify worker that is OOM-killed (dies) on every check of the answer 13.
+  DyingGrader = misbehaving_grader(math_reward.MathGrader, "_check_in_worker", crash="13")
 
   task = tasks.get_task(task_cfg(num_train=3, num_val=0, num_test=4, num_human=0))
   problems = task.problems("train")

@@ -26,19 +26,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from restem_jax import checkpoints, configlib, model as M, partitioning as P  # noqa: E402
+from helpers import mesh_of, write_gguf  # noqa: E402
+from restem_jax import checkpoints, model as M  # noqa: E402
 from restem_jax import sampling as S  # noqa: E402
 from restem_jax.importers import ImportFormatError, import_model, import_to  # noqa: E402
 from restem_jax.importers import load_vocabulary, packages, peek_model_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = "package:gemma3_270m"
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
 
 
 MESHES = {}
@@ -109,29 +104,24 @@ def write_gemma3_gguf(path, hf, variant):
   """The GGUF llama.cpp's convert_hf_to_gguf.py (Gemma3Model) writes for `hf`."""
   spec, c = VARIANTS[variant], hf.config
   sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
-  w = gguf.GGUFWriter(str(path), "gemma3")
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_block_count(c.num_hidden_layers)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_key_length(c.head_dim)
-  w.add_value_length(c.head_dim)
-  w.add_rope_freq_base(spec["hf"]["rope_theta"])
-  w.add_sliding_window(c.sliding_window)
+  fields = [("context_length", c.max_position_embeddings), ("embedding_length", c.hidden_size),
+            ("block_count", c.num_hidden_layers), ("feed_forward_length", c.intermediate_size),
+            ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
+            ("layer_norm_rms_eps", c.rms_norm_eps), ("key_length", c.head_dim),
+            ("value_length", c.head_dim), ("rope_freq_base", spec["hf"]["rope_theta"]),
+            ("sliding_window", c.sliding_window)]
   if spec["pattern"] is not None:
-    w.add_sliding_window_pattern(spec["pattern"])
+    fields.append(("sliding_window_pattern", spec["pattern"]))
   if spec["freq_base_swa"] is not None:
-    w.add_rope_freq_base_swa(spec["freq_base_swa"])
+    fields.append(("rope_freq_base_swa", spec["freq_base_swa"]))
   if spec["scaling"] is not None:
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(spec["scaling"])
+    fields += [("rope_scaling_type", gguf.RopeScalingType.LINEAR),
+               ("rope_scaling_factor", spec["scaling"])]
+  tensors = []
 
   def put(name, t, is_norm):
     # Gemma3Model.norm_shift: every RMSNorm weight is stored as 1 + w.
-    w.add_tensor(name, np.ascontiguousarray(t + 1.0 if is_norm else t, np.float32))
+    tensors.append((name, np.asarray(t + 1.0 if is_norm else t, np.float32)))
 
   put("token_embd.weight", sd["model.embed_tokens.weight"], False)
   put("output_norm.weight", sd["model.norm.weight"], True)
@@ -141,10 +131,7 @@ def write_gemma3_gguf(path, hf, variant):
     for hf_name, g_name in GGUF_NAMES.items():
       put(f"blk.{i}.{g_name}.weight", sd[f"model.layers.{i}.{hf_name}.weight"],
           hf_name.endswith("norm"))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  write_gguf(path, "gemma3", tensors, fields)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -212,16 +199,9 @@ def test_import_to_from_an_hf_directory(tmp_path):
 
 
 def _write_gguf(path, arch, tokenizer_model=None):
-  w = gguf.GGUFWriter(str(path), arch)
-  if tokenizer_model is not None:
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_token_list(["<unk>", "a"])
-  w.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return str(path)
+  fields = [] if tokenizer_model is None else [("tokenizer_model", tokenizer_model),
+                                               ("token_list", ["<unk>", "a"])]
+  return write_gguf(path, arch, {"token_embd.weight": np.zeros((4, 2), np.float32)}, fields)
 
 
 def test_unknown_architecture_and_tokenizer_are_one_line(tmp_path):
@@ -286,6 +266,7 @@ def gemma_path():
   return path
 
 
+@pytest.mark.slow  # The real Gemma 3 270M package.
 def test_package_is_assembled_once(gemma_path):
   mtime = os.stat(gemma_path).st_mtime_ns
   assert packages.resolve(SPEC) == gemma_path
@@ -334,6 +315,7 @@ def reference(gemma_path):
   return tok, model
 
 
+@pytest.mark.slow
 def test_real_import_and_config(ours):
   workdir, result, params, vocab = ours
   cfg = result.model
@@ -347,6 +329,7 @@ def test_real_import_and_config(ours):
   assert not again.imported and again.model == cfg
 
 
+@pytest.mark.slow  # The real Gemma 3 270M package.
 def test_real_config_mismatch_is_one_line_before_importing(gemma_path, tmp_path):
   expect = M.ModelConfig.from_config(gemma_config(rope_base=10000.0).model)
   with pytest.raises(ImportFormatError) as e:
@@ -371,6 +354,7 @@ def eight_shot_prompt():
                                         "cans a day. How many cans a day do her cats eat?")
 
 
+@pytest.mark.slow
 def test_real_logits_match_transformers(ours, reference):
   """Same dequantized weights on both sides: max |diff| <= 1e-3 (seen: 4e-5 to 1.2e-4),
   on short prompts and on one longer than the sliding window."""
@@ -394,6 +378,7 @@ def test_real_logits_match_transformers(ours, reference):
   assert len(prompts[-1]) > result.model.sliding_window
 
 
+@pytest.mark.slow
 def test_real_greedy_continuation(ours, reference):
   """Our sampler (shared prompt cache, phased decode, 8 devices) == transformers' generate."""
   _, result, params, vocab = ours
@@ -439,6 +424,7 @@ def tokenizer_texts():
   return texts
 
 
+@pytest.mark.slow
 def test_real_tokenizer_matches_transformers(ours, reference):
   _, result, _, vocab = ours
   ref_tok, _ = reference

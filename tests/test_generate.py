@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from restem_jax import generate, samples
 
 
@@ -44,12 +46,13 @@ def test_resume_skips_complete_chunks_and_clears_partial_ones(tmp_path):
                                       problems_solved=3, grader_faults=0)
 
 
+@pytest.mark.slow  # Three E-steps over a task (~8 s of CPU).
 def test_e_step_samples_in_one_shape_resumes_by_chunk_and_matches_unchunked_sampling(tmp_path):
   """The E-step's chunks (3 + 3 + 3 + 1 prompts) run one compiled program; a resumed
   E-step rescores only the unfinished chunks and writes byte-identical files; every
   count agrees with one unchunked `Sampler.sample` call (keys are per problem)."""
   import jax
-  from conftest import task_cfg
+  from helpers import task_cfg
   from restem_jax import configlib, model as M, partitioning as P, sampling, tasks
 
   task = tasks.get_task(task_cfg(num_train=10, num_val=0, num_test=4, num_human=0))

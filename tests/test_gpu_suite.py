@@ -2,8 +2,12 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
+
+pytestmark = pytest.mark.slow  # Compiles every part of the suite at its tiny sizes.
 
 
 def test_gpu_suite_dry_run_prints_every_row(capsys):

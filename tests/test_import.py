@@ -19,29 +19,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from restem_jax import configlib, model as M, partitioning as P  # noqa: E402
+from helpers import mesh1, mesh_of, write_gguf  # noqa: E402
+from restem_jax import model as M  # noqa: E402
 from restem_jax.importers import ImportFormatError, import_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=48, rope_theta=5000.0,
             max_position_embeddings=128, rms_norm_eps=1e-5)
-
-
-def mesh_of(shape, devices=None):
-  c = configlib.default_config()
-  c.mesh.shape = shape
-  return P.make_mesh(c.mesh, devices)
-
-
-MESH1 = None
-
-
-def mesh1():
-  global MESH1
-  if MESH1 is None:
-    MESH1 = mesh_of((1, 1, 1), jax.devices()[:1])
-  return MESH1
 
 
 def save_tiny_hf(path, tie, dtype=None, shard=False, seed=0):
@@ -121,24 +106,19 @@ def llama_cpp_permute(w, n_head):
 def write_tiny_gguf(path, hf, tie):
   sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
   c = hf.config
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_block_count(c.num_hidden_layers)
-  w.add_context_length(c.max_position_embeddings)
-  w.add_embedding_length(c.hidden_size)
-  w.add_feed_forward_length(c.intermediate_size)
-  w.add_head_count(c.num_attention_heads)
-  w.add_head_count_kv(c.num_key_value_heads)
-  w.add_rope_freq_base(TINY["rope_theta"])
-  w.add_layer_norm_rms_eps(c.rms_norm_eps)
-  w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+  fields = [("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
+            ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+            ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
+            ("rope_freq_base", TINY["rope_theta"]), ("layer_norm_rms_eps", c.rms_norm_eps),
+            ("rope_dimension_count", c.hidden_size // c.num_attention_heads)]
   names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
            "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-  w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-  w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+  tensors = [("token_embd.weight", sd["model.embed_tokens.weight"]),
+             ("output_norm.weight", sd["model.norm.weight"])]
   if not tie:
-    w.add_tensor("output.weight", sd["lm_head.weight"])
+    tensors.append(("output.weight", sd["lm_head.weight"]))
   for i in range(c.num_hidden_layers):
     for hf_name, g_name in names.items():
       t = sd[f"model.layers.{i}.{hf_name}.weight"]
@@ -146,11 +126,8 @@ def write_tiny_gguf(path, hf, tie):
         t = llama_cpp_permute(t, c.num_attention_heads)
       elif hf_name == "self_attn.k_proj":
         t = llama_cpp_permute(t, c.num_key_value_heads)
-      w.add_tensor(f"blk.{i}.{g_name}.weight", np.ascontiguousarray(t))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+      tensors.append((f"blk.{i}.{g_name}.weight", t))
+  write_gguf(path, "llama", tensors, fields)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -211,12 +188,7 @@ def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
 
 
 def test_gguf_wrong_architecture_and_missing_file(tmp_path):
-  w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gpt2")
-  w.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  write_gguf(tmp_path / "x.gguf", "gpt2", {"token_embd.weight": np.zeros((4, 2), np.float32)})
   with pytest.raises(ImportFormatError, match="GGUF architecture 'gpt2' is not supported"):
     import_model("gguf", str(tmp_path / "x.gguf"), mesh1())
   with pytest.raises(ImportFormatError, match="no such file"):
@@ -239,6 +211,7 @@ def save_llama3_style_tokenizer(path):
                "tokenizer_class": "PreTrainedTokenizerFast"}, f)
 
 
+@pytest.mark.slow  # The import CLI in subprocesses (~14 s of CPU).
 def test_cli_writes_a_restorable_base_checkpoint_and_its_tokenizer(tmp_path):
   checkpoints = pytest.importorskip("restem_jax.checkpoints")
   hf = save_tiny_hf(str(tmp_path / "hf"), tie=True)
@@ -353,6 +326,7 @@ def greedy_full_forward(cfg, params, prompt):
   return toks[len(prompt):]
 
 
+@pytest.mark.slow
 def test_smollm2_config(smol):
   _, cfg, params, vocab = smol
   assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
@@ -362,6 +336,7 @@ def test_smollm2_config(smol):
   assert (vocab.vocab_size, vocab.eos_id, vocab.pad_id, vocab.unk_id) == (49152, 2, 0, 0)
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_says_paris_and_cache_matches_full_forward(smol):
   _, cfg, params, vocab = smol
   prompt = vocab.encode(CHAT)
@@ -373,6 +348,7 @@ def test_smollm2_greedy_says_paris_and_cache_matches_full_forward(smol):
   assert cached[cached.index(vocab.eos_id) - 1] == vocab.encode(".")[0]
 
 
+@pytest.mark.slow
 def test_smollm2_sampler_greedy_matches(smol):
   sampling = pytest.importorskip("restem_jax.sampling")
   _, cfg, params, vocab = smol
@@ -392,6 +368,7 @@ TEXTS = ["Hello, world!", "  leading and trailing  ", "tabs\tand\nnewlines\r\n\n
          "The answer is 21."]
 
 
+@pytest.mark.slow
 def test_smollm2_vocabulary_round_trips(smol):
   vocab = smol[3]
   for text in TEXTS:
@@ -405,6 +382,7 @@ def test_smollm2_vocabulary_round_trips(smol):
   assert vocab.decode(vocab.encode(CHAT)) == "user\nWhat is the capital of France?"
 
 
+@pytest.mark.slow
 def test_smollm2_decode_batch_equals_decode_row_by_row(smol):
   """decode_batch (one Rust call; the stop tables decode every id) == seqio's decode per
   row: ids past the vocabulary, EOS cut, pad / special ids, byte pieces of one character."""
@@ -418,6 +396,7 @@ def test_smollm2_decode_batch_equals_decode_row_by_row(smol):
   assert vocab.decode_batch(rows) == [vocab.decode(r) for r in rows]
 
 
+@pytest.mark.slow
 def test_smollm2_ids_match_the_gguf_token_list(smol, gguf_pieces):
   vocab = smol[3]
   piece = {p: i for i, p in enumerate(gguf_pieces)}
@@ -434,6 +413,7 @@ def test_smollm2_ids_match_the_gguf_token_list(smol, gguf_pieces):
   assert piece["<|im_end|>"] == vocab.eos_id and piece["<|endoftext|>"] == vocab.pad_id
 
 
+@pytest.mark.slow
 def test_smollm2_vocabulary_tf_and_hf_tokenizer_json(smol, tmp_path):
   import tensorflow as tf
   from restem_jax.importers import load_vocabulary

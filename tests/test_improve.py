@@ -70,6 +70,7 @@ def scorer(table, calls):
   return eval_fn
 
 
+@pytest.mark.slow  # M-steps with early stopping and a resume (~18 s of CPU).
 def test_early_stopping_keeps_best_and_resume_is_exact(init, reference, tmp_path):
   by_step, table = reference
   calls = []

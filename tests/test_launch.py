@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from helpers import load_config
 from launch import commands, xm_launch
 from restem_jax import model, partitioning
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-from conftest import ROOT, main_cmd, mesh_of, subprocess_env
+import helpers
+from helpers import ROOT, main_cmd, mesh_of, subprocess_env
 from restem_jax import configlib, errors, improve, lora, model as M, preflight, training as T
 from test_model import numpy_forward
 from test_training import V, assert_states_close, host, mesh1, numpy_loss, random_batch, tiny_cfg, train_cfg
@@ -479,6 +479,7 @@ def test_config_problems_name_the_field():
     T.Trainer(tiny_cfg(), c.train, mesh1())
 
 
+@pytest.mark.slow
 def test_run_with_lora_end_to_end(tmp_path):
   """configs/tiny.py with train.lora and finetune_from='previous': the base is pretrained
   fully; every M-step and the SFT baseline train adapters (iteration 2 continuing iteration
@@ -503,7 +504,7 @@ def test_run_with_lora_end_to_end(tmp_path):
   with open(os.path.join(workdir, "iter_001", "improve.json")) as f:
     assert json.load(f)["steps"] > 0
 
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   config.train.lora.rank, config.restem.finetune_from = 4, "previous"
   config.train.share_prompts = True
   cfg = M.ModelConfig.from_config(config.model)
@@ -544,7 +545,7 @@ def test_gemma3_4b_lora_config_and_its_memory_figures():
   """The config validates (full size and :runlocal), and the parameter counts its memory
   comment is built on are the model's: 3.88B params, 29.8M rank-16 adapter params."""
   path = os.path.join(ROOT, "configs", "gemma3_4b_lora_gsm.py")
-  mod = conftest.load_config(path)
+  mod = helpers.load_config(path)
   full = mod.get_config("base=/models/gemma-3-4b-pt")
   assert preflight.problems(full, check_files=False) == []
   assert preflight.problems(mod.get_config("runlocal")) == []
@@ -561,7 +562,7 @@ def test_gemma3_4b_lora_config_and_its_memory_figures():
 def test_smollm2_rg_lora_variant_is_the_run_with_adapters():
   """configs/smollm2_135m_rg.py:lora differs from the full fine-tune only in train.lora
   and the learning rate, and validates (also combined with runlocal)."""
-  mod = conftest.load_config(os.path.join(ROOT, "configs", "smollm2_135m_rg.py"))
+  mod = helpers.load_config(os.path.join(ROOT, "configs", "smollm2_135m_rg.py"))
   full, with_lora = mod.get_config(), mod.get_config("lora")
   assert preflight.problems(with_lora, check_files=False) == []
   assert preflight.problems(mod.get_config("lora,runlocal")) == []
@@ -595,7 +596,16 @@ def test_an_m_step_from_the_frozen_base_equals_one_from_the_loaded_base(params, 
     np.testing.assert_array_equal(x, y)
 
 
-def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkeypatch):
+def tiny_config_on_the_tiny_run_base(tiny_run):
+  """configs/tiny.py with base.source = "checkpoint": the session's tiny run's pretrained
+  base (the in-process runs below need a base, not their own pretraining)."""
+  config = helpers.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config.base.source, config.base.path = "checkpoint", os.path.join(tiny_run[0], "base")
+  return config
+
+
+@pytest.mark.slow
+def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tiny_run, tmp_path, monkeypatch):
   """train.lora.base_dtype='int8': after theta_base is evaluated and sampled, the run holds
   only its int8 copy (no float32 target matrix beyond what was alive before the run, at
   the first M-step); an E-step that kept nothing makes the int8 base with zero adapters
@@ -603,7 +613,7 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
   base (numpy reference) and the base's other leaves."""
   pytest.importorskip("qwix")
   from restem_jax import checkpoints, run as run_lib  # pylint: disable=import-outside-toplevel
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = tiny_config_on_the_tiny_run_base(tiny_run)
   config.train.lora.rank, config.train.lora.base_dtype = 4, "int8"
   config.restem.num_iterations, config.restem.sft_baseline = 1, False
   cfg = M.ModelConfig.from_config(config.model)
@@ -623,7 +633,7 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
   run_lib.run(config, workdir)
   assert at_m_step and at_m_step[0] <= before, (at_m_step, before)
 
-  base = host(checkpoints.restore_params(os.path.join(workdir, "base"), cfg, mesh1()))
+  base = host(checkpoints.restore_params(config.base.path, cfg, mesh1()))
   path = os.path.join(workdir, "iter_001", "model")
   assert checkpoints.read_metadata(path)["lora"]["base_dtype"] == "int8"
   got = host(run_lib.RunContext(config, workdir, override=False).restore(path).params)
@@ -644,12 +654,14 @@ def test_qlora_run_drops_the_loaded_base_after_the_first_e_step(tmp_path, monkey
     assert json.load(f)["stopped"] == "no_samples"
 
 
-def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_the_m_step_from_the_base_does_not_hold_the_previous_iterate(tiny_run, tmp_path,
+                                                                    monkeypatch):
   """ReST-EM fine-tunes theta_base: while iteration 2's M-step runs, theta_1's params are
   not alive beside the base's (counted as arrays of the q matrix's shape when the M-step
   reads its samples)."""
   from restem_jax import run as run_lib  # pylint: disable=import-outside-toplevel
-  config = conftest.load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  config = tiny_config_on_the_tiny_run_base(tiny_run)
   config.restem.num_iterations, config.restem.sft_baseline = 2, False
   cfg = M.ModelConfig.from_config(config.model)
   q_shape = (cfg.d_model, cfg.n_heads, cfg.head_dim)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import mesh_of, tiny_cfg
+from helpers import mesh_of, tiny_cfg
 from restem_jax import configlib, model as M, partitioning as P
 
 

@@ -3,7 +3,7 @@ tracebacks and log lines pass, in order, and fd 2 is restored after the block.""
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers import ROOT
 
 SCRIPT = r"""
 import os, sys

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_config, subprocess_env
-
+from helpers import ROOT, load_config, subprocess_env
 
 
 def fenced_commands(path: str) -> list[str]:

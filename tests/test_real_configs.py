@@ -12,9 +12,12 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, load_config, main_cmd, subprocess_env
+from helpers import ROOT, load_config, main_cmd, subprocess_env
 
 from restem_jax import report
+
+# Two real-model :runlocal runs (subprocesses).
+pytestmark = pytest.mark.slow
 
 
 # The seed of each tiny base: one whose test answers are not all alike, so the

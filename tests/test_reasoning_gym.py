@@ -164,6 +164,7 @@ class _FaultyGrader(rrg.ReasoningGymGrader):
   hang_grace_s = 1.0
 
 
+@pytest.mark.slow  # A spawned grader pool that hangs and crashes (~7 s of CPU).
 def test_hanging_or_crashing_scorer_costs_one_sample(splits):
   r = splits["test"][0]
   good = f"Answer: {r['answer']}"
@@ -178,7 +179,7 @@ def test_hanging_or_crashing_scorer_costs_one_sample(splits):
 
 
 def test_task_composes_the_spec():
-  from conftest import task_cfg
+  from helpers import task_cfg
   cfg = task_cfg(name="reasoning_gym", rg_datasets=USED[:3], num_train=30, num_val=6,
                  num_test=12, few_shot=3)
   from restem_jax import tasks
@@ -202,7 +203,7 @@ def test_task_composes_the_spec():
 
 def test_distinct_answers_by_hand():
   """Distinct final answers, as the reward reads them: text after a stop is not an answer."""
-  from conftest import task_cfg
+  from helpers import task_cfg
   from restem_jax import evaluate, tasks
   task = tasks.get_task(task_cfg(name="reasoning_gym", rg_datasets=USED[:1], num_train=4,
                                  num_val=2, num_test=4, few_shot=1))

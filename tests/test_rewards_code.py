@@ -70,7 +70,7 @@ def problems():
   return read_problems()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Every HumanEval solution in the sandbox (~16 s of CPU).
 def test_humaneval_canonical_solutions_all_pass(ex, problems):
   assert len(problems) == 164
   jobs = [he(p["prompt"] + p["canonical_solution"], p["test"]) | {"entry_point": p["entry_point"]}
@@ -93,7 +93,7 @@ def {e}(*args, **kwargs):
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # Every wrong HumanEval variant in the sandbox (~11 s of CPU).
 def test_humaneval_wrong_variants_fail(ex, problems):
   keys = random.Random(0).sample(sorted(problems), 40)
   jobs = []
@@ -277,7 +277,7 @@ def battery(ex):
   os.unlink(sentinel)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # A full battery in the sandbox (~9 s of CPU).
 def test_battery_size(battery):
   cases = battery[0]
   assert sum(expect == 0.0 for _, expect, _ in cases.values()) >= 40

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from helpers import misbehaving_grader
 from restem_jax.rewards import math as rm
 
 B = r"\boxed"
@@ -246,26 +247,7 @@ def test_pathological_input_times_out_and_grader_recovers():
     assert g.score(["2"], [B + r"{\sqrt{4}}"]) == [1.0]
 
 
-def _check_that_hangs(gold, pred, timeout_s):
-  if gold == "hang":
-    time.sleep(3600)  # SIGPROF is blocked: only the parent's kill ends this.
-  return _real_check(gold, pred, timeout_s)
-
-
-_real_check = rm._check_in_worker
-
-
-def _hanging_worker_main(conn):
-  """Runs in the spawned child: a check stuck where signals cannot reach it (C code)."""
-  import signal
-  signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPROF])
-  rm._check_in_worker = _check_that_hangs
-  rm._worker_main(conn)
-
-
-class _HangingGrader(rm.MathGrader):
-  _worker_target = staticmethod(_hanging_worker_main)
-  hang_grace_s = 1.0
+_HangingGrader = misbehaving_grader(rm.MathGrader, "_check_in_worker", hang_grace_s=1.0)
 
 
 def test_hung_worker_is_killed_and_grader_recovers(caplog):
@@ -292,23 +274,7 @@ def test_crashed_worker_is_replaced():
     assert not g.faults  # It died idle: no sample was lost.
 
 
-def _check_that_blocks(gold, pred, timeout_s):
-  if gold == "block":  # Sleeping uses no CPU: only a kill from outside ends this.
-    marker = os.environ["RESTEM_TEST_BLOCK_MARKER"]
-    with open(marker + ".tmp", "w") as f:
-      f.write(str(os.getpid()))
-    os.rename(marker + ".tmp", marker)
-    time.sleep(600)
-  return _real_check(gold, pred, timeout_s)
-
-
-def _blocking_worker_main(conn):
-  rm._check_in_worker = _check_that_blocks
-  rm._worker_main(conn)
-
-
-class _BlockingGrader(rm.MathGrader):
-  _worker_target = staticmethod(_blocking_worker_main)
+_BlockingGrader = misbehaving_grader(rm.MathGrader, "_check_in_worker")
 
 
 def test_worker_killed_mid_batch_costs_one_sample(tmp_path, monkeypatch, caplog):

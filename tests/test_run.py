@@ -9,11 +9,15 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
-from conftest import ROOT, main_cmd as _cmd, subprocess_env as _env
+from helpers import ROOT, main_cmd as _cmd, subprocess_env as _env
+
+# Every test starts `python -m restem_jax.main`.
+pytestmark = pytest.mark.slow
 
 
 def _run(workdir, *extra, timeout=400):
@@ -116,7 +120,46 @@ def test_two_iterations_layout_and_eval_fields(uninterrupted):
   assert "pass@1 test" in proc.stdout  # the summary table is printed
 
 
-def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+# Where the SIGTERM test stops its run: (the file whose appearance sends SIGTERM, the phase
+# the run is then in).
+STOPS = (("base/commit_success.txt", "eval_000"), ("iter_001/samples", "generate_001"),
+         ("iter_002/improve/checkpoints", "improve_002"))
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  """The SIGTERM test's run, stopped at each of STOPS and then rerun to its end, in a thread
+  that the killed-run test starts too, so that the two tests' runs overlap (a tiny run
+  leaves a core mostly idle). What each stop left is recorded when it stopped: exit code,
+  stderr, progress.json's done list, the first E-step chunk's stats file, the M-step's
+  checkpoints. Yields (workdir, thread, record)."""
+  workdir = str(tmp_path_factory.mktemp("preempted") / "preempted")
+  record = {"stops": []}
+
+  def sequence():
+    try:
+      for pattern, _ in STOPS:
+        rc, err = _terminate_when(workdir, pattern)
+        checkpoints = os.path.join(workdir, "iter_002/improve/checkpoints")
+        record["stops"].append({
+            "rc": rc, "err": err, "done": _done(workdir),
+            "stats": glob.glob(os.path.join(workdir, "iter_001/samples/stats_00000_p000.jsonl")),
+            "steps": sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit())
+                     if os.path.isdir(checkpoints) else []})
+        if rc != 75:  # The test fails on this stop: nothing after it is needed.
+          return
+      record["rerun"] = _run(workdir)
+    except Exception as e:  # pylint: disable=broad-except  # Raised again by the test.
+      record["error"] = e
+
+  thread = threading.Thread(target=sequence, daemon=True)
+  thread.start()
+  yield workdir, thread, record
+  thread.join()
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, preempted, tmp_path):
+  del preempted  # Started here to overlap this test's runs; checked by the SIGTERM test.
   full_dir, _ = uninterrupted
   workdir = str(tmp_path / "killed")
   # Kill once inside Generate (after its first chunk), once inside Improve.
@@ -136,36 +179,42 @@ def _done(workdir):
 
 
 def test_sigterm_stops_cleanly_in_each_phase_and_resumes_to_the_same_result(uninterrupted,
-                                                                            tmp_path):
+                                                                            preempted):
   """SIGTERM (preemption) in Evaluate, Generate and Improve: each time the run stops at its
   next safe point with status 75 and one line naming the phase, having kept what a resume
   needs; the rerun ends with the uninterrupted run's eval.json files."""
   full_dir, _ = uninterrupted
-  workdir = str(tmp_path / "preempted")
+  workdir, thread, record = preempted
+  thread.join()
+  if "error" in record:
+    raise record["error"]
+  stops = iter(record["stops"])
 
   def stopped_in(pattern, phase):
-    rc, err = _terminate_when(workdir, pattern)
+    assert (pattern, phase) in STOPS
+    stop = next(stops)
+    rc, err = stop["rc"], stop["err"]
     last = err.strip().splitlines()[-1]
     assert rc == 75, err[-3000:]
     assert last.startswith(f"preempted (SIGTERM) during {phase}") and last.endswith(
         "rerun the same command to continue"), last
     assert "Traceback" not in err
-    assert phase not in _done(workdir)
+    assert phase not in stop["done"]
+    return stop
 
   # Evaluate: the base model is saved, its evaluation (seconds of compiling) runs.
-  stopped_in("base/commit_success.txt", "eval_000")
-  assert _done(workdir) == ["base"]
+  stop = stopped_in("base/commit_success.txt", "eval_000")
+  assert stop["done"] == ["base"]
   # Generate: iteration 1's E-step has started sampling; the chunk in flight is written.
-  stopped_in("iter_001/samples", "generate_001")
-  assert glob.glob(os.path.join(workdir, "iter_001/samples/stats_00000_p000.jsonl"))
+  stop = stopped_in("iter_001/samples", "generate_001")
+  assert stop["stats"]
   # Improve: iteration 2's M-step compiles its train step; the step it finishes is
   # checkpointed (not only every train.checkpoint_every = 3 steps).
-  stopped_in("iter_002/improve/checkpoints", "improve_002")
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "iter_002/improve/checkpoints"))
-                 if s.isdigit())
+  stop = stopped_in("iter_002/improve/checkpoints", "improve_002")
+  steps = stop["steps"]
   assert steps and steps[-1] % 3 != 0, steps
 
-  p = _run(workdir)
+  p = record["rerun"]
   assert p.returncode == 0, p.stderr[-3000:]
   a, b = _evals(full_dir), _evals(workdir)
   assert a.keys() == b.keys()
@@ -243,7 +292,7 @@ def test_base_checkpoint_of_another_model_fails_in_one_line(tmp_path):
   """base.source = "checkpoint": the model config recorded with the params (by the
   importer, or a run) must match config.model. A RoPE scaling changes no shape, so the
   restore alone would load these params and run them wrong."""
-  from conftest import load_config, mesh_of  # pylint: disable=import-outside-toplevel
+  from helpers import load_config, mesh_of  # pylint: disable=import-outside-toplevel
   from restem_jax import checkpoints, model  # pylint: disable=import-outside-toplevel
   c = load_config(os.path.join(ROOT, "configs", "tiny.py")).get_config()
   cfg = model.ModelConfig.from_config(c.model)
@@ -273,16 +322,38 @@ def test_base_checkpoint_of_another_model_fails_in_one_line(tmp_path):
 POD_RUNLOCAL = ["llama3_1b_math_v4_32", "gemma3_4b_math_v5p_32", "gemma3_4b_lora_gsm"]
 
 
+@pytest.fixture(scope="module")
+def pod_runs(tmp_path_factory):
+  """The POD_RUNLOCAL runs, started together so that their mostly single-threaded work
+  (tiny models: compiles, Python) overlaps on the cores: name -> (process, workdir,
+  stderr file); each test waits for its own."""
+  started = {}
+  try:
+    for name in POD_RUNLOCAL:
+      out = tmp_path_factory.mktemp(name)
+      workdir = str(out / "w")
+      config = os.path.join(ROOT, "configs", name + ".py") + ":runlocal"
+      with open(out / "stderr.txt", "w") as err:  # A pipe would fill and block.
+        p = subprocess.Popen(
+            _cmd(workdir, "--config.restem.num_iterations=1", "--config.base.steps=4",
+                 "--config.train.max_steps=2", "--config.train.eval_every=2",
+                 "--config.train.checkpoint_every=2", config=config),
+            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+      started[name] = (p, workdir, str(out / "stderr.txt"))
+    yield started
+  finally:
+    for p, _, _ in started.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
 @pytest.mark.parametrize("name", POD_RUNLOCAL)
-def test_pod_config_runlocal_runs_end_to_end(name, tmp_path):
-  workdir = str(tmp_path / "w")
-  config = os.path.join(ROOT, "configs", name + ".py") + ":runlocal"
-  p = subprocess.run(
-      _cmd(workdir, "--config.restem.num_iterations=1", "--config.base.steps=4",
-           "--config.train.max_steps=2", "--config.train.eval_every=2",
-           "--config.train.checkpoint_every=2", config=config),
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-  assert p.returncode == 0, p.stderr[-3000:]
+def test_pod_config_runlocal_runs_end_to_end(name, pod_runs):
+  p, workdir, stderr = pod_runs[name]
+  returncode = p.wait(timeout=400 * len(POD_RUNLOCAL))
+  with open(stderr) as f:
+    assert returncode == 0, f.read()[-3000:]
   evals = _evals(workdir)
   assert sorted(evals) == ["base_eval", "base_eval/records", "iter_001", "iter_001/records"]
   with open(os.path.join(workdir, "config.json")) as f:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import conftest
-from conftest import mesh_of
+import helpers
+from helpers import mesh_of
 from restem_jax import configlib, model as M, partitioning as P, sampling as S, stops
 
 EOS = 2
@@ -23,7 +23,7 @@ PROMPTS = [[5, 9, 3], [7, 1, 8, 4, 6, 11, 13], [21], [3, 3, 4, 5, 60, 61, 62, 30
            [17, 18, 19, 20, 22]]
 
 
-tiny_cfg = functools.partial(conftest.tiny_cfg, max_seq_len=48)
+tiny_cfg = functools.partial(helpers.tiny_cfg, max_seq_len=48)
 
 
 @pytest.fixture(scope="module")
@@ -513,7 +513,7 @@ def test_stop_strings_keep_every_postprocessed_completion(vocab, dataset):
   prefix holds a stop string (brute-force search of the no-stop row).
   """
   import os
-  from conftest import task_cfg
+  from helpers import task_cfg
   from restem_jax import tasks
   fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", dataset)
   task = tasks.get_task(task_cfg(dataset, fixtures if dataset == "gsm8k" else "", num_val=0),

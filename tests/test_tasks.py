@@ -9,7 +9,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from conftest import task_cfg
+from helpers import task_cfg
 from restem_jax import tasks
 from restem_jax.tasks import embedded
 from restem_jax.tasks import prompts

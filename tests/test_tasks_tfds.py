@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import task_cfg
+from helpers import task_cfg
 from restem_jax import tasks
 
 tfds = pytest.importorskip("tensorflow_datasets")

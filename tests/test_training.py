@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import conftest
-from conftest import mesh_of
+import helpers
+from helpers import mesh1, mesh_of
 from restem_jax import batches as B, configlib, model as M, partitioning as P, training as T
 from test_model import numpy_forward
 
 V = 64
-tiny_cfg = functools.partial(conftest.tiny_cfg, vocab_size=V, max_seq_len=16)
+tiny_cfg = functools.partial(helpers.tiny_cfg, vocab_size=V, max_seq_len=16)
 
 
 def train_cfg(**kw):
@@ -26,10 +26,6 @@ def train_cfg(**kw):
   for k, v in kw.items():
     c[k] = v
   return c
-
-
-def mesh1():
-  return mesh_of((1, 1, 1), jax.devices()[:1])
 
 
 def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None, shape="long"):
@@ -125,6 +121,7 @@ def test_loss_matches_float64_numpy(params, normalization, shape):
                              float(loss), rtol=1e-6)
 
 
+@pytest.mark.slow  # Gradients of every window (~12 s of CPU).
 def test_windowed_loss_has_the_full_loss_gradient(params):
   """Logits only in the target window (batches.target_window) is the same function:
   its gradient equals the every-position computation's."""
