@@ -288,21 +288,7 @@ class RunContext:
   def restore(self, path: str, base: Trained | None = None) -> Trained:
     """The model saved at `path` (save_model): its params, or an adapters checkpoint merged
     onto `base` (default: the base path it records, e.g. another run's teacher)."""
-    lora_meta = checkpoints.read_metadata(path).get("lora")
-    if not isinstance(lora_meta, dict):
-      return Trained(checkpoints.restore_params(path, self.model_cfg, self.mesh))
-    if base is None:
-      if not lora_meta.get("base"):
-        raise checkpoints.CheckpointError(
-            f"{path} holds LoRA adapters but does not record their base; restore it inside "
-            "the run that wrote it, or re-create it")
-      base = self.restore(lora_meta["base"])
-    adapters = lora.Adapters(self.model_cfg, lora.LoraConfig.from_metadata(lora_meta), self.mesh)
-    ad = checkpoints.restore_adapters(path, adapters.abstract())
-    # The same merge as the M-step's result (Trainer.model_params), so a restored iterate
-    # samples exactly as the one the run held before it was killed.
-    frozen = adapters.prepare_base(base.start_params)
-    return Trained(adapters.merged(frozen, ad), ad, frozen)
+    return improve.restore_model(path, self.model_cfg, self.mesh, base)
 
 
 def pretrain_base(ctx: RunContext) -> tuple[Trained, dict]:
