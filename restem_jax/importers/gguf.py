@@ -65,6 +65,23 @@ def unpermute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w_RxC.shape))
 
 
+def permute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (rotate-half -> interleaved), unpermute_rows' inverse."""
+  h = w_RxC.shape[0] // n_heads
+  return (w_RxC.reshape(n_heads, 2, h // 2, *w_RxC.shape[1:])
+          .swapaxes(1, 2).reshape(w_RxC.shape))
+
+
+def gguf_tensor_name(names: gguf_lib.TensorNameMap, hf_name: str, arch: str) -> str:
+  """llama.cpp's name of an HF tensor ("model.layers.3.self_attn.q_proj.weight" ->
+  "blk.3.attn_q.weight"), from the gguf package's map for the architecture."""
+  base, _, suffix = hf_name.rpartition(".")  # "...q_proj" + "weight"
+  name = names.get_name(base)
+  if name is None:
+    raise ImportFormatError(f"tensor {hf_name} has no GGUF name for architecture {arch}")
+  return f"{name}.{suffix}"
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf_lib.GGUFReader:
   del size, mtime_ns  # Cache key only: a rewritten file is read again.
