@@ -26,6 +26,7 @@ from etils import epath
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
                         improve, lora, model, partitioning, preemption, report, samples,
                         sampling, tasks, workdir as wd)
+from restem_jax import export
 from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
@@ -380,4 +381,5 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
 
   if ctx.coordinator:
     report.write_summary(workdir, results, c.eval)
+    ctx.log(f"export the best iteration: {export.command_for(workdir) or 'none finished'}")
   return results
