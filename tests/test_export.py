@@ -314,3 +314,27 @@ def test_best_iteration_rule(tmp_path):
   assert best_iteration(str(tmp_path)) == "002"
   wd.write_json_atomic(layout.iteration(3).eval_json, {"pass@1_greedy_test": 0.3})
   assert best_iteration(str(tmp_path)) == "003"
+
+
+def test_sentencepiece_tokenizer_exports_to_the_same_ids(tmp_path):
+  """The embedded task's SentencePiece model (the tiny runs'): the HF tokenizer.json and
+  the GGUF `llama` tokenizer keys, each read by transformers, encode as seqio does."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
+  from restem_jax.export import tokenizer as tok_export  # pylint: disable=import-outside-toplevel
+  vocab = tasks.embedded_vocabulary()
+  tok_export.write_hf_tokenizer(str(tmp_path), vocab, 128)
+  w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+  tok_export.write_gguf_tokenizer(w, vocab)
+  w.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  gguf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+  for s in STRINGS:
+    ids = list(vocab.encode(s))
+    assert hf_tok.encode(s, add_special_tokens=False) == ids, s
+    assert gguf_tok.encode(s, add_special_tokens=False) == ids, s
+  assert hf_tok.eos_token_id == gguf_tok.eos_token_id == vocab.eos_id

@@ -114,7 +114,9 @@ def export(path: str, workdir: str, fmt: str, out: str, dtype: str = "float32",
   from restem_jax.export import gguf as gguf_export, hf as hf_export  # pylint: disable=import-outside-toplevel
   from restem_jax import checkpoints, model  # pylint: disable=import-outside-toplevel
   cfg = model.ModelConfig.from_config(checkpoints.read_metadata(path).get("model") or {})
-  hf_export.hf_config(cfg)  # Refuses an inexpressible model before the weights are read.
+  if fmt == "gguf":  # Refuses an inexpressible model before the weights are read.
+    gguf_export.check_exportable(cfg, gguf_type)
+  hf_export.hf_config(cfg)
   vocab, source_gguf = run_vocabulary(workdir)
   cfg, params = load_model(path)
   if fmt == "hf":

@@ -96,6 +96,16 @@ def _add_tensor(writer: gguf_lib.GGUFWriter, name: str, w: np.ndarray, ttype: st
                     raw_dtype=qtype)
 
 
+def check_exportable(cfg: model_lib.ModelConfig, tensor_type: str = "f32") -> None:
+  """What can be refused before the weights are read (the rest: the read-back check)."""
+  if tensor_type not in TENSOR_TYPES:
+    raise ExportError(f"--gguf_type={tensor_type!r} is not one of {sorted(TENSOR_TYPES)}")
+  if cfg.rope_scaling == "llama3":
+    raise ExportError("model.rope_scaling='llama3' is not exported to GGUF (llama.cpp stores it "
+                      "as a rope_freqs tensor that no reader here can check); use --format=hf")
+  hf_export.hf_config(cfg)  # The HF family must express cfg (one line if not).
+
+
 def write_gguf(path: str, cfg: model_lib.ModelConfig, params: Any, vocab: Any = None,
                tensor_type: str = "f32", tokenizer_gguf: str | None = None) -> None:
   """Writes the GGUF file `path`.
@@ -103,12 +113,7 @@ def write_gguf(path: str, cfg: model_lib.ModelConfig, params: Any, vocab: Any = 
   vocab: the run's tokenizer (None: no tokenizer keys; llama.cpp needs them, transformers'
   loader does not). tokenizer_gguf: a GGUF file whose tokenizer keys are copied instead.
   """
-  if tensor_type not in TENSOR_TYPES:
-    raise ExportError(f"--gguf_type={tensor_type!r} is not one of {sorted(TENSOR_TYPES)}")
-  if cfg.rope_scaling == "llama3":
-    raise ExportError("model.rope_scaling='llama3' is not exported to GGUF (llama.cpp stores it "
-                      "as a rope_freqs tensor that no reader here can check); use --format=hf")
-  hf_export.hf_config(cfg)  # The HF family must express cfg (one line if not).
+  check_exportable(cfg, tensor_type)
   arch = gguf_architecture(cfg)
   names = gguf_lib.get_tensor_name_map(gguf_importer.GGUF_ARCH[arch], cfg.n_layers)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
