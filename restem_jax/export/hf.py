@@ -105,28 +105,35 @@ def generation_config(special_ids: dict[str, int | None]) -> dict[str, Any]:
   return {**out, "do_sample": False}
 
 
-def _write_tensors(out: str, tensors: list[tuple[str, np.ndarray]] | Any) -> None:
-  """model.safetensors, or model-0000i-of-0000n.safetensors + index past SHARD_BYTES."""
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, w in tensors:
-    if shards[-1] and size + w.nbytes > SHARD_BYTES:
-      shards.append({})
-      size = 0
-    shards[-1][name] = w
-    size += w.nbytes
+def _write_tensors(out: str, tensors: Any) -> None:
+  """model.safetensors, or model-0000i-of-0000n.safetensors + index past SHARD_BYTES. Each
+  shard is written once full, so the host holds at most one shard of tensors."""
   meta = {"format": "pt"}  # transformers refuses safetensors without it.
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(out, "model.safetensors"), metadata=meta)
+  written: list[tuple[str, list[str], int]] = []  # (temp file, names, bytes)
+  shard: dict[str, np.ndarray] = {}
+
+  def flush() -> None:
+    tmp = os.path.join(out, f".shard-{len(written)}.safetensors")
+    save_file(shard, tmp, metadata=meta)
+    written.append((tmp, list(shard), sum(w.nbytes for w in shard.values())))
+    shard.clear()
+
+  for name, w in tensors:
+    if shard and sum(x.nbytes for x in shard.values()) + w.nbytes > SHARD_BYTES:
+      flush()
+    shard[name] = w
+  flush()
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(out, "model.safetensors"))
     return
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(out, fname), metadata=meta)
-    weight_map.update({name: fname for name in shard})
-    total += sum(w.nbytes for w in shard.values())
+  weight_map = {}
+  for i, (tmp, names, _) in enumerate(written):
+    fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+    os.replace(tmp, os.path.join(out, fname))
+    weight_map.update({name: fname for name in names})
   _write_json(os.path.join(out, "model.safetensors.index.json"),
-              {"metadata": {"total_size": total}, "weight_map": weight_map})
+              {"metadata": {"total_size": sum(n for _, _, n in written)},
+               "weight_map": weight_map})
 
 
 def _write_json(path: str, obj: Any) -> None:
