@@ -71,7 +71,8 @@ def run_vocabulary(workdir: str) -> tuple[Any, str | None]:
   WORKDIR/tokenizer.json, else the task's embedded SentencePiece model.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from restem_jax import checkpoints, importers, tasks, workdir as wd  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from restem_jax import checkpoints, importers, tasks, workdir as wd
   config_path = os.path.join(workdir, "config.json")
   if not wd.exists(config_path):
     raise ExportError(f"{workdir}: no config.json, so the run's tokenizer is unknown; pass "
@@ -95,30 +96,38 @@ def run_vocabulary(workdir: str) -> tuple[Any, str | None]:
   return importers.load_vocabulary(path), source_gguf
 
 
-def load_model(path: str) -> tuple[Any, Any]:
-  """(ModelConfig, params) of a saved model, LoRA adapters merged onto their base."""
-  from restem_jax import checkpoints, configlib, improve, model, partitioning  # pylint: disable=import-outside-toplevel
+def saved_config(path: str) -> Any:
+  """The ModelConfig recorded with a saved model (runs and imports record it)."""
+  # pylint: disable=import-outside-toplevel
+  from restem_jax import checkpoints, model
   meta = checkpoints.read_metadata(path)
   if not isinstance(meta.get("model"), dict):
     raise ExportError(f"{path}: its metadata records no model config; export needs it")
-  cfg = model.ModelConfig.from_config(meta["model"])
+  return model.ModelConfig.from_config(meta["model"])
+
+
+def load_params(path: str, cfg: Any) -> Any:
+  """The params of a saved model on one device, LoRA adapters merged onto their base."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from restem_jax import configlib, improve, partitioning
   mesh_cfg = configlib.default_config().mesh
   mesh_cfg.shape = (1, 1, 1)
-  import jax  # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh(mesh_cfg, jax.devices()[:1])
-  return cfg, improve.restore_model(path, cfg, mesh).params
+  return improve.restore_model(path, cfg, mesh).params
 
 
 def export(path: str, workdir: str, fmt: str, out: str, dtype: str = "float32",
            gguf_type: str = "f32") -> None:
-  from restem_jax.export import gguf as gguf_export, hf as hf_export  # pylint: disable=import-outside-toplevel
-  from restem_jax import checkpoints, model  # pylint: disable=import-outside-toplevel
-  cfg = model.ModelConfig.from_config(checkpoints.read_metadata(path).get("model") or {})
+  """Writes the model saved at `path` (with `workdir`'s tokenizer) to `out`."""
+  # pylint: disable=import-outside-toplevel
+  from restem_jax.export import gguf as gguf_export, hf as hf_export
+  cfg = saved_config(path)
   if fmt == "gguf":  # Refuses an inexpressible model before the weights are read.
     gguf_export.check_exportable(cfg, gguf_type)
   hf_export.hf_config(cfg)
   vocab, source_gguf = run_vocabulary(workdir)
-  cfg, params = load_model(path)
+  params = load_params(path, cfg)
   if fmt == "hf":
     hf_export.write_hf(out, cfg, params, vocab, dtype=dtype)
   else:
@@ -128,8 +137,9 @@ def export(path: str, workdir: str, fmt: str, out: str, dtype: str = "float32",
 
 def main(argv: list[str]) -> None:
   del argv
-  from restem_jax import checkpoints, errors, workdir as wd  # pylint: disable=import-outside-toplevel
-  from restem_jax.importers import ImportFormatError  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from restem_jax import checkpoints, errors, workdir as wd
+  from restem_jax.importers import ImportFormatError
   start = time.perf_counter()
   try:
     path, workdir = model_path(_WORKDIR.value, _MODEL.value, _ITERATION.value)

@@ -49,7 +49,8 @@ def as_tokenizer(vocab: Any) -> tokenizers.Tokenizer:
   """The vocabulary as a `tokenizers.Tokenizer` (encodes to the run's ids)."""
   if not is_sentencepiece(vocab):
     return vocab.tokenizer
-  from transformers.convert_slow_tokenizer import SpmConverter  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from transformers.convert_slow_tokenizer import SpmConverter
   proto = _sentencepiece_proto(vocab)
   return SpmConverter.build_tokenizer_from_spm_proto(
       proto, {p.piece: i for i, p in enumerate(proto.pieces)})
