@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/restem_demo
 
-.PHONY: demo test install sandbox clean bench
+.PHONY: demo test install sandbox browser clean bench
 
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,12 +23,19 @@ sandbox:
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null; \
 	  else echo "bubblewrap missing: sudo apt-get install bubblewrap"; fi; }
 
+# The report's browser test (tests/test_report_html.py) loads report.html in headless
+# Chromium driven by selenium: Debian's chromium and chromium-driver, installed the same way.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null; \
+	  else echo "chromium missing: sudo apt-get install chromium chromium-driver"; fi; }
+
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(VPY) -m restem_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 # Any failure fails, "no tests collected" (pytest exit 5) included: with this suite
 # that can only mean a broken collection.
-test: $(STAMP) sandbox
+test: $(STAMP) sandbox browser
 	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 tests
 
 clean:

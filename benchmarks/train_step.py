@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from restem_jax import configlib, model as model_lib, partitioning, recipes, training
+from restem_jax import batches, configlib, model as model_lib, partitioning, recipes, training
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}  # dense, SXM
 
@@ -115,7 +115,7 @@ def main() -> None:
   trainer = training.Trainer(cfg, c.train, mesh)
   params = model_lib.init_params(cfg, mesh, jax.random.key(0))
   rng = np.random.default_rng(0)
-  b = training.make_batch([list(rng.integers(1, vocab, 16)) for _ in range(batch)],
+  b = batches.make_batch([list(rng.integers(1, vocab, 16)) for _ in range(batch)],
                           [list(rng.integers(1, vocab, seq_len - 16)) for _ in range(batch)],
                           [1.0] * batch, seq_len)
   state = trainer.init_state(params)

@@ -49,11 +49,11 @@ first step are compared.
    min(64, L/4) tokens + a target of L/2 .. L - prompt tokens (logits needed almost
    everywhere), and "restem", a 3L/4-token prompt + an L/8 .. L/4-token target
    (the M-step's batches: a few-shot prompt and a short sampled solution; ours
-   computes logits only in the target window, training.target_window, tunix at
+   computes logits only in the target window, batches.target_window, tunix at
    every position). A third shape, "shared" (not run by default), is restem's with
    --shared_samples targets per prompt, as an M-step keeps up to 10 correct samples
    of a problem: tunix trains the same examples one per row, ours with
-   train.share_prompts (training.make_shared_batch: one row per prompt, its layers run
+   train.share_prompts (batches.make_shared_batch: one row per prompt, its layers run
    once for all its targets); the losses are then equal up to rounding. Ours:
    training.Trainer.step (reward-weighted NLL, token normalisation). Tunix:
    PeftTrainer's jitted train step (what PeftTrainer.train runs per step; its
@@ -86,7 +86,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from restem_jax import configlib, model as M, partitioning, sampling as S, training  # noqa: E402
+from restem_jax import batches, configlib, model as M, partitioning, sampling as S, training  # noqa: E402
 
 try:
   from flax import nnx  # noqa: E402
@@ -373,16 +373,16 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   prompts = [list(rng.integers(3, cfg.vocab_size, prompt_len)) for _ in range(b // k)]
   targets = [list(rng.integers(3, cfg.vocab_size, rng.integers(target_lens[0], target_lens[1] + 1)))
              for _ in range(b)]
-  batch = training.make_batch([p for p in prompts for _ in range(k)], targets, [1.0] * b, seq)
+  batch = batches.make_batch([p for p in prompts for _ in range(k)], targets, [1.0] * b, seq)
   ours_batch = batch
   if k > 1:
     rows = [(p, [(t, 1.0) for t in targets[i * k:(i + 1) * k]]) for i, p in enumerate(prompts)]
     longest = max(len(p) + sum(len(t) for t, _ in ts) for p, ts in rows)
-    ours_batch = training.make_shared_batch(rows, -(-longest // 16) * 16)
+    ours_batch = batches.make_shared_batch(rows, -(-longest // 16) * 16)
   # tunix's input_mask marks target *tokens*; ours marks the positions predicting them.
-  tmask = np.zeros_like(batch["loss_mask_BxL"])
-  tmask[:, 1:] = batch["loss_mask_BxL"][:, :-1]
-  tinput = peft_trainer.TrainingInput(input_tokens=jnp.asarray(batch["tokens_BxL"]),
+  tmask = np.zeros_like(batch.loss_mask_BxL)
+  tmask[:, 1:] = batch.loss_mask_BxL[:, :-1]
+  tinput = peft_trainer.TrainingInput(input_tokens=jnp.asarray(batch.tokens_BxL),
                                       input_mask=jnp.asarray(tmask.astype(bool)))
 
   state = {"s": trainer.init_state(params)}
@@ -408,9 +408,9 @@ def bench_training(cfg, params, tmodel, args, rng) -> dict:
   tokens = b * seq
   rel = abs(first["ours"] - first["tunix"]) / abs(first["tunix"])
   res = {"shape": args.train_shape, "prompt_len": prompt_len, "batch": b, "seq_len": seq,
-         "samples_per_prompt": k, "ours_rows": ours_batch["tokens_BxL"].shape,
+         "samples_per_prompt": k, "ours_rows": ours_batch.tokens_BxL.shape,
          "tokens_per_step": tokens,
-         "target_tokens": int(batch["loss_mask_BxL"].sum()),
+         "target_tokens": int(batch.loss_mask_BxL.sum()),
          "ours_s": med["ours"], "tunix_s": med["tunix"],
          "ours_tok_s": tokens / med["ours"], "tunix_tok_s": tokens / med["tunix"],
          "ratio": med["tunix"] / med["ours"], "ratio_pairwise": pairwise_ratio(times),

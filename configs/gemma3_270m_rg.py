@@ -12,23 +12,17 @@ https://ai.google.dev/gemma/terms), imported into WORKDIR/base on first run:
 Measured (README "Real model", 2-core CPU): greedy test pass@1 11.0 -> 23.4 -> 22.8 over
 two iterations, 56 min, peak RSS 15.0 GB. The 262k-row output layer makes a Gemma token
 ~2x a SmolLM2 token; the M-step computes logits only in each row's target window
-(training.target_window), so the 16-token answers cost little there.
+(batches.target_window), so the 16-token answers cost little there.
 
 `:runlocal` is the same pipeline on a tiny random model with every Gemma 3 switch
 (tests; a couple of minutes on CPU).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable-next=wrong-import-position
-from smollm2_135m_rg import reasoning_gym_run, reasoning_gym_runlocal  # noqa: E402
-
-from restem_jax import configlib, recipes  # noqa: E402
+from configs import smollm2_135m_rg
+from restem_jax import configlib, recipes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base.path = "package:gemma3_270m"
   c.base.format = "gguf"
 
-  reasoning_gym_run(c)  # The SmolLM2 run's task, sampling, M-step and evaluation.
+  smollm2_135m_rg.reasoning_gym_run(c)  # The SmolLM2 run's task, sampling, M-step and evaluation.
   c.task.vocab_path = ""  # base.source "import": WORKDIR/tokenizer.json.
   # Top-p alone sorts the whole 262k-token vocabulary at every step (lax.top_k over V):
   # the sampled evaluation ran at ~1.5 samples/s on the 2-core CPU. Top-k 40 first
@@ -69,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.micro_batches = 2
 
   if "runlocal" in args:
-    reasoning_gym_runlocal(c)  # Keeps the Gemma 3 switches (window 32, local + global).
+    smollm2_135m_rg.reasoning_gym_runlocal(c)  # Keeps the Gemma 3 switches (window 32, local + global).
     # At 3e-3 and 20 steps the tiny Gemma does not learn the answer format (loss 3.0;
     # its embeddings are scaled by sqrt(d_model)): no answers for the evaluation to check.
     c.base.learning_rate = 1e-2

@@ -19,15 +19,10 @@ row after one copy of its prompt (train.share_prompts); options combine (`:lora,
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2_135m_gsm import smollm2_gguf_path  # noqa: E402  pylint: disable=wrong-import-position
-
-from restem_jax import configlib, recipes  # noqa: E402
+from configs import smollm2_135m_gsm
+from restem_jax import configlib, recipes
 
 # Where the base is below 50% and above 5% greedy pass@1 (learnable): the training mix.
 TRAIN_MIX = (
@@ -113,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.base.path = "package:smollm2_135m"
 
   reasoning_gym_run(c)
-  c.task.vocab_path = smollm2_gguf_path()
+  c.task.vocab_path = smollm2_135m_gsm.smollm2_gguf_path()
   if "chat" in args:
     c.task.prompt_format = "chat"  # Longer prompts (system turn + markup): still < 256 tokens.
 

@@ -3,13 +3,14 @@
 Experiment configs (configs/*.py) start from `default_config()` and override
 fields. The returned ConfigDict is locked, so a misspelt key in a config file or
 on the command line (`--config.trian.steps=3`) fails at once instead of being
-silently ignored. `validate(config)` then checks the values (choices, ranges,
-model shape vs mesh, paths) before anything is loaded: `main` calls it first,
-and every problem is one `error: <field>=<value>: <what to do>` line.
+silently ignored. `problems(config)` checks the values (choices, ranges, model
+shape vs mesh, fields against each other), each problem one
+`<field>=<value>: <what to do>` line; preflight.py adds the checks that read the
+task registry, data, tokenizers and files, and `main` runs both before anything loads.
 
-This module imports only ml_collections (plus the cheap task registry and
-workdir helpers inside `validate`), so checking a config costs well under a
-second: no JAX, SeqIO or TensorFlow.
+This module sits at the bottom of the package: it imports only ml_collections and
+errors, so the model, mesh and trainer can use its tables, and checking a config
+costs well under a second (no JAX, SeqIO or TensorFlow).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import ml_collections
 
 from restem_jax import errors
 
-# Fields that take one of a few strings (task.name: the dataset registry, see
-# `_dataset_names`). The code that acts on a field checks it against this table too.
+# Fields that take one of a few strings (task.name: the dataset registry, checked by
+# preflight.py). The code that acts on a field checks it against this table too.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
@@ -46,7 +47,7 @@ AT_LEAST: dict[str, int] = {
     "task.grader_workers": 1, "task.code_workers": 1,
     "sampling.num_samples": 1, "sampling.temperature": 0, "sampling.top_k": 0,
     "sampling.max_new_tokens": 1, "sampling.max_batch": 1,
-    "restem.num_iterations": 0, "restem.max_per_problem": 1,
+    "restem.num_iterations": 0, "restem.max_per_problem": 1, "restem.keep_rejected": 0,
     "train.warmup_steps": 0, "train.weight_decay": 0, "train.grad_clip": 0,
     "train.batch_size": 1, "train.micro_batches": 1, "train.max_steps": 1,
     "train.eval_every": 1, "train.patience": 1, "train.checkpoint_every": 1,
@@ -126,7 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- Task (restem_jax/tasks). ---
   c.task = ml_collections.ConfigDict()
-  c.task.name = "embedded_arith"  # embedded_arith | gsm8k | gsm8k_tfds | math | apps | humaneval.
+  # embedded_arith | gsm8k | gsm8k_tfds | math | apps | humaneval | reasoning_gym | jsonl.
+  c.task.name = "embedded_arith"
   c.task.data_dir = ""  # Directory holding the official files (not for embedded/humaneval).
   c.task.num_train = 0  # Training problems used; 0 = all (paper's data-size ablation).
   c.task.num_val = 64  # Held-out part of train used as D_val for early stopping.
@@ -160,6 +162,16 @@ def default_config() -> ml_collections.ConfigDict:
   # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
   # (("chain_sum", 1.0, {"max_terms": 3}),); see tasks/datasets/reasoning_gym.py.
   c.task.rg_datasets = ()
+  # jsonl (a user's task, docs/YOUR_TASK.md; tasks/datasets/jsonl.py): the files, if not
+  # task.data_dir/{train,validation,test}.jsonl (validation optional: else carved from train).
+  c.task.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})
+  c.task.prompt_template = ""  # str.format over a row's fields; "" = "Question: {question}\nAnswer:".
+  c.task.exemplars_file = ""  # Few-shot exemplar rows (JSONL); "" = drawn from train.
+  c.task.stop_strings = ()  # Where a completion ends; () = the template's opening on a new line.
+  c.task.reward = ""  # exact | math | code | reasoning_gym:<dataset>; "" = exact (or reward_fn).
+  c.task.reward_fn = ""  # "package.module:function" or "/path/reward.py:function": fn(completion, row).
+  # reward_fn returning values in [0, 1]: 1 from this value up; 0 = it must return 1.0 / 0.0.
+  c.task.reward_threshold = 0.0
 
   # --- Generate (E-step) sampling. ---
   c.sampling = ml_collections.ConfigDict()
@@ -174,6 +186,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.restem = ml_collections.ConfigDict()
   c.restem.num_iterations = 3  # Generate/Improve rounds.
   c.restem.max_per_problem = 10  # Cap on kept correct samples per problem (1 = ReST*).
+  # Also store up to this many failed samples per problem (samples/rejected_*.jsonl) so
+  # report.html can show what failed; never trained on. 0 = none.
+  c.restem.keep_rejected = 2
   # "base": every M-step starts from the base model (ReST-EM).
   # "previous": start from the previous iterate (ReST-style ablation).
   c.restem.finetune_from = "base"
@@ -358,27 +373,6 @@ def tensor_axis_problems(m: Any, tensor: int) -> list[str]:
           for name in ("n_heads", "n_kv_heads") if getattr(m, name) % tensor]
 
 
-def _dataset_names() -> tuple[str, ...]:
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel  (cheap: no seqio)
-  return tasks.dataset_names()
-
-
-def _data_problems(task_cfg: Any, field: str = "task") -> list[str]:
-  """The dataset's own cheap checks of a task config (paths only, reads no data)."""
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
-  try:
-    tasks.check_data(task_cfg)
-  except tasks.DataLayoutError as e:
-    return [f"{field}.data_dir: {e}"]
-  if task_cfg.name == "reasoning_gym":
-    from restem_jax.tasks.datasets import reasoning_gym  # pylint: disable=import-outside-toplevel
-    try:
-      reasoning_gym.parse_mix(task_cfg.rg_datasets, field=f"{field}.rg_datasets")
-    except reasoning_gym.ReasoningGymError as e:
-      return [str(e)]
-  return []
-
-
 def transfer_label(overrides: dict) -> str:
   """A transfer task's name in eval.json ("transfer/<label>/..."): its "label", else its task."""
   return str(overrides.get("label") or overrides.get("name") or "task")
@@ -391,73 +385,6 @@ def transfer_task_cfg(task_cfg: ml_collections.ConfigDict,
   out = ml_collections.ConfigDict(task_cfg.to_dict())
   out.update(num_train=1, num_val=0)
   out.update({k: v for k, v in overrides.items() if k != "label"})
-  return out
-
-
-def _transfer_problems(c: ml_collections.ConfigDict) -> list[str]:
-  """eval.transfer_tasks: dicts of config.task fields (+ "label"), each a valid task."""
-  out = []
-  labels = [transfer_label(t) for t in c.eval.transfer_tasks if isinstance(t, dict)]
-  if len(set(labels)) != len(labels):
-    out.append(f"eval.transfer_tasks: labels {labels} repeat; give each a distinct 'label'")
-  for i, overrides in enumerate(c.eval.transfer_tasks):
-    field = f"eval.transfer_tasks[{i}]"
-    if not isinstance(overrides, dict):
-      out.append(f"{field}={overrides!r}: give a dict of config.task fields (and 'label')")
-      continue
-    unknown = sorted(set(overrides) - set(c.task) - {"label"})
-    if unknown:
-      out.append(f"{field} sets {unknown}, which are not task fields; use keys of config.task "
-                 "(and 'label')")
-      continue
-    task_cfg = transfer_task_cfg(c.task, overrides)
-    if task_cfg.name not in _dataset_names():
-      out.append(choice_problem(f"{field}.name", task_cfg.name, _dataset_names()))
-    else:
-      out += _data_problems(task_cfg, field)
-  return out
-
-
-def _vocab_source(c: ml_collections.ConfigDict) -> str:
-  """Where the run's tokenizer comes from (as run.load_vocabulary picks it): "" = the
-  embedded SentencePiece model, "?" = a model package, located (and checked) by the
-  import itself (the importers import JAX); the run then checks its template."""
-  if c.task.vocab_path:
-    return c.task.vocab_path
-  if c.base.source != "import" or not c.base.path:
-    return ""
-  return "?" if c.base.path.startswith("package:") else c.base.path
-
-
-def _prompt_format_problems(c: ml_collections.ConfigDict) -> list[str]:
-  """task.prompt_format='chat' (the run's or a transfer task's): a dataset with a chat
-  format, and a tokenizer with a stored template."""
-  from restem_jax import tasks  # pylint: disable=import-outside-toplevel
-  from restem_jax.tasks import chat  # pylint: disable=import-outside-toplevel
-  out, chats = [], []
-  fields = [("task", c.task.name, c.task.prompt_format)] + [
-      (f"eval.transfer_tasks[{i}]", t.get("name", c.task.name),
-       t.get("prompt_format", c.task.prompt_format))
-      for i, t in enumerate(c.eval.transfer_tasks) if isinstance(t, dict)]
-  for field, name, fmt in fields:
-    if field != "task" and fmt not in CHOICES["task.prompt_format"]:
-      out.append(choice_problem("task.prompt_format", fmt).replace("task.", field + ".", 1))
-    elif fmt == "chat":
-      chats.append(field)
-      if name in _dataset_names() and tasks.get_spec(name).chat_before is None:
-        out.append(f"{field}.prompt_format='chat': {field}.name={name!r} has no chat format "
-                   "(reasoning_gym and gsm8k have); use prompt_format='few_shot'")
-  if not chats:
-    return out
-  source, field = _vocab_source(c), f"{chats[0]}.prompt_format='chat'"
-  if not source:
-    out.append(f"{field} needs a tokenizer with a stored chat template, but the vocabulary "
-               "is the embedded SentencePiece model; set task.vocab_path to an instruct "
-               "model's .gguf / tokenizer.json, or use prompt_format='few_shot'")
-  elif source != "?" and chat.stored_template(source) is None:
-    out.append(f"{field}: {source} stores no chat template (tokenizer.chat_template / "
-               "tokenizer_config.json chat_template); use an instruct model's tokenizer "
-               "(task.vocab_path) or prompt_format='few_shot'")
   return out
 
 
@@ -481,11 +408,6 @@ def lora_problems(lc: Any) -> list[str]:
                f"{', '.join(LORA_TARGETS)}")
   p = choice_problem("train.lora.base_dtype", lc.base_dtype, LORA_BASE_DTYPES)
   return out + ([p] if p else [])
-
-
-def _missing_path_problem(field: str, path: str, what: str) -> str | None:
-  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
-  return None if wd.exists(path) else f"{field}={path!r} does not exist; {what}"
 
 
 def _range_problems(c: ml_collections.ConfigDict) -> list[str]:
@@ -567,44 +489,26 @@ def _between_field_problems(c: ml_collections.ConfigDict, bad: set[str]) -> list
   return out
 
 
-def _file_problems(c: ml_collections.ConfigDict) -> list[str | None]:
-  out = []
-  if c.base.source == "checkpoint" and c.base.path:
-    out.append(_missing_path_problem(
-        "base.path", c.base.path,
-        "import a model there first (python -m restem_jax.importers --out=...) or fix the path"))
-  if c.restem.sample_from == "teacher" and c.restem.teacher_path:
-    out.append(_missing_path_problem(
-        "restem.teacher_path", c.restem.teacher_path,
-        "point it at a params checkpoint (e.g. another run's iter_003/model)"))
-  if c.task.vocab_path:
-    out.append(_missing_path_problem(
-        "task.vocab_path", c.task.vocab_path,
-        "point it at a SentencePiece .model, a tokenizer.json or a .gguf file"))
-  if c.task.name in _dataset_names():
-    out += _data_problems(c.task)
-  return out + _prompt_format_problems(c) + _transfer_problems(c)
+def problems(config: ml_collections.ConfigDict,
+             dataset_names: Iterable[str] | None = None) -> list[str]:
+  """Every problem of `config`'s values, one line each naming the field; [] if none.
 
-
-def problems(config: ml_collections.ConfigDict, check_files: bool = True) -> list[str]:
-  """Every problem of `config`, one line each naming the field; [] for a config that works.
-
-  check_files: also check the paths the config names (base.path, teacher_path,
-  task.data_dir's layout, task.vocab_path). False for a config meant for other
-  machines (a pod config's gs:// paths).
+  Values and fields against each other only: nothing is read. dataset_names: the task
+  registry's names, to check task.name against (preflight passes them; this module
+  does not import tasks/). What needs data, tokenizers or files: preflight.problems.
   """
   c = config
   out = [choice_problem(f, _get(c, f)) for f in CHOICES]
-  out.append(choice_problem("task.name", c.task.name, _dataset_names()))
+  if dataset_names is not None:
+    out.append(choice_problem("task.name", c.task.name, dataset_names))
   ranges = _range_problems(c)
   bad = {line.split("=")[0] for line in ranges}  # cross-field checks skip these fields
   out += ranges + _shape_problems(c, bad) + _between_field_problems(c, bad)
   out += lora_problems(c.train.lora)
-  if check_files:
-    out += _file_problems(c)
   return [p for p in out if p]
 
 
-def validate(config: ml_collections.ConfigDict, check_files: bool = True) -> None:
-  """Raises one ConfigError listing every problem of `config` (see `problems`)."""
-  errors.raise_if(problems(config, check_files=check_files))
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises one ConfigError listing every problem of `config`'s values (see `problems`;
+  preflight.check adds task.name and what needs data and files)."""
+  errors.raise_if(problems(config))

@@ -1,5 +1,12 @@
 """Evaluate a model: greedy pass@1 (test and train), pass@k, maj@k, by difficulty.
 
+`evaluate_with_records` also returns one record per evaluated problem (test,
+train subset, each transfer task's test split): its greedy completion, the
+answer extracted from it and its reward, and with eval.num_samples the sampled
+answers grouped with their rewards and counts. run.py writes them as
+eval_problems.jsonl beside eval.json: aggregate numbers hide which problems a
+model solved and whether a "gain" is one answer repeated.
+
 Progress (progress.py) counts completions ("samples"): a greedy pass costs one
 per problem, the pass@k pass N, and a chunk of max_batch rows costs about the
 same in both, so the ETA holds across passes.
@@ -66,6 +73,36 @@ def greedy_answers(sampler: sampling.Sampler, params: Any, task: Any,
   return texts, _score(task, list(problems), texts)
 
 
+def extracted_answer(task: Any, text: str) -> str | None:
+  """The final answer of a completion as the task's answer key reads it (None: none, or
+  the task has no answer key)."""
+  if task.answer_key is None:
+    return None
+  return task.answer_key(task.postprocess(text))
+
+
+# Longest gold answer a record keeps (a code task's gold is a whole JSON job).
+_MAX_GOLD_CHARS = 500
+
+
+def problem_records(task: Any, problems: Sequence[Problem], texts: Sequence[str],
+                    rewards: Sequence[float], split: str) -> list[dict]:
+  """One record per problem of a greedy pass: what eval_problems.jsonl holds."""
+  return [{"split": split, "problem_id": p.id, "level": p.level, "question": p.question,
+           "gold": p.gold[:_MAX_GOLD_CHARS], "greedy": t, "answer": extracted_answer(task, t),
+           "reward": float(r)} for p, t, r in zip(problems, texts, rewards)]
+
+
+def grouped_samples(answers: Sequence[str | None], rewards: Sequence[float]) -> list[dict]:
+  """One problem's samples as {answer, reward, count}, most frequent first: N answers
+  in at most N entries (a handful when the model agrees with itself)."""
+  counts: dict[tuple[Any, float], int] = {}
+  for a, r in zip(answers, rewards):
+    counts[(a, float(r))] = counts.get((a, float(r)), 0) + 1
+  order = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0][0]), kv[0][1]))
+  return [{"answer": a, "reward": r, "count": c} for (a, r), c in order]
+
+
 def distinct_answers(task: Any, texts: Sequence[str]) -> int | None:
   """How many different final answers the texts give (None: the task has no answer key).
 
@@ -88,7 +125,16 @@ def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[
                      *, max_new_tokens: int, max_batch: int,
                      bar: progress.Progress | None = None) -> dict:
   """Greedy pass@1 on each transfer task, and how many distinct answers gave it."""
+  return _transfer(params, sampler, transfer, max_new_tokens=max_new_tokens,
+                   max_batch=max_batch, bar=bar)[0]
+
+
+def _transfer(params: Any, sampler: sampling.Sampler, transfer: Sequence[TransferTask], *,
+              max_new_tokens: int, max_batch: int, bar: progress.Progress | None
+              ) -> tuple[dict, list[dict]]:
+  """transfer_metrics, and the problem records (split "transfer/<label>")."""
   out: dict[str, Any] = {}
+  records: list[dict] = []
   for t in transfer:
     texts, rewards = greedy_answers(sampler, params, t.task, t.problems,
                                     max_new_tokens=max_new_tokens, max_batch=max_batch, bar=bar)
@@ -97,7 +143,8 @@ def transfer_metrics(params: Any, sampler: sampling.Sampler, transfer: Sequence[
     distinct = distinct_answers(t.task, texts)
     if distinct is not None:
       out[f"transfer/{t.label}/distinct_answers"] = distinct
-  return out
+    records += problem_records(t.task, t.problems, texts, rewards, f"transfer/{t.label}")
+  return out, records
 
 
 def make_validation_fn(sampler: sampling.Sampler, task: Any, problems: Sequence[Problem], *,
@@ -128,6 +175,21 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
              seed: int, transfer: Sequence[TransferTask] = (),
              log: Callable[[str], None] = logging.info) -> dict:
   """All metrics of one model (transfer tasks' included), as a JSON-able dict."""
+  return evaluate_with_records(
+      params=params, sampler=sampler, task=task, test_problems=test_problems,
+      train_problems=train_problems, eval_cfg=eval_cfg, max_new_tokens=max_new_tokens,
+      max_batch=max_batch, seed=seed, transfer=transfer, log=log)[0]
+
+
+def evaluate_with_records(*, params: Any, sampler: sampling.Sampler, task: Any,
+                          test_problems: Sequence[Problem], train_problems: Sequence[Problem],
+                          eval_cfg: ml_collections.ConfigDict, max_new_tokens: int,
+                          max_batch: int, seed: int, transfer: Sequence[TransferTask] = (),
+                          log: Callable[[str], None] = logging.info
+                          ) -> tuple[dict, list[dict]]:
+  """evaluate()'s metrics, and one record per evaluated problem (problem_records; with
+  eval.num_samples a "sampled" list, grouped_samples). Splits in file order: "test",
+  "train" (the train subset), "transfer/<label>"."""
   n = eval_cfg.num_samples
   subset = (train_subset(train_problems, eval_cfg.num_train_eval)
             if eval_cfg.on_train and train_problems else [])
@@ -148,26 +210,40 @@ def evaluate(*, params: Any, sampler: sampling.Sampler, task: Any,
     distinct = distinct_answers(task, test_texts)
     if distinct is not None:
       result["distinct_answers_test"] = distinct
+    test_records = problem_records(task, test_problems, test_texts, greedy_test, "test")
+    train_records: list[dict] = []
     if subset:
-      _, greedy_train = greedy_answers(sampler, params, task, subset, **budget, bar=bar)
+      train_texts, greedy_train = greedy_answers(sampler, params, task, subset, **budget,
+                                                 bar=bar)
       result["pass@1_greedy_train"] = float(np.mean(greedy_train))
       result["num_train_eval"] = len(subset)
+      train_records = problem_records(task, subset, train_texts, greedy_train, "train")
     if n > 0:
-      result.update(_sampled_metrics(sampler, params, task, test_problems, eval_cfg, budget,
-                                     seed, bar))
-    result.update(transfer_metrics(params, sampler, transfer, **budget, bar=bar))
+      sampled, groups = _sampled_metrics(sampler, params, task, test_problems, eval_cfg, budget,
+                                         seed, bar)
+      result.update(sampled)
+      for rec, g in zip(test_records, groups):
+        rec["sampled"] = g
+    transfer_result, transfer_records = _transfer(params, sampler, transfer, **budget, bar=bar)
+    result.update(transfer_result)
     for t in transfer if sampled_transfer else ():
       # The same sampling (settings and key) as the test split's, on the task's problems.
-      sampled = _sampled_metrics(sampler, params, t.task, t.problems, eval_cfg, budget, seed, bar)
+      sampled, groups = _sampled_metrics(sampler, params, t.task, t.problems, eval_cfg, budget,
+                                         seed, bar)
       result.update({f"transfer/{t.label}/{k}": v for k, v in sampled.items()})
+      mine = [r for r in transfer_records if r["split"] == f"transfer/{t.label}"]
+      for rec, g in zip(mine, groups):
+        rec["sampled"] = g
   log("eval: " + ", ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float)))
-  return result
+  return result, test_records + train_records + transfer_records
 
 
 def _sampled_metrics(sampler: sampling.Sampler, params: Any, task: Any,
                      test_problems: Sequence[Problem], eval_cfg: ml_collections.ConfigDict,
-                     budget: dict, seed: int, bar: progress.Progress) -> dict:
-  """pass@k (unbiased estimator) and maj@k from eval.num_samples samples per test problem."""
+                     budget: dict, seed: int, bar: progress.Progress
+                     ) -> tuple[dict, list[list[dict]]]:
+  """pass@k (unbiased estimator) and maj@k from eval.num_samples samples per test problem,
+  and each problem's samples as grouped_samples."""
   n = eval_cfg.num_samples
   result: dict[str, Any] = {}
   texts = sample_texts(sampler, params, task.vocabulary, test_problems, num_samples=n,
@@ -190,4 +266,6 @@ def _sampled_metrics(sampler: sampling.Sampler, params: Any, task: Any,
     maj = [metrics.majority_correct([key(task.postprocess(t)) for t in row[:k]], list(r[:k]))
            for row, r in zip(texts, rewards)]
     result[f"maj@{k}"] = float(np.mean(maj))
-  return result
+  groups = [grouped_samples([extracted_answer(task, t) for t in row], list(r))
+            for row, r in zip(texts, rewards)]
+  return result, groups

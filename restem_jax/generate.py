@@ -30,6 +30,7 @@ every host sees (the M-step reads all hosts' shards).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -52,12 +53,25 @@ def choose_kept(rewards: Sequence[float], cap: int, seed: Sequence[int]) -> list
   return sorted(rng.choice(correct, size=cap, replace=False).tolist())
 
 
+def sampling_settings(sampling_cfg: ml_collections.ConfigDict, stop_strings: Sequence[str]
+                      ) -> dict:
+  """What a sample's provenance records of how it was drawn (enough to draw it again)."""
+  mode = sampling.SamplingMode.from_config(sampling_cfg)
+  return {**dataclasses.asdict(mode), "num_samples": int(sampling_cfg.num_samples),
+          "max_new_tokens": int(sampling_cfg.max_new_tokens),
+          "stop_strings": list(stop_strings)}
+
+
 def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
              problems: Sequence[Problem], sampling_cfg: ml_collections.ConfigDict,
              max_per_problem: int, iteration: int, out_dir: str, seed: int,
              max_fault_fraction: float = 1.0,
-             log: Callable[[str], None] = logging.info) -> dict:
+             log: Callable[[str], None] = logging.info, model_path: str = "",
+             keep_rejected: int = 0) -> dict:
   """Runs the E-step over `problems`, writing shards to `out_dir`; returns counts.
+
+  model_path: the checkpoint of `params`, recorded with each sample. keep_rejected:
+  also store the first that many failed samples of each problem (rejected_ files).
 
   Raises GraderFaultError if more than `max_fault_fraction` of all its samples
   got no verdict from the grader (samples.ProblemStats.num_faults).
@@ -70,6 +84,8 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
   vocab = task.vocabulary
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   todo = _chunks_to_do(out_dir, chunks)
+  provenance = dict(model=model_path, sampling=sampling_settings(sampling_cfg, task.stop_strings),
+                    rng_key=[int(x) for x in np.asarray(jax.random.key_data(key)).ravel()])
   me = jax.process_index()
   left = sum(len(chunks[c]) for c in todo)
   # Problems this host scored / solved (>= 1 correct, hence >= 1 kept, sample).
@@ -92,13 +108,17 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
     mine = [(idx[j], chunk[j]) for j in share]
     flat_problems = [p for _, p in mine for _ in range(n)]
     rewards, faults = _score(task, flat_problems, [t for row in texts for t in row])
-    kept_rows, stat_rows = [], []
+    kept_rows, stat_rows, rejected_rows = [], [], []
     for j, (i, p) in enumerate(mine):
       r = rewards[j * n:(j + 1) * n]
       keep = choose_kept(r, max_per_problem, (seed, iteration, i))
-      kept_rows += [samples.KeptSample(problem_id=p.id, prompt=p.prompt, sample=texts[j][k],
-                                       reward=float(r[k]), iteration=iteration, seed=seed)
-                    for k in keep]
+
+      def row(k, i=i, p=p, j=j, r=r):
+        return samples.KeptSample(problem_id=p.id, prompt=p.prompt, sample=texts[j][k],
+                                  reward=float(r[k]), iteration=iteration, seed=seed,
+                                  problem_index=int(i), sample_index=int(k), **provenance)
+      kept_rows += [row(k) for k in keep]
+      rejected_rows += [row(k) for k in [k for k in range(n) if not r[k] > 0][:keep_rejected]]
       stat_rows.append(samples.ProblemStats(
           problem_id=p.id, level=p.level, num_samples=n, num_correct=int(sum(x > 0 for x in r)),
           num_kept=len(keep), num_faults=sum(f is not None for f in faults[j * n:(j + 1) * n])))
@@ -107,7 +127,8 @@ def generate(*, params: Any, sampler: sampling.Sampler, task: Any,
       logging.warning("generate iter %d chunk %d: %d of %d samples lost to grader faults (%s); "
                       "they score 0", iteration, c, sum(kinds.values()), len(faults),
                       ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
-    samples.write_chunk(out_dir, c, me, kept_rows, stat_rows)
+    samples.write_chunk(out_dir, c, me, kept_rows, stat_rows,
+                        rejected_rows if keep_rejected > 0 else None)
     scored += len(stat_rows)
     solved += sum(s.num_kept > 0 for s in stat_rows)
     bar.update(len(idx), f"solved {solved}/{scored} ({100 * solved / max(scored, 1):.0f}%)")
@@ -175,7 +196,7 @@ def _chunks_to_do(out_dir: str, chunks: Sequence[range]) -> list[int]:
     files: dict[int, list[str]] = {}  # chunk -> its shard_/stats_ files, any process
     for path in wd.glob(out_dir, "*_p[0-9][0-9][0-9].jsonl"):
       kind, chunk = os.path.basename(path).split("_")[:2]
-      if kind in ("shard", "stats"):
+      if kind in ("shard", "stats", "rejected"):
         files.setdefault(int(chunk), []).append(path)
     for c, idx in enumerate(chunks):
       mine = files.get(c, [])

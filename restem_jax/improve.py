@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import checkpoints, lora, preemption, progress, sampling, training
+from restem_jax import batches, checkpoints, lora, preemption, progress, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -111,7 +111,7 @@ def padded_length(longest: int, seq_len: int) -> int:
 
 
 def shared_rows(examples: Sequence[Example], row_len: int) -> list[list[int]]:
-  """Examples grouped into rows that share a prompt (training.make_shared_batch): each
+  """Examples grouped into rows that share a prompt (batches.make_shared_batch): each
   prompt's examples in order, as many per row as fit in row_len tokens (one copy of
   the prompt + their targets). Deterministic: the same examples give the same rows."""
   by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -164,15 +164,15 @@ class BatchStream:
       out.append(int(self._perm(pos // n)[pos % n]))
     return out
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int) -> batches.Batch:
     units = [[self.examples[i] for i in self.units[u]] for u in self.indices(step)]
     if self.share_prompts:
       rows = [(row[0].prompt, [(e.target, e.weight) for e in row]) for row in units]
       longest = max(len(p) + sum(len(t) for t, _ in ts) for p, ts in rows)
-      return training.make_shared_batch(rows, padded_length(longest, self.seq_len), self.pad_id)
+      return batches.make_shared_batch(rows, padded_length(longest, self.seq_len), self.pad_id)
     chosen = [row[0] for row in units]
     length = padded_length(max(len(e.prompt) + len(e.target) for e in chosen), self.seq_len)
-    return training.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
+    return batches.make_batch([e.prompt for e in chosen], [e.target for e in chosen],
                                [e.weight for e in chosen], length, self.pad_id)
 
 
@@ -188,6 +188,73 @@ def _validate(examples: Sequence[Example], seq_len: int, train_cfg: ml_collectio
   for name in ("max_steps", "checkpoint_every") + (("eval_every", "patience") if eval_fn else ()):
     if int(train_cfg[name]) < 1:
       raise ValueError(f"train.{name}={train_cfg[name]} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Book:
+  """The M-step's early-stop book-keeping, saved (as_dict) with every mid-phase checkpoint."""
+  step: int = 0  # Train steps done: batch `step` is the next one.
+  best_step: int = 0
+  best_score: float | None = None  # None until the first evaluation.
+  evals: list = dataclasses.field(default_factory=list)  # [[step, score], ...]
+  bad_evals: int = 0  # Evaluations since the best one.
+  stopped: str | None = None  # "patience" | "max_steps" once stopped.
+  done: bool = False
+  seed: int | None = None  # What the M-step was started with: a resume must match.
+  num_examples: int | None = None
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Book":
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When the M-step evaluates, stops and checkpoints (train_cfg's integers)."""
+  max_steps: int
+  eval_every: int
+  patience: int
+  checkpoint_every: int
+  evaluates: bool  # An eval_fn was given.
+
+  def eval_due(self, step: int) -> bool:
+    return self.evaluates and (step % self.eval_every == 0 or step >= self.max_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """What follows a train step (after_step)."""
+  book: Book
+  improved: bool  # The step's params are the new best.
+  save: bool  # Checkpoint this step.
+  preempted: bool  # SIGTERM: save this step, then stop the process.
+
+
+def after_step(book: Book, step: int, score: float | None, sched: Schedule) -> Decision:
+  """After train step `step` and its validation `score` (None when not evaluated): a better
+  score is the new best; `patience` worse ones or max_steps stop; a stop, a preemption
+  (SIGTERM: this step, not only every checkpoint_every) or checkpoint_every saves.
+  Calls preemption.reached() at the same point on every process (not once stopped)."""
+  evals, best_step, best_score, bad = book.evals, book.best_step, book.best_score, book.bad_evals
+  improved, stopped = False, book.stopped
+  if score is not None:
+    evals = evals + [[step, score]]
+    improved = best_score is None or score > best_score
+    best_step, best_score, bad = (step, score, 0) if improved else (best_step, best_score,
+                                                                     bad + 1)
+    if bad >= sched.patience:
+      stopped = "patience"
+  if step >= sched.max_steps and stopped is None:
+    stopped = "max_steps"
+  book = dataclasses.replace(book, step=step, best_step=best_step, best_score=best_score,
+                             evals=evals, bad_evals=bad, stopped=stopped,
+                             done=stopped is not None)
+  preempted = not book.done and preemption.reached()
+  return Decision(book, improved, book.done or preempted or step % sched.checkpoint_every == 0,
+                  preempted)
 
 
 def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.ConfigDict,
@@ -208,10 +275,9 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
   returned and best_step = steps, best_score = None.
   """
   _validate(examples, seq_len, train_cfg, eval_fn)
-  max_steps = int(train_cfg.max_steps)
-  eval_every, patience = int(train_cfg.eval_every), int(train_cfg.patience)
-  ckpt_every = int(train_cfg.checkpoint_every)
-  trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=max_steps)
+  sched = Schedule(int(train_cfg.max_steps), int(train_cfg.eval_every), int(train_cfg.patience),
+                   int(train_cfg.checkpoint_every), evaluates=eval_fn is not None)
+  trainer = training.Trainer(model_cfg, train_cfg, mesh, total_steps=sched.max_steps)
   share = bool(train_cfg.share_prompts)
   row_len = int(train_cfg.shared_row_len) or seq_len
   stream = BatchStream(examples, trainer.batch_size, row_len if share else seq_len, seed,
@@ -228,88 +294,86 @@ def improve(*, model_cfg: model_lib.ModelConfig, train_cfg: ml_collections.Confi
         f"{'fresh adapters' if init_adapters is None else 'continuing the given adapters'}")
   elif init_adapters is not None:
     raise ValueError("improve: init_adapters given but train.lora.rank = 0 (full fine-tuning)")
-  # With train.lora the state and the best-so-far are adapters: checkpoints hold those
-  # (and their optimizer state) only; the result is merged with the base at the end.
-  abstract = {"train": trainer.abstract_state(), "best": trainer.abstract_state().params}
-
   ckpt = checkpoints.TrainCheckpointer(os.path.join(workdir, "checkpoints"),
                                        keep=int(train_cfg.keep_checkpoints))
   try:
-    # A damaged newest checkpoint is removed (warning) and an earlier one used.
-    latest = ckpt.restore_latest(abstract, log)
-    if latest is None:
-      state = trainer.init_state(init_params, rng=jax.random.key(seed), adapters=init_adapters)
-      # Best-so-far starts as the initial params, so the pytree is always full;
-      # it is replaced by the first evaluation (best_score None < any score).
-      best_params = trainer.copy_params(state.params)
-      book = {"step": 0, "best_step": 0, "best_score": None, "evals": [], "bad_evals": 0,
-              "stopped": None, "done": False, "seed": seed, "num_examples": len(examples)}
-    else:
-      start, restored, book = latest
-      if book.get("seed") != seed or book.get("num_examples") != len(examples):
-        raise checkpoints.CheckpointError(
-            f"checkpoint {ckpt.directory}/{start} was written for seed={book.get('seed')} and "
-            f"{book.get('num_examples')} examples, not seed={seed} and {len(examples)}; use a "
-            "fresh workdir for a different M-step")
-      state, best_params = restored["train"], restored["best"]
-      trainer.attach_base(init_params)
-      log(f"improve: resumed from {ckpt.directory} at step {book['step']}")
-    if book["done"]:
-      return _result(trainer, best_params, state, book, eval_fn, init_params)
-
-    step = int(book["step"])
-    # One line per M-step (progress.py): steps/s, ETA and the latest loss, not a line per step.
-    bar = progress.Progress("improve", max_steps, "steps", initial=step, log=log,
-                            enabled=jax.process_index() == 0)
-    while True:
-      state, metrics = trainer.step(state, stream.batch(step))
-      step += 1
-      bar.update(1, f"loss {metrics['loss']:.4f} tokens {metrics['tokens']:.0f} grad_norm "
-                    f"{metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}")
-      at_end = step >= max_steps
-      if eval_fn is not None and (step % eval_every == 0 or at_end):
-        with preemption.deferred():  # The step's checkpoint below includes its validation.
-          score = float(eval_fn(trainer.model_params(state.params)))
-        book["evals"].append([step, score])
-        if book["best_score"] is None or score > book["best_score"]:
-          book.update(best_step=step, best_score=score, bad_evals=0)
-          best_params = trainer.copy_params(state.params)
-        else:
-          book["bad_evals"] += 1
-        bar.log(f"improve eval at step {step}: {score:.4f} (best {book['best_score']:.4f} at "
-                f"step {book['best_step']})")
-        if book["bad_evals"] >= patience:
-          book["stopped"] = "patience"
-      if at_end and book["stopped"] is None:
-        book["stopped"] = "max_steps"
-      book["step"] = step
-      stopping = book["stopped"] is not None
-      book["done"] = stopping
-      # SIGTERM: save this step (not only every checkpoint_every), then stop.
-      preempted = not stopping and preemption.reached()
-      if stopping or preempted or step % ckpt_every == 0:
-        ckpt.save(step, {"train": state, "best": best_params}, book)
-      if preempted:
-        ckpt.wait()  # The async save is complete before the process exits.
-        preemption.stop(f"M-step checkpoint at step {step}/{max_steps} saved in "
-                        f"{ckpt.directory}")
-      if stopping:
-        break
-    bar.close()
-    log(f"improve: stopped ({book['stopped']}) after {step} steps; best step "
-        f"{book['best_step']} score {book['best_score']}")
+    state, best_params, book = _start(trainer, ckpt, init_params, init_adapters,
+                                      Book(seed=seed, num_examples=len(examples)), log)
+    if not book.done:
+      state, best_params, book = _train(trainer, stream, ckpt, state, best_params, book, sched,
+                                        eval_fn, log)
     return _result(trainer, best_params, state, book, eval_fn, init_params)
   finally:
     ckpt.close()  # Async writes complete before improve returns (or raises).
 
 
+def _start(trainer: training.Trainer, ckpt: checkpoints.TrainCheckpointer, init_params: Any,
+           init_adapters: Any, fresh: Book, log: Callable[[str], None]) -> tuple[Any, Any, Book]:
+  """(train state, best params so far, book): the latest checkpoint's, else fresh ones."""
+  # With train.lora the state and the best-so-far are adapters: checkpoints hold those
+  # (and their optimizer state) only; the result is merged with the base at the end.
+  abstract = {"train": trainer.abstract_state(), "best": trainer.abstract_state().params}
+  # A damaged newest checkpoint is removed (warning) and an earlier one used.
+  latest = ckpt.restore_latest(abstract, log)
+  if latest is None:
+    state = trainer.init_state(init_params, rng=jax.random.key(fresh.seed),
+                               adapters=init_adapters)
+    # Best-so-far starts as the initial params, so the pytree is always full;
+    # it is replaced by the first evaluation (best_score None < any score).
+    return state, trainer.copy_params(state.params), fresh
+  start, restored, saved = latest
+  book = Book.from_dict(saved)
+  if (book.seed, book.num_examples) != (fresh.seed, fresh.num_examples):
+    raise checkpoints.CheckpointError(
+        f"checkpoint {ckpt.directory}/{start} was written for seed={book.seed} and "
+        f"{book.num_examples} examples, not seed={fresh.seed} and {fresh.num_examples}; use a "
+        "fresh workdir for a different M-step")
+  trainer.attach_base(init_params)
+  log(f"improve: resumed from {ckpt.directory} at step {book.step}")
+  return restored["train"], restored["best"], book
+
+
+def _train(trainer: training.Trainer, stream: BatchStream, ckpt: checkpoints.TrainCheckpointer,
+           state: Any, best_params: Any, book: Book, sched: Schedule, eval_fn: Any,
+           log: Callable[[str], None]) -> tuple[Any, Any, Book]:
+  """Train steps from book.step until after_step stops them; checkpoints as it says."""
+  # One line per M-step (progress.py): steps/s, ETA and the latest loss, not a line per step.
+  bar = progress.Progress("improve", sched.max_steps, "steps", initial=book.step, log=log,
+                          enabled=jax.process_index() == 0)
+  while not book.done:
+    state, metrics = trainer.step(state, stream.batch(book.step))
+    step, score = book.step + 1, None
+    bar.update(1, f"loss {metrics['loss']:.4f} tokens {metrics['tokens']:.0f} grad_norm "
+                  f"{metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}")
+    if sched.eval_due(step):
+      with preemption.deferred():  # The step's checkpoint below includes its validation.
+        score = float(eval_fn(trainer.model_params(state.params)))
+    then = after_step(book, step, score, sched)
+    book = then.book
+    if then.improved:
+      best_params = trainer.copy_params(state.params)
+    if score is not None:
+      bar.log(f"improve eval at step {step}: {score:.4f} (best {book.best_score:.4f} at "
+              f"step {book.best_step})")
+    if then.save:
+      ckpt.save(step, {"train": state, "best": best_params}, book.as_dict())
+    if then.preempted:
+      ckpt.wait()  # The async save is complete before the process exits.
+      preemption.stop(f"M-step checkpoint at step {step}/{sched.max_steps} saved in "
+                      f"{ckpt.directory}")
+  bar.close()
+  log(f"improve: stopped ({book.stopped}) after {book.step} steps; best step "
+      f"{book.best_step} score {book.best_score}")
+  return state, best_params, book
+
+
 def _result(trainer: training.Trainer, best_params: Any, state: training.TrainState,
-            book: dict, eval_fn: Any, init_params: Any) -> tuple[Trained, dict]:
-  info = {"best_step": int(book["best_step"]) if eval_fn else int(book["step"]),
-          "best_score": book["best_score"],
-          "steps": int(book["step"]),
-          "evals": [(int(s), float(v)) for s, v in book["evals"]],
-          "stopped": book["stopped"]}
+            book: Book, eval_fn: Any, init_params: Any) -> tuple[Trained, dict]:
+  info = {"best_step": int(book.best_step) if eval_fn else int(book.step),
+          "best_score": book.best_score,
+          "steps": int(book.step),
+          "evals": [(int(s), float(v)) for s, v in book.evals],
+          "stopped": book.stopped}
   trained = best_params if eval_fn is not None else state.params
   if trainer.adapters is None:
     return Trained(trained), info

@@ -1,100 +1,21 @@
 """Low-rank adapters (LoRA) on the params pytree, over a frozen, optionally quantized base.
 
-For each target matrix W (`train.lora.targets`: q, k, v, o, gate, up, down of every
-layer; each layer's are their own arrays, params["layers_<i>"], model.py) the adapted
-projection is
-
-    x W + s (x A) B  (= x W' with W' = W + s A B),   s = alpha / rank,
-    A: [in, rank] (random),  B: [rank, out] (zeros)
-
-where "in" are the axes the model's einsum contracts (embed for q/k/v/gate/up, heads x
-head_dim for o, mlp for down) and "out" the others. The adapters mirror the params'
-layout: adapters["layers_<i>"][target] = {"a", "b"}. B starts at zero, so the adapted
-model is the base before training.
-
-How it is used (training.Trainer with train.lora.rank > 0): the train state holds only
-the adapters and their optimizer state; the base is a jit argument that is never
-differentiated, and the model applies the adapters inside each Block: Transformer(...,
-lora=Adapters.apply(adapters)) hands layer i's adapters to Block i, whose projections go
-through model._project, here LayerAdapters.project. No merged W' and no full-size
-gradient dW exist in the step, only dA, dB (and dx). A bfloat16 or quantized base leaf
-is converted / dequantized where the layer reads it, under jax.checkpoint: otherwise
-jax.grad keeps every layer's float W from the forward pass for the backward one (the
-whole model's float weights at once); under remat they need to live one layer at a
-time, at the cost of converting them twice (peak RSS did not drop: measured below).
-With rank 0 (full fine-tuning) no hook is passed and the step compiles to the same HLO
-as without this code (2c7fe96 vs 68bcaac: the jaxpr and the optimized HLO, minus source
-locations, are identical; 1 and 2 micro-batches).
-
-train.lora.dropout p: the adapter's input x (not x W) is dropped with probability p
-and rescaled by 1 / (1 - p), as PEFT does; training only. The masks come from
-key(DROPOUT_SEED) folded with the step (split per micro-batch), so a resumed run draws
-the same ones.
-
-The sampler gets one merged copy W' per call site (Trainer.model_params: once per
-validation, once per M-step result). The iteration's model is saved as its adapters alone,
-with this LoraConfig's `metadata()` and the base's path (run.RunContext.save_model; the
-base is stored once); a restore merges them onto the run's base with the same jitted
-merge, so a resumed run samples the very params it held. With restem.finetune_from =
-"previous" the next M-step continues those adapters on the same frozen base
-(Trainer.init_state(adapters=)), not a fresh adapter on merged weights. decode_step
-accepts the hook too (lora=), and benchmarks/lora_sampling_memory.py measures one
-generation call both ways (SmolLM2-135M shapes, 16 x 64 prompt tokens + 64 greedy
-tokens, rank 16, 2-core EPYC CPU at load 5-10, commit 08eab17 + 9a3ce85; peak RSS, and
-XLA's memory analysis of the compiled call incl. the base held beside it):
-float32 base: merge 2.51 GB (XLA 1.39), in-Block 1.85 GB (XLA 0.86): the merged copy;
-int8 base: merge 2.07 GB (XLA 1.08, temp 0.30), in-Block 2.32 GB (XLA 0.96, temp 0.72):
-XLA hoists every layer's dequantization out of the decode loop, so the float weights
-exist for the whole call. Greedy tokens are equal both ways. The Sampler keeps the merge
-(a): worse for a quantized base, and the float32 gain (one model copy during sampling)
-needs the adapters threaded through sampling.py, not done.
-
-The frozen base can be kept in another dtype (`train.lora.base_dtype`): bfloat16, or
-quantized (QLoRA): "int8" (per-output-channel absmax) or "nf4" (4-bit NormalFloat,
-absmax blocks of 64 along the input axis, as in Dettmers et al. 2023). The quantization
-is google/qwix's (`qwix.quantize` / `qwix.dequantize`; its QArray is a pytree, so a
-quantized base is still a params pytree with shardings).
-
-Why not qwix's LoRA too (qwix.LoraProvider, what tunix uses): it intercepts the einsums
-of a wrapped Flax module and selects weights by *module path*; our seven matrices live in
-one Block module, so targets could not be chosen, and the sampler's decode_step applies
-Block directly, outside any wrapped model. Its QLoRA base is a tree of WithAux wrappers
-that our checkpoint and sharding code does not read. The hook here is one argument of
-Block and a few einsums on the pytree.
-
-Measured (benchmarks/train_step.py --lora [--recipe=gemma3_270m]: real weights, batch
-4 x 128, rank 16 on all 7 matrices, each variant in its own process; peak RSS in GB,
-params resident before: SmolLM2 ~1.0, Gemma ~2.1), merging W' in the step (before,
-commit 68bcaac = main + the --recipe option) vs in-Block (after, commits 2c7fe96 /
-08eab17), same session on a shared 2-core AMD EPYC CPU at load 2-9 (other jobs' memory
-varied too):
-
-                     full   lora f32   bf16   int8   nf4
-    SmolLM2  before  4.43     3.76     4.09   4.10   4.07
-             after   4.40     3.72     4.39   4.28   4.24
-    Gemma    before  7.98     4.46     5.48   5.62   5.42
-             after   7.90     4.68     5.88   5.90   5.77
-
-The expected saving (no merged W', no dW') does not show in peak RSS on CPU: the
-in-Block step peaks about the same (SmolLM2 float32 base -0.04 GB) or higher (Gemma
-float32 +0.22; bf16 / int8 / nf4 bases +0.17 to +0.40), and its compile is longer
-(remat). Likely reason: with per-layer params XLA already freed each layer's W' and dW'
-soon after use, so they were never all alive at the peak (XLA's memory analysis of the
-compiled SmolLM2 step, temporaries: before full 1.42 GB, lora 1.55, bf16 1.55, int8
-1.55; after lora 1.43, bf16 1.74, int8 1.74: the float32 base saves 0.12 GB, a bf16 or
-int8 base's converted weights cost 0.20 GB more, so remat does not keep them to one
-layer here).
-Losses are equal to the merged step's to 4 digits. The gain is the structure: the step
-holds no full-size gradient, the grad pytree is adapters only (tests/test_lora.py
-checks the jaxpr), and dropout on the adapter input becomes possible.
-
-Adapters carry the logical axes of W (A: in-axes, rank; B: rank, out-axes; rank
+For each target matrix W (`train.lora.targets`: q, k, v, o, gate, up, down of every layer)
+the adapted projection is x W + s (x A) B with s = alpha / rank, A: [in, rank] random,
+B: [rank, out] zeros (so the adapted model starts as the base). Adapters mirror the params'
+layout (adapters["layers_<i>"][target] = {"a", "b"}) and carry W's logical axes (rank
 unsharded), so they shard by partitioning.LOGICAL_RULES like the base.
 
-A run with a cast or quantized base keeps the loaded base only while it is sampled (its
-evaluation, the first E-step): then run.RunContext.frozen keeps `prepare_base`'s copy
-alone, which prepare_base returns unchanged (is_prepared) to every later M-step and
-merge, so the iterates are the same as when each M-step quantized the loaded base.
+In the train step the base is a jit argument that is never differentiated and each Block
+applies its adapters itself (model._project -> LayerAdapters.project): no merged W' and no
+full-size dW exist, only dA, dB. A bfloat16 or quantized base leaf ("int8" per-channel
+absmax, "nf4" blocks of 64, via google/qwix) is converted where the layer reads it, under
+jax.checkpoint. Rank 0 passes no hook: the step is the full fine-tune's program.
+`train.lora.dropout` drops the adapter input (keys folded with the step: resume-exact).
+The sampler gets one merged copy W + s A B; an iteration is saved as its adapters plus the
+base's path, and restored by the same jitted merge. qwix's own LoRA is not used: it picks
+weights by module path (our seven matrices share one Block) and wraps the base in pytrees
+our checkpoint and sharding code does not read. Memory measurements: benchmarks/README.md.
 """
 from __future__ import annotations
 

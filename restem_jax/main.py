@@ -6,7 +6,7 @@ status 75 (preemption.EXIT_CODE) and one line saying where it stopped. Override
 fields on the command line (`--config.sampling.num_samples=8`); a config that
 differs from the one saved in the workdir stops the run unless --override is given.
 
-The config is checked (configlib.validate) before JAX, SeqIO and TensorFlow are
+The config is checked (preflight.check: values, data layout, paths) before JAX, SeqIO and TensorFlow are
 imported, so a bad value fails in about a second, one `error:` line per problem.
 """
 import gc
@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from restem_jax import configlib, errors, quiet  # quiet: the standard library only
+from restem_jax import errors, preflight, quiet  # quiet: the standard library only
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -44,7 +44,7 @@ def main(argv):
   del argv
   quiet.configure_logging()
   try:
-    configlib.validate(_CONFIG.value)
+    preflight.check(_CONFIG.value)
   except errors.ConfigError as e:
     _exit_bad_input(e)
   # TensorFlow first, quietly and without GPUs (JAX keeps them): no C++ start-up noise.

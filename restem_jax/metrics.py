@@ -75,4 +75,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
   denom = 1 + z * z / n
   center = (p + z * z / (2 * n)) / denom
   half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-  return max(0.0, center - half), min(1.0, center + half)
+  # Exact ends at 0 / n successes (the bound is the rate itself; rounding would move it).
+  return (0.0 if successes == 0 else max(0.0, center - half),
+          1.0 if successes == n else min(1.0, center + half))

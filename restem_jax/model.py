@@ -24,11 +24,9 @@ a while loop can only read a layer of a stacked array by slicing it, and XLA
 materialises the slice. Token-by-token decoding (`decode_step`, inside the
 sampler's loop) then either copied every layer's weights on every step or, split
 once before the loop, held a second copy of all the weights for the whole call
-(SmolLM2-135M, batch 64: +425 MB next to 538 MB of params; benchmarks/sampler.py
-prints it). Per-layer arrays are read in place by training, prefill and
-decode_step alike; the cost is compile time that grows with depth (SmolLM2-135M's
-30 layers, train step 4 x 128 on CPU: compile + first step 23 CPU-s vs 11 with the
-scan). Checkpoints written with the stacked layout are
+(benchmarks/sampler.py --memory measures it; benchmarks/README.md). Per-layer arrays
+are read in place by training, prefill and decode_step alike; the cost is compile
+time that grows with depth. Checkpoints written with the stacked layout are
 converted when restored (checkpoints.py). RoPE uses the rotate-half (Hugging
 Face Llama) layout, so HF checkpoints import without permutation.
 """
@@ -640,7 +638,7 @@ class Transformer(nn.Module):
       lora: None, or LoRA adapters applied inside each Block (lora.ModelAdapters: its
         layer(i) is layer i's hook, or None); the params are then the frozen base.
       segments_BxL: None, or (no cache) several sequences sharing a prefix in one row
-        (training.make_shared_batch): a token sees the keys of segment 0 (the shared
+        (batches.make_shared_batch): a token sees the keys of segment 0 (the shared
         prompt) and of its own segment, causally by position; -1 marks padding, which
         no other segment sees. Positions then restart after the prompt in each segment.
     """

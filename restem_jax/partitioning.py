@@ -85,7 +85,7 @@ def data_parallel_size(mesh: Mesh) -> int:
 def check_model_fits_mesh(model_cfg: Any, mesh: Mesh) -> None:
   """Fails early, one line per problem, on head counts the mesh cannot split.
 
-  The same check as configlib.validate's, here with the mesh's real tensor size
+  The same check as configlib.problems', here with the mesh's real tensor size
   (the config may say -1). n_heads vs n_kv_heads is ModelConfig's own check.
   """
   errors.raise_if(configlib.tensor_axis_problems(model_cfg, mesh.shape["tensor"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -24,8 +25,8 @@ import ml_collections
 from etils import epath
 
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
-                        improve, lora, model, partitioning, preemption, report, samples,
-                        sampling, tasks, workdir as wd)
+                        improve, lora, model, partitioning, preemption, preflight, report,
+                        runinfo, samples, sampling, tasks, workdir as wd)
 from restem_jax import export
 from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
@@ -93,7 +94,7 @@ def load_splits(config: ml_collections.ConfigDict, task: tasks.Task,
 
 def load_transfer(config: ml_collections.ConfigDict, vocab: Any,
                   model_cfg: model.ModelConfig) -> list[evaluate.TransferTask]:
-  """eval.transfer_tasks (checked by configlib.validate): config.task with each dict's
+  """eval.transfer_tasks (checked by preflight.check): config.task with each dict's
   overrides, its test split only, under the dict's "label" (default: its task name)."""
   out = []
   max_prompt = model_cfg.max_seq_len - config.sampling.max_new_tokens
@@ -114,7 +115,8 @@ class RunContext:
     self.coordinator = distributed.is_coordinator()
     self.layout = wd.Layout(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    wd.check_or_save_config(self.layout.config, config, override, write=self.coordinator)
+    wd.check_or_save_config(self.layout.config, config, override, write=self.coordinator,
+                            defaults=configlib.default_config())
     self.model_cfg = model.ModelConfig.from_config(config.model)
     self.mesh = partitioning.make_mesh(config.mesh)
     partitioning.check_model_fits_mesh(self.model_cfg, self.mesh)
@@ -140,6 +142,8 @@ class RunContext:
                                     pad_id=vocab.pad_id, stop_strings=self.task.stop_strings,
                                     vocabulary=vocab)
     self.progress = wd.Progress(self.layout.progress, write=self.coordinator)
+    if self.coordinator:  # Command and code version of every start (report.html shows them).
+      runinfo.record_launch(workdir)
     # train.lora's adapters (None: full fine-tuning): what the run's models are saved as.
     self.lora = lora.make(self.model_cfg, config.train, self.mesh)
 
@@ -170,9 +174,10 @@ class RunContext:
                         self.layout.progress, str(e).split(";")[0])
         self.progress.unmark(phase)
     preemption.check("nothing of it was started")
+    start = time.time()
     out = compute()
     save(out)
-    self.progress.mark(phase)
+    self.progress.mark(phase, seconds=time.time() - start)
     return out
 
   def trained(self, m: wd.ModelPaths, fit: Callable[[], tuple[Trained, dict]],
@@ -190,6 +195,8 @@ class RunContext:
   def generated(self, m: wd.ModelPaths, params: Any, iteration: int) -> dict:
     """The E-step's shards in m.samples (written if not yet complete); returns their counts."""
     c = self.config
+    sampled = (c.restem.teacher_path if c.restem.sample_from == "teacher" else
+               self.base_path if iteration == 1 else self.layout.iteration(iteration - 1).model)
 
     def compute() -> dict:
       self.log(f"iteration {iteration}: generate")
@@ -197,7 +204,9 @@ class RunContext:
                                problems=self.splits.train, sampling_cfg=c.sampling,
                                max_per_problem=c.restem.max_per_problem, iteration=iteration,
                                out_dir=m.samples, seed=c.seed,
-                               max_fault_fraction=c.restem.max_fault_fraction, log=self.log)
+                               max_fault_fraction=c.restem.max_fault_fraction, log=self.log,
+                               model_path=wd.in_workdir(sampled, self.layout.root),
+                               keep_rejected=c.restem.keep_rejected)
     return self.resumable(m.generated, compute, save=lambda _: None,
                           restore=lambda: samples.verify(m.samples, len(self.splits.train)))
 
@@ -205,18 +214,24 @@ class RunContext:
     """m's eval.json (computed if not yet written), with `extra` fields and its name."""
     c = self.config
 
-    def compute() -> dict:
-      result = evaluate.evaluate(params=params, sampler=self.sampler, task=self.task,
-                                 test_problems=self.splits.test, train_problems=self.splits.train,
-                                 eval_cfg=c.eval, **evaluate.sampling_budget(c), seed=c.seed,
-                                 transfer=self.transfer, log=self.log)
-      return {**result, **extra, "iteration": m.name}
+    def compute() -> tuple[dict, list[dict]]:
+      result, records = evaluate.evaluate_with_records(
+          params=params, sampler=self.sampler, task=self.task, test_problems=self.splits.test,
+          train_problems=self.splits.train, eval_cfg=c.eval, **evaluate.sampling_budget(c),
+          seed=c.seed, transfer=self.transfer, log=self.log)
+      return {**result, **extra, "iteration": m.name}, records
 
-    def save(result: dict) -> None:
-      self.write_json(m.eval_json, result)
-      if self.coordinator:
-        report.write_tensorboard(self.layout.root, m.name, result)
-    return self.resumable(m.evaluated, compute, save, restore=lambda: wd.read_json(m.eval_json))
+    def save(out: tuple[dict, list[dict]]) -> None:
+      if self.coordinator:  # The records first: eval.json is what marks both as written.
+        wd.write_lines_atomic(m.eval_problems, out[1])
+        wd.write_json_atomic(m.eval_json, out[0])
+        report.write_tensorboard(self.layout.root, m.name, out[0], out[1])
+
+    def restore() -> tuple[dict, None]:
+      if not wd.exists(m.eval_problems):  # (Deleted, or a workdir older than the records.)
+        raise wd.DamagedError(f"{m.eval_problems} is missing; the evaluation is redone")
+      return wd.read_json(m.eval_json), None
+    return self.resumable(m.evaluated, compute, save, restore)[0]
 
   def examples(self, pairs: list[tuple[str, str]],
                weights: list[float] | None = None) -> list[improve.Example]:
@@ -262,8 +277,8 @@ class RunContext:
     """What the run keeps of theta_base once nothing samples it any more: with a cast or
     quantized LoRA base (train.lora.base_dtype) only that frozen copy, which every M-step
     trains on and every iterate is merged from (the same arrays improve() would make from
-    the loaded base); otherwise `base` itself. Frees the loaded base: for Gemma 3 4B in
-    bfloat16 with an int8 base, ~4.6 GB kept instead of 7.8 + 4.6."""
+    the loaded base); otherwise `base` itself. Frees the loaded base (a bfloat16 model
+    with an int8 base then holds the int8 copy alone, not both)."""
     if self.lora is None or not self.lora.cfg.base_dtype:
       return base
     return Trained(params=None, base=self.lora.prepare_base(base.start_params))
@@ -334,7 +349,7 @@ def sft_baseline(ctx: RunContext, base: Trained, human: list[Problem]) -> tuple[
 
 def run(config: ml_collections.ConfigDict, workdir: str, override: bool = False) -> list[dict]:
   """Runs (or resumes) the whole experiment; returns one eval dict per model."""
-  configlib.validate(config)  # main did already; here for callers of the library
+  preflight.check(config)  # main did already; here for callers of the library
   distributed.initialize(config.distributed)
   with preemption.handling():  # SIGTERM: stop at the next safe point (preemption.py)
     return _run(config, workdir, override)
@@ -362,7 +377,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
     # M-step: fine-tune theta_base (ReST-EM) or theta_{i-1} (ReST; with LoRA: its adapters).
     start = base if c.restem.finetune_from == "base" else current
     # The M-step reads `start` alone: from ReST-EM's base, theta_{i-1} is not held beside
-    # it (Gemma 3 270M on CPU with it: peak RSS 11.2 GB through iteration 1, 15.0 in 2).
+    # it (that would hold two models beside the train state; tests/test_lora.py counts live arrays).
     current = None
     current = ctx.trained(it, functools.partial(m_step, ctx, start, it, i, stats), base)
     results.append(ctx.evaluated(it, current.params, samples_kept=stats["kept"],
@@ -381,5 +396,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
 
   if ctx.coordinator:
     report.write_summary(workdir, results, c.eval)
+    report.write_html(workdir)
     ctx.log(f"export the best iteration: {export.command_for(workdir) or 'none finished'}")
   return results

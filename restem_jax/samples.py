@@ -1,8 +1,14 @@
 """The E-step's output: kept samples and per-problem counts, their files, writer and readers.
 
 For chunk C of the training problems, process H writes (atomic renames, in this order):
-  shard_CCCCC_pHHH.jsonl  one KeptSample per line: a correct sample the M-step trains on
-  stats_CCCCC_pHHH.jsonl  one ProblemStats per line: each of its problems' counts
+  shard_CCCCC_pHHH.jsonl     one KeptSample per line: a correct sample the M-step trains on
+  rejected_CCCCC_pHHH.jsonl  (restem.keep_rejected > 0) up to that many failed samples per
+                             problem, same fields, for people to read: never trained on
+  stats_CCCCC_pHHH.jsonl     one ProblemStats per line: each of its problems' counts
+Every sample carries its provenance: the model that drew it (checkpoint path,
+relative to the workdir when inside it),
+the sampling settings, and the key: row key = fold_in(fold_in(rng_key,
+problem_index), sample_index), as sampling.py derives it.
 A chunk is complete once its stats files hold a line for each of its problems
 (generate.py resumes on that). Lines are `json.dumps(row, sort_keys=True)`, one
 object per line. Only finished files match `*.jsonl` (in-progress ones are
@@ -30,6 +36,12 @@ class KeptSample:
   reward: float  # the training weight
   iteration: int
   seed: int
+  # Provenance (absent from shards written before it was recorded).
+  problem_index: int = -1  # index in the run's training problems: the sampler's prompt id
+  sample_index: int = -1  # which of the problem's num_samples samples
+  model: str = ""  # checkpoint of the model that drew it: relative to the workdir if in it
+  sampling: dict | None = None  # temperature, top_k, top_p, num_samples, max_new_tokens, ...
+  rng_key: list | None = None  # jax.random.key_data of the E-step's key (uint32 words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +57,29 @@ class ProblemStats:
   num_faults: int = 0
 
 
-REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(KeptSample))
+REQUIRED_KEYS = ("problem_id", "prompt", "sample", "reward", "iteration", "seed")
+_OPTIONAL_KEYS = tuple(f.name for f in dataclasses.fields(KeptSample)
+                       if f.name not in REQUIRED_KEYS)
+
+
+def _line(sample: KeptSample) -> dict:
+  """A sample's line: provenance fields left at their defaults (unknown) are not written,
+  so a row without provenance has the bytes it always had."""
+  row = dataclasses.asdict(sample)
+  defaults = {f.name: f.default for f in dataclasses.fields(KeptSample)}
+  return {k: v for k, v in row.items() if k in REQUIRED_KEYS or v != defaults[k]}
 
 
 def write_chunk(samples_dir: str, chunk: int, process: int, kept: Sequence[KeptSample],
-                stats: Sequence[ProblemStats]) -> None:
-  """This process's rows of one chunk; the stats file last, as it marks the chunk complete."""
+                stats: Sequence[ProblemStats],
+                rejected: Sequence[KeptSample] | None = None) -> None:
+  """This process's rows of one chunk; the stats file last, as it marks the chunk complete.
+  rejected: failed samples kept for reading (None: no rejected_ file)."""
   name = f"{chunk:05d}_p{process:03d}.jsonl"
-  wd.write_lines_atomic(os.path.join(samples_dir, "shard_" + name),
-                        [dataclasses.asdict(r) for r in kept])
+  wd.write_lines_atomic(os.path.join(samples_dir, "shard_" + name), [_line(r) for r in kept])
+  if rejected is not None:
+    wd.write_lines_atomic(os.path.join(samples_dir, "rejected_" + name),
+                          [_line(r) for r in rejected])
   wd.write_lines_atomic(os.path.join(samples_dir, "stats_" + name),
                         [dataclasses.asdict(r) for r in stats])
 
@@ -86,8 +112,18 @@ def read_shard(path: str) -> list[KeptSample]:
     if missing:
       raise wd.DamagedError(f"{path}:{lineno}: sample lacks {missing} (each line needs "
                             f"{list(REQUIRED_KEYS)}); {_REDO}")
-    out.append(KeptSample(**{k: rec[k] for k in REQUIRED_KEYS}))
+    out.append(KeptSample(**{k: rec[k] for k in REQUIRED_KEYS + _OPTIONAL_KEYS if k in rec}))
   return out
+
+
+def read_rejected(samples_dir: str) -> list[KeptSample]:
+  """The failed samples restem.keep_rejected stored (for people; the M-step never reads
+  them): rejected_*.jsonl files whose chunk is complete (has its stats file)."""
+  def complete(path: str) -> bool:
+    rest = os.path.basename(path).split("_", 1)[1]
+    return wd.exists(os.path.join(samples_dir, "stats_" + rest))
+  return [s for path in wd.glob(samples_dir, "rejected_*.jsonl") if complete(path)
+          for s in read_shard(path)]
 
 
 def read_samples(samples_dir: str) -> list[KeptSample]:

@@ -18,9 +18,10 @@ numerator  N = sum_b w_b * sum_t m_bt * nll_bt  and differ in the denominator:
 Zero-weight examples add nothing to N but their tokens/rows still count in the
 denominator (they are real examples that earned reward 0).
 
-Batches come one example per row (make_batch) or, with train.share_prompts, as rows of
-one prompt followed by several of its targets (make_shared_batch: the prompt runs once);
-both give the same N and counts for the same examples.
+Batches (batches.py) come one example per row (ExampleBatch, make_batch) or, with
+train.share_prompts, as rows of one prompt followed by several of its targets
+(SharedPromptBatch, make_shared_batch: the prompt runs once); both give the same N and
+counts for the same examples.
 
 Because N and the denominator are sums, gradient accumulation is exact: each
 micro-batch contributes grad(N_micro); the sum is divided once by the
@@ -28,7 +29,7 @@ full-batch denominator (never a mean of per-micro-batch means).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -39,16 +40,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from restem_jax import batches as batches_lib
 from restem_jax import configlib, errors
 from restem_jax import lora as lora_lib
 from restem_jax import model as model_lib
 from restem_jax import partitioning
 
 NORMALIZATIONS = configlib.CHOICES["train.loss_normalization"]
-BATCH_KEYS = ("tokens_BxL", "loss_mask_BxL", "weights_B")
-# make_shared_batch's rows: several targets after one prompt, predictions listed explicitly.
-SHARED_BATCH_KEYS = ("tokens_BxL", "positions_BxL", "segments_BxL", "predict_at_BxT",
-                     "labels_BxT", "loss_mask_BxT", "weights_BxT", "examples_B")
 _COUNT_KEYS = ("tokens", "examples", "nll_sum", "weighted_nll")
 
 
@@ -63,158 +61,21 @@ class TrainState:
   opt_state: Any
 
 
-# ----------------------------------------------------------------------------- batches
-
-
-def make_batch(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-               weights: Sequence[float], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Packs (prompt, target, reward) triples into one right-padded batch.
-
-  tokens_BxL = prompt + target, padded with pad_id; labels are tokens shifted
-  left, so loss_mask_BxL[b, t] = 1 iff tokens[b, t + 1] is a target token.
-  """
-  if not (len(prompts) == len(targets) == len(weights)):
-    raise ValueError(f"make_batch: {len(prompts)} prompts, {len(targets)} targets, "
-                     f"{len(weights)} weights; they must have the same length")
-  b = len(prompts)
-  tokens_BxL = np.full((b, seq_len), pad_id, np.int32)
-  loss_mask_BxL = np.zeros((b, seq_len), np.float32)
-  for i, (p, t) in enumerate(zip(prompts, targets)):
-    n = len(p) + len(t)
-    if n > seq_len:
-      raise ValueError(f"make_batch: example {i} has {len(p)} prompt + {len(t)} target tokens "
-                       f"= {n} > seq_len={seq_len}; filter long examples before batching")
-    if len(p) == 0 and len(t) > 0:
-      # The first target token would have no position predicting it.
-      raise ValueError(f"make_batch: example {i} has an empty prompt; at least one prompt token "
-                       "(e.g. BOS) is needed to predict the first target token")
-    tokens_BxL[i, :n] = np.asarray(list(p) + list(t), np.int32)
-    # Position t predicts token t + 1: targets occupy positions len(p)..n-1.
-    loss_mask_BxL[i, len(p) - 1:n - 1] = 1.0
-  return {"tokens_BxL": tokens_BxL, "loss_mask_BxL": loss_mask_BxL,
-          "weights_B": np.asarray(weights, np.float32).reshape(b)}
-
-
-def make_shared_batch(rows: Sequence[tuple[Sequence[int], Sequence[tuple[Sequence[int], float]]]],
-                      seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Rows of one prompt followed by several targets that share it (ReST-EM keeps up to
-  10 correct samples per problem, all after the same few-shot prompt): the prompt's
-  layers then run once per row instead of once per sample. Same loss as make_batch on
-  the unpacked (prompt, target, weight) examples.
-
-  rows: [(prompt, [(target, weight), ...])]. A row is the prompt, then each target in
-  turn; target k's positions continue from the prompt (len(prompt) + t) and its
-  segments_BxL is k + 1 (0 on the prompt, -1 on padding: model.Transformer's
-  segments_BxL). Every target's first token is predicted at the prompt's last position,
-  so the predictions are listed: predict_at_BxT (the index whose logits predict),
-  labels_BxT, loss_mask_BxT, weights_BxT (the target's reward), over T = the most
-  target tokens in a row rounded up to a power of two (>= 8: a handful of compiles).
-  examples_B counts each row's targets (the "sequence" normalization's denominator).
-  """
-  b = len(rows)
-  t_len = _window_size(max([sum(len(t) for t, _ in targets) for _, targets in rows] + [1]))
-  out = {"tokens_BxL": np.full((b, seq_len), pad_id, np.int32),
-         "positions_BxL": np.zeros((b, seq_len), np.int32),
-         "segments_BxL": np.full((b, seq_len), -1, np.int32),
-         "predict_at_BxT": np.zeros((b, t_len), np.int32),
-         "labels_BxT": np.zeros((b, t_len), np.int32),
-         "loss_mask_BxT": np.zeros((b, t_len), np.float32),
-         "weights_BxT": np.zeros((b, t_len), np.float32),
-         "examples_B": np.zeros((b,), np.float32)}
-  for r, (prompt, targets) in enumerate(rows):
-    n = len(prompt) + sum(len(t) for t, _ in targets)
-    if len(prompt) == 0:
-      raise ValueError(f"make_shared_batch: row {r} has an empty prompt; at least one prompt "
-                       "token (e.g. BOS) is needed to predict the first target token")
-    if n > seq_len:
-      raise ValueError(f"make_shared_batch: row {r} has {n} tokens > seq_len={seq_len}; "
-                       "put fewer targets in a row")
-    lp = len(prompt)
-    out["tokens_BxL"][r, :lp] = prompt
-    out["positions_BxL"][r, :lp] = np.arange(lp)
-    out["segments_BxL"][r, :lp] = 0
-    at, j = lp, 0  # next free index; next prediction slot
-    for k, (target, weight) in enumerate(targets):
-      m = len(target)
-      if m == 0:
-        continue
-      out["tokens_BxL"][r, at:at + m] = target
-      out["positions_BxL"][r, at:at + m] = lp + np.arange(m)
-      out["segments_BxL"][r, at:at + m] = k + 1
-      # Token t of the target is predicted at the index holding token t - 1 (the
-      # prompt's last token for t = 0).
-      out["predict_at_BxT"][r, j:j + m] = np.concatenate([[lp - 1], at + np.arange(m - 1)])
-      out["labels_BxT"][r, j:j + m] = target
-      out["loss_mask_BxT"][r, j:j + m] = 1.0
-      out["weights_BxT"][r, j:j + m] = weight
-      out["examples_B"][r] += 1
-      at, j = at + m, j + m
-  return out
-
-
 # ----------------------------------------------------------------------------- loss
 
 
-def _window_size(n: int) -> int:
-  """Prediction slots for n target tokens: a power of two >= n, at least 8 (one compile
-  per size, a handful in a run)."""
-  return max(8, 1 << (n - 1).bit_length())
-
-
-def target_window(loss_mask_BxL: np.ndarray) -> int | None:
-  """How many positions per row the loss needs logits for (static: one compile each).
-
-  A row's masked positions lie in one window starting at its first masked position;
-  T covers the widest row, rounded up to a power of two (>= 8) so that a run
-  compiles a handful of variants. None: the whole row (no saving, no gather).
-  """
-  mask = np.asarray(loss_mask_BxL) > 0
-  seq_len = mask.shape[1]
-  rows = np.flatnonzero(mask.any(axis=1))
-  if rows.size == 0:
-    return None
-  first = mask[rows].argmax(axis=1)
-  last = seq_len - 1 - mask[rows, ::-1].argmax(axis=1)
-  window = _window_size(int(np.max(last - first)) + 1)
-  return None if window >= seq_len else window
-
-
-def _numerator_and_counts(params: Any, batch: dict, model: nn.Module,
+def _numerator_and_counts(params: Any, batch: batches_lib.Batch, model: nn.Module,
                           target_len: int | None = None, lora: Any = None
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """N = sum_b w_b sum_t m_bt nll_bt, plus the counts both denominators need.
 
-  `batch` is make_batch's or make_shared_batch's. target_len (make_batch only:
-  target_window of the batch): logits only for that many positions per row, from the
-  row's first target position on; None: every position. lora: None, or LoRA adapters
-  the model applies inside its Blocks (lora.ModelAdapters) on `params`, the frozen base."""
-  apply_kw = {} if lora is None else {"lora": lora}
-  tokens_BxL = batch["tokens_BxL"]
-  if "segments_BxL" in batch:  # make_shared_batch: the predictions are listed.
-    at_BxT, labels_BxT = batch["predict_at_BxT"], batch["labels_BxT"]
-    mask_BxT = batch["loss_mask_BxT"].astype(jnp.float32)
-    weights_BxT = batch["weights_BxT"].astype(jnp.float32)
-    examples = jnp.sum(batch["examples_B"].astype(jnp.float32))
-    apply_kw.update(positions_BxL=batch["positions_BxL"], segments_BxL=batch["segments_BxL"],
-                    logits_at_BxT=at_BxT)
-  else:  # make_batch: position t predicts token t + 1 where loss_mask_BxL is 1.
-    mask_BxL = batch["loss_mask_BxL"].astype(jnp.float32)
-    weights_BxT = batch["weights_B"].astype(jnp.float32)[:, None]
-    examples = jnp.sum((jnp.sum(mask_BxL, axis=-1) > 0).astype(jnp.float32))
-    # Label at position t is token t + 1; the last position has none (mask is 0 there).
-    labels_BxL = jnp.concatenate([tokens_BxL[:, 1:], tokens_BxL[:, :1]], axis=1)
-    if target_len is None:
-      mask_BxT, labels_BxT = mask_BxL, labels_BxL
-    else:
-      seq_len = tokens_BxL.shape[1]
-      start_B = jnp.argmax(mask_BxL > 0, axis=1)
-      at_BxT = start_B[:, None] + jnp.arange(target_len)
-      in_row_BxT = at_BxT < seq_len
-      at_BxT = jnp.minimum(at_BxT, seq_len - 1)
-      mask_BxT = jnp.take_along_axis(mask_BxL, at_BxT, axis=1) * in_row_BxT
-      labels_BxT = jnp.take_along_axis(labels_BxL, at_BxT, axis=1)
-      apply_kw["logits_at_BxT"] = at_BxT
-  logits_BxTxV, _ = model.apply({"params": params}, tokens_BxL, **apply_kw)
+  `batch`'s format (batches.py) says which logits predict which labels. target_len
+  (ExampleBatch only: its target_window): logits only for that many positions per row;
+  None: every position. lora: None, or LoRA adapters the model applies inside its
+  Blocks (lora.ModelAdapters) on `params`, the frozen base."""
+  pred_kw, labels_BxT, mask_BxT, weights_BxT, examples = batch.predictions(target_len)
+  apply_kw = {**({} if lora is None else {"lora": lora}), **pred_kw}
+  logits_BxTxV, _ = model.apply({"params": params}, batch.tokens_BxL, **apply_kw)
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   # Select the label logit with an elementwise compare rather than a gather, so a
   # vocab dimension sharded over the tensor axis needs only a reduction.
@@ -240,7 +101,7 @@ def check_normalization(normalization: str) -> None:
   configlib.check_choice("train.loss_normalization", normalization)
 
 
-def loss_fn(params: Any, batch: dict, model: nn.Module, normalization: str,
+def loss_fn(params: Any, batch: batches_lib.Batch, model: nn.Module, normalization: str,
             target_len: int | None = None, lora: Any = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Reward-weighted next-token NLL of `batch` (see the module docstring). Pure.
@@ -257,7 +118,7 @@ def loss_fn(params: Any, batch: dict, model: nn.Module, normalization: str,
 
 
 def make_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  # configlib.validate checked the choice already; this is for library callers.
+  # preflight.check checked the choice already; this is for library callers.
   configlib.check_choice("train.schedule", train_cfg.schedule)
   peak, warmup = float(train_cfg.learning_rate), int(train_cfg.warmup_steps)
   if train_cfg.schedule == "constant":
@@ -457,7 +318,7 @@ class Trainer:
     x = jnp.swapaxes(x, 0, 1)
     return partitioning.constrain(x, self.mesh, (None, "act_batch") + (None,) * (x.ndim - 2))
 
-  def _train_step(self, state: TrainState, base: Any, batch: dict,
+  def _train_step(self, state: TrainState, base: Any, batch: batches_lib.Batch,
                   target_len: int | None = None) -> tuple[TrainState, dict]:
     rng = None  # LoRA dropout's key: one per step (the same again after a resume).
     if self.adapters is None:
@@ -493,23 +354,20 @@ class Trainer:
                "unweighted_token_nll": counts["nll_sum"] / jnp.maximum(counts["tokens"], 1.0)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def _device_batch(self, batch: dict) -> tuple[dict, int | None]:
-    """(the batch on the mesh, its target window): make_batch's or make_shared_batch's."""
-    keys = SHARED_BATCH_KEYS if "segments_BxL" in batch else BATCH_KEYS
-    missing = sorted(set(keys) - set(batch))
-    if missing:
-      raise ValueError(f"batch is missing {missing}; build it with training.make_batch or "
-                       "training.make_shared_batch")
-    device_batch = {k: partitioning.put_global(batch[k], partitioning.batch_sharding(
-        self.mesh, np.ndim(batch[k]))) for k in keys}
-    # make_shared_batch lists its predictions; make_batch's window is found here (static).
-    window = None if keys is SHARED_BATCH_KEYS else target_window(batch["loss_mask_BxL"])
-    return device_batch, window
+  def _device_batch(self, batch: batches_lib.Batch) -> tuple[batches_lib.Batch, int | None]:
+    """(the batch on the mesh, its target window, static: found on the host)."""
+    if not isinstance(batch, (batches_lib.ExampleBatch, batches_lib.SharedPromptBatch)):
+      raise ValueError(f"batch is a {type(batch).__name__}; build it with batches.make_batch "
+                       "or batches.make_shared_batch")
+    device_batch = jax.tree.map(lambda x: partitioning.put_global(
+        x, partitioning.batch_sharding(self.mesh, np.ndim(x))), batch)
+    return device_batch, batch.target_window()
 
-  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
+  def step(self, state: TrainState, batch: batches_lib.Batch
+           ) -> tuple[TrainState, dict[str, float]]:
     """One optimizer step (state is donated). Raises NonFiniteLossError on NaN/Inf."""
-    if batch["tokens_BxL"].shape[0] != self.batch_size:
-      raise ValueError(f"batch has {batch['tokens_BxL'].shape[0]} rows but train.batch_size="
+    if batch.tokens_BxL.shape[0] != self.batch_size:
+      raise ValueError(f"batch has {batch.tokens_BxL.shape[0]} rows but train.batch_size="
                        f"{self.batch_size}")
     device_batch, window = self._device_batch(batch)
     step_before = int(state.step)
@@ -524,6 +382,6 @@ class Trainer:
           f"{step_before}; check the learning rate, the params and the batch")
     return state, metrics
 
-  def loss(self, params: Any, batch: dict) -> float:
+  def loss(self, params: Any, batch: batches_lib.Batch) -> float:
     """Eval loss (train.loss_normalization) of `batch`; no update."""
     return float(self._loss(params, *self._device_batch(batch)))

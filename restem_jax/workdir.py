@@ -12,9 +12,11 @@
                                  adapters alone, and the base path they apply to)
       iter_001/improve.json      the M-step's info (steps, evals, best step, why it stopped)
       iter_001/eval.json         this iteration's metrics
+      iter_001/eval_problems.jsonl  one record per evaluated problem (every eval.json has one)
       sft/                       the SFT-on-human-data baseline: model/, improve/,
                                  improve.json, eval.json
-      summary.json, summary.txt, pass_at_1.png, tb/
+      summary.json, summary.txt, pass_at_1.png, report.html, tb/
+      launches.jsonl             command and code version of every start (runinfo.py)
 
 `Layout(workdir)` names these paths (samples.py names the shards inside
 samples/, report.py the summary files).
@@ -79,6 +81,13 @@ def is_remote(path: str) -> bool:
 def absolute(path: str) -> str:
   """An absolute local path; URLs unchanged (pathlib would mangle 'gs://')."""
   return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def in_workdir(path: str, root: str) -> str:
+  """`path` relative to the workdir `root` if it lies inside it (so records stay valid when
+  a workdir is copied or moved), else absolute."""
+  path, root = absolute(path).rstrip("/"), absolute(root).rstrip("/")
+  return path[len(root) + 1:] if path.startswith(root + "/") else path
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -162,6 +171,11 @@ class ModelPaths:
   samples: str | None = None  # the E-step's shards (samples.py), iterations only
   generated: str | None = None  # progress entry once the E-step's shards are complete
 
+  @property
+  def eval_problems(self) -> str:
+    """The evaluation's per-problem records (evaluate.problem_records), beside eval_json."""
+    return os.path.join(os.path.dirname(self.eval_json), "eval_problems.jsonl")
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -205,12 +219,18 @@ class Progress:
   def __init__(self, path: str, write: bool = True):
     self.path, self.write = path, write
     self.done: list[str] = []
+    # Wall seconds of each phase's last computation (report.html); a restored phase keeps
+    # the time it took when it ran.
+    self.seconds: dict[str, float] = {}
     if exists(path):
       try:
-        done = read_json(path)["done"]
+        saved = read_json(path)
+        done = saved["done"]
         if not isinstance(done, list) or not all(isinstance(d, str) for d in done):
           raise TypeError("'done' is not a list of phase names")
         self.done = done
+        seconds = saved.get("seconds", {})
+        self.seconds = dict(seconds) if isinstance(seconds, dict) else {}
       except (DamagedError, KeyError, TypeError) as e:
         # Every phase can be redone from its own saved outputs (finished chunks,
         # M-step checkpoints), so a damaged list costs time, never correctness.
@@ -224,20 +244,30 @@ class Progress:
     """Forgets `phase` (its outputs turned out damaged); it is recomputed and marked again."""
     if phase in self.done:
       self.done.remove(phase)
-      if self.write:
-        write_json_atomic(self.path, {"done": self.done})
+      self._save()
 
-  def mark(self, phase: str) -> None:
+  def mark(self, phase: str, seconds: float | None = None) -> None:
     if phase not in self.done:
       self.done.append(phase)
-      if self.write:
-        write_json_atomic(self.path, {"done": self.done})
+      if seconds is not None:
+        self.seconds[phase] = round(float(seconds), 3)
+      self._save()
+
+  def _save(self) -> None:
+    if self.write:
+      write_json_atomic(self.path, {"done": self.done, "seconds": self.seconds})
 
 
 def check_or_save_config(path: str, config: ml_collections.ConfigDict, override: bool,
-                         write: bool = True) -> None:
-  """A restarted run must use the config it started with (or say --override)."""
+                         write: bool = True,
+                         defaults: ml_collections.ConfigDict | None = None) -> None:
+  """A restarted run must use the config it started with (or say --override).
+
+  defaults (configlib.default_config()): a field added since the run started and left
+  at its default there is no change, so an old workdir resumes without --override.
+  """
   current = json.loads(config.to_json_best_effort(sort_keys=True))
+  default = {} if defaults is None else json.loads(defaults.to_json_best_effort(sort_keys=True))
   if exists(path):
     try:
       saved = read_json(path)
@@ -246,7 +276,8 @@ def check_or_save_config(path: str, config: ml_collections.ConfigDict, override:
         raise WorkdirError(f"{str(e).split(';')[0]}; if this workdir was started with this "
                            "config, pass --override to rewrite it, else use a new --workdir") from e
       saved = current  # --override: the damaged copy is replaced below.
-    diff = sorted(d for d in _diff(saved, current) if not _added_at_default(saved, current, d))
+    diff = sorted(d for d in _diff(saved, current)
+                  if not _added_at_default(saved, current, default, d))
     if diff:
       if not override:
         raise WorkdirError(
@@ -268,11 +299,9 @@ def _lookup(tree: Any, dotted: str) -> Any:
   return tree
 
 
-def _added_at_default(saved: dict, current: dict, field: str) -> bool:
+def _added_at_default(saved: dict, current: dict, default: dict, field: str) -> bool:
   """A field this version added since the run started, left at its default: not a change
   (the run behaves as before), so an old workdir resumes without --override."""
-  from restem_jax import configlib  # pylint: disable=import-outside-toplevel
-  default = json.loads(configlib.default_config().to_json_best_effort(sort_keys=True))
   value = _lookup(current, field)
   return (_lookup(saved, field) is _ABSENT and value is not _ABSENT
           and value == _lookup(default, field))

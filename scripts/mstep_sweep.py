@@ -44,17 +44,17 @@ def parse_setting(train_cfg, setting: str) -> dict:
 
 def main(argv):
   del argv
-  from restem_jax import configlib, quiet  # pylint: disable=import-outside-toplevel
+  from restem_jax import preflight, quiet  # pylint: disable=import-outside-toplevel
   quiet.configure_logging()  # As restem_jax.main: our progress lines, not Orbax's chatter,
   quiet.import_tensorflow()  # and no C++ start-up noise on a CPU.
   from restem_jax import run  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
-  configlib.validate(c)
+  preflight.check(c)
   settings = [parse_setting(c.train, s) for s in _SET.value]  # Bad flags fail before loading.
   for s in settings:
     trial = c.copy_and_resolve_references()
     trial.train.update(s)
-    configlib.validate(trial)
+    preflight.check(trial)
   ctx = run.RunContext(c, _WORKDIR.value, override=False)  # Refuses another run's workdir.
   it = ctx.layout.iteration(_ITERATION.value)
   if not ctx.progress.is_done(it.generated):

@@ -38,6 +38,10 @@ import pytest  # noqa: E402
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: > ~10 s on 2 cores; `make test-fast` skips them")
+
+
 def subprocess_env() -> dict:
   """Environment of a plain user run: one CPU device, quiet TensorFlow."""
   env = dict(os.environ)

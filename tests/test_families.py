@@ -27,7 +27,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from restem_jax import configlib, model as M, partitioning as P, sampling as S  # noqa: E402
-from restem_jax import training as T  # noqa: E402
+from restem_jax import batches as B, training as T  # noqa: E402
 from restem_jax.importers import ImportFormatError, common, hf as hf_importer  # noqa: E402
 from restem_jax.importers import import_model  # noqa: E402
 
@@ -242,11 +242,11 @@ def torch_loss_and_grads(hf, batch):
   """The reward-weighted token-normalised NLL (training.py's docstring) in torch float64."""
   hf64 = hf.double()
   hf64.zero_grad()
-  tokens = torch.tensor(batch["tokens_BxL"], dtype=torch.long)
+  tokens = torch.tensor(batch.tokens_BxL, dtype=torch.long)
   logp = torch.log_softmax(hf64(tokens).logits, -1)
   nll = -torch.gather(logp[:, :-1], -1, tokens[:, 1:, None])[..., 0]
-  mask = torch.tensor(batch["loss_mask_BxL"][:, :-1], dtype=torch.float64)
-  w = torch.tensor(batch["weights_B"], dtype=torch.float64)
+  mask = torch.tensor(batch.loss_mask_BxL[:, :-1], dtype=torch.float64)
+  w = torch.tensor(batch.weights_B, dtype=torch.float64)
   loss = (w[:, None] * mask * nll).sum() / mask.sum()
   loss.backward()
   loss = float(loss.detach())
@@ -260,7 +260,7 @@ def train_batch():
   prompts = [list(rng.integers(3, V, rng.integers(2, 8))) for _ in range(8)]
   targets = [list(rng.integers(3, V, rng.integers(3, 16 - len(p) + 1))) for p in prompts]
   weights = [1.0, 0.0, 2.0, 0.5, 1.0, 1.5, 0.0, 1.0]
-  return T.make_batch(prompts, targets, weights, seq_len=16)
+  return B.make_batch(prompts, targets, weights, seq_len=16)
 
 
 def rel_err(a, b):
@@ -275,7 +275,7 @@ def test_loss_and_gradient_match_torch_float64(family, devices):
   ref_loss, ref = torch_reference(name, hf, cfg, batch)
   m = mesh(devices)
   shardings = M.param_shardings(cfg, m)
-  batch_sh = {k: P.batch_sharding(m, v.ndim) for k, v in batch.items()}
+  batch_sh = jax.tree.map(lambda v: P.batch_sharding(m, v.ndim), batch)
   fn = jax.jit(jax.value_and_grad(
       lambda p, b: T.loss_fn(p, b, M.Transformer(cfg, m), "token")[0]),
       in_shardings=(shardings, batch_sh))

@@ -22,10 +22,13 @@ from restem_jax import workdir as wd
 
 
 def _evals(workdir):
+  """Every eval.json, and the text of its eval_problems.jsonl (per-problem records)."""
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "*", "eval.json"))):
     with open(path) as f:
       out[os.path.relpath(path, workdir)] = json.load(f)
+    with open(os.path.join(os.path.dirname(path), "eval_problems.jsonl")) as f:
+      out[os.path.relpath(f.name, workdir)] = f.read()
   return out
 
 
@@ -128,6 +131,8 @@ CASES = {
     "params checkpoint missing its array files": ("b", _on("iter_001/model", _unlink_arrays),
                                                   "repaired"),
     "progress names a phase whose model is gone": ("b", _on("sft/model", _rmtree), "repaired"),
+    "an evaluation's per-problem records are gone": ("b", _on("iter_002/eval_problems.jsonl",
+                                                              os.unlink), "repaired"),
     "garbled progress.json": ("c", _on("progress.json", lambda p: _truncate(p, 0.4)),
                               "repaired"),
     "garbled config.json": ("d", _on("config.json", lambda p: _truncate(p, 0.3)), "error"),

@@ -172,8 +172,8 @@ def test_shared_rows_group_by_prompt_within_the_row_budget():
   seen = [i for s in range(3) for u in stream.indices(s) for i in stream.units[u]]
   assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
   batch = stream.batch(0)
-  assert batch["tokens_BxL"].shape == (2, 10)  # rounded up to 16, at most seq_len
-  targets = sorted(int(n) for n in batch["examples_B"])
+  assert batch.tokens_BxL.shape == (2, 10)  # rounded up to 16, at most seq_len
+  targets = sorted(int(n) for n in batch.examples_B)
   assert targets in ([1, 2], [2, 2])  # rows, not examples, per batch
 
 
@@ -202,7 +202,7 @@ def test_batches_pad_to_their_longest_rounded_up_to_16_at_most_seq_len():
   ex = [I.Example([1] * 3, [2] * 15, 1.0), I.Example([1], [2], 1.0)]  # lengths 18 and 2
   # Batch of one: the 18-long example pads to 32, the 2-long one to 16.
   stream = I.BatchStream(ex, batch_size=1, seq_len=40, seed=0)
-  widths = {stream.indices(s)[0]: stream.batch(s)["tokens_BxL"].shape[1] for s in range(2)}
+  widths = {stream.indices(s)[0]: stream.batch(s).tokens_BxL.shape[1] for s in range(2)}
   assert widths == {0: 32, 1: 16}
 
 
@@ -245,3 +245,26 @@ def test_sigterm_during_startup_stops_at_once():
       os.kill(os.getpid(), signal.SIGTERM)
       for _ in range(1000):  # The handler runs between bytecodes of this loop.
         pass
+
+
+def test_after_step_decides_eval_stop_and_checkpoint_by_hand():
+  """after_step on a hand-made score sequence: best, patience, checkpoint steps."""
+  sched = I.Schedule(max_steps=8, eval_every=2, patience=2, checkpoint_every=3, evaluates=True)
+  assert [s for s in range(1, 9) if sched.eval_due(s)] == [2, 4, 6, 8]
+  book = I.Book(seed=1, num_examples=5)
+  seen = []
+  for step, score in [(1, None), (2, 0.5), (3, None), (4, 0.4), (5, None), (6, 0.5)]:
+    then = I.after_step(book, step, score, sched)
+    book = then.book
+    seen.append((then.improved, then.save, book.done))
+  assert seen == [(False, False, False), (True, False, False), (False, True, False),
+                  (False, False, False), (False, False, False), (False, True, True)]
+  assert (book.best_step, book.best_score, book.bad_evals, book.stopped) == (2, 0.5, 2, "patience")
+  assert book.evals == [[2, 0.5], [4, 0.4], [6, 0.5]]  # a tie is no improvement
+  # Without evaluations max_steps stops it, and that step is saved.
+  then = I.after_step(I.Book(step=7), 8, None, I.Schedule(8, 2, 2, 3, evaluates=False))
+  assert (then.book.stopped, then.book.done, then.save) == ("max_steps", True, True)
+  # Checkpoints keep the book as the dict they always held (old checkpoints resume).
+  assert list(book.as_dict()) == ["step", "best_step", "best_score", "evals", "bad_evals",
+                                  "stopped", "done", "seed", "num_examples"]
+  assert I.Book.from_dict(book.as_dict()) == book

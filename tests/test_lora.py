@@ -15,7 +15,7 @@ import pytest
 
 import conftest
 from conftest import ROOT, main_cmd, mesh_of, subprocess_env
-from restem_jax import configlib, errors, improve, lora, model as M, training as T
+from restem_jax import configlib, errors, improve, lora, model as M, preflight, training as T
 from test_model import numpy_forward
 from test_training import V, assert_states_close, host, mesh1, numpy_loss, random_batch, tiny_cfg, train_cfg
 
@@ -546,8 +546,8 @@ def test_gemma3_4b_lora_config_and_its_memory_figures():
   path = os.path.join(ROOT, "configs", "gemma3_4b_lora_gsm.py")
   mod = conftest.load_config(path)
   full = mod.get_config("base=/models/gemma-3-4b-pt")
-  assert configlib.problems(full, check_files=False) == []
-  assert configlib.problems(mod.get_config("runlocal")) == []
+  assert preflight.problems(full, check_files=False) == []
+  assert preflight.problems(mod.get_config("runlocal")) == []
   cfg = M.ModelConfig.from_config(full.model)
   n = sum(int(np.prod(x.value.shape)) for x in jax.tree.leaves(
       M.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "names")))
@@ -563,8 +563,8 @@ def test_smollm2_rg_lora_variant_is_the_run_with_adapters():
   and the learning rate, and validates (also combined with runlocal)."""
   mod = conftest.load_config(os.path.join(ROOT, "configs", "smollm2_135m_rg.py"))
   full, with_lora = mod.get_config(), mod.get_config("lora")
-  assert configlib.problems(with_lora, check_files=False) == []
-  assert configlib.problems(mod.get_config("lora,runlocal")) == []
+  assert preflight.problems(with_lora, check_files=False) == []
+  assert preflight.problems(mod.get_config("lora,runlocal")) == []
   assert with_lora.train.lora.rank == 16 and full.train.lora.rank == 0
   diff = {k for k, v in with_lora.train.items() if full.train[k] != v}
   assert diff == {"lora", "learning_rate"}, diff

@@ -109,7 +109,7 @@ def test_reward_equals_the_datasets_own_scoring(splits):
     completions.append(f"Answer: {near}")
     want.append(1.0 if ds.score_answer(near, entry) == 1.0 else 0.0)
   golds = [r["gold"] for r in rows for _ in range(2)]
-  with rrg.ReasoningGymGrader(num_workers=2) as g:
+  with rrg.ReasoningGymGrader(R.score_answer, R.extract_answer, num_workers=2) as g:
     assert g.score(golds, completions) == want
   # Not vacuous: nearly every near miss scores 0 by its own dataset (basic_arithmetic
   # accepts a float within its tolerance, e.g. 5 / 9 with one more digit).
@@ -141,22 +141,22 @@ def test_worked_solutions_only_where_the_dataset_has_them(splits):
     assert bool(r["reasoning"]) == r["id"].startswith("rg/gsm_symbolic/")
 
 
-def _score_that_hangs(gold, answer, timeout_s):
+def _score_that_hangs(score_answer, gold, answer, timeout_s):
   if answer == "hang":
     time.sleep(3600)  # SIGPROF blocked: only the parent's kill ends this.
   if answer == "crash":
     import os
     os._exit(3)  # A scorer that takes its process down.
-  return _real_score(gold, answer, timeout_s)
+  return _real_score(score_answer, gold, answer, timeout_s)
 
 
 _real_score = rrg._score_in_worker
 
 
-def _faulty_worker_main(conn):
+def _faulty_worker_main(score_answer, conn):
   signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGPROF])
   rrg._score_in_worker = _score_that_hangs
-  rrg._worker_main(conn)
+  rrg._worker_main(score_answer, conn)
 
 
 class _FaultyGrader(rrg.ReasoningGymGrader):
@@ -169,7 +169,7 @@ def test_hanging_or_crashing_scorer_costs_one_sample(splits):
   good = f"Answer: {r['answer']}"
   bad_locator = json.dumps({"source": "chain_sum", "config": {}, "seed": 0, "size": 1,
                             "index": "not an index"})
-  with _FaultyGrader(num_workers=2, timeout_s=1.0) as g:
+  with _FaultyGrader(R.score_answer, R.extract_answer, num_workers=2, timeout_s=1.0) as g:
     out = g.score([r["gold"]] * 4 + [bad_locator],
                   [good, "Answer: hang", "Answer: crash", good + " ", good])
     assert out == [1.0, 0.0, 0.0, 1.0, 0.0]

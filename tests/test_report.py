@@ -61,3 +61,14 @@ def test_summary_table_labels(workdir):
   named = report.summary_table(run.evals, run.config.eval,
                                label=lambda it: {"000": "base"}.get(it) or it.upper())
   assert "| base | 25.0 |" in named and "| SFT | 50.0 |" in named
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, 0.25])
+def test_pass_at_1_plot_with_intervals_at_the_ends(tmp_path, rate):
+  # A rate of 0 or 1 puts an interval end on the point (up to rounding): still a plot.
+  results = [{"iteration": it, "pass@1_greedy_test": rate, "num_test": 12,
+              "pass@1_greedy_train": 1.0 - rate, "num_train_eval": 8} for it in ("000", "001")]
+  report.plot_pass_at_1(results, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").stat().st_size > 1000
+  lo, hi = report.interval_pct(rate, 12)
+  assert lo <= 100 * rate <= hi

@@ -67,10 +67,15 @@ def _terminate_when(workdir, pattern, timeout=1800):
 
 
 def _evals(workdir):
+  """name -> eval.json, and name + "/records" -> the text of its eval_problems.jsonl (a
+  killed evaluation rewrites both, identically)."""
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "*", "eval.json"))):
+    name = os.path.basename(os.path.dirname(path))
     with open(path) as f:
-      out[os.path.basename(os.path.dirname(path))] = json.load(f)
+      out[name] = json.load(f)
+    with open(os.path.join(os.path.dirname(path), "eval_problems.jsonl")) as f:
+      out[name + "/records"] = f.read()
   return out
 
 
@@ -84,7 +89,8 @@ def test_two_iterations_layout_and_eval_fields(uninterrupted):
   for rel in ["config.json", "progress.json", "base", "base_eval/eval.json",
               "iter_001/samples", "iter_001/model", "iter_001/eval.json",
               "iter_002/model", "iter_002/eval.json", "sft/eval.json", "summary.json",
-              "summary.txt", "pass_at_1.png", "tb"]:
+              "summary.txt", "pass_at_1.png", "tb", "report.html", "launches.jsonl",
+              "base_eval/eval_problems.jsonl", "sft/eval_problems.jsonl"]:
     assert os.path.exists(os.path.join(workdir, rel)), rel
   with open(os.path.join(workdir, "progress.json")) as f:
     done = json.load(f)["done"]
@@ -278,7 +284,7 @@ def test_pod_config_runlocal_runs_end_to_end(name, tmp_path):
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
   assert p.returncode == 0, p.stderr[-3000:]
   evals = _evals(workdir)
-  assert sorted(evals) == ["base_eval", "iter_001"], evals
+  assert sorted(evals) == ["base_eval", "base_eval/records", "iter_001", "iter_001/records"]
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)["model"]
   assert saved["d_model"] <= 256 and saved["rope_scaling"] != "none"  # tiny, same family

@@ -369,3 +369,30 @@ def test_prompt_length_filter_counts_the_bos_the_sampler_feeds():
   budget = sorted(text_len[i] + targets[i] for i in text_len)[len(test) // 2]
   fit = task.problems("test", max_seq_len=budget)
   assert fit == [p for p in test if 1 + text_len[p.id] + targets[p.id] <= budget]
+
+
+def test_score_runs_the_reward_kind_the_spec_names():
+  # DatasetSpec.score dispatches on `reward`: a built-in kind runs without a per-dataset
+  # override; a kind that is not built in, on a spec that does not override, says so.
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from restem_jax.tasks import datasets, scoring, spec as spec_lib  # pylint: disable=import-outside-toplevel
+  for name in datasets.dataset_names():
+    s = datasets.get_spec(name)
+    own = type(s).score is not spec_lib.DatasetSpec.score
+    assert own or s.reward in scoring.REWARDS, name
+  gsm = datasets.get_spec("gsm8k")
+  assert type(gsm).score is spec_lib.DatasetSpec.score  # the override went
+  p = spec_lib.Problem("x/0", "q", "Q: q\nA:", "", "18", "")
+  workers = scoring.Workers(task_cfg())
+  try:
+    # An exact match and no final answer: decided without starting a grader process.
+    assert gsm.score([p, p], [" So the answer is 18.", " I do not know."], task_cfg(),
+                     workers) == [1.0, 0.0]
+    assert not workers.math_grader()._workers  # pylint: disable=protected-access
+    bogus = dataclasses.replace(gsm, reward="bogus")
+    with pytest.raises(NotImplementedError, match="reward 'bogus' is not built in"):
+      bogus.score([p], ["The answer is 18."], task_cfg(), workers)
+  finally:
+    grader = workers.get("math", lambda: None)
+    if grader is not None:
+      grader.close()

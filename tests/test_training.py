@@ -9,7 +9,7 @@ import pytest
 
 import conftest
 from conftest import mesh_of
-from restem_jax import configlib, model as M, partitioning as P, training as T
+from restem_jax import batches as B, configlib, model as M, partitioning as P, training as T
 from test_model import numpy_forward
 
 V = 64
@@ -37,7 +37,7 @@ def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None, shape="
 
   shape "long": short prompts, targets up to the end of the row (the loss needs
   logits at every position); "short": ReST-EM's shape, long prompts and short
-  targets (training.target_window < seq_len: logits only in a window per row)."""
+  targets (batches.target_window < seq_len: logits only in a window per row)."""
   rng = np.random.default_rng(seed)
   if shape == "long":
     prompts = [list(rng.integers(1, V, rng.integers(1, 5))) for _ in range(b)]
@@ -48,7 +48,7 @@ def random_batch(seed: int, b: int = 8, seq_len: int = 12, weights=None, shape="
     targets = [list(rng.integers(1, V, rng.integers(1, 5))) for p in prompts]
   if weights is None:
     weights = list(rng.choice([0.0, 0.5, 1.0, 2.0], b))
-  return T.make_batch(prompts, targets, weights, seq_len)
+  return B.make_batch(prompts, targets, weights, seq_len)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,42 +70,42 @@ def host(tree):
 
 
 def test_make_batch_layout():
-  b = T.make_batch([[5, 6, 7], [9]], [[1, 2], [3, 4, 8]], [1.0, 0.5], seq_len=6, pad_id=0)
-  np.testing.assert_array_equal(b["tokens_BxL"], [[5, 6, 7, 1, 2, 0], [9, 3, 4, 8, 0, 0]])
+  b = B.make_batch([[5, 6, 7], [9]], [[1, 2], [3, 4, 8]], [1.0, 0.5], seq_len=6, pad_id=0)
+  np.testing.assert_array_equal(b.tokens_BxL, [[5, 6, 7, 1, 2, 0], [9, 3, 4, 8, 0, 0]])
   # Position t predicts token t+1: the positions whose next token is a target.
-  np.testing.assert_array_equal(b["loss_mask_BxL"], [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
-  np.testing.assert_array_equal(b["weights_B"], [1.0, 0.5])
+  np.testing.assert_array_equal(b.loss_mask_BxL, [[0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(b.weights_B, [1.0, 0.5])
   with pytest.raises(ValueError, match="example 1 has 1 prompt \\+ 6 target tokens = 7 > seq_len=6"):
-    T.make_batch([[1], [1]], [[2], [2] * 6], [1.0, 1.0], seq_len=6)
+    B.make_batch([[1], [1]], [[2], [2] * 6], [1.0, 1.0], seq_len=6)
 
 
 def test_target_window_by_hand():
   mask = np.zeros((3, 40), np.float32)
   mask[0, 10:13] = 1  # 3 positions
   mask[1, 30:39] = 1  # 9 positions: the widest row -> 16
-  assert T.target_window(mask) == 16
+  assert B.target_window(mask) == 16
   mask[2, 2] = mask[2, 38] = 1  # a row spanning 37 positions: 64 >= 40, every position
-  assert T.target_window(mask) is None
-  assert T.target_window(np.zeros((2, 40))) is None  # nothing to learn: no window
-  assert T.target_window(mask[:1]) == 8  # at least 8
+  assert B.target_window(mask) is None
+  assert B.target_window(np.zeros((2, 40))) is None  # nothing to learn: no window
+  assert B.target_window(mask[:1]) == 8  # at least 8
   np.testing.assert_array_equal(mask[0, 10:13], 1)  # the caller's mask is unchanged
 
 
 def numpy_loss(params, batch, normalization):
   """Independent float64 loss: numpy forward, log-softmax, mask, weights, reduction."""
   cfg = tiny_cfg()
-  logits = numpy_forward(params, cfg, batch["tokens_BxL"])
+  logits = numpy_forward(params, cfg, batch.tokens_BxL)
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   total, tokens, examples = 0.0, 0, 0
   for b in range(logits.shape[0]):
     seq = 0.0
     for t in range(logits.shape[1] - 1):
-      if batch["loss_mask_BxL"][b, t]:
-        seq -= logp[b, t, batch["tokens_BxL"][b, t + 1]]
+      if batch.loss_mask_BxL[b, t]:
+        seq -= logp[b, t, batch.tokens_BxL[b, t + 1]]
         tokens += 1
-    examples += int(batch["loss_mask_BxL"][b].sum() > 0)
-    total += float(batch["weights_B"][b]) * seq
+    examples += int(batch.loss_mask_BxL[b].sum() > 0)
+    total += float(batch.weights_B[b]) * seq
   return total / (tokens if normalization == "token" else examples)
 
 
@@ -113,20 +113,20 @@ def numpy_loss(params, batch, normalization):
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
 def test_loss_matches_float64_numpy(params, normalization, shape):
   batch = random_batch(1, shape=shape)
-  assert 0.0 in batch["weights_B"] and len(set(batch["weights_B"])) > 2
-  window = T.target_window(batch["loss_mask_BxL"])
+  assert 0.0 in batch.weights_B and len(set(batch.weights_B)) > 2
+  window = B.target_window(batch.loss_mask_BxL)
   assert window == (None if shape == "long" else 8)  # "short" runs the windowed path
   model = M.Transformer(tiny_cfg())
   loss, aux = T.loss_fn(params, jax.tree.map(jnp.asarray, batch), model, normalization, window)
   np.testing.assert_allclose(float(loss), numpy_loss(params, batch, normalization), rtol=2e-5)
-  assert float(aux["tokens"]) == batch["loss_mask_BxL"].sum()
+  assert float(aux["tokens"]) == batch.loss_mask_BxL.sum()
   # The jitted eval loss is the same function.
   np.testing.assert_allclose(trainer((1, 1, 1), 1, normalization).loss(params, batch),
                              float(loss), rtol=1e-6)
 
 
 def test_windowed_loss_has_the_full_loss_gradient(params):
-  """Logits only in the target window (training.target_window) is the same function:
+  """Logits only in the target window (batches.target_window) is the same function:
   its gradient equals the every-position computation's."""
   batch = jax.tree.map(jnp.asarray, random_batch(7, shape="short"))
   model = M.Transformer(tiny_cfg())
@@ -140,19 +140,19 @@ def test_windowed_loss_has_the_full_loss_gradient(params):
 def test_shared_batch_layout_by_hand():
   """One prompt, then each target; positions restart after the prompt; a target's first
   token is predicted at the prompt's last index."""
-  b = T.make_shared_batch([([5, 6], [([1, 2], 1.0), ([3], 0.5)]), ([9], [([4, 8, 7], 2.0)])],
+  b = B.make_shared_batch([([5, 6], [([1, 2], 1.0), ([3], 0.5)]), ([9], [([4, 8, 7], 2.0)])],
                           seq_len=6, pad_id=0)
-  np.testing.assert_array_equal(b["tokens_BxL"], [[5, 6, 1, 2, 3, 0], [9, 4, 8, 7, 0, 0]])
-  np.testing.assert_array_equal(b["positions_BxL"], [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 0, 0]])
-  np.testing.assert_array_equal(b["segments_BxL"], [[0, 0, 1, 1, 2, -1], [0, 1, 1, 1, -1, -1]])
-  assert b["labels_BxT"].shape == (2, 8)  # 3 target tokens at most -> T = 8
-  np.testing.assert_array_equal(b["predict_at_BxT"][:, :3], [[1, 2, 1], [0, 1, 2]])
-  np.testing.assert_array_equal(b["labels_BxT"][:, :3], [[1, 2, 3], [4, 8, 7]])
-  np.testing.assert_array_equal(b["loss_mask_BxT"].sum(1), [3, 3])
-  np.testing.assert_array_equal(b["weights_BxT"][:, :3], [[1.0, 1.0, 0.5], [2.0, 2.0, 2.0]])
-  np.testing.assert_array_equal(b["examples_B"], [2, 1])
+  np.testing.assert_array_equal(b.tokens_BxL, [[5, 6, 1, 2, 3, 0], [9, 4, 8, 7, 0, 0]])
+  np.testing.assert_array_equal(b.positions_BxL, [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 0, 0]])
+  np.testing.assert_array_equal(b.segments_BxL, [[0, 0, 1, 1, 2, -1], [0, 1, 1, 1, -1, -1]])
+  assert b.labels_BxT.shape == (2, 8)  # 3 target tokens at most -> T = 8
+  np.testing.assert_array_equal(b.predict_at_BxT[:, :3], [[1, 2, 1], [0, 1, 2]])
+  np.testing.assert_array_equal(b.labels_BxT[:, :3], [[1, 2, 3], [4, 8, 7]])
+  np.testing.assert_array_equal(b.loss_mask_BxT.sum(1), [3, 3])
+  np.testing.assert_array_equal(b.weights_BxT[:, :3], [[1.0, 1.0, 0.5], [2.0, 2.0, 2.0]])
+  np.testing.assert_array_equal(b.examples_B, [2, 1])
   with pytest.raises(ValueError, match="row 0 has 7 tokens > seq_len=6"):
-    T.make_shared_batch([([1, 2], [([3, 4], 1.0), ([5, 6, 7], 1.0)])], seq_len=6)
+    B.make_shared_batch([([1, 2], [([3, 4], 1.0), ([5, 6, 7], 1.0)])], seq_len=6)
 
 
 def shared_examples(seed: int, prompts: int = 8):
@@ -176,8 +176,8 @@ def test_shared_prompt_rows_have_the_unpacked_loss(params, normalization):
   float64 numpy loss of the examples one per row, and has the same gradient."""
   rows, (prompts, targets, weights) = shared_examples(2)
   assert len(prompts) > len(rows)  # some prompts really are shared
-  shared = jax.tree.map(jnp.asarray, T.make_shared_batch(rows, seq_len=24))
-  plain = T.make_batch(prompts, targets, weights, seq_len=16)
+  shared = jax.tree.map(jnp.asarray, B.make_shared_batch(rows, seq_len=24))
+  plain = B.make_batch(prompts, targets, weights, seq_len=16)
   model = M.Transformer(tiny_cfg())
   loss, aux = T.loss_fn(params, shared, model, normalization)
   np.testing.assert_allclose(float(loss), numpy_loss(params, plain, normalization), rtol=2e-5)
@@ -198,9 +198,9 @@ def test_shared_prompt_rows_on_sliding_window_layers():
   params = M.init_params(cfg, mesh1(), jax.random.key(5))
   rows, (prompts, targets, weights) = shared_examples(4)
   model = M.Transformer(cfg)
-  shared = T.loss_fn(params, jax.tree.map(jnp.asarray, T.make_shared_batch(rows, seq_len=24)),
+  shared = T.loss_fn(params, jax.tree.map(jnp.asarray, B.make_shared_batch(rows, seq_len=24)),
                      model, "token")[0]
-  plain = T.loss_fn(params, jax.tree.map(jnp.asarray, T.make_batch(prompts, targets, weights,
+  plain = T.loss_fn(params, jax.tree.map(jnp.asarray, B.make_batch(prompts, targets, weights,
                                                                    seq_len=16)), model, "token")[0]
   np.testing.assert_allclose(float(shared), float(plain), rtol=1e-5)
 
@@ -211,10 +211,10 @@ def test_shared_prompt_step_on_8_devices_equals_the_unpacked_step(params):
   rows, (prompts, targets, weights) = shared_examples(3)
   ref = T.Trainer(tiny_cfg(), train_cfg(batch_size=len(prompts)), mesh1())
   ref_state, ref_metrics = ref.step(ref.init_state(params),
-                                    T.make_batch(prompts, targets, weights, seq_len=16))
+                                    B.make_batch(prompts, targets, weights, seq_len=16))
   tr = T.Trainer(tiny_cfg(), train_cfg(batch_size=len(rows), micro_batches=2),
                  mesh_of((2, 2, 2)))
-  state, metrics = tr.step(tr.init_state(params), T.make_shared_batch(rows, seq_len=24))
+  state, metrics = tr.step(tr.init_state(params), B.make_shared_batch(rows, seq_len=24))
   for k in ("loss", "grad_norm", "tokens"):
     np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=2e-5)
   assert_states_close(host(state), host(ref_state))
@@ -228,15 +228,15 @@ def test_zero_reward_example_contributes_no_gradient(params):
   and row 2 still counts in D_with.
   """
   full = random_batch(2, b=4, weights=[1.0, 0.5, 0.0, 2.0])
-  without = {k: np.delete(v, 2, axis=0) for k, v in full.items()}
+  without = jax.tree.map(lambda v: np.delete(v, 2, axis=0), full)
   model = M.Transformer(tiny_cfg())
   # One compile per batch shape serves both normalisations.
   grads = jax.jit(lambda p, b: [jax.grad(lambda q: T.loss_fn(q, b, model, n)[0])(p)
                                 for n in ("token", "sequence")])
   (tok_with, seq_with), (tok_without, seq_without) = grads(params, full), grads(params, without)
-  full_w = dict(full, weights_B=np.array([1.0, 0.5, 1.0, 2.0], np.float32))
+  full_w = full.replace(weights_B=np.array([1.0, 0.5, 1.0, 2.0], np.float32))
   tok_w, _ = grads(params, full_w)
-  d_tok_with, d_tok_without = full["loss_mask_BxL"].sum(), without["loss_mask_BxL"].sum()
+  d_tok_with, d_tok_without = full.loss_mask_BxL.sum(), without.loss_mask_BxL.sum()
   for g_with, g_without, d_with, d_without in [
       (tok_with, tok_without, d_tok_with, d_tok_without), (seq_with, seq_without, 4.0, 3.0)]:
     assert d_with != d_without  # otherwise the relation would not test the denominator
@@ -259,7 +259,7 @@ def test_training_drives_nll_down(params):
   rng = np.random.default_rng(3)
   prompts = [[i + 1, int(rng.integers(1, V))] for i in range(4)]
   targets = [list(rng.integers(1, V, 8)) for _ in range(4)]
-  batch = T.make_batch(prompts * 2, targets * 2, [1.0] * 8, seq_len=12)
+  batch = B.make_batch(prompts * 2, targets * 2, [1.0] * 8, seq_len=12)
   state = tr.init_state(params)
   first = None
   for _ in range(60):
@@ -323,7 +323,7 @@ def test_grad_accumulation_equals_one_big_batch(params, single_device_step):
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=2e-5)
   assert_states_close(host(state), ref_state)
   # Sanity: the two micro-batches really have different token counts.
-  counts = batch["loss_mask_BxL"].sum(1)
+  counts = batch.loss_mask_BxL.sum(1)
   assert counts[0::2].sum() != counts[1::2].sum()
 
 
@@ -333,7 +333,7 @@ def test_nan_loss_stops_with_step(params):
   batch = random_batch(5, weights=[1.0] * 8)
   state, _ = tr.step(state, batch)
   state, _ = tr.step(state, batch)
-  bad = dict(batch, weights_B=np.array([1.0] * 7 + [np.nan], np.float32))
+  bad = batch.replace(weights_B=np.array([1.0] * 7 + [np.nan], np.float32))
   with pytest.raises(T.NonFiniteLossError, match="at step 2"):
     tr.step(state, bad)
   # NaN inside the params: detected at the first step.
@@ -373,3 +373,13 @@ def test_schedule_warmup_then_cosine():
   assert float(sched(14)) == pytest.approx(0.0, abs=1e-6)
   const = T.make_schedule(train_cfg(warmup_steps=0, schedule="constant"), total_steps=10)
   assert float(const(7)) == pytest.approx(1e-2)
+
+
+def test_step_takes_a_typed_batch_only(params):
+  # The format is the batch's type (batches.py), not guessed from a dict's keys.
+  tr = trainer()
+  batch = random_batch(0)
+  as_dict = {"tokens_BxL": batch.tokens_BxL, "loss_mask_BxL": batch.loss_mask_BxL,
+             "weights_B": batch.weights_B}
+  with pytest.raises(ValueError, match="batch is a dict; build it with batches.make_batch"):
+    tr.loss(params, as_dict)

@@ -1,12 +1,13 @@
-"""Trusted runner executed inside the code sandbox (see code.py for the design).
+"""Trusted runner executed inside the code sandbox (design: docs/RELIABILITY.md).
 
 Standard library only, never imported by the harness: `code.py` starts it as a
 script. Roles, chosen by argv[1]:
 
-* ``check``: the trusted checker. Drops root (when asked), makes itself
-  non-dumpable, reads the job spec (with the harness's nonce) from stdin, runs the
-  tests and writes exactly one verdict line ``<nonce> PASS|FAIL <peak RSS kB>
-  <reason>`` to the stdout it inherited from the harness. Candidate code never
+* ``check``: the trusted checker. Ignores every signal it can, drops root (when
+  asked), makes itself non-dumpable, reads the job spec (with the harness's nonce)
+  from stdin, runs the tests (opening no path once a candidate has run) and writes
+  exactly one verdict line ``<nonce> PASS|FAIL <peak RSS kB> <reason>`` to the
+  stdout it inherited from the harness. Candidate code never
   runs in this process: the candidate runs in separate processes (rlimits and the
   seccomp filter from the spec applied between fork and exec) that talk to the
   checker over pipes, and the checker does every comparison on plain decoded
@@ -14,7 +15,8 @@ script. Roles, chosen by argv[1]:
 * ``serve``: the candidate process for HumanEval / call-based jobs. Executes the
   program, then answers ``call``/``describe`` requests. Untrusted by design: it
   can answer anything, so its answers only ever become plain data in the checker.
-* ``script``: the candidate process of a stdio job.
+* ``script``: the candidate process of a stdio job (the program comes from a
+  sealed memfd of the checker's, not from a file).
 """
 import builtins
 import json
@@ -24,12 +26,12 @@ import sys
 # Candidate roles start with `-I -S` (no site: the interpreter's own
 # site-packages and .pth hooks stay out, and start-up is ~4x faster); modules
 # only the checker needs are imported by _checker_imports().
-ast = resource = select = signal = subprocess = time = None
+ast = fcntl = resource = select = signal = subprocess = time = None
 
 
 def _checker_imports() -> None:
-  global ast, resource, select, signal, subprocess, time
-  import ast, resource, select, signal, subprocess, time  # noqa: E401
+  global ast, fcntl, resource, select, signal, subprocess, time
+  import ast, fcntl, resource, select, signal, subprocess, time  # noqa: E401
 
 # Bounds on what the checker reads from a candidate. A reply is one JSON line of
 # at most _MSG_CAP bytes and _MAX_ITEMS values (counted as brackets + braces +
@@ -147,6 +149,31 @@ def _seccomp_fprog(prog: bytes):
   return SockFprog(len(prog) // 8, ctypes.addressof(buf)), buf
 
 
+def _ignore_signals() -> list:
+  """Ignore every signal that can be ignored; returns them (candidates get SIG_DFL back).
+
+  A candidate runs as the checker's uid, so it may signal the checker: ignored
+  signals change nothing (Python's SIGINT handler would raise KeyboardInterrupt
+  into the test; without a pid namespace SIGTERM would kill it: a verdict or a
+  grader fault of the candidate's choosing). SIGKILL and SIGSTOP cannot be ignored: as init of the
+  sandbox's pid namespace the kernel drops them when they come from inside.
+  SIGCHLD keeps its default (ignoring it would auto-reap children).
+  """
+  out = []
+  for sig in signal.valid_signals():
+    if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+      continue
+    try:
+      signal.signal(sig, signal.SIG_IGN)
+      out.append(sig)
+    except (OSError, ValueError):  # reserved by libc (32, 33)
+      pass
+  return out
+
+
+_CATCHABLE: list = []
+
+
 def _candidate_preexec(limits: dict, seccomp: bytes):
   """Runs in the child between fork and exec (the checker is single-threaded)."""
   import ctypes
@@ -154,6 +181,8 @@ def _candidate_preexec(limits: dict, seccomp: bytes):
   fprog = _seccomp_fprog(seccomp) if seccomp else None
 
   def apply():
+    for sig in _CATCHABLE:  # the checker ignores them; ignored stays ignored across exec
+      signal.signal(sig, signal.SIG_DFL)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the checker
     cpu = max(1, int(-(-limits["cpu_s"] // 1)))
     for res, val in ((resource.RLIMIT_CPU, cpu),
@@ -376,10 +405,10 @@ def _same_stdout(got: str, want: str) -> bool:
   return True
 
 
-def _run_stdio(ctx: _Ctx, path: str, data: bytes) -> str:
+def _run_stdio(ctx: _Ctx, program_fd: int, data: bytes) -> str:
   cap = ctx.spec["limits"]["max_output_kb"] << 10
-  proc = ctx.spawn([ctx.spec["python"], "-I", "-S", ctx.spec["runner"], "script", path],
-                   subprocess.PIPE, subprocess.PIPE)
+  proc = ctx.spawn([ctx.spec["python"], "-I", "-S", ctx.spec["runner"], "script",
+                    str(program_fd)], subprocess.PIPE, subprocess.PIPE, (program_fd,))
   try:
     inp, out = proc.stdin.fileno(), proc.stdout.fileno()
     os.set_blocking(inp, False)
@@ -418,16 +447,34 @@ def _run_stdio(ctx: _Ctx, path: str, data: bytes) -> str:
     ctx.reap(proc)
 
 
+def _sealed_program(program: str) -> int:
+  """The program in a sealed memfd: read-only for every candidate, no path at all.
+
+  The checker never opens a path after a candidate ran: scratch is writable by
+  candidates (same uid), so a file there could be swapped for a FIFO that
+  blocks the checker's open() until the wall limit (a grader fault for a wrong
+  program). A memfd is created by the checker (the filter denies it to
+  candidates only) and sealed, so an earlier test's run cannot alter it either.
+  """
+  fd = os.memfd_create("main.py", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+  view = memoryview(program.encode("utf-8", "surrogatepass"))
+  while view:
+    view = view[os.write(fd, view):]
+  fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+              | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+  return fd
+
+
 def _check_stdio(ctx: _Ctx) -> None:
   spec = ctx.spec
-  path = os.path.join(spec["scratch"], "main.py")
-  for i, (inp, want) in enumerate(zip(spec["inputs"], spec["outputs"])):
-    # Rewritten per test: an earlier run may have deleted or altered it.
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(spec["program"])
-    got = _run_stdio(ctx, path, inp.encode())
-    if not _same_stdout(got, want):
-      raise AssertionError(f"test {i}: wrong output {got[-300:]!r}")
+  program_fd = _sealed_program(spec["program"])
+  try:
+    for i, (inp, want) in enumerate(zip(spec["inputs"], spec["outputs"])):
+      got = _run_stdio(ctx, program_fd, inp.encode())
+      if not _same_stdout(got, want):
+        raise AssertionError(f"test {i}: wrong output {got[-300:]!r}")
+  finally:
+    os.close(program_fd)
 
 
 def _drop_privileges(uid: int, gid: int) -> None:
@@ -459,6 +506,7 @@ def _write_verdict(fd: int, nonce: str, ok: bool, reason) -> None:
 
 def check_main(argv: list) -> int:
   _checker_imports()
+  _CATCHABLE[:] = _ignore_signals()  # first: before any candidate exists
   _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: no setuid/file-cap binary can regain privileges
   if len(argv) == 2:
     _drop_privileges(int(argv[0]), int(argv[1]))
@@ -517,13 +565,17 @@ def _candidate_start() -> None:
     pass
 
 
-def script_main(path: str) -> None:
-  """Untrusted: run a stdio program as `__main__`, like `python path` would."""
+def script_main(program_fd: int) -> None:
+  """Untrusted: run a stdio program (read from the checker's sealed memfd) as `__main__`."""
   _candidate_start()
-  sys.argv = [path]
-  with open(path, encoding="utf-8") as f:
-    code = compile(f.read(), path, "exec")
-  exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": builtins})
+  chunks, offset = [], 0
+  while chunk := os.pread(program_fd, 1 << 20, offset):
+    chunks.append(chunk)
+    offset += len(chunk)
+  os.close(program_fd)
+  sys.argv = ["main.py"]
+  code = compile(b"".join(chunks).decode("utf-8", "surrogatepass"), "main.py", "exec")
+  exec(code, {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins})
 
 
 def serve_main(req_fd: int, resp_fd: int) -> int:
@@ -581,6 +633,6 @@ if __name__ == "__main__":
   if sys.argv[1] == "serve":
     sys.exit(serve_main(int(sys.argv[2]), int(sys.argv[3])))
   if sys.argv[1] == "script":
-    script_main(sys.argv[2])
+    script_main(int(sys.argv[2]))
   else:
     sys.exit(check_main(sys.argv[2:]))

@@ -1,121 +1,31 @@
 """Binary reward for generated programs: 1.0 iff every test passes inside a sandbox.
 
-Job kinds: HumanEval (program defines a function, `check(candidate)` test code),
-APPS call-based (`fn_name` + argument / expected-output lists) and APPS
-standard-input (input strings, expected stdout compared like APPS does).
+Job kinds: HumanEval (`check(candidate)` test code), APPS call-based (`fn_name` +
+argument / expected-output lists) and APPS standard-input (stdout compared like APPS).
 
-Isolation (default)
--------------------
-Every program gets a fresh bubblewrap sandbox: new pid, net, ipc, uts and cgroup
-namespaces (no network at all: only a loopback interface of its own), a
-read-only view of /usr (+ /lib*, /bin, /sbin) and of the Python installation,
-its own /proc and minimal /dev, a size-capped tmpfs at /tmp as the only writable
-place (the root is a read-only tmpfs: no /etc, /home, /root, /work, no repo),
-a cleared environment (PATH, HOME, LANG only: the harness's secrets are not
-there), `--die-with-parent` and `--new-session`.
+Each job runs in a fresh bubblewrap sandbox: its own pid, net, ipc, uts and cgroup
+namespaces, a read-only view of only the files the interpreter needs, a size-capped
+private /tmp as the only writable place, a cleared environment, a dedicated
+unprivileged uid per worker slot (when run as root), rlimits, a seccomp filter
+(`seccomp.py`) and a memory cgroup (`memcg.py`) where one can be made. The verdict
+comes from a trusted checker (`_sandbox_runner.py check`, the sandbox's pid 1) that
+runs candidate code only in other processes and writes `<nonce> PASS|FAIL` to a
+channel no candidate holds; the harness accepts only the nonce it drew for the job.
+A wrong, crashing, slow or hostile program is a FAIL; a sandbox that fails to start,
+hangs, or whose checker dies is a grader fault (reward 0, logged, counted in
+`faults`). Why each piece is there, what bounds each resource, the tests that show
+it and what is not promised: docs/RELIABILITY.md, "Code sandbox".
 
-Unprivileged user. When the harness runs as root, bwrap itself runs as root
-without a user namespace (so it can bind an interpreter that lives under a
-private directory such as /root/.pyenv; `--unshare-all` would imply a user
-namespace, so the other namespaces are listed one by one) keeping only
-CAP_SETUID/CAP_SETGID, and the runner's first action inside the sandbox is to
-set no_new_privs and switch to a dedicated host uid, `uid_base + worker slot`
-(2_000_000_000.. by default, outside every range Debian/systemd hand out),
-which clears all capabilities.
-Why not a uid inside a bwrap user namespace: as root that maps to host uid 0,
-and host root can read root-owned files and is exempt from RLIMIT_NPROC (fork
-bombs). Why not the shared `nobody`: one uid per slot gives every sandbox its
-own RLIMIT_NPROC budget (a fork bomb in one slot cannot make another program
-fail to start), and lets the harness SIGKILL everything owned by that uid after
-a run without touching unrelated `nobody` daemons. When the harness is not root
-it is already unprivileged: bwrap then uses `--unshare-all` with a user
-namespace and `--disable-userns`, and RLIMIT_NPROC is counted on top of the
-processes the caller already owns.
-
-Seccomp. Every candidate process runs under a seccomp-BPF deny list
-(`seccomp.py`, installed by the checker between fork and exec, inherited by
-everything the program starts): no keyrings (per-uid kernel state that would
-outlive the sandbox and reach the next program in the slot), no new namespaces
-or mounts (a user namespace of its own would let a program mount an uncapped
-tmpfs), no System V IPC, POSIX message queues or memfd (memory RLIMIT_AS does
-not count), no ptrace / bpf / io_uring / userfaultfd / perf. Denied calls fail
-with EPERM. The self-test at construction checks that the filter is in force
-and raises SandboxError where the kernel refuses it: there is no unfiltered
-fallback. As defence in depth the checker gives candidates a fresh session
-keyring and, with a slot uid of its own, empties that uid's keyrings before
-and after every job (after a grader fault a fresh checker does it).
-
-Limits. Candidate processes get RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
-RLIMIT_NOFILE (soft == hard: an unprivileged program cannot raise them) and
-RLIMIT_CORE=0; the scratch tmpfs is capped at `scratch_mb`. The runner is the
-pid namespace's init (`--as-pid-1`): after each candidate it SIGKILLs every
-other process in the namespace and reaps them, and when it exits the kernel
-kills whatever is left (daemons that double-forked and called setsid included).
-The harness enforces `wall_s` for the whole job: on timeout it SIGKILLs that
-init, reaps bwrap (no orphan is left for a host init that may not reap), then
-kills any process still owned by the slot's uid. Candidates run with `-I -S`
-(stdlib only: no site-packages, no .pth hooks). Memory: where the harness can
-create cgroups (root, or a delegated cgroup v2 subtree; `memcg.py`) each slot has
-a memory cgroup capped at `sandbox_memory_mb` for the whole sandbox, kernel
-memory and tmpfs pages included, and candidates are the OOM killer's first
-choice. Elsewhere a warning is logged and memory is bounded per process only
-(memory_mb * max_procs per sandbox); `memory_cgroup` tells which. What then
-stays outside every rlimit is kernel memory the job frees when it ends: tmpfs
-inodes (empty files in /tmp, ~1 KB each), pipe and socket buffers.
-
-Unforgeable verdict
--------------------
-Candidate code never runs in a process that can produce the verdict:
-
-* The harness draws a random 128-bit nonce per job and sends it, with the job,
-  over the runner's stdin. The nonce is never in argv or the environment.
-* The trusted checker (`_sandbox_runner.py check`) drops privileges, marks
-  itself non-dumpable (a same-uid process can then neither ptrace it nor open its
-  /proc/<pid>/{mem,fd,environ}), reads the job and keeps the harness's stdout as
-  its private verdict fd (fd 1 is pointed at /dev/null; candidates are started
-  with fresh pipes and close_fds).
-* The candidate runs in separate, freshly exec'd interpreters. For HumanEval and
-  call-based jobs a `serve` process executes the program and answers
-  call-requests; the checker passes *proxies* to `check(candidate)` (and for
-  helper names the test reads, e.g. `poly`), so the test's asserts run in the
-  checker. Results come back as tagged JSON decoded into plain builtins only:
-  an object with a rigged `__eq__`, a monkeypatched `assert`/`AssertionError`/
-  `check`, `sys.settrace` tricks, `os._exit(0)`/`sys.exit(0)` or a printed
-  "PASS" all stay inside the candidate's process. For stdio jobs the checker
-  compares the captured (capped) stdout itself.
-* The harness awards 1.0 only for the exact line `<nonce> PASS` on that channel
-  from a run that finished in time. A killed checker, a dead candidate, a
-  timeout or a protocol error is a FAIL (fail-closed). Even a process that got
-  hold of the pipe could not write a verdict without the nonce, which lives only
-  in the harness and the non-dumpable checker.
-* The checker reads a candidate's replies under caps (4 MB, 2^18 values, depth
-  200) and writes its verdict as escaped ASCII: no reply and no exception text
-  can make it balloon or crash.
-
-Grader faults
--------------
-A sandbox that fails to start, hangs past `wall_s` + 1 s, or whose checker dies
-(OOM kill, a signal from outside) costs its sample only: reward 0, a warning
-logged, `Outcome.fault` set and `faults[kind]` counted; the slot is cleaned
-and the next job runs normally. A wrong, crashing or slow *program* is a FAIL
-verdict, not a fault.
-
-Known, documented gaps: a HumanEval completion may redefine helper functions of
-its own prompt that the test calls (as in the original harness); arguments are
-passed by value (tests that inspect in-place mutation are unsupported).
-
-`unsafe_local_exec=True` (only where a user explicitly asks, e.g. a machine
-without bubblewrap) runs the same runner without bwrap: rlimits, the seccomp filter, the memory
-cgroup, wall timeout, process-group kill and the nonce-checked verdict stay, but
-there is no filesystem/network/pid isolation, when run as root no RLIMIT_NPROC,
-and a program can kill its checker (counted as a "checker died" fault).
+`unsafe_local_exec=True` (only where a user explicitly asks, e.g. no bubblewrap) runs
+the same checker without bwrap: no filesystem, network or pid isolation.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import os
@@ -205,6 +115,104 @@ def _procs_of_uid(uid: int) -> list[int]:
   return pids
 
 
+def _traversable_parents(paths) -> list[str]:
+  """`--dir` arguments for every parent of `paths`, mode 0755 (bwrap would copy the
+  host's modes: /root is 0700, and the unprivileged uid could not reach the file)."""
+  dirs = set()
+  for p in paths:
+    d = os.path.dirname(p)
+    while d != "/":
+      dirs.add(d)
+      d = os.path.dirname(d)
+  out = []
+  for d in sorted(dirs):
+    out += ["--perms", "0755", "--dir", d]
+  return out
+
+
+def _root_symlinks() -> list[str]:
+  """/bin -> usr/bin and the like, where the host has them (merged /usr)."""
+  out = []
+  for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    if os.path.islink(d):
+      out += ["--symlink", os.readlink(d), d]
+  return out
+
+
+# Extension modules whose libraries are left out of the view (each bind costs bwrap
+# time): they need a display, a NIS server or a terminal, none of which a sandbox has.
+_NO_USE_IN_SANDBOX = ("_tkinter", "nis", "_curses", "_curses_panel", "readline")
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_view(python: str) -> tuple[str, ...]:
+  """bwrap arguments for the read-only files `python` needs, and nothing else.
+
+  The interpreter, its standard library (site-packages hidden by an empty
+  read-only tmpfs) and the shared libraries `ldd` lists for it and for the
+  extension modules of lib-dynload (but _NO_USE_IN_SANDBOX's). Less to see means less page cache a program
+  can probe for traces of an earlier program (docs/RELIABILITY.md). Without
+  `ldd` the wide view (/usr and /lib*) is used, with a warning.
+  """
+  query = ("import json, sysconfig; print(json.dumps([sysconfig.get_path(k) for k in "
+           "('stdlib', 'platstdlib', 'purelib', 'platlib')]))")
+  dirs = json.loads(subprocess.run([python, "-I", "-S", "-c", query], capture_output=True,
+                                   check=True, text=True).stdout)
+  stdlibs = sorted({os.path.realpath(d) for d in dirs[:2]})
+  hidden = sorted({os.path.realpath(d) for d in dirs[2:]} & {
+      os.path.join(lib, "site-packages") for lib in stdlibs})
+  ldd = shutil.which("ldd")
+  if ldd is None:
+    _LOG.warning("code sandbox: no `ldd`; the sandbox sees all of /usr and /lib*")
+    return _wide_view(python)
+  objects = [python] + [os.path.join(lib, "lib-dynload", n) for lib in stdlibs
+                        if os.path.isdir(os.path.join(lib, "lib-dynload"))
+                        for n in sorted(os.listdir(os.path.join(lib, "lib-dynload")))
+                        if n.endswith(".so") and n.split(".")[0] not in _NO_USE_IN_SANDBOX]
+  out = subprocess.run([ldd, *objects], capture_output=True, text=True, env={"LC_ALL": "C"}).stdout
+  libs = set()
+  for line in out.splitlines():
+    words = line.split()
+    path = words[2] if len(words) >= 3 and words[1] == "=>" else words[0] if words else ""
+    if path.startswith("/") and os.path.exists(path):
+      libs.add(path)
+  # glibc loads libgcc_s at run time (thread cancellation unwinding).
+  for lib in list(libs):
+    if os.path.basename(lib).startswith("libc.so"):
+      gcc_s = os.path.join(os.path.dirname(lib), "libgcc_s.so.1")
+      if os.path.exists(gcc_s):
+        libs.add(gcc_s)
+  # A file is bound where the loader looks for it: its directory resolved (the
+  # sandbox has the same /lib -> usr/lib symlinks), its own name kept (libz.so.1).
+  files = {os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p)): p
+           for p in libs}
+  files[os.path.realpath(python)] = python
+  argv = _root_symlinks() + _traversable_parents(list(files) + stdlibs)
+  for dest, src in sorted(files.items()):
+    argv += ["--ro-bind", src, dest]
+  for lib in stdlibs:
+    argv += ["--ro-bind", lib, lib]
+  for d in hidden:
+    if os.path.isdir(d):
+      argv += ["--size", "4096", "--perms", "0555", "--tmpfs", d, "--remount-ro", d]
+  return tuple(argv)
+
+
+@functools.lru_cache(maxsize=None)
+def _wide_view(python: str) -> tuple[str, ...]:
+  """/usr, /lib* and the interpreter's whole prefix, read-only (round two's view;
+  kept for hosts without ldd and for benchmarks/rewards.py's comparison)."""
+  argv = ["--ro-bind", "/usr", "/usr"] + _root_symlinks()
+  for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    if os.path.isdir(d) and not os.path.islink(d):
+      argv += ["--ro-bind", d, d]
+  prefixes = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(python))}
+  for p in sorted(prefixes):
+    if p != "/usr" and not p.startswith("/usr/"):
+      argv += _traversable_parents([p]) + ["--ro-bind", p, p]
+  return tuple(argv)
+
+
 def _children(pid: int) -> list[int]:
   kids = []
   for name in os.listdir("/proc"):
@@ -223,17 +231,24 @@ class CodeExecutor:
 
   def __init__(self, limits: Limits = Limits(), num_workers: int = 2,
                unsafe_local_exec: bool = False, *, python: str | None = None,
-               uid_base: int | None = None, _benchmark_without_seccomp: bool = False):
+               uid_base: int | None = None, _benchmark_without_seccomp: bool = False,
+               _benchmark_wide_view: bool = False):
     self.limits = limits
     self.num_workers = max(1, int(num_workers))
     self.unsafe_local_exec = unsafe_local_exec
     self.python = os.path.realpath(python or sys.executable)
     self._root = os.geteuid() == 0
     self._bwrap = None
+    self._wide_view = _benchmark_wide_view  # only benchmarks/rewards.py widens the view
     if not unsafe_local_exec:
       self._bwrap = shutil.which("bwrap")
       if self._bwrap is None:
         raise SandboxError(_INSTALL_HINT)
+      try:  # computed once per interpreter; here, so that a failure names its cause
+        (_wide_view if self._wide_view else _interpreter_view)(self.python)
+      except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        raise SandboxError(f"code sandbox: cannot list the files {self.python} needs "
+                           f"({e})") from None
     try:
       self._keyctl_nr = seccomp.syscall_number("keyctl")
       # Only benchmarks/rewards.py turns the filter off, to measure what it costs.
@@ -260,6 +275,11 @@ class CodeExecutor:
       _LOG.warning("code sandbox: no memory cgroup (%s); memory is bounded per process "
                    "only: %d MB x %d processes per sandbox", why, limits.memory_mb,
                    limits.max_procs)
+    elif not self._cgroups.socket_memory_charged:
+      _LOG.warning("code sandbox: this kernel does not charge socket buffers to the memory "
+                   "cgroup (cgroup v1 without memory.kmem.tcp); they are bounded per socket "
+                   "only (net.ipv4.tcp_{r,w}mem x %d files x %d processes)",
+                   limits.open_files, limits.max_procs)
     self._slots: queue.Queue[int] = queue.Queue()
     for i in range(self.num_workers):
       self._slots.put(i)
@@ -278,6 +298,11 @@ class CodeExecutor:
   def memory_cgroup(self) -> bool:
     """Whether each sandbox has a memory cgroup (Limits.sandbox_memory_mb in force)."""
     return self._cgroups is not None
+
+  @property
+  def socket_memory_charged(self) -> bool:
+    """Whether TCP/UDP socket buffers count against sandbox_memory_mb too."""
+    return self._cgroups is not None and self._cgroups.socket_memory_charged
 
   # ------------------------------------------------------------------ API
   def run_humaneval(self, program: str, test: str, entry_point: str) -> float:
@@ -434,7 +459,7 @@ class CodeExecutor:
     lim = self.limits
     argv = [self._bwrap]
     if self._root:
-      # No user namespace (see module docstring): the runner drops to the slot uid.
+      # No user namespace (docs/RELIABILITY.md): the runner drops to the slot uid.
       argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                "--unshare-cgroup-try", "--cap-drop", "ALL",
                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -446,23 +471,8 @@ class CodeExecutor:
     # be signalled by the candidates, and its exit kills the whole namespace.
     argv += ["--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
              "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-             "--setenv", "HOME", "/tmp", "--ro-bind", "/usr", "/usr"]
-    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-      if os.path.islink(d):
-        argv += ["--symlink", os.readlink(d), d]
-      elif os.path.isdir(d):
-        argv += ["--ro-bind", d, d]
-    prefixes = {os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(self.python))}
-    for p in sorted(prefixes):
-      if p != "/usr" and not p.startswith("/usr/"):
-        # bwrap would copy the modes of the host's parents (/root is 0700):
-        # make them traversable so the unprivileged uid can reach the interpreter.
-        parents = [os.path.dirname(p)]
-        while parents[-1] != "/":
-          parents.append(os.path.dirname(parents[-1]))
-        for d in reversed(parents[:-1]):
-          argv += ["--perms", "0755", "--dir", d]
-        argv += ["--ro-bind", p, p]
+             "--setenv", "HOME", "/tmp"]
+    argv += _wide_view(self.python) if self._wide_view else _interpreter_view(self.python)
     argv += ["--perms", "0755", "--dir", os.path.dirname(_SANDBOX_RUNNER),
              "--ro-bind", _RUNNER, _SANDBOX_RUNNER,
              "--proc", "/proc", "--dev", "/dev",

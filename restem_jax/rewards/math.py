@@ -47,17 +47,15 @@ False negatives accepted (zero false positives comes first):
 from __future__ import annotations
 
 import atexit
-import collections
-import dataclasses
 import logging
-import multiprocessing
 import multiprocessing.connection
 import random
 import re
 import signal
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
+
+from restem_jax.rewards import pool
 
 _MAX_ANSWER_CHARS = 1000  # Longer "answers" are degenerate output; also bounds sympy work.
 
@@ -288,12 +286,10 @@ def normalize_answer(ans: str) -> str:
 # From here to `_worker_main`: runs in worker processes only (sympy is imported there).
 
 
-class _CheckTimeout(BaseException):
-  """BaseException so that sympy's and math_verify's `except Exception` cannot swallow it."""
-
-
-def _on_timer(signum, frame):
-  raise _CheckTimeout()
+_CheckTimeout = pool.CheckTimeout  # (names kept for rewards/reasoning_gym.py and tests)
+_on_timer = pool.on_timer
+serve_checks = pool.serve_checks
+Grade = pool.Grade
 
 
 def _values(exprs: tuple, seed: int) -> list[tuple]:
@@ -421,86 +417,28 @@ def _check_in_worker(gold: str, pred: str, timeout_s: float) -> bool:
     signal.setitimer(signal.ITIMER_PROF, 0)
 
 
-def serve_checks(conn: multiprocessing.connection.Connection,
-                 check: Callable[..., bool]) -> None:
-  """A grader worker's loop: "ready", then check(*task) -> reply per task, until None."""
-  try:
-    conn.send("ready")
-    while (task := conn.recv()) is not None:
-      try:
-        ok = check(*task)
-      except BaseException:  # pylint: disable=broad-except
-        ok = False  # The timer fired between the check and its cancellation.
-      conn.send(ok)
-  except (EOFError, OSError):
-    pass  # The grader went away (closed or garbage-collected): exit quietly.
-
-
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
   logging.disable(logging.WARNING)  # math_verify logs every failed parse.
   _check_in_worker("1", "\\frac{2}{2}", 30.0)  # Import and warm sympy/antlr first.
   serve_checks(conn, _check_in_worker)
 
 
-# ----------------------------------------------------------------------------- process pool
-
-_LOG = logging.getLogger(__name__)
+# ----------------------------------------------------------------------------- grader
 
 
-@dataclasses.dataclass(frozen=True)
-class Grade:
-  """One sample's reward; `fault` says why the grader (not the answer) failed it:
-  "worker died" (crashed, OOM-killed) or "worker hung" (killed past its deadline)."""
-  reward: float
-  fault: str | None = None
+class MathGrader(pool.GraderPool):
+  """Scores model outputs against gold answers with a pool of checker processes
+  (rewards/pool.py: a worker that hangs in C or dies is replaced alone, its pair
+  scores 0 with the fault counted). Spawned processes: a calling script needs the
+  `if __name__ == "__main__":` guard."""
 
-
-class _Worker:
-
-  def __init__(self, ctx, target):
-    self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=target, args=(child,), daemon=True)
-    self.proc.start()
-    child.close()
-    self.born = time.monotonic()
-    self.ready = False
-    self.task: int | None = None  # Index of the pair being checked.
-    self.started = 0.0
-
-  def kill(self) -> None:
-    self.proc.kill()
-    self.proc.join(5)
-    self.conn.close()
-
-
-class MathGrader:
-  """Scores model outputs against gold answers with a pool of checker processes.
-
-  Own processes rather than multiprocessing.Pool / ProcessPoolExecutor: those cannot
-  kill one hung task (Python 3.11), and a check stuck in C (huge integer powers)
-  ignores signals. Here a worker past its deadline is killed and replaced alone.
-  Processes are spawned (not forked): the parent may hold JAX/TF threads. So a calling
-  script needs the `if __name__ == "__main__":` guard.
-  """
-
-  startup_timeout_s = 120.0  # Spawn + importing sympy on a loaded 2-core CI box.
-  hang_grace_s = 5.0  # Beyond 2 * timeout_s, a silent worker is hung in C: killed.
   _worker_target = staticmethod(_worker_main)  # Tests swap in a deliberately hanging one.
+  start_hint = "math-verify missing"
 
   def __init__(self, num_workers: int = 2, timeout_s: float = 5.0,
                fallback_last_number: bool = False):
-    if num_workers < 1 or timeout_s <= 0:
-      raise ValueError("MathGrader needs num_workers >= 1 and timeout_s > 0")
-    self.num_workers = num_workers
-    self.timeout_s = float(timeout_s)
+    super().__init__(num_workers=num_workers, timeout_s=timeout_s)
     self.fallback_last_number = fallback_last_number
-    self._ctx = multiprocessing.get_context("spawn")
-    self._workers: list[_Worker] = []  # Started lazily: string matches need none.
-    # Samples lost to grader faults, by kind, over the grader's lifetime.
-    self.faults: collections.Counter[str] = collections.Counter()
-
-  def _new_worker(self) -> _Worker:
-    return _Worker(self._ctx, self._worker_target)
 
   def score(self, golds: list[str], outputs: list[str]) -> list[float]:
     """1.0/0.0 per (gold answer, full model output) pair."""
@@ -521,6 +459,12 @@ class MathGrader:
         preds.append(None)  # Never let odd output crash a generation run.
     return self._grade(list(golds), preds, self.timeout_s)
 
+  def score_answers(self, golds: list[str], answers: list[str | None]) -> list[Grade]:
+    """Grades of answers already extracted from their outputs (None: no answer, 0)."""
+    if len(golds) != len(answers):
+      raise ValueError(f"score: {len(golds)} golds but {len(answers)} answers")
+    return self._grade(list(golds), list(answers), self.timeout_s)
+
   def _grade(self, golds: list[str], preds: list[str | None], timeout_s: float) -> list[Grade]:
     grades = [Grade(0.0)] * len(golds)
     todo: dict[tuple[str, str], list[int]] = {}  # Unique pairs: samples repeat answers.
@@ -539,81 +483,6 @@ class MathGrader:
           if fault:
             self.faults[fault] += 1
     return grades
-
-  def _run(self, pairs: list[tuple[str, str]],
-           timeout_s: float) -> list[tuple[bool, str | None]]:
-    """(equal, fault) per pair. A worker that dies or hangs costs its pair only."""
-    results: list[tuple[bool, str | None]] = [(False, None)] * len(pairs)
-    queue = list(range(len(pairs)))[::-1]
-    limit = 2 * timeout_s + self.hang_grace_s  # Wall clock: the CPU timer may lag it.
-    while len(self._workers) < self.num_workers:
-      self._workers.append(self._new_worker())
-    failed_starts = 0
-    while queue or any(w.task is not None for w in self._workers):
-      for k, w in enumerate(self._workers):
-        if w.ready and w.task is None and queue:
-          try:
-            w.conn.send((*pairs[queue[-1]], timeout_s))
-          except (OSError, ValueError):  # Died while idle: replace it, keep the pair.
-            w.kill()
-            self._workers[k] = self._new_worker()
-            continue
-          w.task, w.started = queue.pop(), time.monotonic()
-      multiprocessing.connection.wait([w.conn for w in self._workers], timeout=0.05)
-      now = time.monotonic()
-      for k, w in enumerate(self._workers):
-        fault = None
-        try:
-          while w.conn.poll():
-            msg = w.conn.recv()
-            if msg == "ready":
-              w.ready, failed_starts = True, 0
-            elif w.task is not None:
-              results[w.task], w.task = (bool(msg), None), None
-        except (EOFError, OSError):
-          fault = "worker died"  # Crashed (segfault, OOM kill): its pair scores 0.
-        if fault is None and w.task is not None and now - w.started > limit:
-          fault = "worker hung"  # Hung beyond the in-worker timer: stuck in C code.
-        if fault is None and not w.ready and now - w.born > self.startup_timeout_s:
-          fault = "worker hung"
-        if fault:
-          failed_starts += 0 if w.ready else 1
-          if not w.ready and failed_starts >= 3:
-            self.close()
-            raise RuntimeError(
-                "MathGrader: checker processes fail to start (math-verify missing, or the "
-                "main script lacks `if __name__ == '__main__':`, which spawn needs)")
-          if w.task is not None:
-            results[w.task] = (False, fault)
-            _LOG.warning("math grader: %s (exit code %s) on gold %.80r vs %.80r; replaced, "
-                         "the pair scores 0", fault, w.proc.exitcode, *pairs[w.task])
-          w.kill()
-          self._workers[k] = self._new_worker()
-    return results
-
-  def close(self) -> None:
-    for w in self._workers:
-      try:
-        w.conn.send(None)
-      except (OSError, ValueError):
-        pass
-    for w in self._workers:
-      w.proc.join(1)
-      if w.proc.is_alive():
-        w.kill()
-    self._workers = []
-
-  def __enter__(self) -> "MathGrader":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except
-      pass  # Interpreter shutdown: the daemon workers die with us anyway.
 
 
 _SHARED: MathGrader | None = None

@@ -6,10 +6,15 @@ kernel objects) holds at once, and the kernel OOM-kills inside it instead of
 the host running out. Created when the harness can write to the cgroup tree:
 
 * cgroup v1 (and hybrid hosts): a child of the harness's own memory cgroup,
-  `memory.limit_in_bytes` (+ `memory.memsw.limit_in_bytes`: no swap escape);
+  `memory.limit_in_bytes` (+ `memory.memsw.limit_in_bytes`: no swap escape).
+  v1 charges socket buffers (TCP and UDP) to a counter of their own, and only
+  once `memory.kmem.tcp.limit_in_bytes` is set: the cap is split, 1/16 for
+  socket buffers, the rest for everything else, so the two together stay
+  within the cap. Where that file is missing `socket_memory_charged` is False;
 * cgroup v2: a sibling of the harness's cgroup whose parent delegates the memory
   controller (v2 forbids children of a cgroup that holds processes, like ours),
-  `memory.max` and `memory.swap.max = 0`.
+  `memory.max` and `memory.swap.max = 0` (v2 charges socket buffers to
+  memory.current: nothing to split).
 
 Typically root has that access and an unprivileged user does not (unless
 systemd delegated it a subtree). Where neither works `SlotCgroups.create`
@@ -26,6 +31,7 @@ from __future__ import annotations
 import os
 
 _PREFIX = "restem-sandbox-"
+TCP_SHARE = 16  # cgroup v1: 1/16 of a slot's cap for socket buffers, the rest for the others
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -92,6 +98,8 @@ class SlotCgroups:
     self.group = group
     self.version = version
     self.dirs = [os.path.join(group, f"slot{i}") for i in range(num_slots)]
+    # Whether the kernel charges socket buffers against the cap (see module doc).
+    self.socket_memory_charged = version == 2
 
   @classmethod
   def create(cls, num_slots: int, limit_bytes: int, tag: str) -> tuple[SlotCgroups | None, str]:
@@ -140,8 +148,14 @@ class SlotCgroups:
 
   def _limit(self, d: str, limit_bytes: int) -> None:
     if self.version == 1:
-      _write(os.path.join(d, "memory.limit_in_bytes"), str(limit_bytes))
-      optional = [("memory.memsw.limit_in_bytes", str(limit_bytes))]
+      tcp = limit_bytes // TCP_SHARE
+      try:
+        _write(os.path.join(d, "memory.kmem.tcp.limit_in_bytes"), str(tcp))
+        self.socket_memory_charged = True
+      except OSError:  # kernel without v1 socket accounting: the whole cap for the rest
+        tcp = 0
+      _write(os.path.join(d, "memory.limit_in_bytes"), str(limit_bytes - tcp))
+      optional = [("memory.memsw.limit_in_bytes", str(limit_bytes - tcp))]
     else:
       _write(os.path.join(d, "memory.max"), str(limit_bytes))
       optional = [("memory.swap.max", "0")]

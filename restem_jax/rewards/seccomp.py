@@ -18,7 +18,11 @@ What it denies, and why a test program never needs it:
   and large kernel attack surface (bpf, perf_event_open, userfaultfd,
   io_uring, open_by_handle_at);
 * privileged operations (modules, kexec, reboot, swap, acct, quotactl):
-  already impossible without capabilities; denied as belt and braces.
+  already impossible without capabilities; denied as belt and braces;
+* socket families other than AF_UNIX, AF_INET and AF_INET6 (socket and
+  socketpair fail with EAFNOSUPPORT): a network namespace does not isolate
+  AF_VSOCK (it leads to the VM's host), and netlink, packet, alg, ... are
+  kernel attack surface no graded program needs.
 Denied calls fail with EPERM, so a program sees an ordinary OSError. clone3
 fails with ENOSYS: its flags sit in a struct BPF cannot read, and glibc
 (pthread_create, posix_spawn) then falls back to clone, whose flags are
@@ -79,6 +83,9 @@ DENIED = {  # name: (x86_64, aarch64)
 }
 CLONE = (56, 220)
 CLONE3 = (435, 435)
+SOCKET = {"socket": (41, 198), "socketpair": (53, 199)}
+# AF_UNIX, AF_INET, AF_INET6 (linux/socket.h): the families a sandbox may create.
+ALLOWED_FAMILIES = (1, 2, 10)
 
 
 def native_arch() -> str:
@@ -93,7 +100,7 @@ def native_arch() -> str:
 
 def syscall_number(name: str, arch: str | None = None) -> int:
   col = list(ARCHES).index(arch or native_arch())
-  table = dict(DENIED, clone=CLONE, clone3=CLONE3)
+  table = dict(DENIED, clone=CLONE, clone3=CLONE3, **SOCKET)
   return table[name][col]
 
 
@@ -102,6 +109,7 @@ def filter_bytes(arch: str | None = None) -> bytes:
   arch = arch or native_arch()
   col = list(ARCHES).index(arch)
   eperm, enosys = RET_ERRNO | errno.EPERM, RET_ERRNO | errno.ENOSYS
+  eafnosupport = RET_ERRNO | errno.EAFNOSUPPORT
   prog: list[tuple] = []  # (code, jt, jf, k); jt/jf may name a label, resolved below
 
   def ins(code, k, jt=0, jf=0):
@@ -117,12 +125,23 @@ def filter_bytes(arch: str | None = None) -> bytes:
     ins(_JEQ_K, nrs[col], jt="eperm")
   ins(_JEQ_K, CLONE3[col], jt="enosys")
   ins(_JEQ_K, CLONE[col], jt="clone")
+  for nrs in SOCKET.values():
+    ins(_JEQ_K, nrs[col], jt="socket")
   ins(_RET_K, RET_ALLOW)
+  # Both argument checks read arg0's low 32 bits (clone's flags and socket's
+  # family are C ints / the kernel truncates them: high garbage hides nothing).
+  arg0_lo = _ARG0_LO if struct.pack("=I", 1)[0] == 1 else _ARG0_LO + 4
   labels = {"clone": len(prog)}
-  ins(_LD_W_ABS, _ARG0_LO if struct.pack("=I", 1)[0] == 1 else _ARG0_LO + 4)
+  ins(_LD_W_ABS, arg0_lo)
   ins(_JSET_K, CLONE_NS_FLAGS, jt="eperm")
   ins(_RET_K, RET_ALLOW)
-  for name, ret in (("eperm", eperm), ("enosys", enosys), ("kill", RET_KILL_PROCESS)):
+  labels["socket"] = len(prog)
+  ins(_LD_W_ABS, arg0_lo)
+  for family in ALLOWED_FAMILIES:
+    ins(_JEQ_K, family, jt="allow")
+  ins(_RET_K, eafnosupport)
+  for name, ret in (("allow", RET_ALLOW), ("eperm", eperm), ("enosys", enosys),
+                    ("kill", RET_KILL_PROCESS)):
     labels[name] = len(prog)
     ins(_RET_K, ret)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Callable, Optional, Sequence
+import re
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from restem_jax.tasks.spec import DatasetSpec, Problem
+if TYPE_CHECKING:  # spec.py imports this module: DatasetSpec.score runs REWARDS.
+  from restem_jax.tasks.spec import DatasetSpec, Problem
 
 
 class Workers:
@@ -81,6 +83,15 @@ def math_rewards(spec: DatasetSpec, problems: Sequence[Problem], completions: Se
   return [g.reward for g in grades]
 
 
+_FENCED = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
+
+
+def program_of(completion: str) -> str:
+  """The program in a completion: its first fenced block, else the whole text."""
+  fenced = _FENCED.search(completion)
+  return fenced.group(1) if fenced else completion
+
+
 def code_job(spec: Any, problem: Problem, completion: str) -> dict:
   """The job dict for rewards/code.py: the problem's test spec (its gold) plus the
   program to run, `spec.completion_to_program(problem, completion)`."""
@@ -96,3 +107,7 @@ def code_rewards(spec: Any, problems: Sequence[Problem], completions: Sequence[s
                                                      for p, c in zip(problems, completions)])
   workers.record_faults([o.fault for o in outcomes])
   return [o.reward for o in outcomes]
+
+
+# DatasetSpec.reward -> the reward the default DatasetSpec.score runs.
+REWARDS: dict[str, Callable[..., list[float]]] = {"math": math_rewards, "code": code_rewards}

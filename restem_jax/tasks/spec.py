@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from etils import epath
 
-from restem_jax.tasks import prompts
+from restem_jax.tasks import prompts, scoring
 
 SplitBuilder = Callable[[str], list]  # split ("train"/"validation"/"test") -> records
 
@@ -47,7 +47,9 @@ class DatasetSpec:
   """One dataset. Subclasses override the methods; the fields are constants."""
 
   name: str  # config.task.name.
-  reward: str  # What `score` checks ("exact_int", "math", "code"): a label for logs/tests.
+  # What `score` checks: a built-in reward kind (scoring.REWARDS: "math", "code") that the
+  # default `score` runs, or a label of the spec's own `score` ("exact_int", "reasoning_gym").
+  reward: str
   stop_strings: tuple[str, ...]  # Where a completion stops being an answer.
   difficulty: str  # What Problem.level holds.
   splits: tuple[str, ...] = ("train", "test")  # The splits the source has.
@@ -65,8 +67,16 @@ class DatasetSpec:
   def layout_error(self, data_dir: str, why: str) -> DataLayoutError:
     return DataLayoutError(f"{self.name}: data_dir {data_dir!r} {why}; expected {self.layout}")
 
-  def check_layout(self, data_dir: str) -> None:
-    """Cheap (paths only, nothing read): one-line DataLayoutError naming the layout."""
+  def for_config(self, task_cfg: Any) -> "DatasetSpec":
+    """The spec a task_cfg uses: itself, or (a spec whose constants come from the config,
+    e.g. jsonl's stop strings) a copy with those fields set."""
+    del task_cfg
+    return self
+
+  def check_layout(self, data_dir: str, task_cfg: Any = None) -> None:
+    """The data's checks before a model loads (built-in specs: paths only, nothing read;
+    jsonl also reads its files with task_cfg): one-line DataLayoutError naming the layout."""
+    del task_cfg
     if not self.layout:
       return
     if not data_dir:
@@ -113,8 +123,13 @@ class DatasetSpec:
   def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
             workers: Any) -> list[float]:
     """Binary rewards of raw completions. `workers` (scoring.Workers) hands out the
-    task's grader processes / sandboxes; Task makes this robust to failing items."""
-    raise NotImplementedError
+    task's grader processes / sandboxes; Task makes this robust to failing items.
+    This runs the built-in reward named by `reward`; a spec with its own check overrides it."""
+    del task_cfg
+    if self.reward not in scoring.REWARDS:
+      raise NotImplementedError(f"{self.name}: reward {self.reward!r} is not built in "
+                                f"({', '.join(scoring.REWARDS)}); override DatasetSpec.score")
+    return scoring.REWARDS[self.reward](self, problems, completions, workers)
 
 
 # --- Official train/test files: validation carved out of train, test capped, by seed.

@@ -32,17 +32,18 @@ def data_dir_of(task_cfg: Any) -> str:
 def check_data(task_cfg: Any) -> None:
   """The cheap part of building a Task: a known task.name and the data_dir's layout
   (paths only). Raises DataLayoutError with one line naming what is expected."""
-  datasets.get_spec(task_cfg.name).check_layout(data_dir_of(task_cfg))
+  datasets.get_spec(task_cfg.name).for_config(task_cfg).check_layout(data_dir_of(task_cfg),
+                                                                     task_cfg)
 
 
 class Task:
   """One dataset (its spec) with its splits, prompt format, vocabulary and reward."""
 
   def __init__(self, task_cfg, vocabulary=None):
-    self.spec = datasets.get_spec(task_cfg.name)
+    self.spec = datasets.get_spec(task_cfg.name).for_config(task_cfg)
     self.dataset: str = self.spec.name
     self.data_dir: str = data_dir_of(task_cfg)
-    self.spec.check_layout(self.data_dir)
+    self.spec.check_layout(self.data_dir, task_cfg)
     self.spec.check_readable(self.data_dir)
     self._cfg = task_cfg
     self.reward_kind: str = self.spec.reward

@@ -9,6 +9,7 @@ from restem_jax.tasks.datasets import embedded_arith
 from restem_jax.tasks.datasets import gsm8k
 from restem_jax.tasks.datasets import gsm8k_tfds
 from restem_jax.tasks.datasets import humaneval
+from restem_jax.tasks.datasets import jsonl
 from restem_jax.tasks.datasets import math
 from restem_jax.tasks.datasets import reasoning_gym
 from restem_jax.tasks.spec import DataLayoutError, DatasetSpec
@@ -21,6 +22,7 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     humaneval.SPEC,
     gsm8k_tfds.SPEC,
     reasoning_gym.SPEC,
+    jsonl.SPEC,
 )}
 
 

@@ -12,14 +12,13 @@ import json
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from etils import epath
 
 from restem_jax import workdir as wd
 from restem_jax.rewards.code import apps_tests
 from restem_jax.tasks import prompts
-from restem_jax.tasks import scoring
 from restem_jax.tasks.spec import OfficialDataset, Problem
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,6 @@ class Apps(OfficialDataset):
     fenced = _FENCED.search(text)
     return fenced.group(1) if fenced else text
 
-  def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
-            workers: scoring.Workers) -> list[float]:
-    return scoring.code_rewards(self, problems, completions, workers)
 
 
 SPEC = Apps(

@@ -10,14 +10,14 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from etils import epath
 
 from restem_jax.rewards.math import gsm8k_gold
 from restem_jax.tasks import prompts
 from restem_jax.tasks import scoring
-from restem_jax.tasks.spec import OfficialDataset, Problem
+from restem_jax.tasks.spec import OfficialDataset
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -73,9 +73,6 @@ class Gsm8k(OfficialDataset):
     return [(self.chat_before + e["question"], e["answer"]) for e in
             prompts.take_exemplars("gsm8k", self.exemplars, int(task_cfg.few_shot))]
 
-  def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
-            workers: scoring.Workers) -> list[float]:
-    return scoring.math_rewards(self, problems, completions, workers)
 
 
 SPEC = Gsm8k(

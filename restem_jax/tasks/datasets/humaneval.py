@@ -8,10 +8,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-from typing import Any, Sequence
+from typing import Any
 
 from restem_jax.tasks import prompts
-from restem_jax.tasks import scoring
 from restem_jax.tasks.spec import OfficialDataset, Problem
 
 
@@ -42,9 +41,6 @@ class HumanEval(OfficialDataset):
     """The completion continues the function body after the prompt's signature."""
     return problem.prompt + self.postprocess(completion)
 
-  def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
-            workers: scoring.Workers) -> list[float]:
-    return scoring.code_rewards(self, problems, completions, workers)
 
 
 SPEC = HumanEval(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from etils import epath
 
@@ -16,7 +16,7 @@ from restem_jax import workdir as wd
 from restem_jax.rewards.math import math_gold
 from restem_jax.tasks import prompts
 from restem_jax.tasks import scoring
-from restem_jax.tasks.spec import OfficialDataset, Problem
+from restem_jax.tasks.spec import OfficialDataset
 
 
 def final_answer(answer: str) -> str:
@@ -52,9 +52,6 @@ class Math(OfficialDataset):
                     for e in prompts.take_exemplars(self.name, self.exemplars, few_shot))
     return prompts.PromptFormat(shots, "Problem:\n", "\n\nSolution:\n")
 
-  def score(self, problems: Sequence[Problem], completions: Sequence[str], task_cfg: Any,
-            workers: scoring.Workers) -> list[float]:
-    return scoring.math_rewards(self, problems, completions, workers)
 
 
 SPEC = Math(

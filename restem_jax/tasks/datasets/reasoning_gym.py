@@ -309,7 +309,8 @@ class ReasoningGym(DatasetSpec):
             workers: scoring.Workers) -> list[float]:
     def make():
       from restem_jax.rewards.reasoning_gym import ReasoningGymGrader  # pylint: disable=import-outside-toplevel
-      return ReasoningGymGrader(num_workers=int(task_cfg.get("grader_workers", 2)),
+      return ReasoningGymGrader(score_answer, extract_answer,
+                                num_workers=int(task_cfg.get("grader_workers", 2)),
                                 timeout_s=float(task_cfg.get("grader_timeout_s", 5.0)))
     grades = workers.get("reasoning_gym", make).score_detailed(
         [p.gold for p in problems], [self.postprocess(c) for c in completions])
