@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from restem_jax import batches, checkpoints, preemption, progress, sampling, training
+from restem_jax import batches, checkpoints, lora, preemption, progress, sampling, training
 from restem_jax import model as model_lib
 
 
@@ -49,6 +49,28 @@ class Trained:
     """What an M-step starting here trains from: the frozen base under adapters, else the
     params (fine-tuned fully, or the base a LoRA M-step puts fresh adapters on)."""
     return self.params if self.base is None else self.base
+
+
+def restore_model(path: str, model_cfg: model_lib.ModelConfig, mesh: Mesh,
+                  base: Trained | None = None) -> Trained:
+  """The model saved at `path` (run.RunContext.save_model): its params, or an adapters
+  checkpoint merged onto `base` (default: the base path it records, e.g. another run's
+  teacher). Runs and export restore through this one function."""
+  lora_meta = checkpoints.read_metadata(path).get("lora")
+  if not isinstance(lora_meta, dict):
+    return Trained(checkpoints.restore_params(path, model_cfg, mesh))
+  if base is None:
+    if not lora_meta.get("base"):
+      raise checkpoints.CheckpointError(
+          f"{path} holds LoRA adapters but does not record their base; restore it inside "
+          "the run that wrote it, or re-create it")
+    base = restore_model(lora_meta["base"], model_cfg, mesh)
+  adapters = lora.Adapters(model_cfg, lora.LoraConfig.from_metadata(lora_meta), mesh)
+  ad = checkpoints.restore_adapters(path, adapters.abstract())
+  # The same merge as the M-step's result (Trainer.model_params), so a restored iterate
+  # samples exactly as the one the run held before it was killed.
+  frozen = adapters.prepare_base(base.start_params)
+  return Trained(adapters.merged(frozen, ad), ad, frozen)
 
 
 @dataclasses.dataclass(frozen=True)

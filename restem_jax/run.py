@@ -27,6 +27,7 @@ from etils import epath
 from restem_jax import (checkpoints, configlib, distributed, errors, evaluate, generate,
                         improve, lora, model, partitioning, preemption, preflight, report,
                         runinfo, samples, sampling, tasks, workdir as wd)
+from restem_jax import export
 from restem_jax.improve import Trained
 from restem_jax.tasks import Problem
 from restem_jax.importers.common import ImportFormatError
@@ -303,21 +304,7 @@ class RunContext:
   def restore(self, path: str, base: Trained | None = None) -> Trained:
     """The model saved at `path` (save_model): its params, or an adapters checkpoint merged
     onto `base` (default: the base path it records, e.g. another run's teacher)."""
-    lora_meta = checkpoints.read_metadata(path).get("lora")
-    if not isinstance(lora_meta, dict):
-      return Trained(checkpoints.restore_params(path, self.model_cfg, self.mesh))
-    if base is None:
-      if not lora_meta.get("base"):
-        raise checkpoints.CheckpointError(
-            f"{path} holds LoRA adapters but does not record their base; restore it inside "
-            "the run that wrote it, or re-create it")
-      base = self.restore(lora_meta["base"])
-    adapters = lora.Adapters(self.model_cfg, lora.LoraConfig.from_metadata(lora_meta), self.mesh)
-    ad = checkpoints.restore_adapters(path, adapters.abstract())
-    # The same merge as the M-step's result (Trainer.model_params), so a restored iterate
-    # samples exactly as the one the run held before it was killed.
-    frozen = adapters.prepare_base(base.start_params)
-    return Trained(adapters.merged(frozen, ad), ad, frozen)
+    return improve.restore_model(path, self.model_cfg, self.mesh, base)
 
 
 def pretrain_base(ctx: RunContext) -> tuple[Trained, dict]:
@@ -410,4 +397,5 @@ def _run(config: ml_collections.ConfigDict, workdir: str, override: bool) -> lis
   if ctx.coordinator:
     report.write_summary(workdir, results, c.eval)
     report.write_html(workdir)
+    ctx.log(f"export the best iteration: {export.command_for(workdir) or 'none finished'}")
   return results

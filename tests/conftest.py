@@ -49,7 +49,3 @@ def tiny_run(tmp_path_factory):
                      text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   return workdir, p
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: slow tests (`make test-fast` runs -m 'not slow')")

@@ -205,10 +205,11 @@ def _write_gguf(path, arch, tokenizer_model=None):
 
 
 def test_unknown_architecture_and_tokenizer_are_one_line(tmp_path):
-  path = _write_gguf(tmp_path / "q.gguf", "qwen2")
+  path = _write_gguf(tmp_path / "q.gguf", "phi3")
   with pytest.raises(ImportFormatError) as e:
     import_model("gguf", path, mesh("1"))
-  assert str(e.value) == "GGUF architecture 'qwen2' is not supported; supported: llama, gemma3"
+  assert str(e.value) == ("GGUF architecture 'phi3' is not supported; supported: llama, qwen2, "
+                          "qwen3, gemma2, gemma3")
   path = _write_gguf(tmp_path / "t.gguf", "llama", tokenizer_model="llama")
   with pytest.raises(ImportFormatError) as e:
     load_vocabulary(path)

@@ -258,7 +258,7 @@ def test_family_defaults_are_transformers_config_defaults():
   assert sorted(classes) == sorted(hf.SUPPORTED_ARCHITECTURES)
   for arch, name in classes.items():
     ref = getattr(transformers, name)()
-    for key, value in hf._FAMILIES[arch].defaults:  # pylint: disable=protected-access
+    for key, value in hf.FAMILIES[arch].defaults:
       # num_key_value_heads None: transformers fills in num_attention_heads.
       expect = ref.num_attention_heads if (key, value) == ("num_key_value_heads", None) else value
       assert getattr(ref, key) == expect, (arch, key, value, getattr(ref, key))

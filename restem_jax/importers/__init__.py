@@ -1,5 +1,6 @@
 """Import pretrained models and their tokenizers, offline: HF safetensors (Llama 3.x, Qwen 2.5 / 3,
-Gemma 2 / 3; see hf.SUPPORTED_ARCHITECTURES), GGUF (Llama, Gemma 3) and pip model packages.
+Gemma 2 / 3; see hf.SUPPORTED_ARCHITECTURES), GGUF (llama, qwen2, qwen3, gemma2, gemma3;
+gguf.SUPPORTED_ARCHITECTURES) and pip model packages.
 
     cfg, params = import_model("gguf", "/path/model.gguf", mesh)   # sharded on `mesh`
     import_to_checkpoint("gguf", src, workdir + "/base", mesh)      # + Orbax base checkpoint

@@ -17,7 +17,7 @@ hold only the final params.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Iterator, Protocol
 
 import jax
 import numpy as np
@@ -43,57 +43,90 @@ def layer_name(i: int, suffix: str) -> str:
   return f"model.layers.{i}.{suffix}"
 
 
-# Per-layer params: our path under params["layers_<i>"] -> (HF suffix, HF shape, to-ours).
-# HF Linear weights are [out, in]; ours are [in, ...out] with heads split out.
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One param: its HF name (suffix), HF shape and ours. Linear weights are transposed
+  (HF [out, in], ours [in, ...out] with heads split out); the rest only reshaped. Both
+  directions read this one table: import (to_ours) and export (to_hf)."""
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  our_shape: tuple[int, ...]
+  transposed: bool = False
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    return (w.T if self.transposed else w).reshape(self.our_shape)
+
+  def to_hf(self, w: np.ndarray) -> np.ndarray:
+    if self.transposed:
+      return w.reshape(self.hf_shape[::-1]).T
+    return w.reshape(self.hf_shape)
+
+
+# Per-layer params: our path under params["layers_<i>"] -> its TensorSpec (HF suffix).
 # Norm weights are copied as stored (Gemma's (1 + w) is model.py's norm_unit_offset).
-def _layer_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...],
-                                                                             Callable]]:
+def _layer_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-  same = lambda w: w
+  lin = lambda name, hf, ours: TensorSpec(name, hf, ours, transposed=True)
+  vec = lambda name, size, ours=None: TensorSpec(name, (size,), ours or (size,))
   specs = {
-      ("attn_norm", "scale"): ("input_layernorm.weight", (d,), same),
-      ("q",): ("self_attn.q_proj.weight", (n * h, d), lambda w: w.T.reshape(d, n, h)),
-      ("k",): ("self_attn.k_proj.weight", (k * h, d), lambda w: w.T.reshape(d, k, h)),
-      ("v",): ("self_attn.v_proj.weight", (k * h, d), lambda w: w.T.reshape(d, k, h)),
-      ("o",): ("self_attn.o_proj.weight", (d, n * h), lambda w: w.T.reshape(n, h, d)),
-      ("gate",): ("mlp.gate_proj.weight", (f, d), lambda w: w.T),
-      ("up",): ("mlp.up_proj.weight", (f, d), lambda w: w.T),
-      ("down",): ("mlp.down_proj.weight", (d, f), lambda w: w.T),
+      ("attn_norm", "scale"): vec("input_layernorm.weight", d),
+      ("q",): lin("self_attn.q_proj.weight", (n * h, d), (d, n, h)),
+      ("k",): lin("self_attn.k_proj.weight", (k * h, d), (d, k, h)),
+      ("v",): lin("self_attn.v_proj.weight", (k * h, d), (d, k, h)),
+      ("o",): lin("self_attn.o_proj.weight", (d, n * h), (n, h, d)),
+      ("gate",): lin("mlp.gate_proj.weight", (f, d), (d, f)),
+      ("up",): lin("mlp.up_proj.weight", (f, d), (d, f)),
+      ("down",): lin("mlp.down_proj.weight", (d, f), (f, d)),
   }
   if cfg.post_norms:
     # Gemma 2/3 "sandwich": HF's post_attention_layernorm is *after* attention here.
-    specs[("post_attn_norm", "scale")] = ("post_attention_layernorm.weight", (d,), same)
-    specs[("mlp_norm", "scale")] = ("pre_feedforward_layernorm.weight", (d,), same)
-    specs[("post_mlp_norm", "scale")] = ("post_feedforward_layernorm.weight", (d,), same)
+    specs[("post_attn_norm", "scale")] = vec("post_attention_layernorm.weight", d)
+    specs[("mlp_norm", "scale")] = vec("pre_feedforward_layernorm.weight", d)
+    specs[("post_mlp_norm", "scale")] = vec("post_feedforward_layernorm.weight", d)
   else:
-    specs[("mlp_norm", "scale")] = ("post_attention_layernorm.weight", (d,), same)
+    specs[("mlp_norm", "scale")] = vec("post_attention_layernorm.weight", d)
   if cfg.qkv_bias:
-    specs[("q_bias",)] = ("self_attn.q_proj.bias", (n * h,), lambda b: b.reshape(n, h))
-    specs[("k_bias",)] = ("self_attn.k_proj.bias", (k * h,), lambda b: b.reshape(k, h))
-    specs[("v_bias",)] = ("self_attn.v_proj.bias", (k * h,), lambda b: b.reshape(k, h))
+    specs[("q_bias",)] = vec("self_attn.q_proj.bias", n * h, (n, h))
+    specs[("k_bias",)] = vec("self_attn.k_proj.bias", k * h, (k, h))
+    specs[("v_bias",)] = vec("self_attn.v_proj.bias", k * h, (k, h))
   if cfg.qk_norm:
-    specs[("q_norm", "scale")] = ("self_attn.q_norm.weight", (h,), same)
-    specs[("k_norm", "scale")] = ("self_attn.k_norm.weight", (h,), same)
+    specs[("q_norm", "scale")] = vec("self_attn.q_norm.weight", h)
+    specs[("k_norm", "scale")] = vec("self_attn.k_norm.weight", h)
   return specs
 
 
-def _top_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...],
-                                                                           Callable]]:
+def _top_specs(cfg: model_lib.ModelConfig) -> dict[tuple[str, ...], TensorSpec]:
   v, d = cfg.vocab_size, cfg.d_model
   specs = {
-      ("embedding",): ("model.embed_tokens.weight", (v, d), lambda w: w),
-      ("final_norm", "scale"): ("model.norm.weight", (d,), lambda w: w),
+      ("embedding",): TensorSpec("model.embed_tokens.weight", (v, d), (v, d)),
+      ("final_norm", "scale"): TensorSpec("model.norm.weight", (d,), (d,)),
   }
   if not cfg.tie_embeddings:
-    specs[("lm_head",)] = ("lm_head.weight", (v, d), lambda w: w.T)
+    specs[("lm_head",)] = TensorSpec("lm_head.weight", (v, d), (d, v), transposed=True)
   return specs
+
+
+def _all_specs(cfg: model_lib.ModelConfig
+               ) -> Iterator[tuple[tuple[str, ...], str, TensorSpec]]:
+  """(our path, HF name, spec) of every param, top-level ones first."""
+  for path, spec in _top_specs(cfg).items():
+    yield path, spec.hf_name, spec
+  for i in range(cfg.n_layers):
+    for path, spec in _layer_specs(cfg).items():
+      yield (model_lib.layer_name(i),) + path, layer_name(i, spec.hf_name), spec
 
 
 def expected_hf_names(cfg: model_lib.ModelConfig) -> set[str]:
-  names = {spec[0] for spec in _top_specs(cfg).values()}
-  for i in range(cfg.n_layers):
-    names.update(layer_name(i, spec[0]) for spec in _layer_specs(cfg).values())
-  return names
+  return {name for _, name, _ in _all_specs(cfg)}
+
+
+def hf_tensors(cfg: model_lib.ModelConfig, params: Any, dtype: Any = np.float32
+               ) -> Iterator[tuple[str, np.ndarray]]:
+  """The export direction of build_params: (HF name, HF-layout host array) per param, one
+  at a time (the host holds one tensor plus its converted copy, as on import)."""
+  for path, name, spec in _all_specs(cfg):
+    w = np.asarray(jax.device_get(_get_path(params, path)))
+    yield name, np.ascontiguousarray(spec.to_hf(w), dtype=dtype)
 
 
 def _fetch(source: TensorSource, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -127,19 +160,10 @@ def build_params(cfg: model_lib.ModelConfig, mesh: Mesh, source: TensorSource) -
   shardings = model_lib.param_shardings(cfg, mesh)
   dtype = cfg.weight_dtype
   params: dict = {}
-
-  for path, (name, shape, convert) in _top_specs(cfg).items():
-    host = np.ascontiguousarray(convert(_fetch(source, name, shape)), dtype=dtype)
+  for path, name, spec in _all_specs(cfg):
+    host = np.ascontiguousarray(spec.to_ours(_fetch(source, name, spec.hf_shape)), dtype=dtype)
     _set_path(params, path, jax.device_put(host, _get_path(shardings, path)))
     del host  # Free before the next tensor: the host bound is one tensor.
-
-  for i in range(cfg.n_layers):
-    layer = model_lib.layer_name(i)
-    for path, (suffix, shape, convert) in _layer_specs(cfg).items():
-      host = np.ascontiguousarray(convert(_fetch(source, layer_name(i, suffix), shape)),
-                                  dtype=dtype)
-      _set_path(params, (layer,) + path, jax.device_put(host, _get_path(shardings[layer], path)))
-      del host
 
   # The tree must be exactly what the model expects (catches drift with model.py).
   want = jax.tree.structure(jax.tree.map(lambda s: 0, shardings))

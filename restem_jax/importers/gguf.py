@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp; architectures "llama" and "gemma3") -> params.
+"""GGUF files (llama.cpp; architectures llama, qwen2, qwen3, gemma2, gemma3) -> params.
 
 The format's quirks are undone here, so common.build_params sees plain HF-layout
 float32 tensors under HF names:
@@ -13,8 +13,8 @@ float32 tensors under HF names:
     rotary pairs are adjacent (interleaved RoPE, pairs 2i and 2i+1), while
     model.py uses the HF rotate-half layout (pairs i and i + H/2). `unpermute_rows`
     is the inverse of that row permutation. Gemma is converted unpermuted (llama.cpp
-    runs it with NeoX-style = rotate-half RoPE).
-  * gemma3: the converter stores every RMSNorm weight as 1 + w (Gemma3Model.norm_shift
+    runs it with NeoX-style = rotate-half RoPE), and so are Qwen 2 / 3.
+  * gemma2, gemma3: the converter stores every RMSNorm weight as 1 + w (Gemma3Model.norm_shift
     in llama.cpp's convert_hf_to_gguf.py: "Gemma3RMSNorm adds 1.0 to the norm value"),
     since ggml's RMSNorm multiplies by the stored weight. model.py's norm_unit_offset
     computes x * (1 + w) from the checkpoint's w, so 1 is subtracted back here (as
@@ -39,13 +39,19 @@ from restem_jax import model as model_lib
 from restem_jax.importers import common
 from restem_jax.importers.common import ImportFormatError
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
-_GGUF_ARCH = {"llama": gguf_lib.MODEL_ARCH.LLAMA, "gemma3": gguf_lib.MODEL_ARCH.GEMMA3}
+GGUF_ARCH = {"llama": gguf_lib.MODEL_ARCH.LLAMA, "qwen2": gguf_lib.MODEL_ARCH.QWEN2,
+             "qwen3": gguf_lib.MODEL_ARCH.QWEN3, "gemma2": gguf_lib.MODEL_ARCH.GEMMA2,
+             "gemma3": gguf_lib.MODEL_ARCH.GEMMA3}
+# Architectures whose RMSNorm weights are stored as 1 + w (module docstring).
+NORM_SHIFTED = ("gemma2", "gemma3")
 # llama.cpp's hard-coded Gemma 3 values (see the module docstring).
 _GEMMA3_PATTERN = 6
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GEMMA3_27B_LAYERS = 62
+_GEMMA2_27B_LAYERS = 46  # llama.cpp's Gemma 2 27B: attention scale (d_model / n_heads)^-0.5.
+_GEMMA2_PATTERN = 2  # llama.cpp's Gemma 2: every other layer local.
 
 
 def unpermute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
@@ -54,10 +60,26 @@ def unpermute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
   Within each head of H rows, GGUF stores row 2j as HF row j and row 2j+1 as
   HF row j + H/2.
   """
-  rows = w_RxC.shape[0]
-  h = rows // n_heads
+  h = w_RxC.shape[0] // n_heads
   return (w_RxC.reshape(n_heads, h // 2, 2, *w_RxC.shape[1:])
           .swapaxes(1, 2).reshape(w_RxC.shape))
+
+
+def permute_rows(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row permutation (rotate-half -> interleaved), unpermute_rows' inverse."""
+  h = w_RxC.shape[0] // n_heads
+  return (w_RxC.reshape(n_heads, 2, h // 2, *w_RxC.shape[1:])
+          .swapaxes(1, 2).reshape(w_RxC.shape))
+
+
+def gguf_tensor_name(names: gguf_lib.TensorNameMap, hf_name: str, arch: str) -> str:
+  """llama.cpp's name of an HF tensor ("model.layers.3.self_attn.q_proj.weight" ->
+  "blk.3.attn_q.weight"), from the gguf package's map for the architecture."""
+  base, _, suffix = hf_name.rpartition(".")  # "...q_proj" + "weight"
+  name = names.get_name(base)
+  if name is None:
+    raise ImportFormatError(f"tensor {hf_name} has no GGUF name for architecture {arch}")
+  return f"{name}.{suffix}"
 
 
 @functools.lru_cache(maxsize=2)
@@ -106,17 +128,13 @@ class GGUFSource:
   def __init__(self, reader: gguf_lib.GGUFReader, arch: str, cfg: model_lib.ModelConfig):
     self._tensors = {t.name: t for t in reader.tensors}
     self._arch, self._cfg = arch, cfg
-    self._names = gguf_lib.get_tensor_name_map(_GGUF_ARCH[arch], cfg.n_layers)
+    self._names = gguf_lib.get_tensor_name_map(GGUF_ARCH[arch], cfg.n_layers)
 
   def gguf_names(self) -> set[str]:
     return set(self._tensors)
 
   def gguf_name(self, hf_name: str) -> str:
-    base, _, suffix = hf_name.rpartition(".")  # "...q_proj" + "weight"
-    name = self._names.get_name(base)
-    if name is None:
-      raise ImportFormatError(f"tensor {hf_name} has no GGUF name for architecture {self._arch}")
-    return f"{name}.{suffix}"
+    return gguf_tensor_name(self._names, hf_name, self._arch)
 
   def has(self, name: str) -> bool:
     return self.gguf_name(name) in self._tensors
@@ -131,7 +149,7 @@ class GGUFSource:
         w = unpermute_rows(w, self._cfg.n_heads)
       elif name.endswith("k_proj.weight"):
         w = unpermute_rows(w, self._cfg.n_kv_heads)
-    elif self._arch == "gemma3" and name.endswith("norm.weight"):
+    elif self._arch in NORM_SHIFTED and name.endswith("norm.weight"):
       w = w - np.float32(1.0)  # Stored as 1 + w (module docstring).
     return w
 
@@ -152,25 +170,30 @@ def _family_fields(reader: gguf_lib.GGUFReader, arch: str, d: int, n: int, head_
                    n_layers: int) -> dict[str, Any]:
   """ModelConfig switches of the architecture (model_fields: defaults are plain Llama)."""
   scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-  if arch == "llama":
-    if scaling not in ("none", None):
-      raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for llama; "
-                              "supported: none")
-    return {}
-  # gemma3. Linear scaling (4B and up) applies to the global layers only, as in llama.cpp.
-  if scaling not in ("none", None, "linear"):
-    raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for gemma3; "
-                            "supported: none, linear")
+  # Linear scaling (Gemma 3 4B and up) applies to the global layers only, as in llama.cpp.
+  allowed = ("none", None, "linear") if arch == "gemma3" else ("none", None)
+  if scaling not in allowed:
+    raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for {arch}; "
+                            f"supported: {', '.join(str(a) for a in allowed if a)}")
+  if arch in ("llama", "qwen2", "qwen3"):
+    return {"qkv_bias": arch == "qwen2", "qk_norm": arch == "qwen3"}
+  big = _GEMMA3_27B_LAYERS if arch == "gemma3" else _GEMMA2_27B_LAYERS
   fields: dict[str, Any] = dict(
       norm_unit_offset=True, embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
-      qk_norm=True,
+      qk_norm=arch == "gemma3",
       sliding_window=int(_required(reader, f"{arch}.attention.sliding_window")),
+      query_pre_attn_scalar=float(d // n if n_layers == big else head_dim),
+      final_logit_softcap=_f32(_field(reader, f"{arch}.final_logit_softcapping",
+                                      30.0 if arch == "gemma2" else 0.0)))
+  if arch == "gemma2":  # llama.cpp's defaults when the keys are absent: 50 / 30.
+    fields.update(sliding_window_pattern=_GEMMA2_PATTERN, attn_logit_softcap=_f32(
+        _field(reader, f"{arch}.attn_logit_softcapping", 50.0)))
+    return fields
+  fields.update(
       sliding_window_pattern=_gemma3_pattern(reader, arch, n_layers),
       rope_local_base=_f32(_field(reader, f"{arch}.rope.freq_base_swa",
                                   _GEMMA3_LOCAL_ROPE_BASE)),
-      query_pre_attn_scalar=float(d // n if n_layers == _GEMMA3_27B_LAYERS else head_dim),
-      attn_logit_softcap=_f32(_field(reader, f"{arch}.attn_logit_softcapping", 0.0)),
-      final_logit_softcap=_f32(_field(reader, f"{arch}.final_logit_softcapping", 0.0)))
+      attn_logit_softcap=_f32(_field(reader, f"{arch}.attn_logit_softcapping", 0.0)))
   if scaling == "linear":
     fields.update(rope_scaling="linear",
                   rope_scaling_factor=_f32(_required(reader, f"{arch}.rope.scaling.factor")))
@@ -225,7 +248,7 @@ def model_config_from_gguf(reader: gguf_lib.GGUFReader, *, max_seq_len: int = 20
 
 def load_gguf(src: str, mesh: Mesh, *, max_seq_len: int = 2048, dtype: str = "float32",
               param_dtype: str = "float32") -> tuple[model_lib.ModelConfig, dict]:
-  """Imports a llama- or gemma3-architecture GGUF file onto `mesh`: (ModelConfig, params)."""
+  """Imports a GGUF file (SUPPORTED_ARCHITECTURES) onto `mesh`: (ModelConfig, params)."""
   reader = open_reader(src)
   cfg = model_config_from_gguf(reader, max_seq_len=max_seq_len, dtype=dtype,
                                param_dtype=param_dtype)

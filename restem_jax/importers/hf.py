@@ -35,8 +35,9 @@ from restem_jax.importers.common import ImportFormatError
 
 
 @dataclasses.dataclass(frozen=True)
-class _Family:
+class Family:
   """What an architecture's HF modeling code fixes, and its config class's defaults."""
+  model_type: str  # config.json's model_type (export writes it with the architecture).
   tie: bool  # tie_word_embeddings default.
   rope_theta: float  # rope_theta default (global layers).
   gemma: int = 0  # 2 or 3: (1 + w) norms, embed scale, sandwich norms, query_pre_attn_scalar.
@@ -57,30 +58,30 @@ def _sizes(vocab: int, d: int, ff: int, layers: int, heads: int, kv: int | None,
           ("num_key_value_heads", kv), ("max_position_embeddings", context))
 
 
-_GEMMA3 = dict(tie=True, rope_theta=1e6, gemma=3, qk_norm=True, head_dim=256,
+_GEMMA3 = dict(model_type="gemma3_text", tie=True, rope_theta=1e6, gemma=3, qk_norm=True, head_dim=256,
                defaults=_sizes(262208, 2304, 9216, 26, 8, 4, 131072))
-_FAMILIES = {
+FAMILIES = {
     # num_key_value_heads None: as many as query heads.
-    "LlamaForCausalLM": _Family(tie=False, rope_theta=10000.0,
+    "LlamaForCausalLM": Family("llama", tie=False, rope_theta=10000.0,
                                 defaults=_sizes(32000, 4096, 11008, 32, 32, None, 2048)),
     # Mistral only without a sliding window that the context would reach (checked below).
-    "MistralForCausalLM": _Family(tie=False, rope_theta=10000.0,
+    "MistralForCausalLM": Family("mistral", tie=False, rope_theta=10000.0,
                                   defaults=_sizes(32000, 4096, 14336, 32, 32, 8, 131072)),
-    "Qwen2ForCausalLM": _Family(tie=False, rope_theta=10000.0, qkv_bias=True,
+    "Qwen2ForCausalLM": Family("qwen2", tie=False, rope_theta=10000.0, qkv_bias=True,
                                 defaults=_sizes(151936, 4096, 22016, 32, 32, 32, 32768)),
-    "Qwen3ForCausalLM": _Family(tie=False, rope_theta=10000.0, qk_norm=True, head_dim=128,
+    "Qwen3ForCausalLM": Family("qwen3", tie=False, rope_theta=10000.0, qk_norm=True, head_dim=128,
                                 defaults=_sizes(151936, 4096, 22016, 32, 32, 32, 32768)),
-    "Gemma2ForCausalLM": _Family(tie=True, rope_theta=10000.0, gemma=2, head_dim=256,
+    "Gemma2ForCausalLM": Family("gemma2", tie=True, rope_theta=10000.0, gemma=2, head_dim=256,
                                  defaults=_sizes(256000, 2304, 9216, 26, 8, 4, 8192)),
-    "Gemma3ForCausalLM": _Family(**_GEMMA3),
-    "Gemma3ForConditionalGeneration": _Family(**_GEMMA3),
+    "Gemma3ForCausalLM": Family(**_GEMMA3),
+    "Gemma3ForConditionalGeneration": Family(**{**_GEMMA3, "model_type": "gemma3"}),
 }
-SUPPORTED_ARCHITECTURES = tuple(_FAMILIES)
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 # HF activation name -> model.py's mlp_activation (both used in a gated MLP).
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # HF rope_type -> model.py's rope_scaling.
-_ROPE_TYPES = {"default": "none", "llama3": "llama3", "linear": "linear"}
+ROPE_TYPES = {"default": "none", "llama3": "llama3", "linear": "linear"}
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Buffers some exporters save that carry no weights.
@@ -108,7 +109,7 @@ def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
   return text
 
 
-def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
+def _rope_fields(hf: dict[str, Any], fam: Family) -> dict[str, Any]:
   """ModelConfig RoPE fields: rope_parameters (transformers 5) or rope_theta/rope_scaling (4.x)."""
   params = hf.get("rope_parameters") or {}
   per_type = any(isinstance(params.get(t), dict) for t in _LAYER_TYPES)
@@ -117,9 +118,9 @@ def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
   where = ("rope_parameters.full_attention" if per_type
            else "rope_parameters" if params else "rope_scaling")
   kind = block.get("rope_type", block.get("type", "default"))
-  if kind not in _ROPE_TYPES:
+  if kind not in ROPE_TYPES:
     raise ImportFormatError(
-        f"{where}.rope_type={kind!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+        f"{where}.rope_type={kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
   partial = block.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if float(partial) != 1.0:
     raise ImportFormatError(f"partial_rotary_factor={partial} is not supported; supported: 1.0")
@@ -131,7 +132,7 @@ def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
 
   out: dict[str, Any] = {
       "rope_base": float(block.get("rope_theta", hf.get("rope_theta", fam.rope_theta))),
-      "rope_scaling": _ROPE_TYPES[kind]}
+      "rope_scaling": ROPE_TYPES[kind]}
   if kind in ("linear", "llama3"):
     out["rope_scaling_factor"] = need("factor")
   if kind == "llama3":
@@ -150,7 +151,7 @@ def _rope_fields(hf: dict[str, Any], fam: _Family) -> dict[str, Any]:
   return out
 
 
-def _local_layers(hf: dict[str, Any], arch: str, fam: _Family, n_layers: int) -> list[bool]:
+def _local_layers(hf: dict[str, Any], arch: str, fam: Family, n_layers: int) -> list[bool]:
   """Which layers use sliding-window attention, as the family's modeling code decides."""
   types = hf.get("layer_types")
   if types is not None:
@@ -194,16 +195,16 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
   """ModelConfig for an HF config.json dict; ImportFormatError on unsupported features."""
   archs = hf.get("architectures") or [f"<model_type {hf.get('model_type')!r}>"]
   arch = archs[0]
-  if arch not in _FAMILIES:
+  if arch not in FAMILIES:
     raise ImportFormatError(
         f"architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-  fam = _FAMILIES[arch]
+  fam = FAMILIES[arch]
   hf = {**{k: v for k, v in fam.defaults if v is not None}, **_text_config(hf)}
   act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
   act = hf.get(act_key) or ("gelu_pytorch_tanh" if fam.gemma else "silu")
-  if act not in _ACTIVATIONS:
+  if act not in ACTIVATIONS:
     raise ImportFormatError(
-        f"{act_key}={act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+        f"{act_key}={act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise ImportFormatError(f"{flag}=true is not supported (model.py has no o/MLP biases)")
@@ -254,7 +255,7 @@ def model_config_from_hf(hf: dict[str, Any], *, max_seq_len: int = 2048,
       qk_norm=fam.qk_norm,
       norm_unit_offset=gemma,
       embed_scale=gemma,
-      mlp_activation=_ACTIVATIONS[act],
+      mlp_activation=ACTIVATIONS[act],
       post_norms=gemma,
       query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma else 0.0,
       attn_logit_softcap=float(attn_cap or 0.0),

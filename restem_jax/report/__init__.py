@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 from etils import epath
 
-from restem_jax import metrics, runinfo, workdir as wd
+from restem_jax import export, metrics, runinfo, workdir as wd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,9 @@ def write_summary(workdir: str, results: Sequence[dict], eval_cfg: ml_collection
                   ) -> str:
   table = summary_table(results, eval_cfg)
   wd.write_json_atomic(os.path.join(workdir, "summary.json"), list(results))
-  wd.write_text_atomic(os.path.join(workdir, "summary.txt"), table + "\n")
+  command = export.command_for(workdir)  # The best iteration, for other runtimes.
+  wd.write_text_atomic(os.path.join(workdir, "summary.txt"),
+                       table + "\n" + (f"\nexport: {command}\n" if command else ""))
   plot_pass_at_1(results, os.path.join(workdir, "pass_at_1.png"))
   print(table, flush=True)
   return table
