@@ -110,6 +110,7 @@ def test_shape_mismatch_fails_naming_path(saved):
     C.restore_params(saved, tiny_cfg(d_ff=40), mesh1())
 
 
+@pytest.mark.slow
 def test_train_state_resume_is_exact(params8, tmp_path):
   """Save mid-training, keep going (that step donates the state while the async
   save may still be writing), then 'kill': a fresh checkpointer restores, and the

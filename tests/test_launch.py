@@ -158,7 +158,8 @@ def test_xm_dry_run_spec():
 
 # --- configs/ ---
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if not p.endswith("__init__.py"))
 # name -> (accelerator type, mesh devices, known parameter count).
 POD_CONFIGS = {
     "llama3_1b_math_v4_32": ("v4-32", 16, 1.24e9),

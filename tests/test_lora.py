@@ -74,6 +74,7 @@ def logits(cfg, params, tokens):
 TOKENS = np.random.default_rng(1).integers(0, V, (2, 10))
 
 
+@pytest.mark.slow
 def test_zero_b_gives_the_base_model_exactly(params):
   ad = lora.Adapters(tiny_cfg(), lora_cfg(), mesh1())
   fresh = ad.init(jax.random.key(5))
@@ -106,6 +107,7 @@ def test_merged_model_equals_float64_reference(params, targets):
                              numpy_forward(ref, tiny_cfg(), TOKENS), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_adapter_gradients_equal_float64_finite_differences(params):
   """dL/dA, dL/dB of the step's loss (merge inside grad) vs central differences of the
   float64 numpy loss of W + s A B, at 3 random entries of every adapter leaf; then the
@@ -142,6 +144,7 @@ def test_adapter_gradients_equal_float64_finite_differences(params):
   np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fresh_adapters_get_gradient_only_through_b(params):
   # B = 0: dL/dA = s dL/dW B^T = 0 exactly, dL/dB = s A^T dL/dW is not.
   cfg = tiny_cfg()
@@ -168,6 +171,7 @@ def _eqn_shapes(jaxpr, prims):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["", "bfloat16", "int8"])
 def test_in_block_adapters_equal_merging_and_make_no_weight_gradient(params, base_dtype):
   """The train step's formulation (x W + s (x A) B inside each Block, model._project)
@@ -200,6 +204,7 @@ def test_in_block_adapters_equal_merging_and_make_no_weight_gradient(params, bas
   assert shapes(merging) >= w_shapes  # the check would see them
 
 
+@pytest.mark.slow
 def test_dropout_on_the_adapter_input(params):
   """train.lora.dropout p: the adapter sees x with entries zeroed with probability p and
   the rest scaled by 1 / (1 - p); x W does not (with B = 0 the loss is the base's exactly).
@@ -243,6 +248,7 @@ def test_dropout_on_the_adapter_input(params):
   assert np.isfinite(m_micro["loss"]) and m_micro["loss"] != m1["loss"]
 
 
+@pytest.mark.slow
 def test_decode_step_with_the_hook_equals_merged_weights(params):
   """Prefill + 4 decode steps on the base with lora=Adapters.apply(...) (what
   benchmarks/lora_sampling_memory.py measures) give the merged model's logits."""
@@ -286,6 +292,7 @@ def _three_steps(params, shape, base_dtype):
   return tr, state, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["", "int8"])
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_lora_steps_equal_one_device(params, one_device_steps, shape, base_dtype):
@@ -314,6 +321,7 @@ def _examples(n=12, seed=0):
                           weight=1.0) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["", "bfloat16"])
 def test_lora_m_step_changes_only_the_adapted_matrices(params, tmp_path, base_dtype):
   targets = ("q", "v", "down")
@@ -357,6 +365,7 @@ def test_lora_m_step_changes_only_the_adapted_matrices(params, tmp_path, base_dt
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_an_m_step_continues_the_adapters_it_is_given(params, tmp_path):
   """finetune_from='previous' with LoRA: the state starts from the given adapters on the
   same frozen base. With learning rate 0 they come back bit for bit (fresh ones would have
@@ -395,6 +404,7 @@ def _quant_cfg():
   return tiny_cfg(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=128)
 
 
+@pytest.mark.slow
 def test_int8_base_is_per_channel_absmax():
   pytest.importorskip("qwix")
   cfg = _quant_cfg()
@@ -438,6 +448,7 @@ def test_nf4_base_is_the_nearest_code_of_each_block_of_64():
     np.testing.assert_allclose(np.asarray(lora.dequantize(q)), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype,tol", [("bfloat16", 0.01), ("int8", 0.04), ("nf4", 0.5)])
 def test_quantized_base_logits_close_to_float32(base_dtype, tol):
   """Stated tolerance: rms(logit error) / std(float32 logits) of a random-init model
@@ -573,6 +584,7 @@ def test_smollm2_rg_lora_variant_is_the_run_with_adapters():
   assert with_lora.to_json_best_effort() == full.to_json_best_effort()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
 def test_an_m_step_from_the_frozen_base_equals_one_from_the_loaded_base(params, tmp_path,
                                                                         base_dtype):

@@ -250,6 +250,7 @@ def test_pathological_input_times_out_and_grader_recovers():
 _HangingGrader = misbehaving_grader(rm.MathGrader, "_check_in_worker", hang_grace_s=1.0)
 
 
+@pytest.mark.slow
 def test_hung_worker_is_killed_and_grader_recovers(caplog):
   with _HangingGrader(num_workers=2, timeout_s=1.0) as g:
     t0 = time.monotonic()

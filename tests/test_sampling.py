@@ -172,6 +172,7 @@ def input_independent_params(cfg, mesh, logits_V):
   return params
 
 
+@pytest.mark.slow
 def test_sampler_distribution_through_decode_loop(env):
   cfg, mesh, _, sampler = env
   logits = FIXED_LOGITS.copy()
@@ -244,6 +245,7 @@ def test_decode_chunks_hand_count():
   assert S.decode_chunks(512, 1) == [512]
 
 
+@pytest.mark.slow
 def test_decode_phases_equal_one_phase():
   """3 phases (attending over generated chunks 0..j) vs one loop over all 96 slots."""
   cfg = tiny_cfg(max_seq_len=112)
@@ -334,6 +336,7 @@ REFILL_PROMPTS = [list(np.random.default_rng(0).integers(3, 60, size=k))
 @pytest.mark.parametrize("shape,mode,window", [
     ((1, 1, 1), PAPER, 3), pytest.param((8, 1, 1), S.GREEDY, 0, marks=pytest.mark.slow),
     pytest.param((2, 2, 2), PAPER, 0, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window):
   """sample_chunked with refill (slots take the next prompt when their N rows stop) gives
   the tokens of the chunk-by-chunk phased loop on one device, bit for bit, while
@@ -504,6 +507,7 @@ def test_stop_strings_inside_another_are_left_to_the_cut():
     S.Sampler(tiny_cfg(), mesh_of((1, 1, 1), jax.devices()[:1]), eos_id=EOS, stop_strings=["\n"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["gsm8k", "embedded_arith"])
 def test_stop_strings_keep_every_postprocessed_completion(vocab, dataset):
   """The task's stops end rows early; Task.postprocess of every row is unchanged.

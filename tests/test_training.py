@@ -167,6 +167,7 @@ def shared_examples(seed: int, prompts: int = 8):
   return rows, unpacked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
 def test_shared_prompt_rows_have_the_unpacked_loss(params, normalization):
   """A prompt computed once for several targets (make_shared_batch, segment masks) is the
@@ -202,6 +203,7 @@ def test_shared_prompt_rows_on_sliding_window_layers():
   np.testing.assert_allclose(float(shared), float(plain), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prompt_step_on_8_devices_equals_the_unpacked_step(params):
   """Trainer.step on shared rows over a (2,2,2) mesh with 2 micro-batches == one device
   on the same examples one per row."""
@@ -217,6 +219,7 @@ def test_shared_prompt_step_on_8_devices_equals_the_unpacked_step(params):
   assert_states_close(host(state), host(ref_state))
 
 
+@pytest.mark.slow
 def test_zero_reward_example_contributes_no_gradient(params):
   """grad(loss of B rows, row 2 at weight 0) * D_with == grad(loss without row 2) * D_without.
 
@@ -248,6 +251,7 @@ def test_zero_reward_example_contributes_no_gradient(params):
              for a, b in zip(jax.tree.leaves(tok_w), jax.tree.leaves(tok_without))) > 1e-3
 
 
+@pytest.mark.slow
 def test_training_drives_nll_down(params):
   """4 fixed (prompt, target) pairs, 60 steps: memorisation is possible (distinct
   prompts), so the target NLL must fall far below the uniform log(64) = 4.16 it
@@ -310,6 +314,7 @@ def test_sharded_step_equals_single_device(params, single_device_step, shape):
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(mu))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch(params, single_device_step):
   """micro_batches=2 on the (2,2,2) mesh == one batch: rows have different target
   counts, so a mean of per-micro-batch means would differ."""
@@ -341,6 +346,7 @@ def test_nan_loss_stops_with_step(params):
     tr.step(tr.init_state(jax.tree.unflatten(tree, leaves)), batch)
 
 
+@pytest.mark.slow
 def test_adafactor_step_and_state_shardings(params):
   tr = trainer((2, 2, 2), optimizer="adafactor")
   state = tr.init_state(params)
