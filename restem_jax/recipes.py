@@ -46,7 +46,7 @@ def embedded_demo(runlocal: bool = False) -> ml_collections.ConfigDict:
   # 400 worked solutions teach most of them; what the base model lacks is
   # chaining them over 1-4 events, which self-training on answer-only problems
   # can teach. (With numbers up to 40 the base model got the facts themselves
-  # wrong and no iteration improved test accuracy: see README.)
+  # wrong and no iteration improved test accuracy: see docs/RESULTS.md section 1.)
   c.task.max_value = 20
   c.task.max_operand = 6
   c.task.max_start = 10

@@ -9,7 +9,7 @@ For a run (same --config and --workdir) whose iteration I E-step is done, each -
 base for ReST-EM) on those kept samples, as that iteration's M-step would, and prints the
 validation reward at every `train.eval_every` steps next to the start model's. Only the
 validation split is read, never test: this is how a run's learning rate and step budget
-are chosen (README "Real model"). The run itself is not changed: the fine-tunings live
+are chosen (docs/RESULTS.md). The run itself is not changed: the fine-tunings live
 in WORKDIR/sweeps/iter_<I>/<k>/ and their results in WORKDIR/sweeps/iter_<I>.json.
 """
 from __future__ import annotations
