@@ -14,7 +14,7 @@ turns through the GGUF's chat template) instead of plain few-shot text.
 `configs/smollm2_135m_rg.py:lora` trains rank-16 adapters on all seven matrices in
 the M-steps instead of every weight; `:shared` trains each problem's kept samples in one
 row after one copy of its prompt (train.share_prompts); options combine (`:lora,runlocal`). Measured (docs/RESULTS.md
-"Real pretrained models"): greedy test pass@1 13.4 -> 28.4 -> 30.8 (full fine-tuning),
+sections 4-6): greedy test pass@1 13.4 -> 28.4 -> 30.8 (full fine-tuning),
 13.4 -> 28.2 -> 30.0 (`:lora`), 13.4 -> 30.0 -> 28.2 (`:shared`).
 """
 from __future__ import annotations
