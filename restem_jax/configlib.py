@@ -44,6 +44,7 @@ AT_LEAST: dict[str, int] = {
     "model.n_kv_heads": 1, "model.d_ff": 1, "model.head_dim": 0, "model.max_seq_len": 2,
     "base.steps": 1, "base.batch_size": 1,
     "task.num_train": 0, "task.num_val": 0, "task.num_test": 0, "task.few_shot": 0,
+    "task.rg_test_seed": 0,
     "task.grader_workers": 1, "task.code_workers": 1,
     "sampling.num_samples": 1, "sampling.temperature": 0, "sampling.top_k": 0,
     "sampling.max_new_tokens": 1, "sampling.max_batch": 1,
@@ -162,6 +163,9 @@ def default_config() -> ml_collections.ConfigDict:
   # reasoning_gym: the generator mix, a list of (name, weight, config dict), e.g.
   # (("chain_sum", 1.0, {"max_terms": 3}),); see tasks/datasets/reasoning_gym.py.
   c.task.rg_datasets = ()
+  # reasoning_gym: 0 = the test split of task.seed's draw; S > 0 = a second test draw with
+  # seed S, disjoint from every split of task.seed's (scripts/second_draw.py).
+  c.task.rg_test_seed = 0
   # jsonl (a user's task, docs/YOUR_TASK.md; tasks/datasets/jsonl.py): the files, if not
   # task.data_dir/{train,validation,test}.jsonl (validation optional: else carved from train).
   c.task.files = ml_collections.ConfigDict({"train": "", "validation": "", "test": ""})

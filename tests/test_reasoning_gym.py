@@ -201,6 +201,27 @@ def test_task_composes_the_spec():
   assert task.answer_key("Answer: 7\n\nQuestion: x\nAnswer: 9") == "7"
 
 
+def test_second_test_draw_is_disjoint_and_keeps_the_prompt():
+  """task.rg_test_seed: a new test split, none of whose questions the run drew (checked
+  against every split of the run's own draw), under the run's prompt; train unchanged."""
+  from helpers import task_cfg
+  from restem_jax import tasks
+  kw = dict(name="reasoning_gym", rg_datasets=USED[:2], num_train=30, num_val=6, num_test=12,
+            few_shot=2)
+  run, second = tasks.get_task(task_cfg(**kw)), tasks.get_task(task_cfg(rg_test_seed=5, **kw))
+  drawn = {p.question for split in ("train", "validation", "test") for p in run.problems(split)}
+  drawn |= {e["question"] for e in R.splits_for(task_cfg(**kw))["exemplars"]}
+  new = second.problems("test")
+  assert len(new) == 12 and len({p.question for p in new}) == 12
+  assert not drawn & {p.question for p in new}
+  assert [p.prompt for p in second.problems("train")] == [p.prompt for p in run.problems("train")]
+  block = R.exemplar_block(R.splits_for(task_cfg(**kw))["exemplars"])
+  assert all(p.prompt == block + "Question: " + p.question + "\n" for p in new)
+  assert second.name != run.name  # its own seqio task, not the run's cached test split
+  other = tasks.get_task(task_cfg(rg_test_seed=6, **kw)).problems("test")
+  assert [p.question for p in other] != [p.question for p in new]
+
+
 def test_distinct_answers_by_hand():
   """Distinct final answers, as the reward reads them: text after a stop is not an answer."""
   from helpers import task_cfg

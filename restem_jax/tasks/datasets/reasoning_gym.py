@@ -265,20 +265,38 @@ def _splits_of(mix: tuple[Source, ...], sizes: tuple[tuple[str, int], ...], seed
   return build_splits(mix, dict(sizes), seed, few_shot)
 
 
+@functools.lru_cache(maxsize=8)
+def _second_test_draw(mix: tuple[Source, ...], sizes: tuple[tuple[str, int], ...], seed: int,
+                      few_shot: int, test_seed: int) -> dict[str, list[dict]]:
+  run = _splits_of(mix, sizes, seed, few_shot)
+  taken = {r["question"] for rows in run.values() for r in rows}
+  return {**run, "test": draw(mix, "test", dict(sizes)["test"], test_seed, taken)}
+
+
 def splits_for(task_cfg: Any) -> dict[str, list[dict]]:
-  """task_cfg's draw: {"exemplars", "test", "validation", "train"} raw rows."""
+  """task_cfg's draw: {"exemplars", "test", "validation", "train"} raw rows.
+
+  task.rg_test_seed > 0 replaces the test split by a second one drawn with that seed after
+  the four, none of whose questions occurs in any of them; the exemplars (the prompt),
+  validation and train stay the run's (scripts/second_draw.py evaluates a run on it).
+  """
   sizes = {"train": int(task_cfg.num_train) or DEFAULT_SIZES["train"],
            "validation": int(task_cfg.num_val),
            "test": int(task_cfg.num_test) or DEFAULT_SIZES["test"]}
-  return _splits_of(parse_mix(task_cfg.rg_datasets), tuple(sorted(sizes.items())),
-                    int(task_cfg.seed), int(task_cfg.few_shot))
+  args = (parse_mix(task_cfg.rg_datasets), tuple(sorted(sizes.items())),
+          int(task_cfg.seed), int(task_cfg.few_shot))
+  test_seed = int(task_cfg.get("rg_test_seed", 0))
+  return _second_test_draw(*args, test_seed) if test_seed else _splits_of(*args)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReasoningGym(DatasetSpec):
 
   def config_key(self, task_cfg: Any) -> dict:
-    return {"rg_datasets": repr(parse_mix(task_cfg.rg_datasets))}
+    key = {"rg_datasets": repr(parse_mix(task_cfg.rg_datasets))}
+    if int(task_cfg.get("rg_test_seed", 0)):  # (Run names without it stay what they were.)
+      key["rg_test_seed"] = int(task_cfg.rg_test_seed)
+    return key
 
   def split_builder(self, task_cfg: Any, data_dir: str) -> SplitBuilder:
     del data_dir
