@@ -5,6 +5,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/restem_demo
+# Test processes (pytest-xdist): one per core of the 2-core CI machine. Each test file runs
+# whole on one worker (--dist loadfile), so a module's fixtures (a real model) load once.
+TEST_WORKERS ?= 2
+PYTEST := JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast install sandbox browser clean bench
 
@@ -37,11 +41,11 @@ demo: $(STAMP)
 # Any failure fails, "no tests collected" (pytest exit 5) included: with this suite
 # that can only mean a broken collection.
 test: $(STAMP) sandbox browser
-	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 tests
+	$(PYTEST) tests
 
 # The tests not marked slow (pytest.ini): every module's unit tests, a few minutes.
 test-fast: $(STAMP) sandbox
-	JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

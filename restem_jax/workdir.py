@@ -15,7 +15,7 @@
       iter_001/eval_problems.jsonl  one record per evaluated problem (every eval.json has one)
       sft/                       the SFT-on-human-data baseline: model/, improve/,
                                  improve.json, eval.json
-      summary.json, summary.txt, pass_at_1.png, report.html, tb/
+      summary.json, summary.md, pass_at_1.png, report.html, tb/
       launches.jsonl             command and code version of every start (runinfo.py)
 
 `Layout(workdir)` names these paths (samples.py names the shards inside

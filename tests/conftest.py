@@ -20,6 +20,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # A size limit turns on the cache's file lock: pytest-xdist's workers (and the runs they
+  # start) share this directory and must not read an entry while another writes it.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -31,7 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
+
+import filelock  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -43,9 +49,22 @@ from helpers import (ROOT, TINY_CONFIG, load_config, main_cmd, mesh_of, subproce
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-  """One uninterrupted run of configs/tiny.py, shared by the tests that read a workdir."""
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  p = subprocess.run(main_cmd(workdir), cwd=ROOT, env=subprocess_env(), capture_output=True,
-                     text=True, timeout=900)
-  assert p.returncode == 0, p.stderr[-3000:]
+  """One uninterrupted run of configs/tiny.py, shared by the tests that read a workdir
+  (which copy it before changing it). Under pytest-xdist (`make test`) the first worker
+  that needs it makes it, under a file lock in the directory the workers share; the
+  others wait and read it: one run per session, not one per worker."""
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is .../popen-gwN; its parent is shared.
+    shared = shared.parent
+  workdir, record = str(shared / "tiny_run"), str(shared / "tiny_run.process.json")
+  with filelock.FileLock(str(shared / "tiny_run.lock")):
+    if not os.path.exists(record):
+      p = subprocess.run(main_cmd(workdir), cwd=ROOT, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=900)
+      assert p.returncode == 0, p.stderr[-3000:]
+      with open(record, "w") as f:
+        json.dump({"args": p.args, "returncode": p.returncode, "stdout": p.stdout,
+                   "stderr": p.stderr}, f)
+    with open(record) as f:
+      p = subprocess.CompletedProcess(**json.load(f))
   return workdir, p

@@ -64,7 +64,7 @@ def test_real_model_rg_runlocal_end_to_end(tmp_path, config):
       assert e[f"transfer/same_as_test/{k}"] == e[k], (name, k)
       for t in transfer:
         assert 0.0 <= e[f"transfer/{t['label']}/{k}"] <= 1.0, (name, t["label"], k)
-  with open(os.path.join(workdir, "summary.txt")) as f:
+  with open(os.path.join(workdir, "summary.md")) as f:
     summary = f.read()
   for t in transfer:
     assert f"{t['label']} (transfer)" in summary

@@ -93,7 +93,7 @@ def test_two_iterations_layout_and_eval_fields(uninterrupted):
   for rel in ["config.json", "progress.json", "base", "base_eval/eval.json",
               "iter_001/samples", "iter_001/model", "iter_001/eval.json",
               "iter_002/model", "iter_002/eval.json", "sft/eval.json", "summary.json",
-              "summary.txt", "pass_at_1.png", "tb", "report.html", "launches.jsonl",
+              "summary.md", "pass_at_1.png", "tb", "report.html", "launches.jsonl",
               "base_eval/eval_problems.jsonl", "sft/eval_problems.jsonl"]:
     assert os.path.exists(os.path.join(workdir, rel)), rel
   with open(os.path.join(workdir, "progress.json")) as f:

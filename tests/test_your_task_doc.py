@@ -96,7 +96,7 @@ def test_doc_run_end_to_end(doc_run):
   for name in ("base_eval", "iter_001"):
     assert "pass@1_greedy_test" in json.loads((work / name / "eval.json").read_text())
   table = [l for l in out["table"].splitlines() if l.startswith("|")]
-  # summary.txt ends with the command that exports the best iteration.
+  # summary.md ends with the command that exports the best iteration.
   assert any(l.startswith("export: python -m restem_jax.export ")
              for l in out["table"].splitlines()), out["table"]
   assert table[0].startswith("| iteration | pass@1 test")

@@ -210,7 +210,7 @@ def write_summary(workdir: str, results: Sequence[dict], eval_cfg: ml_collection
   table = summary_table(results, eval_cfg)
   wd.write_json_atomic(os.path.join(workdir, "summary.json"), list(results))
   command = export.command_for(workdir)  # The best iteration, for other runtimes.
-  wd.write_text_atomic(os.path.join(workdir, "summary.txt"),
+  wd.write_text_atomic(os.path.join(workdir, "summary.md"),
                        table + "\n" + (f"\nexport: {command}\n" if command else ""))
   plot_pass_at_1(results, os.path.join(workdir, "pass_at_1.png"))
   print(table, flush=True)
