@@ -87,12 +87,14 @@ def llama3_fields(factors_F: np.ndarray, base: float, head_dim: int) -> dict[str
   if np.allclose(r_F, 1.0, rtol=0, atol=_TOL):
     return {}
   factor = float(str(np.float32(r_F.max())))
-  s_F = (1 / r_F - 1 / factor) / (1 - 1 / factor)
-  u_low, u_high = _thresholds(inv_F / (2 * math.pi), s_F)
-  orig = ORIGINAL_MAX_LEN
-  for low, high in ((_short(orig * u_low), _short(orig * u_high)), (orig * u_low, orig * u_high)):
-    if 0 < low < high and np.allclose(_llama3(inv_F, factor, low, high, orig), r_F,
-                                      rtol=_RTOL, atol=0):
-      return dict(zip(FIELDS, ("llama3", factor, float(low), float(high), orig)))
+  if r_F.min() > 1 - _TOL and factor > 1 + _TOL:  # llama3 divisors lie in [1, factor].
+    s_F = (1 / r_F - 1 / factor) / (1 - 1 / factor)
+    u_low, u_high = _thresholds(inv_F / (2 * math.pi), s_F)
+    orig = ORIGINAL_MAX_LEN
+    for low, high in ((_short(orig * u_low), _short(orig * u_high)),
+                      (orig * u_low, orig * u_high)):
+      if 0 < low < high and np.allclose(_llama3(inv_F, factor, low, high, orig), r_F,
+                                        rtol=_RTOL, atol=0):
+        return dict(zip(FIELDS, ("llama3", factor, float(low), float(high), orig)))
   raise ImportFormatError(f"GGUF tensor {TENSOR} is not Llama 3 RoPE scaling (no factor, "
                           "low/high_freq_factor give its factors); not supported")
