@@ -7,7 +7,10 @@ file), plus our own importer reading the GGUF back:
   * logits on the same token ids within 1e-4 (float32), prompts longer than the windows;
   * greedy continuations equal (HF's `generate` vs our forward);
 plus the real SmolLM2-135M (slow), a LoRA iterate exported merged, the tokenizer files, the
-CLI on the shared tiny run, and one-line refusals.
+CLI on the shared tiny run, and one-line refusals. Llama 3 scaling in GGUF (llama.cpp's
+rope_freqs tensor, which transformers' GGUF loader ignores): the tensor vs transformers'
+frequencies, the metadata, our importer's logits on 1 and 8 devices, and transformers' GGUF
+model with the file's divisors applied as llama.cpp applies them.
 """
 import dataclasses
 import functools
