@@ -7,7 +7,10 @@ file), plus our own importer reading the GGUF back:
   * logits on the same token ids within 1e-4 (float32), prompts longer than the windows;
   * greedy continuations equal (HF's `generate` vs our forward);
 plus the real SmolLM2-135M (slow), a LoRA iterate exported merged, the tokenizer files, the
-CLI on the shared tiny run, and one-line refusals.
+CLI on the shared tiny run, and one-line refusals. Llama 3 scaling in GGUF (llama.cpp's
+rope_freqs tensor, which transformers' GGUF loader ignores): the tensor vs transformers'
+frequencies, the metadata, our importer's logits on 1 and 8 devices, and transformers' GGUF
+model with the file's divisors applied as llama.cpp applies them.
 """
 import dataclasses
 import functools
@@ -50,7 +53,14 @@ FAMILIES = {
     "gemma3": dict(GEMMA, qk_norm=True, n_layers=6, sliding_window_pattern=6, rope_base=1e6,
                    rope_local_base=1e4),
 }
-GGUF_FAMILIES = [f for f in FAMILIES if f != "llama31"]  # Llama 3 scaling: refused (below).
+# Llama 3 scaling goes to GGUF as a rope_freqs tensor that transformers' GGUF loader ignores:
+# its tests are the llama3 ones below.
+GGUF_FAMILIES = [f for f in FAMILIES if f != "llama31"]
+# GGUF-only: Llama 3 scaling with three blended frequencies (wavelengths 6, 11 kept; 20, 35,
+# 63 blended; >= 112 slowed 8x), so that rope_freqs fixes the llama3 line; "llama31" has one.
+VARIANTS = {"llama31_wide": dict(FAMILIES["llama31"], head_dim=32, rope_base=1e4,
+                                 rope_original_max_len=64)}
+LLAMA3 = ["llama31", "llama31_wide"]
 TOKENS = np.random.RandomState(3).randint(0, V, (2, 12))
 PROMPT = [5, 17, 33, 2, 60, 41, 9, 22]
 NEW = 4
@@ -59,7 +69,7 @@ NEW = 4
 @functools.lru_cache(maxsize=None)
 def family(name):
   """(cfg, params): random weights at ~1/sqrt(fan_in); norms and biases random too."""
-  cfg = tiny_cfg(vocab_size=V, **FAMILIES[name])
+  cfg = tiny_cfg(vocab_size=V, **(VARIANTS[name] if name in VARIANTS else FAMILIES[name]))
   mesh = mesh_of((1, 1, 1), jax.devices()[:1])
   params = M.init_params(cfg, mesh, jax.random.key(0))
   leaves, tree = jax.tree_util.tree_flatten_with_path(params)
@@ -168,11 +178,153 @@ def test_gguf_q8_0_is_close_and_f16_closer(tmp_path):
   assert 0 < errs["f16"] < errs["q8_0"] < 0.05 * np.abs(ref).max(), (errs, np.abs(ref).max())
 
 
-def test_llama3_rope_scaling_refused_for_gguf(tmp_path):
-  cfg = tiny_cfg(vocab_size=V, **FAMILIES["llama31"])
-  with pytest.raises(ExportError, match="rope_scaling='llama3'"):  # Before any weight is read.
+def test_llama3_rope_scaling_refused_for_gguf_other_than_llama(tmp_path):
+  """llama.cpp reads rope_freqs for its llama architecture only: Qwen 2 with llama3 scaling
+  is refused before any weight is read, and no file is left."""
+  cfg = tiny_cfg(vocab_size=V, qkv_bias=True, **VARIANTS["llama31_wide"])
+  with pytest.raises(ExportError, match="rope_scaling='llama3'.*llama only, not qwen2"):
     gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params=None)
   assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------- Llama 3 RoPE scaling in GGUF (rope_freqs.weight)
+
+
+def hf_inv_freqs(head_dim, base, factor=None, low=None, high=None, orig=None):
+  """transformers' own RoPE init (float32): unscaled, or llama3 (_compute_llama3_parameters)."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=import-outside-toplevel
+  from transformers.models.llama import modeling_llama  # pylint: disable=import-outside-toplevel
+  rope = dict(rope_type="default", rope_theta=base)
+  if factor is not None:
+    rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                original_max_position_embeddings=int(orig))
+  config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=head_dim,
+                                    max_position_embeddings=10 ** 7, rope_parameters=rope)
+  fn = (modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters if factor is None
+        else ROPE_INIT_FUNCTIONS["llama3"])
+  return fn(config)[0].double().numpy()
+
+
+def hf_divisors(head_dim, base, *llama3):
+  """llama.cpp's rope_freqs of a llama3 config: unscaled / scaled inverse frequency, float64
+  of transformers' float32 frequencies."""
+  return hf_inv_freqs(head_dim, base) / hf_inv_freqs(head_dim, base, *llama3)
+
+
+def rope_args(cfg):
+  return (cfg.head_dim, cfg.rope_base, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+          cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+
+
+# (head_dim, base, factor, low, high, original max len): Meta's, then tiny ones whose bands
+# leave the line underdetermined (one or no blended frequency, every frequency slowed).
+LLAMA3_CASES = {
+    "llama3.1-8b": (128, 5e5, 8.0, 1.0, 4.0, 8192), "llama3.2-1b": (64, 5e5, 32.0, 1.0, 4.0, 8192),
+    "three_blended": (32, 1e4, 8.0, 1.0, 4.0, 64), "one_blended": (16, 5e5, 8.0, 1.0, 4.0, 16),
+    "none_blended": (8, 1e4, 2.0, 0.5, 1.5, 20), "all_slowed": (8, 1e4, 4.0, 1.0, 4.0, 1)}
+
+
+@pytest.mark.parametrize("case", list(LLAMA3_CASES))
+def test_rope_freqs_divisors_and_their_inverse_match_transformers(case):
+  """rope_freqs.freq_factors == transformers' unscaled / llama3 inverse frequencies; the
+  parameters llama3_fields recovers from the float32 factors give (by transformers) the
+  same frequencies; Meta's parameters come back exactly (original_max_len 8192)."""
+  from restem_jax.importers import rope_freqs  # pylint: disable=import-outside-toplevel
+  head_dim, base, factor, low, high, orig = LLAMA3_CASES[case]
+  cfg = tiny_cfg(head_dim=head_dim, rope_base=base, rope_scaling="llama3",
+                 rope_scaling_factor=factor, rope_low_freq_factor=low,
+                 rope_high_freq_factor=high, rope_original_max_len=orig)
+  ref = hf_divisors(*rope_args(cfg))
+  np.testing.assert_allclose(rope_freqs.freq_factors(cfg), ref, rtol=1e-6, atol=0)
+  fields = rope_freqs.llama3_fields(ref.astype(np.float32), base, head_dim)
+  back = dataclasses.replace(cfg, **fields)
+  np.testing.assert_allclose(hf_divisors(*rope_args(back)), ref, rtol=2e-6, atol=0)
+  if case.startswith("llama3"):
+    assert fields == dict(rope_scaling="llama3", rope_scaling_factor=factor,
+                          rope_low_freq_factor=low, rope_high_freq_factor=high,
+                          rope_original_max_len=orig)
+
+
+@pytest.mark.parametrize("factors,match", [
+    (np.array([1.0, 1.0, 3.0, 2.0], np.float32), "is not Llama 3 RoPE scaling"),  # Not monotone.
+    (np.array([1.0, 0.5, 0.5, 0.5], np.float32), "is not Llama 3 RoPE scaling"),  # < 1.
+    (np.ones(3, np.float32), "must hold 4 positive factors"),
+])
+def test_rope_freqs_that_are_not_llama3_are_refused_in_one_line(factors, match):
+  from restem_jax.importers import ImportFormatError  # pylint: disable=import-outside-toplevel
+  from restem_jax.importers import rope_freqs  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ImportFormatError, match=match) as e:
+    rope_freqs.llama3_fields(factors, 1e4, 8)
+  assert "\n" not in str(e.value) and "rope_freqs.weight" in str(e.value)
+
+
+@pytest.mark.parametrize("name", LLAMA3)
+def test_llama3_gguf_has_llama_cpps_rope_freqs_and_metadata(name, tmp_path):
+  """The file llama.cpp's converter writes for Llama 3.x: a float32 rope_freqs.weight of
+  head_dim / 2 divisors equal to transformers' unscaled / llama3 frequencies, the unscaled
+  RoPE keys, and no scaling type or factor (llama.cpp would scale every frequency again)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  cfg, params = family(name)
+  path = str(tmp_path / "m.gguf")
+  gguf_export.write_gguf(path, cfg, params)
+  reader = gguf.GGUFReader(path)
+  tensor = {t.name: t for t in reader.tensors}["rope_freqs.weight"]
+  assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+  assert tuple(int(n) for n in tensor.shape) == (cfg.head_dim // 2,)
+  ref = hf_divisors(*rope_args(cfg))
+  np.testing.assert_allclose(np.asarray(tensor.data, np.float64), ref, rtol=1e-6, atol=0)
+  blended = (ref > 1 + 1e-6) & (ref < cfg.rope_scaling_factor - 1e-6)
+  assert ref.max() == cfg.rope_scaling_factor  # A slowed band; "llama31" keeps none.
+  assert (ref.min() == 1.0) == (name == "llama31_wide")
+  assert blended.sum() == (3 if name == "llama31_wide" else 1)
+  field = lambda k: reader.fields[k].contents()  # noqa: E731
+  assert field("general.architecture") == "llama"
+  assert field("llama.rope.freq_base") == cfg.rope_base
+  assert field("llama.rope.dimension_count") == cfg.head_dim
+  assert field("llama.attention.key_length") == cfg.head_dim
+  assert field("llama.context_length") == cfg.max_seq_len
+  assert field("llama.attention.head_count") == cfg.n_heads
+  assert field("llama.attention.head_count_kv") == cfg.n_kv_heads
+  assert not [k for k in reader.fields if k.startswith("llama.rope.scaling")]
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("name", LLAMA3)
+def test_llama3_gguf_imports_back_with_the_same_logits(name, mesh_shape, tmp_path):
+  """Our importer reads rope_freqs back into llama3 parameters: on 1 and on 8 devices the
+  imported model's logits equal the exported model's (float32); its config is the
+  exported one but for equivalent llama3 parameters (the file keeps only the divisors)."""
+  from restem_jax.importers import rope_freqs  # pylint: disable=import-outside-toplevel
+  cfg, params = family(name)
+  path = str(tmp_path / "m.gguf")
+  gguf_export.write_gguf(path, cfg, params)
+  mesh = mesh_of(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  back_cfg, back = import_model("gguf", path, mesh, max_seq_len=cfg.max_seq_len)
+  assert back_cfg.rope_scaling == "llama3"
+  same = {f: getattr(cfg, f) for f in rope_freqs.FIELDS}
+  assert dataclasses.replace(back_cfg, **same) == cfg
+  np.testing.assert_allclose(rope_freqs.freq_factors(back_cfg), rope_freqs.freq_factors(cfg),
+                             rtol=1e-6, atol=0)
+  ref = our_logits(cfg, params, TOKENS)
+  assert np.abs(ref).max() > 1.0
+  np.testing.assert_allclose(our_logits(back_cfg, back, TOKENS), ref, atol=2e-5, rtol=0)
+
+
+def test_llama3_gguf_runs_in_transformers_as_llama_cpp_reads_it(tmp_path):
+  """Independent reference: transformers' GGUF loader (it ignores rope_freqs: unscaled RoPE,
+  logits far from ours) with each unscaled frequency divided by the file's rope_freqs, as
+  llama.cpp does, gives our logits within 1e-4."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  cfg, params = family("llama31_wide")
+  gguf_export.write_gguf(str(tmp_path / "m.gguf"), cfg, params)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+  ours = our_logits(cfg, params, TOKENS)
+  assert np.abs(hf_logits(hf, TOKENS) - ours).max() > 0.1
+  reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+  divisors = {t.name: t for t in reader.tensors}["rope_freqs.weight"].data
+  rotary = hf.model.rotary_emb
+  rotary.inv_freq = rotary.inv_freq / torch.tensor(np.asarray(divisors, np.float32))
+  np.testing.assert_allclose(hf_logits(hf, TOKENS), ours, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("switches,field", [

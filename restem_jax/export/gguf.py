@@ -11,11 +11,14 @@ The GGUF importer run backwards (importers/gguf.py undoes each of these):
 The metadata is what llama.cpp reads for the architecture. Settings it hard-codes
 (Gemma's attention scale, Gemma 2's layer pattern) cannot be stored, so the written file
 is read back by our importer and must give the same ModelConfig, else it is deleted and
-the export refused in one line. Llama 3 RoPE scaling is refused: llama.cpp keeps it as a
-rope_freqs tensor, which neither transformers' GGUF loader nor our importer reads back.
+the export refused in one line. Llama 3 RoPE scaling (llama) is written as llama.cpp's
+converter writes it: no scaling key, a float32 rope_freqs.weight tensor of per-frequency
+divisors (importers/rope_freqs.py); the file keeps only those, so the read-back compares
+them rather than the llama3 parameters. transformers' GGUF loader ignores the tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -28,6 +31,7 @@ from restem_jax.export import hf as hf_export
 from restem_jax.export import tokenizer as tok_export
 from restem_jax.importers import ImportFormatError, common
 from restem_jax.importers import gguf as gguf_importer
+from restem_jax.importers import rope_freqs
 
 TENSOR_TYPES = {"f32": gguf_lib.GGMLQuantizationType.F32,
                 "f16": gguf_lib.GGMLQuantizationType.F16,
@@ -100,10 +104,10 @@ def check_exportable(cfg: model_lib.ModelConfig, tensor_type: str = "f32") -> No
   """What can be refused before the weights are read (the rest: the read-back check)."""
   if tensor_type not in TENSOR_TYPES:
     raise ExportError(f"--gguf_type={tensor_type!r} is not one of {sorted(TENSOR_TYPES)}")
-  if cfg.rope_scaling == "llama3":
-    raise ExportError("model.rope_scaling='llama3' is not exported to GGUF (llama.cpp stores it "
-                      "as a rope_freqs tensor that no reader here can check); use --format=hf")
   hf_export.hf_config(cfg)  # The HF family must express cfg (one line if not).
+  if cfg.rope_scaling == "llama3" and gguf_architecture(cfg) != "llama":
+    raise ExportError(f"model.rope_scaling='llama3': llama.cpp reads its rope_freqs tensor "
+                      f"for GGUF llama only, not {gguf_architecture(cfg)}; use --format=hf")
 
 
 def write_gguf(path: str, cfg: model_lib.ModelConfig, params: Any, vocab: Any = None,
@@ -125,6 +129,8 @@ def write_gguf(path: str, cfg: model_lib.ModelConfig, params: Any, vocab: Any = 
       tok_export.copy_gguf_tokenizer(writer, tokenizer_gguf)
     elif vocab is not None:
       tok_export.write_gguf_tokenizer(writer, vocab)
+    if cfg.rope_scaling == "llama3":  # llama only (check_exportable).
+      writer.add_tensor(rope_freqs.TENSOR, rope_freqs.freq_factors(cfg).astype(np.float32))
     for name, w in common.hf_tensors(cfg, params):
       _add_tensor(writer, gguf_importer.gguf_tensor_name(names, name, arch),
                   _to_gguf(name, w, cfg, arch), tensor_type)
@@ -146,4 +152,8 @@ def _check_reads_back(path: str, cfg: model_lib.ModelConfig, arch: str) -> None:
         param_dtype=cfg.param_dtype)
   except ImportFormatError as e:
     raise ExportError(f"this model cannot be exported as GGUF {arch}: {e}") from e
+  if cfg.rope_scaling == "llama3" and np.allclose(
+      rope_freqs.freq_factors(back), rope_freqs.freq_factors(cfg), rtol=1e-5, atol=0):
+    # Same factors, hence the same RoPE: the file keeps no llama3 parameters to compare.
+    back = dataclasses.replace(back, **{f: getattr(cfg, f) for f in rope_freqs.FIELDS})
   hf_export.check_round_trip(cfg, back, f"GGUF {arch} (llama.cpp)")

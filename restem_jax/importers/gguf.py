@@ -24,6 +24,8 @@ float32 tensors under HF names:
     global (pattern 6), local RoPE base 10000, attention scale head_dim^-0.5 except
     the 27B (62 layers): (d_model / n_heads)^-0.5. Keys a newer converter writes
     (attention.sliding_window_pattern, rope.freq_base_swa) take precedence.
+  * llama with Llama 3 RoPE scaling: no metadata key, a rope_freqs.weight tensor of
+    per-frequency divisors, turned back into llama3 parameters by rope_freqs.py.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from restem_jax import model as model_lib
-from restem_jax.importers import common
+from restem_jax.importers import common, rope_freqs
 from restem_jax.importers.common import ImportFormatError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -176,7 +178,13 @@ def _family_fields(reader: gguf_lib.GGUFReader, arch: str, d: int, n: int, head_
     raise ImportFormatError(f"GGUF RoPE scaling {scaling!r} is not supported for {arch}; "
                             f"supported: {', '.join(str(a) for a in allowed if a)}")
   if arch in ("llama", "qwen2", "qwen3"):
-    return {"qkv_bias": arch == "qwen2", "qk_norm": arch == "qwen3"}
+    fields = {"qkv_bias": arch == "qwen2", "qk_norm": arch == "qwen3"}
+    tensor = {t.name: t for t in reader.tensors}.get(rope_freqs.TENSOR)
+    if arch == "llama" and tensor is not None:  # Llama 3.x (module docstring).
+      factors = gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type)
+      fields.update(rope_freqs.llama3_fields(
+          factors, _f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)), head_dim))
+    return fields
   big = _GEMMA3_27B_LAYERS if arch == "gemma3" else _GEMMA2_27B_LAYERS
   fields: dict[str, Any] = dict(
       norm_unit_offset=True, embed_scale=True, mlp_activation="gelu_tanh", post_norms=True,
@@ -252,7 +260,10 @@ def load_gguf(src: str, mesh: Mesh, *, max_seq_len: int = 2048, dtype: str = "fl
   reader = open_reader(src)
   cfg = model_config_from_gguf(reader, max_seq_len=max_seq_len, dtype=dtype,
                                param_dtype=param_dtype)
-  source = GGUFSource(reader, _required(reader, "general.architecture"), cfg)
+  arch = _required(reader, "general.architecture")
+  source = GGUFSource(reader, arch, cfg)
   expected = {source.gguf_name(n) for n in common.expected_hf_names(cfg)}
+  if arch == "llama":
+    expected.add(rope_freqs.TENSOR)  # Read into cfg's RoPE scaling.
   common.check_no_extra(source.gguf_names(), expected, src)
   return cfg, common.build_params(cfg, mesh, source)
