@@ -75,9 +75,29 @@ def test_readme_command_exists(cmd):
     assert "task" in cfg and "model" in cfg
 
 
+def _without_workdir(cmd: str) -> tuple[str, ...]:
+  return tuple(a for a in shlex.split(cmd) if not a.startswith("--workdir="))
+
+
+def _runlocal_commands() -> tuple[list[str], list[str]]:
+  """README's `:runlocal` runs: (run here, run by tests/test_your_task_doc.py as written in
+  docs/YOUR_TASK.md). The same run twice would cost the suite a run and test nothing more."""
+  doc = {_without_workdir(c) for c in fenced_commands("docs/YOUR_TASK.md")}
+  cmds = [c for c in _readme_commands() if ":runlocal" in c and "restem_jax.main" in c]
+  return ([c for c in cmds if _without_workdir(c) not in doc],
+          [c for c in cmds if _without_workdir(c) in doc])
+
+
+def test_readme_runlocal_commands_all_run_somewhere():
+  here, in_doc = _runlocal_commands()
+  assert here and in_doc  # the demo smoke run here; "your task" in the doc's test
+  from test_your_task_doc import doc_commands  # pylint: disable=import-outside-toplevel
+  doc_runs = {_without_workdir(c) for c in doc_commands()}
+  assert all(_without_workdir(c) in doc_runs for c in in_doc), in_doc
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "cmd", [c for c in _readme_commands() if ":runlocal" in c and "restem_jax.main" in c])
+@pytest.mark.parametrize("cmd", _runlocal_commands()[0])
 def test_readme_runlocal_command_runs(cmd, tmp_path):
   argv = shlex.split(cmd)
   argv = [sys.executable] + [a for a in argv[1:] if not a.startswith("--workdir=")]

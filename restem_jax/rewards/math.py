@@ -1,48 +1,13 @@
 r"""Binary reward for MATH / GSM8K: extract the final answer, compare it with the gold.
 
-Extraction (`extract_answer`; the grader uses `extract_answer_strict`):
-  * Candidates: braced `\boxed{..}` / `\fbox{..}` (brace-matched; `\{ \}` are literal);
-    brace-less `\boxed 7`, used only when there is no braced box (so a stray later
-    `\boxed 7` cannot hide an earlier `\boxed{..}`); GSM8K `#### 42`; "the (final)
-    answer is X" (X = the `$..$` / `\(..\)` that follows, else the rest of the
-    sentence, "18 dollars" -> "18"). Empty or unclosed boxes are ignored.
-  * `extract_answer`: the last box (MATH convention), else the last `####` / "answer is"
-    statement, else, only with fallback_last_number=True, the last number.
-  * `extract_answer_strict` returns None (reward 0) when the text changes its mind: two
-    boxes that differ after `normalize_answer`, or a statement at/after the first box
-    that differs from it (statements before the first box are reasoning); with no box,
-    all statements must agree. Answers over 1000 characters are rejected.
-
-Equivalence (`is_equiv`, `MathGrader`): equal iff
-  (a) the `normalize_answer` strings are equal (Hendrycks MATH normalisation: \left,
-      \right, `\text{ cm}` units, degrees, `\$`, `%`, dfrac/tfrac, `\frac12`, `a/b`,
-      `\sqrt3`, `1{,}000` / `1,000`, spaces, trailing `.`, a leading `x=`), or
-  (b) math_verify's `verify(gold, pred)` (gold first: not symmetric) AND our cross-check
-      agree. The cross-check: the same `\pm` / `\mp` on both sides; both parse to sympy;
-      sets, tuples, intervals (open/closed ends), unions and matrices match in size and
-      element by element; `x = v` compares v; expressions (decimals read as exact
-      rationals) agree to a relative 1e-30 at 50 digits, at three fixed signed points
-      if they have symbols; rescaled equations agree; other structures must be equal.
-  This rejects math_verify's known false positives (its issues #14, #41, #60):
-  `n=2,3,4` vs `n=1,2,3`, `1/2004!` vs `1/2006!`, `\pm 2021` vs `2021`, `4` vs
-  `4\sqrt{2}` / `4\sqrt(2)`, and its rounding (`0.333333` vs 1/3, `3.14159265` vs pi).
-  Symbolic checks run in spawned worker processes (math_verify relies on signals, which
-  fail in threads) under a CPU-time timer of timeout_s; a worker silent for 2*timeout_s
-  + grace (stuck in C) or dead is killed and replaced, and its pair scores 0.0 (logged,
-  `Grade.fault` set by `score_detailed`, counted in `MathGrader.faults`). Model
-  output never raises; an empty gold raises ValueError. A MathGrader is not thread-safe
-  (one per thread); `is_equiv` shares one 1-worker grader behind a lock.
-
-False negatives accepted (zero false positives comes first):
-  * Rounded decimals of non-terminating values (`0.333` for 1/3, `3.1416` for pi).
-  * `\pm 2` vs `-2, 2` (the `\pm` rule is one-sided by design).
-  * Restating the answer in another form (`\boxed{0.5}` then "the answer is 1/2"),
-    or prose after "the answer is" beyond a number and one or two unit words.
-  * `(3, \infty)` as gold vs `x > 3` (math_verify only compares a gold relation with a
-    predicted set); `\text{..}` units glued to a number other than common unit
-    words (`5\text{parsecs}`).
-  * A check slower than timeout_s of CPU time.
-  Normalisation follows Hendrycks: `10\%` equals `10`, `5\text{ cm}` equals `5`.
+Zero false positives come first: a reward of 1 must mean the answer is right, so a text
+that changes its mind scores 0 (`extract_answer_strict`), and math_verify's symbolic
+verdict counts only when our own sympy cross-check agrees (`is_equiv`: rejects its known
+false positives, its issues #14, #41, #60). The false negatives this accepts are listed
+at `is_equiv`. Symbolic checks run in spawned worker processes (math_verify relies on
+signals, which fail in threads) under a CPU-time limit; a worker stuck in C or dead is
+replaced and its pair scores 0 with the fault counted (rewards/pool.py). Model output
+never raises; an empty gold raises ValueError.
 """
 from __future__ import annotations
 
@@ -153,7 +118,16 @@ def _last_number(text: str) -> str | None:
 
 
 def extract_answer(text: str, *, fallback_last_number: bool = False) -> str | None:
-  """The final answer in a model output or a solution; None when there is none."""
+  r"""The final answer in a model output or a solution; None when there is none.
+
+  Candidates: braced `\boxed{..}` / `\fbox{..}` (brace-matched; `\{ \}` are literal);
+  brace-less `\boxed 7`, used only when there is no braced box (so a stray later
+  `\boxed 7` cannot hide an earlier `\boxed{..}`); GSM8K `#### 42`; "the (final) answer
+  is X" (X = the `$..$` / `\(..\)` that follows, else the rest of the sentence, "18
+  dollars" -> "18"). Empty or unclosed boxes are ignored. The answer: the last box (MATH
+  convention), else the last `####` / "answer is" statement, else, only with
+  fallback_last_number=True, the last number.
+  """
   if not isinstance(text, str):
     return None
   boxes, stated = _candidates(text)
@@ -165,7 +139,10 @@ def extract_answer(text: str, *, fallback_last_number: bool = False) -> str | No
 
 
 def extract_answer_strict(text: str, *, fallback_last_number: bool = False) -> str | None:
-  """Like `extract_answer`, but None when the text gives conflicting final answers."""
+  """Like `extract_answer`, but None (reward 0) when the text changes its mind: two boxes
+  that differ after `normalize_answer`, or a statement at/after the first box that
+  differs from it (statements before the first box are reasoning); with no box, all
+  statements must agree. Answers over 1000 characters are rejected."""
   if not isinstance(text, str):
     return None
   boxes, stated = _candidates(text)
@@ -263,7 +240,10 @@ def _fix_fracs(s: str) -> str:
 
 
 def normalize_answer(ans: str) -> str:
-  """Hendrycks-style canonical string; equal strings mean equal answers."""
+  r"""Hendrycks-style canonical string; equal strings mean equal answers: \left, \right,
+  `\text{ cm}` units, degrees, `\$`, `%`, dfrac/tfrac, `\frac12`, `a/b`, `\sqrt3`,
+  `1{,}000` / `1,000`, spaces, trailing `.`, a leading `x=` (so `10\%` equals `10` and
+  `5\text{ cm}` equals `5`, as in Hendrycks' grader)."""
   if not isinstance(ans, str):
     return ""
   s = _clean(ans)
@@ -490,7 +470,24 @@ _SHARED_LOCK = threading.Lock()  # A grader is not thread-safe; is_equiv may be 
 
 
 def is_equiv(gold: str, pred: str, *, timeout_s: float = 5.0) -> bool:
-  """Whether the extracted answer `pred` equals `gold` (symbolic part in a subprocess)."""
+  r"""Whether the extracted answer `pred` equals `gold` (symbolic part in a subprocess).
+
+  Equal iff (a) the `normalize_answer` strings are equal, or (b) math_verify's
+  `verify(gold, pred)` (gold first: not symmetric) AND our cross-check agree: the same
+  `\pm` / `\mp` on both sides; both parse to sympy; sets, tuples, intervals (open/closed
+  ends), unions and matrices match in size and element by element; `x = v` compares v;
+  expressions (decimals read as exact rationals) agree to a relative 1e-30 at 50 digits,
+  at three fixed signed points if they have symbols; rescaled equations agree; other
+  structures must be equal. This rejects `n=2,3,4` vs `n=1,2,3`, `1/2004!` vs `1/2006!`,
+  `\pm 2021` vs `2021`, `4` vs `4\sqrt{2}`, and rounding (`0.333333` vs 1/3).
+
+  False negatives accepted: rounded decimals of non-terminating values (`3.1416` for pi);
+  `\pm 2` vs `-2, 2` (one-sided by design); restating the answer in another form
+  (`\boxed{0.5}` then "the answer is 1/2") or prose after "the answer is" beyond a number
+  and one or two unit words; `(3, \infty)` as gold vs `x > 3`; `\text{..}` units glued to
+  a number other than common unit words; a check slower than timeout_s of CPU time.
+  Shares one 1-worker MathGrader behind a lock (a MathGrader is not thread-safe).
+  """
   global _SHARED
   if not isinstance(gold, str) or not gold.strip():
     raise ValueError(f"is_equiv: gold answer is empty or not a string: {gold!r}")
