@@ -29,6 +29,9 @@ _SEED = flags.DEFINE_integer("test_seed", 1, "Seed of the second test draw (> 0)
 _NUM = flags.DEFINE_integer("num_test", 1000, "Questions in the second test draw.")
 _SPACE = flags.DEFINE_integer("space_draws", 20000, "Draws per generator when counting "
                               "each level's distinct questions (0 = skip).")
+_MODELS = flags.DEFINE_enum("models", "all", ["all", "base_best"], "all: the base and every "
+                            "saved iteration; base_best: the base and the best iteration "
+                            "(export's rule: validation reward, then test pass@1).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -55,9 +58,9 @@ def main(argv):
   del argv
   import ml_collections  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
-  from restem_jax import errors, evaluate, improve, model, partitioning, sampling, tasks
+  from restem_jax import errors, evaluate, export, improve, model, partitioning, sampling, tasks
   from restem_jax import workdir as wd
-  from restem_jax.export.__main__ import run_vocabulary
+  from restem_jax.export.tokenizer import run_vocabulary
 
   workdir = _WORKDIR.value
   config = ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
@@ -78,9 +81,11 @@ def main(argv):
   sampler = sampling.Sampler(model_cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
                              stop_strings=task.stop_strings, vocabulary=vocab)
   layout = wd.Layout(workdir)
+  iterations = sorted(wd.glob(workdir, "iter_*/model"))
+  if _MODELS.value == "base_best":
+    iterations = [layout.iteration(int(export.best_iteration(workdir))).model]
   models = [("base", layout.base.model)] + [
-      (f"iteration {int(os.path.basename(os.path.dirname(p))[5:])}", p)
-      for p in wd.glob(workdir, "iter_*/model")]
+      (f"iteration {int(os.path.basename(os.path.dirname(p))[5:])}", p) for p in iterations]
   print(f"{workdir}: {len(problems)} test problems drawn with seed {_SEED.value}, disjoint from "
         f"every split of task.seed={config.task.seed}'s draw", flush=True)
   out = {"workdir": workdir, "test_seed": _SEED.value, "num_test": len(problems), "models": []}

@@ -64,38 +64,6 @@ def model_path(workdir: str | None, model: str | None, iteration: str | None) ->
   return m.model, workdir
 
 
-def run_vocabulary(workdir: str) -> tuple[Any, str | None]:
-  """(the run's tokenizer, a GGUF file whose tokenizer keys it came from, or None).
-
-  As the run resolves it (run.load_vocabulary): task.vocab_path, else the imported base's
-  WORKDIR/tokenizer.json, else the task's embedded SentencePiece model.
-  """
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  # pylint: disable=import-outside-toplevel
-  from restem_jax import checkpoints, importers, tasks, workdir as wd
-  config_path = os.path.join(workdir, "config.json")
-  if not wd.exists(config_path):
-    raise ExportError(f"{workdir}: no config.json, so the run's tokenizer is unknown; pass "
-                      "--workdir=the run's workdir")
-  config = ml_collections.ConfigDict(wd.read_json(config_path))
-  path = config.task.vocab_path or ""
-  imported = importers.tokenizer_path(wd.Layout(workdir).base.model)
-  source_gguf = None
-  if not path and wd.exists(imported):
-    path = imported
-    source = checkpoints.read_metadata(wd.Layout(workdir).base.model).get("source") or {}
-    if source.get("format") == "gguf" and os.path.isfile(source.get("path", "")):
-      source_gguf = source["path"]
-  if not path:
-    return tasks.embedded_vocabulary(), None
-  if path.endswith(".model"):
-    import seqio  # pylint: disable=import-outside-toplevel
-    return seqio.SentencePieceVocabulary(path), None
-  if path.endswith(".gguf"):
-    source_gguf = path
-  return importers.load_vocabulary(path), source_gguf
-
-
 def saved_config(path: str) -> Any:
   """The ModelConfig recorded with a saved model (runs and imports record it)."""
   # pylint: disable=import-outside-toplevel
@@ -121,12 +89,12 @@ def export(path: str, workdir: str, fmt: str, out: str, dtype: str = "float32",
            gguf_type: str = "f32") -> None:
   """Writes the model saved at `path` (with `workdir`'s tokenizer) to `out`."""
   # pylint: disable=import-outside-toplevel
-  from restem_jax.export import gguf as gguf_export, hf as hf_export
+  from restem_jax.export import gguf as gguf_export, hf as hf_export, tokenizer as export_tokenizer
   cfg = saved_config(path)
   if fmt == "gguf":  # Refuses an inexpressible model before the weights are read.
     gguf_export.check_exportable(cfg, gguf_type)
   hf_export.hf_config(cfg)
-  vocab, source_gguf = run_vocabulary(workdir)
+  vocab, source_gguf = export_tokenizer.run_vocabulary(workdir)
   params = load_params(path, cfg)
   if fmt == "hf":
     hf_export.write_hf(out, cfg, params, vocab, dtype=dtype)

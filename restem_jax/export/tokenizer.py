@@ -142,3 +142,35 @@ def write_gguf_tokenizer(writer: gguf_lib.GGUFWriter, vocab: Any) -> None:
   template = getattr(vocab, "chat_template", None)
   if template:
     writer.add_chat_template(template)
+
+
+def run_vocabulary(workdir: str) -> tuple[Any, str | None]:
+  """(the run's tokenizer, a GGUF file whose tokenizer keys it came from, or None).
+
+  As the run resolves it (run.load_vocabulary): task.vocab_path, else the imported base's
+  WORKDIR/tokenizer.json, else the task's embedded SentencePiece model.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from restem_jax import checkpoints, importers, tasks, workdir as wd
+  config_path = os.path.join(workdir, "config.json")
+  if not wd.exists(config_path):
+    raise ExportError(f"{workdir}: no config.json, so the run's tokenizer is unknown; pass "
+                      "--workdir=the run's workdir")
+  config = ml_collections.ConfigDict(wd.read_json(config_path))
+  path = config.task.vocab_path or ""
+  imported = importers.tokenizer_path(wd.Layout(workdir).base.model)
+  source_gguf = None
+  if not path and wd.exists(imported):
+    path = imported
+    source = checkpoints.read_metadata(wd.Layout(workdir).base.model).get("source") or {}
+    if source.get("format") == "gguf" and os.path.isfile(source.get("path", "")):
+      source_gguf = source["path"]
+  if not path:
+    return tasks.embedded_vocabulary(), None
+  if path.endswith(".model"):
+    import seqio  # pylint: disable=import-outside-toplevel
+    return seqio.SentencePieceVocabulary(path), None
+  if path.endswith(".gguf"):
+    source_gguf = path
+  return importers.load_vocabulary(path), source_gguf
