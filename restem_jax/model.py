@@ -203,6 +203,12 @@ class SharedPrefixCache:
   # tokens: a row refilled with a new prompt at step start[b] must not see the
   # previous occupant's). A row generates at most C tokens, so none is overwritten.
   start: Any = None  # int32 [B] or None (not ring mode)
+  # Pool mode (per-row refill, refill.py): the P prompt caches are a pool of
+  # slots, replicated over the batch axes, and row b reads slot row_slot[b]
+  # (any row, any slot) instead of slot b // N. Every row's query meets every
+  # slot's keys in one product (slots x the prompt FLOPs, each slot read once)
+  # and the other slots are masked out: no per-row copy of a prompt's keys.
+  row_slot: Any = None  # int32 [B] or None (rows grouped by prompt)
 
   @classmethod
   def create(cls, prompt: LayerCache, prompt_valid_PxL: jax.Array, num_samples: int,
@@ -219,10 +225,12 @@ class SharedPrefixCache:
     """Sharding constraints: prompts and rows over the batch axes, kv heads over tensor."""
     cons = lambda x, axes: partitioning.constrain(x, mesh, axes)
     v_axes = ("cache_batch", "act_kv_heads", "head_dim", "cache_len")
+    pool = self.row_slot is not None  # prompt slots replicated: any row reads any slot
+    p_axes = ((None,) + LAYER_CACHE_AXES[1:]) if pool else LAYER_CACHE_AXES
     return self.replace(
-        prompt_k=cons(self.prompt_k, LAYER_CACHE_AXES),
-        prompt_v=cons(self.prompt_v, LAYER_CACHE_AXES),
-        prompt_valid=cons(self.prompt_valid, ("cache_batch", None)),
+        prompt_k=cons(self.prompt_k, p_axes),
+        prompt_v=cons(self.prompt_v, p_axes),
+        prompt_valid=cons(self.prompt_valid, (None if pool else "cache_batch", None)),
         k=tuple(cons(c, LAYER_CACHE_AXES) for c in self.k),
         v=tuple(cons(c, v_axes) for c in self.v))
 
@@ -250,16 +258,27 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
   v_chunks[w] = jax.lax.dynamic_update_slice(
       v_chunks[w], jnp.transpose(v_BxLxKxH, (0, 2, 3, 1)).astype(v_chunks[w].dtype),
       (0, 0, 0, t - offset))
-  q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
   q_BxKxGxH = q_BxLxNxH.reshape(b, kh, g, h)
-  prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
-      "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
-      preferred_element_type=jnp.float32))
-  prompt_BxKxGxL = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
+  pool = cache.row_slot is not None
+  if pool:  # X = P * L: every slot's keys, all but the row's own slot masked below
+    prompt_BxKxGxX = _attn_logits(cfg, jnp.einsum(
+        "bkgh,pklh->bkgpl", q_BxKxGxH, cache.prompt_k.astype(dt),
+        preferred_element_type=jnp.float32)).reshape(b, kh, g, p * prompt_len)
+    mine_BxP = cache.row_slot[:, None] == jnp.arange(p)[None, :]
+    prompt_valid_BxX = (mine_BxP[:, :, None] & cache.prompt_valid[None]).reshape(b, -1)
+    prompt_pos_X = jnp.tile(jnp.arange(prompt_len), p)
+  else:  # X = L: the rows of prompt p read its keys in one [N * G, L] product
+    q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
+    prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
+        "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
+        preferred_element_type=jnp.float32))
+    prompt_BxKxGxX = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
+    prompt_valid_BxX = jnp.repeat(cache.prompt_valid, ns, axis=0)
+    prompt_pos_X = jnp.arange(prompt_len)
+  num_x = prompt_BxKxGxX.shape[-1]
   gen_BxKxGxW = _attn_logits(cfg, jnp.concatenate(
       [jnp.einsum("bkgh,bkch->bkgc", q_BxKxGxH, c.astype(dt),
                   preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1))
-  prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
   slots_W = jnp.arange(gen_BxKxGxW.shape[-1])
   # age_W: steps since slot s was written (its key's position is q - age).
   age_W = (t - slots_W) % slots_W.shape[0] if ring else t - slots_W
@@ -269,17 +288,22 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
     # Prompt slot i holds position i; generated slot s holds position q - age
     # (one slot per step, while the row is active): both in the window iff > q - window.
     start_B = positions_BxL[:, 0] - cfg.sliding_window
-    prompt_valid_BxL = _window_mask(
-        prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > start_B[:, None], is_local)
+    prompt_valid_BxX = _window_mask(
+        prompt_valid_BxX, prompt_pos_X[None, :] > start_B[:, None], is_local)
     gen_valid_BxW = _window_mask(gen_valid_BxW, (age_W < cfg.sliding_window)[None, :], is_local)
   logits_BxKxGxS = jnp.concatenate(
-      [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
+      [jnp.where(prompt_valid_BxX[:, None, None], prompt_BxKxGxX, -1e30),
        jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
   probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
-  probs_PxNxKxGxL = probs_BxKxGxS[..., :prompt_len].reshape(p, ns, kh, g, prompt_len)
-  out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,
-                           cache.prompt_v.astype(dt)).reshape(b, kh, g, h)
-  start = prompt_len
+  if pool:
+    out_BxKxGxH = jnp.einsum("bkgpl,pklh->bkgh",
+                             probs_BxKxGxS[..., :num_x].reshape(b, kh, g, p, prompt_len),
+                             cache.prompt_v.astype(dt))
+  else:
+    probs_PxNxKxGxL = probs_BxKxGxS[..., :num_x].reshape(p, ns, kh, g, prompt_len)
+    out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,
+                             cache.prompt_v.astype(dt)).reshape(b, kh, g, h)
+  start = num_x
   for c in v_chunks[:w + 1]:
     size = c.shape[3]
     out_BxKxGxH = out_BxKxGxH + jnp.einsum("bkgc,bkhc->bkgh",
