@@ -191,8 +191,8 @@ class SharedPrefixCache:
   generated part dominates, and it is within the window whenever T <= window
   (Gemma 3: 512 / 1024, vs ~512 new tokens on MATH), so it would save little.
   """
-  prompt_k: jax.Array  # [P, K, L, H]
-  prompt_v: jax.Array  # [P, K, L, H]
+  prompt_k: jax.Array  # [P, K, L, H] ([K, P, L, H] in pool mode)
+  prompt_v: jax.Array  # [P, K, L, H] ([K, P, L, H] in pool mode)
   prompt_valid: jax.Array  # [P, L] bool: which prompt slots the rows attend to
   k: tuple[jax.Array, ...]  # chunks [B, K, C_i, H]; slot `step` is written next
   v: tuple[jax.Array, ...]  # chunks [B, K, H, C_i]
@@ -204,10 +204,11 @@ class SharedPrefixCache:
   # previous occupant's). A row generates at most C tokens, so none is overwritten.
   start: Any = None  # int32 [B] or None (not ring mode)
   # Pool mode (per-row refill, refill.py): the P prompt caches are a pool of
-  # slots, replicated over the batch axes, and row b reads slot row_slot[b]
-  # (any row, any slot) instead of slot b // N. Every row's query meets every
-  # slot's keys in one product (slots x the prompt FLOPs, each slot read once)
-  # and the other slots are masked out: no per-row copy of a prompt's keys.
+  # slots, stored [K, P, L, H] (kv heads leading) and replicated over the batch
+  # axes, and row b reads slot row_slot[b] (any row, any slot) instead of slot
+  # b // N. Every row's query meets every slot's keys in one product (P x the
+  # prompt FLOPs, each slot read once, in place) and the other slots are masked
+  # out: no per-row copy of a prompt's keys.
   row_slot: Any = None  # int32 [B] or None (rows grouped by prompt)
 
   @classmethod
@@ -225,8 +226,8 @@ class SharedPrefixCache:
     """Sharding constraints: prompts and rows over the batch axes, kv heads over tensor."""
     cons = lambda x, axes: partitioning.constrain(x, mesh, axes)
     v_axes = ("cache_batch", "act_kv_heads", "head_dim", "cache_len")
-    pool = self.row_slot is not None  # prompt slots replicated: any row reads any slot
-    p_axes = ((None,) + LAYER_CACHE_AXES[1:]) if pool else LAYER_CACHE_AXES
+    pool = self.row_slot is not None  # [K, P, L, H], replicated over batch: any row, any slot
+    p_axes = ("act_kv_heads", None, "cache_len", "head_dim") if pool else LAYER_CACHE_AXES
     return self.replace(
         prompt_k=cons(self.prompt_k, p_axes),
         prompt_v=cons(self.prompt_v, p_axes),
@@ -245,6 +246,8 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
     raise ValueError(f"SharedPrefixCache decodes one token per row per step, got {l}")
   dt = cfg.compute_dtype
   p, kh, prompt_len, _ = cache.prompt_k.shape
+  if cache.row_slot is not None:  # pool layout [K, P, L, H]
+    kh, p = p, kh
   ns, g, t, w = b // p, n // kh, cache.step, cache.active - 1
   ring = cache.start is not None
   if ring and len(cache.k) != 1:
@@ -259,23 +262,6 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
       v_chunks[w], jnp.transpose(v_BxLxKxH, (0, 2, 3, 1)).astype(v_chunks[w].dtype),
       (0, 0, 0, t - offset))
   q_BxKxGxH = q_BxLxNxH.reshape(b, kh, g, h)
-  pool = cache.row_slot is not None
-  if pool:  # X = P * L: every slot's keys, all but the row's own slot masked below
-    prompt_BxKxGxX = _attn_logits(cfg, jnp.einsum(
-        "bkgh,pklh->bkgpl", q_BxKxGxH, cache.prompt_k.astype(dt),
-        preferred_element_type=jnp.float32)).reshape(b, kh, g, p * prompt_len)
-    mine_BxP = cache.row_slot[:, None] == jnp.arange(p)[None, :]
-    prompt_valid_BxX = (mine_BxP[:, :, None] & cache.prompt_valid[None]).reshape(b, -1)
-    prompt_pos_X = jnp.tile(jnp.arange(prompt_len), p)
-  else:  # X = L: the rows of prompt p read its keys in one [N * G, L] product
-    q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
-    prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
-        "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
-        preferred_element_type=jnp.float32))
-    prompt_BxKxGxX = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
-    prompt_valid_BxX = jnp.repeat(cache.prompt_valid, ns, axis=0)
-    prompt_pos_X = jnp.arange(prompt_len)
-  num_x = prompt_BxKxGxX.shape[-1]
   gen_BxKxGxW = _attn_logits(cfg, jnp.concatenate(
       [jnp.einsum("bkgh,bkch->bkgc", q_BxKxGxH, c.astype(dt),
                   preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1))
@@ -284,33 +270,75 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
   age_W = (t - slots_W) % slots_W.shape[0] if ring else t - slots_W
   gen_valid_BxW = (age_W[None, :] <= (t - cache.start)[:, None] if ring
                    else (age_W >= 0)[None, :])
+  # Prompt slot i holds position i; generated slot s holds position q - age (one
+  # slot per step, while the row is active): both in the window iff > q - window.
+  window_start_B = positions_BxL[:, 0] - cfg.sliding_window
   if cfg.sliding_window:
-    # Prompt slot i holds position i; generated slot s holds position q - age
-    # (one slot per step, while the row is active): both in the window iff > q - window.
-    start_B = positions_BxL[:, 0] - cfg.sliding_window
-    prompt_valid_BxX = _window_mask(
-        prompt_valid_BxX, prompt_pos_X[None, :] > start_B[:, None], is_local)
     gen_valid_BxW = _window_mask(gen_valid_BxW, (age_W < cfg.sliding_window)[None, :], is_local)
-  logits_BxKxGxS = jnp.concatenate(
-      [jnp.where(prompt_valid_BxX[:, None, None], prompt_BxKxGxX, -1e30),
-       jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
-  probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
-  if pool:
-    out_BxKxGxH = jnp.einsum("bkgpl,pklh->bkgh",
-                             probs_BxKxGxS[..., :num_x].reshape(b, kh, g, p, prompt_len),
-                             cache.prompt_v.astype(dt))
+  if cache.row_slot is not None:
+    out_BxKxGxH, gen_probs_BxKxGxW = _pool_prompt_attention(
+        cfg, q_BxKxGxH, cache, gen_BxKxGxW, gen_valid_BxW, window_start_B, is_local)
   else:
-    probs_PxNxKxGxL = probs_BxKxGxS[..., :num_x].reshape(p, ns, kh, g, prompt_len)
+    # The rows of prompt p read its keys in one [N * G, L] product.
+    q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
+    prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
+        "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
+        preferred_element_type=jnp.float32))
+    prompt_BxKxGxL = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
+    prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
+    if cfg.sliding_window:
+      prompt_valid_BxL = _window_mask(
+          prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > window_start_B[:, None], is_local)
+    logits_BxKxGxS = jnp.concatenate(
+        [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
+         jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
+    probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
+    probs_PxNxKxGxL = probs_BxKxGxS[..., :prompt_len].reshape(p, ns, kh, g, prompt_len)
     out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,
                              cache.prompt_v.astype(dt)).reshape(b, kh, g, h)
-  start = num_x
+    gen_probs_BxKxGxW = probs_BxKxGxS[..., prompt_len:]
+  start = 0
   for c in v_chunks[:w + 1]:
     size = c.shape[3]
     out_BxKxGxH = out_BxKxGxH + jnp.einsum("bkgc,bkhc->bkgh",
-                                           probs_BxKxGxS[..., start:start + size], c.astype(dt))
+                                           gen_probs_BxKxGxW[..., start:start + size], c.astype(dt))
     start += size
   return (out_BxKxGxH.reshape(b, 1, n, h),
           cache.replace(k=tuple(k_chunks), v=tuple(v_chunks), step=t + 1))
+
+
+def _pool_prompt_attention(cfg: ModelConfig, q_BxKxGxH: jax.Array, cache: SharedPrefixCache,
+                           gen_BxKxGxW: jax.Array, gen_valid_BxW: jax.Array,
+                           window_start_B: jax.Array, is_local: IsLocal
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Pool mode: (prompt part of the attention output, the generated slots' probs).
+
+  The pool is [K, P, L, H] (kv heads leading), so each kv head's queries of all B
+  rows (Q = B x G of them) meet all X = P x L pool keys in one [Q, H] x [H, X]
+  product reading the pool in place; slots other than the row's own are masked.
+  The softmax runs head-major too: only the small generated part is transposed.
+  """
+  dt = cfg.compute_dtype
+  b, kh, g, h = q_BxKxGxH.shape
+  _, p, prompt_len, _ = cache.prompt_k.shape
+  x, w = p * prompt_len, gen_BxKxGxW.shape[-1]
+  head_major = lambda a: jnp.transpose(a, (1, 0, 2, 3)).reshape(kh, b * g, a.shape[-1])
+  prompt_KxQxX = _attn_logits(cfg, jnp.einsum(
+      "kqh,kxh->kqx", head_major(q_BxKxGxH), cache.prompt_k.reshape(kh, x, h).astype(dt),
+      preferred_element_type=jnp.float32))
+  mine_BxP = cache.row_slot[:, None] == jnp.arange(p)[None, :]
+  valid_BxX = (mine_BxP[:, :, None] & cache.prompt_valid[None]).reshape(b, x)
+  if cfg.sliding_window:
+    pos_X = jnp.tile(jnp.arange(prompt_len), p)
+    valid_BxX = _window_mask(valid_BxX, pos_X[None, :] > window_start_B[:, None], is_local)
+  logits_KxQxS = jnp.concatenate(
+      [jnp.where(jnp.repeat(valid_BxX, g, axis=0)[None], prompt_KxQxX, -1e30),
+       head_major(jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30))], axis=-1)
+  probs_KxQxS = jax.nn.softmax(logits_KxQxS, axis=-1).astype(dt)
+  out_KxQxH = jnp.einsum("kqx,kxh->kqh", probs_KxQxS[..., :x],
+                         cache.prompt_v.reshape(kh, x, h).astype(dt))
+  back = lambda a: jnp.transpose(a.reshape(kh, b, g, a.shape[-1]), (1, 0, 2, 3))
+  return back(out_KxQxH), back(probs_KxQxS[..., x:])
 
 
 def split_layers(tree: Any, n_layers: int) -> list[Any]:

@@ -78,6 +78,9 @@ def generate(cfg: M.ModelConfig, mesh: Mesh, params: Any, rng: jax.Array, queue_
   def prompt_valid(q_X: jax.Array) -> jax.Array:  # the last prompt token is fed again
     return jnp.arange(prompt_len) < (queue_lengths_Q[q_X] - 1)[..., None]
 
+  def pool_layout(x_PxKxLxH: jax.Array) -> jax.Array:  # the pool keeps kv heads leading
+    return jnp.swapaxes(x_PxKxLxH, 0, 1)
+
   def finished(st: RowRefillState) -> jax.Array:
     return st.done_B | (st.length_B >= T)
 
@@ -108,14 +111,14 @@ def generate(cfg: M.ModelConfig, mesh: Mesh, params: Any, rng: jax.Array, queue_
         lambda: {k: jnp.zeros(M.cache_shape(cfg, 1, prompt_len), cfg.compute_dtype)
                  for k in ("k", "v")})
 
-    def put_slot(x: jax.Array, new: jax.Array) -> jax.Array:
-      old = jax.lax.dynamic_slice_in_dim(x, slot, 1, 0)
+    def put_slot(x: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+      old = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
       return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(do, new.astype(x.dtype), old),
-                                                 slot, 0)
+                                                 slot, axis)
 
-    caches = [c.replace(prompt_k=put_slot(c.prompt_k, lc["k"]),
-                        prompt_v=put_slot(c.prompt_v, lc["v"]),
-                        prompt_valid=put_slot(c.prompt_valid, prompt_valid(q[None]))
+    caches = [c.replace(prompt_k=put_slot(c.prompt_k, pool_layout(lc["k"]), 1),
+                        prompt_v=put_slot(c.prompt_v, pool_layout(lc["v"]), 1),
+                        prompt_valid=put_slot(c.prompt_valid, prompt_valid(q[None]), 0)
                         ).constrain(mesh)
               for c, lc in zip(st.caches, M.split_layers(one, cfg.n_layers))]
     here_S = do & (jnp.arange(s) == slot)
@@ -183,7 +186,8 @@ def generate(cfg: M.ModelConfig, mesh: Mesh, params: Any, rng: jax.Array, queue_
   cache = prefill(cfg, mesh, params, queue_QxL[:s])
   kh, hd = cfg.n_kv_heads, cfg.head_dim
   layer_caches = [M.SharedPrefixCache(
-      prompt_k=lc["k"], prompt_v=lc["v"], prompt_valid=prompt_valid(jnp.arange(s)),
+      prompt_k=pool_layout(lc["k"]), prompt_v=pool_layout(lc["v"]),
+      prompt_valid=prompt_valid(jnp.arange(s)),
       k=(jnp.zeros((b, kh, T, hd), lc["k"].dtype),), v=(jnp.zeros((b, kh, hd, T), lc["v"].dtype),),
       step=jnp.int32(0), start=jnp.zeros((b,), jnp.int32),
       row_slot=jnp.zeros((b,), jnp.int32)).constrain(mesh)
