@@ -240,6 +240,9 @@ def bench(name: str, ctx: dict, repeats: int, refills: tuple[bool, ...], serial:
     timed_estep(ctx, overlap=True, refill=refill, warmup=True)  # compile, task caches
     print(f"  [{tag}] warm-up (chunk 0, compiles included): {time.perf_counter() - t:.1f} s",
           flush=True)
+    lens = [len(p) for p in ctx["prompts"]]
+    print(f"  [{tag}] prompts: {min(lens)}-{max(lens)} tokens, bucket "
+          f"{ctx['sampler']._prompt_bucket(ctx['prompts'])}")  # pylint: disable=protected-access
     runs = {"overlapped": []} | ({"serial": []} if serial else {})
     for r in range(repeats):
       for mode in runs:
