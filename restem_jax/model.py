@@ -315,8 +315,8 @@ def _pool_prompt_attention(cfg: ModelConfig, q_BxKxGxH: jax.Array, cache: Shared
 
   The pool is [K, P, L, H] (kv heads leading), so each kv head's queries of all B
   rows (Q = B x G of them) meet all X = P x L pool keys in one [Q, H] x [H, X]
-  product reading the pool in place; slots other than the row's own are masked.
-  The softmax runs head-major too: only the small generated part is transposed.
+  product reading the pool in place; the softmax then takes the row's own slot
+  only. It runs head-major too: only the small generated part is transposed.
   """
   dt = cfg.compute_dtype
   b, kh, g, h = q_BxKxGxH.shape
@@ -326,19 +326,26 @@ def _pool_prompt_attention(cfg: ModelConfig, q_BxKxGxH: jax.Array, cache: Shared
   prompt_KxQxX = _attn_logits(cfg, jnp.einsum(
       "kqh,kxh->kqx", head_major(q_BxKxGxH), cache.prompt_k.reshape(kh, x, h).astype(dt),
       preferred_element_type=jnp.float32))
-  mine_BxP = cache.row_slot[:, None] == jnp.arange(p)[None, :]
-  valid_BxX = (mine_BxP[:, :, None] & cache.prompt_valid[None]).reshape(b, x)
+  # Softmax over the row's own slot only (its L logits gathered), then its probs
+  # spread back over the P x L pool with zeros at the other slots for the values.
+  slot_Q = jnp.repeat(cache.row_slot, g)
+  own_KxQxL = jnp.take_along_axis(prompt_KxQxX.reshape(kh, b * g, p, prompt_len),
+                                  slot_Q[None, :, None, None], axis=2)[:, :, 0]
+  valid_BxL = cache.prompt_valid[cache.row_slot]
   if cfg.sliding_window:
-    pos_X = jnp.tile(jnp.arange(prompt_len), p)
-    valid_BxX = _window_mask(valid_BxX, pos_X[None, :] > window_start_B[:, None], is_local)
+    valid_BxL = _window_mask(valid_BxL, jnp.arange(prompt_len)[None, :] > window_start_B[:, None],
+                             is_local)
   logits_KxQxS = jnp.concatenate(
-      [jnp.where(jnp.repeat(valid_BxX, g, axis=0)[None], prompt_KxQxX, -1e30),
+      [jnp.where(jnp.repeat(valid_BxL, g, axis=0)[None], own_KxQxL, -1e30),
        head_major(jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30))], axis=-1)
   probs_KxQxS = jax.nn.softmax(logits_KxQxS, axis=-1).astype(dt)
-  out_KxQxH = jnp.einsum("kqx,kxh->kqh", probs_KxQxS[..., :x],
+  mine_QxP = slot_Q[:, None] == jnp.arange(p)[None, :]
+  spread_KxQxX = jnp.where(mine_QxP[None, :, :, None], probs_KxQxS[:, :, None, :prompt_len],
+                           jnp.zeros((), dt)).reshape(kh, b * g, x)
+  out_KxQxH = jnp.einsum("kqx,kxh->kqh", spread_KxQxX,
                          cache.prompt_v.reshape(kh, x, h).astype(dt))
   back = lambda a: jnp.transpose(a.reshape(kh, b, g, a.shape[-1]), (1, 0, 2, 3))
-  return back(out_KxQxH), back(probs_KxQxS[..., x:])
+  return back(out_KxQxH), back(probs_KxQxS[..., prompt_len:])
 
 
 def split_layers(tree: Any, n_layers: int) -> list[Any]:
