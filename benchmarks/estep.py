@@ -14,10 +14,12 @@ Two E-steps, each run through `generate.generate` (the code `restem_jax.main` ru
     GSM8K-format data_dir made of tests/fixtures/gsm8k's problems repeated to --problems,
     N = 8 samples, a --few_shot prompt, the task's stop strings on, the real GSM8K scorer.
 
-Refill (issue 30): each E-step runs with the Sampler's slot refill off, then on
-(--refill both, the default), and prints, beside problems/s: tokens/s (tokens kept, i.e.
-up to each row's stop, per second of wall time), useful / decoded (tokens kept / row-steps
-the decode loop ran, padding rows included) and the decode's achieved FLOP/s and bytes/s
+Refill (issue 30): each E-step runs with the Sampler's row refill (restem_jax/refill.py:
+a stopped row takes the next (problem, sample) pair) off, then on (--refill both, the
+default; --refill_prompts sets its prompt pool), and prints, beside problems/s: tokens/s
+(tokens kept, i.e. up to each row's stop, per second of wall time), useful / decoded
+(tokens kept / row-steps the decode loop ran, padding rows included) and the decode's
+achieved FLOP/s and bytes/s
 as fractions of this machine's matmul peak and copy bandwidth, measured at the start of
 the run (benchmarks/roofline.py), with the bound of one decode step (max of its FLOPs at
 the matmul peak and its bytes at the copy bandwidth). The warm-up samples chunk 0 only.
