@@ -357,7 +357,8 @@ def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window, pool, per_
   scheduling (hand count; on 1 device with all 11 prompts in one call that is 46 steps,
   where freeing a prompt's rows only when its longest sample stops takes 52), fewer
   row-steps than chunks decoded to their end; pools of 2 and 3 make the loop prefill
-  prompts into freed slots (rows may wait for a slot). per_call: chunks per call."""
+  prompts into freed slots (rows may wait for a slot); pool 2 adds a stop sequence.
+  per_call: chunks per call."""
   cfg = tiny_cfg(sliding_window=window)
   one = mesh_of((1, 1, 1), jax.devices()[:1])
   params = M.init_params(cfg, one, jax.random.key(3))
@@ -368,13 +369,21 @@ def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window, pool, per_
   free = S.Sampler(cfg, one, eos_id=-1, pad_id=PAD).sample(params, REFILL_PROMPTS, **{
       k: v for k, v in kw.items() if k != "max_batch"})
   eos = int(np.bincount(free.tokens[..., 1:].ravel()).argmax())
-  ref = S.Sampler(cfg, one, eos_id=eos, pad_id=PAD, refill=False)
+  stop = ()
+  if pool == 2:  # and a stop sequence: the most common bigram without EOS
+    pairs = [tuple(r[i:i + 2]) for r in free.tokens.reshape(-1, T_NEW) for i in range(T_NEW - 1)]
+    stop = [list(max((q for q in set(pairs) if eos not in q), key=pairs.count))]
+  ref = S.Sampler(cfg, one, eos_id=eos, pad_id=PAD, refill=False, stop_sequences=stop)
   want = list(ref.sample_chunked(params, REFILL_PROMPTS, **kw))
   lengths = np.concatenate([o.lengths for _, o in want]).ravel()
   assert len(set(lengths.tolist())) >= 3 and lengths.min() < T_NEW // 2  # varied stops
+  if stop:  # some rows end on the stop sequence, not on EOS
+    ends = [o.tokens[i, j, o.lengths[i, j] - 1] for _, o in want
+            for i, j in zip(*np.nonzero(o.done))]
+    assert any(e != eos for e in ends)
   mesh = mesh_of(shape, None if shape != (1, 1, 1) else jax.devices()[:1])
   refill = S.Sampler(cfg, mesh, eos_id=eos, pad_id=PAD, refill=True, refill_window=per_call,
-                     refill_prompts=pool)
+                     refill_prompts=pool, stop_sequences=stop)
   got = list(refill.sample_chunked(jax.device_put(params, M.param_shardings(cfg, mesh)),
                                    REFILL_PROMPTS, **kw))
   assert [sl for sl, _ in got] == [sl for sl, _ in want]
