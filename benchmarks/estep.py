@@ -14,10 +14,12 @@ Two E-steps, each run through `generate.generate` (the code `restem_jax.main` ru
     GSM8K-format data_dir made of tests/fixtures/gsm8k's problems repeated to --problems,
     N = 8 samples, a --few_shot prompt, the task's stop strings on, the real GSM8K scorer.
 
-Refill (issue 30): each E-step runs with the Sampler's slot refill off, then on
-(--refill both, the default), and prints, beside problems/s: tokens/s (tokens kept, i.e.
-up to each row's stop, per second of wall time), useful / decoded (tokens kept / row-steps
-the decode loop ran, padding rows included) and the decode's achieved FLOP/s and bytes/s
+Refill (issue 30): each E-step runs with the Sampler's row refill (restem_jax/refill.py:
+a stopped row takes the next (problem, sample) pair) off, then on (--refill both, the
+default; --refill_prompts sets its prompt pool), and prints, beside problems/s: tokens/s
+(tokens kept, i.e. up to each row's stop, per second of wall time), useful / decoded
+(tokens kept / row-steps the decode loop ran, padding rows included) and the decode's
+achieved FLOP/s and bytes/s
 as fractions of this machine's matmul peak and copy bandwidth, measured at the start of
 the run (benchmarks/roofline.py), with the bound of one decode step (max of its FLOPs at
 the matmul peak and its bytes at the copy bandwidth). The warm-up samples chunk 0 only.
@@ -150,15 +152,21 @@ def decode_roofline(ctx: dict, peaks: roofline.Peaks, refill: bool, run: dict) -
   Per loop step: rows x (2 x matmul weights + attention over the prompt bucket and
   the generated slots: all T with refill (the ring), about half on average without
   (phases)); bytes: every weight plus the KV cache (prompts x bucket + rows x slots).
+  With refill the prompts are the S slots of the prompt pool, and each row's query
+  meets all S of them (model.SharedPrefixCache pool mode).
   """
   cfg, s, sampler = ctx["model_cfg"], ctx["sampling"], ctx["sampler"]
   steps = max(run["steps"], 1)
   rows = run["row_steps"] // steps
   prompt_len = sampler._prompt_bucket(ctx["prompts"])  # pylint: disable=protected-access
   gen = s.max_new_tokens if refill else s.max_new_tokens // 2
-  flops = run["row_steps"] * roofline.token_flops(cfg, prompt_len + gen)
-  step_bytes = roofline.decode_step_bytes(cfg, rows, rows // s.num_samples * prompt_len
-                                          + rows * gen)
+  prompts = rows // s.num_samples
+  if refill:
+    queue = min(len(ctx["prompts"]), sampler.refill_window * prompts)
+    prompts = min(queue, sampler.refill_prompts or 3 * prompts)
+  flops = run["row_steps"] * roofline.token_flops(
+      cfg, (prompts if refill else 1) * prompt_len + gen)
+  step_bytes = roofline.decode_step_bytes(cfg, rows, prompts * prompt_len + rows * gen)
   seconds = run["wait"]
   bound = max(flops / steps / peaks.matmul_flops_per_s, step_bytes / peaks.copy_bytes_per_s)
   kind = ("memory" if step_bytes / peaks.copy_bytes_per_s
@@ -174,7 +182,7 @@ def demo_context(args: argparse.Namespace) -> dict:
   c.task.num_train = args.problems
   if args.tiny:
     c.sampling.max_new_tokens, c.sampling.max_batch = 16, 32
-  return _context(c, params=None)
+  return _context(c, params=None, refill_prompts=args.refill_prompts)
 
 
 def smollm2_context(args: argparse.Namespace) -> dict | None:
@@ -198,10 +206,11 @@ def smollm2_context(args: argparse.Namespace) -> dict | None:
   from restem_jax import importers  # pylint: disable=import-outside-toplevel
   mesh = partitioning.make_mesh(c.mesh)
   cfg, params = importers.import_model("gguf", gguf, mesh, max_seq_len=c.model.max_seq_len)
-  return _context(c, params=params, mesh=mesh, model_cfg=cfg)
+  return _context(c, params=params, mesh=mesh, model_cfg=cfg, refill_prompts=args.refill_prompts)
 
 
-def _context(c, params: Any, mesh: Any = None, model_cfg: M.ModelConfig | None = None) -> dict:
+def _context(c, params: Any, mesh: Any = None, model_cfg: M.ModelConfig | None = None,
+             refill_prompts: int = 0) -> dict:
   model_cfg = model_cfg or M.ModelConfig.from_config(c.model)
   mesh = mesh or partitioning.make_mesh(c.mesh)
   vocab = run.load_vocabulary(c.task, "")
@@ -211,7 +220,8 @@ def _context(c, params: Any, mesh: Any = None, model_cfg: M.ModelConfig | None =
     params = M.init_params(model_cfg, mesh, jax.random.key(0))
   vocab = task.vocabulary
   sampler = sampling.Sampler(model_cfg, mesh, eos_id=vocab.eos_id, pad_id=vocab.pad_id,
-                             stop_strings=task.stop_strings, vocabulary=vocab)
+                             stop_strings=task.stop_strings, vocabulary=vocab,
+                             refill_prompts=refill_prompts)
   return {"params": params, "sampler": sampler, "task": task, "problems": problems,
           "sampling": c.sampling, "model_cfg": model_cfg, "prompts": [[1]]}
 
@@ -232,6 +242,9 @@ def bench(name: str, ctx: dict, repeats: int, refills: tuple[bool, ...], serial:
     timed_estep(ctx, overlap=True, refill=refill, warmup=True)  # compile, task caches
     print(f"  [{tag}] warm-up (chunk 0, compiles included): {time.perf_counter() - t:.1f} s",
           flush=True)
+    lens = [len(p) for p in ctx["prompts"]]
+    print(f"  [{tag}] prompts: {min(lens)}-{max(lens)} tokens, bucket "
+          f"{ctx['sampler']._prompt_bucket(ctx['prompts'])}")  # pylint: disable=protected-access
     runs = {"overlapped": []} | ({"serial": []} if serial else {})
     for r in range(repeats):
       for mode in runs:
@@ -279,6 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   ap.add_argument("--max_new_tokens", type=int, default=128, help="(smollm2)")
   ap.add_argument("--refill", default="both", choices=("both", "on", "off"),
                   help="Sampler refill: both = each, side by side")
+  ap.add_argument("--refill_prompts", type=int, default=0,
+                  help="prompt slots of a refilling call (Sampler refill_prompts; 0: its default)")
   ap.add_argument("--no_serial", action="store_true",
                   help="skip the serial (no overlap) E-steps: overlapped only")
   ap.add_argument("--tiny", action="store_true", help="demo only, 16 problems, 1 repetition")

@@ -191,8 +191,8 @@ class SharedPrefixCache:
   generated part dominates, and it is within the window whenever T <= window
   (Gemma 3: 512 / 1024, vs ~512 new tokens on MATH), so it would save little.
   """
-  prompt_k: jax.Array  # [P, K, L, H]
-  prompt_v: jax.Array  # [P, K, L, H]
+  prompt_k: jax.Array  # [P, K, L, H] ([K, P, L, H] in pool mode)
+  prompt_v: jax.Array  # [P, K, L, H] ([K, P, L, H] in pool mode)
   prompt_valid: jax.Array  # [P, L] bool: which prompt slots the rows attend to
   k: tuple[jax.Array, ...]  # chunks [B, K, C_i, H]; slot `step` is written next
   v: tuple[jax.Array, ...]  # chunks [B, K, H, C_i]
@@ -203,6 +203,13 @@ class SharedPrefixCache:
   # tokens: a row refilled with a new prompt at step start[b] must not see the
   # previous occupant's). A row generates at most C tokens, so none is overwritten.
   start: Any = None  # int32 [B] or None (not ring mode)
+  # Pool mode (per-row refill, refill.py): the P prompt caches are a pool of
+  # slots, stored [K, P, L, H] (kv heads leading) and replicated over the batch
+  # axes, and row b reads slot row_slot[b] (any row, any slot) instead of slot
+  # b // N. Every row's query meets every slot's keys in one product (P x the
+  # prompt FLOPs, each slot read once, in place) and the other slots are masked
+  # out: no per-row copy of a prompt's keys.
+  row_slot: Any = None  # int32 [B] or None (rows grouped by prompt)
 
   @classmethod
   def create(cls, prompt: LayerCache, prompt_valid_PxL: jax.Array, num_samples: int,
@@ -219,10 +226,12 @@ class SharedPrefixCache:
     """Sharding constraints: prompts and rows over the batch axes, kv heads over tensor."""
     cons = lambda x, axes: partitioning.constrain(x, mesh, axes)
     v_axes = ("cache_batch", "act_kv_heads", "head_dim", "cache_len")
+    pool = self.row_slot is not None  # [K, P, L, H], replicated over batch: any row, any slot
+    p_axes = ("act_kv_heads", None, "cache_len", "head_dim") if pool else LAYER_CACHE_AXES
     return self.replace(
-        prompt_k=cons(self.prompt_k, LAYER_CACHE_AXES),
-        prompt_v=cons(self.prompt_v, LAYER_CACHE_AXES),
-        prompt_valid=cons(self.prompt_valid, ("cache_batch", None)),
+        prompt_k=cons(self.prompt_k, p_axes),
+        prompt_v=cons(self.prompt_v, p_axes),
+        prompt_valid=cons(self.prompt_valid, (None if pool else "cache_batch", None)),
         k=tuple(cons(c, LAYER_CACHE_AXES) for c in self.k),
         v=tuple(cons(c, v_axes) for c in self.v))
 
@@ -237,6 +246,8 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
     raise ValueError(f"SharedPrefixCache decodes one token per row per step, got {l}")
   dt = cfg.compute_dtype
   p, kh, prompt_len, _ = cache.prompt_k.shape
+  if cache.row_slot is not None:  # pool layout [K, P, L, H]
+    kh, p = p, kh
   ns, g, t, w = b // p, n // kh, cache.step, cache.active - 1
   ring = cache.start is not None
   if ring and len(cache.k) != 1:
@@ -250,43 +261,91 @@ def _shared_prefix_attention(cfg: ModelConfig, q_BxLxNxH: jax.Array, k_BxLxKxH: 
   v_chunks[w] = jax.lax.dynamic_update_slice(
       v_chunks[w], jnp.transpose(v_BxLxKxH, (0, 2, 3, 1)).astype(v_chunks[w].dtype),
       (0, 0, 0, t - offset))
-  q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
   q_BxKxGxH = q_BxLxNxH.reshape(b, kh, g, h)
-  prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
-      "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
-      preferred_element_type=jnp.float32))
-  prompt_BxKxGxL = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
   gen_BxKxGxW = _attn_logits(cfg, jnp.concatenate(
       [jnp.einsum("bkgh,bkch->bkgc", q_BxKxGxH, c.astype(dt),
                   preferred_element_type=jnp.float32) for c in k_chunks[:w + 1]], axis=-1))
-  prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
   slots_W = jnp.arange(gen_BxKxGxW.shape[-1])
   # age_W: steps since slot s was written (its key's position is q - age).
   age_W = (t - slots_W) % slots_W.shape[0] if ring else t - slots_W
   gen_valid_BxW = (age_W[None, :] <= (t - cache.start)[:, None] if ring
                    else (age_W >= 0)[None, :])
+  # Prompt slot i holds position i; generated slot s holds position q - age (one
+  # slot per step, while the row is active): both in the window iff > q - window.
+  window_start_B = positions_BxL[:, 0] - cfg.sliding_window
   if cfg.sliding_window:
-    # Prompt slot i holds position i; generated slot s holds position q - age
-    # (one slot per step, while the row is active): both in the window iff > q - window.
-    start_B = positions_BxL[:, 0] - cfg.sliding_window
-    prompt_valid_BxL = _window_mask(
-        prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > start_B[:, None], is_local)
     gen_valid_BxW = _window_mask(gen_valid_BxW, (age_W < cfg.sliding_window)[None, :], is_local)
-  logits_BxKxGxS = jnp.concatenate(
-      [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
-       jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
-  probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
-  probs_PxNxKxGxL = probs_BxKxGxS[..., :prompt_len].reshape(p, ns, kh, g, prompt_len)
-  out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,
-                           cache.prompt_v.astype(dt)).reshape(b, kh, g, h)
-  start = prompt_len
+  if cache.row_slot is not None:
+    out_BxKxGxH, gen_probs_BxKxGxW = _pool_prompt_attention(
+        cfg, q_BxKxGxH, cache, gen_BxKxGxW, gen_valid_BxW, window_start_B, is_local)
+  else:
+    # The rows of prompt p read its keys in one [N * G, L] product.
+    q_PxNxKxGxH = q_BxLxNxH.reshape(p, ns, kh, g, h)
+    prompt_PxKxNxGxL = _attn_logits(cfg, jnp.einsum(
+        "pnkgh,pklh->pkngl", q_PxNxKxGxH, cache.prompt_k.astype(dt),
+        preferred_element_type=jnp.float32))
+    prompt_BxKxGxL = jnp.swapaxes(prompt_PxKxNxGxL, 1, 2).reshape(b, kh, g, prompt_len)
+    prompt_valid_BxL = jnp.repeat(cache.prompt_valid, ns, axis=0)
+    if cfg.sliding_window:
+      prompt_valid_BxL = _window_mask(
+          prompt_valid_BxL, jnp.arange(prompt_len)[None, :] > window_start_B[:, None], is_local)
+    logits_BxKxGxS = jnp.concatenate(
+        [jnp.where(prompt_valid_BxL[:, None, None], prompt_BxKxGxL, -1e30),
+         jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30)], axis=-1)
+    probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
+    probs_PxNxKxGxL = probs_BxKxGxS[..., :prompt_len].reshape(p, ns, kh, g, prompt_len)
+    out_BxKxGxH = jnp.einsum("pnkgl,pklh->pnkgh", probs_PxNxKxGxL,
+                             cache.prompt_v.astype(dt)).reshape(b, kh, g, h)
+    gen_probs_BxKxGxW = probs_BxKxGxS[..., prompt_len:]
+  start = 0
   for c in v_chunks[:w + 1]:
     size = c.shape[3]
     out_BxKxGxH = out_BxKxGxH + jnp.einsum("bkgc,bkhc->bkgh",
-                                           probs_BxKxGxS[..., start:start + size], c.astype(dt))
+                                           gen_probs_BxKxGxW[..., start:start + size], c.astype(dt))
     start += size
   return (out_BxKxGxH.reshape(b, 1, n, h),
           cache.replace(k=tuple(k_chunks), v=tuple(v_chunks), step=t + 1))
+
+
+def _pool_prompt_attention(cfg: ModelConfig, q_BxKxGxH: jax.Array, cache: SharedPrefixCache,
+                           gen_BxKxGxW: jax.Array, gen_valid_BxW: jax.Array,
+                           window_start_B: jax.Array, is_local: IsLocal
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Pool mode: (prompt part of the attention output, the generated slots' probs).
+
+  The pool is [K, P, L, H] (kv heads leading), so each kv head's queries of all B
+  rows (Q = B x G of them) meet all X = P x L pool keys in one [Q, H] x [H, X]
+  product reading the pool in place; the softmax then takes the row's own slot
+  only. It runs head-major too: only the small generated part is transposed.
+  """
+  dt = cfg.compute_dtype
+  b, kh, g, h = q_BxKxGxH.shape
+  _, p, prompt_len, _ = cache.prompt_k.shape
+  x, w = p * prompt_len, gen_BxKxGxW.shape[-1]
+  head_major = lambda a: jnp.transpose(a, (1, 0, 2, 3)).reshape(kh, b * g, a.shape[-1])
+  prompt_KxQxX = _attn_logits(cfg, jnp.einsum(
+      "kqh,kxh->kqx", head_major(q_BxKxGxH), cache.prompt_k.reshape(kh, x, h).astype(dt),
+      preferred_element_type=jnp.float32))
+  # Softmax over the row's own slot only (its L logits gathered), then its probs
+  # spread back over the P x L pool with zeros at the other slots for the values.
+  slot_Q = jnp.repeat(cache.row_slot, g)
+  own_KxQxL = jnp.take_along_axis(prompt_KxQxX.reshape(kh, b * g, p, prompt_len),
+                                  slot_Q[None, :, None, None], axis=2)[:, :, 0]
+  valid_BxL = cache.prompt_valid[cache.row_slot]
+  if cfg.sliding_window:
+    valid_BxL = _window_mask(valid_BxL, jnp.arange(prompt_len)[None, :] > window_start_B[:, None],
+                             is_local)
+  logits_KxQxS = jnp.concatenate(
+      [jnp.where(jnp.repeat(valid_BxL, g, axis=0)[None], own_KxQxL, -1e30),
+       head_major(jnp.where(gen_valid_BxW[:, None, None], gen_BxKxGxW, -1e30))], axis=-1)
+  probs_KxQxS = jax.nn.softmax(logits_KxQxS, axis=-1).astype(dt)
+  mine_QxP = slot_Q[:, None] == jnp.arange(p)[None, :]
+  spread_KxQxX = jnp.where(mine_QxP[None, :, :, None], probs_KxQxS[:, :, None, :prompt_len],
+                           jnp.zeros((), dt)).reshape(kh, b * g, x)
+  out_KxQxH = jnp.einsum("kqx,kxh->kqh", spread_KxQxX,
+                         cache.prompt_v.reshape(kh, x, h).astype(dt))
+  back = lambda a: jnp.transpose(a.reshape(kh, b, g, a.shape[-1]), (1, 0, 2, 3))
+  return back(out_KxQxH), back(probs_KxQxS[..., prompt_len:])
 
 
 def split_layers(tree: Any, n_layers: int) -> list[Any]:

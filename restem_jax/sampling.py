@@ -32,14 +32,11 @@ Shapes are bucketed so new inputs rarely recompile:
 shape for all its chunks, L from the longest of all its prompts: one compile
 per E-step, the same executable for every evaluation of that prompt set.
 
-Refill (sample_chunked's default): a chunk's rows stop at different steps
-(GSM8K / MATH solutions of 50-500 tokens), and a loop that runs until its
-longest row stops decodes padding in the others. So one call takes the
-prompts of several chunks as a queue: its P slots start with the first P
-prompts, and when all N rows of a slot's prompt have stopped, the slot takes
-the next queued prompt (prefilled inside the loop, in a lax.cond) at the next
-step. The rows' generated keys then go to a ring of T slots with per-row
-start steps (model.SharedPrefixCache ring mode) instead of phases.
+Refill (Sampler(refill=True), off by default): a chunk's rows stop at
+different steps (GSM8K / MATH solutions of 50-500 tokens), and a loop that
+runs until its longest row stops decodes padding in the others. So one call
+takes the prompts of several chunks as a queue, and a row that stops takes the
+next (prompt, sample) pair at the next step: refill.py.
 
 Decoding modes (`SamplingMode`): temperature 0 is greedy; otherwise
 softmax(logits / T), restricted first to the top_k tokens (if top_k > 0), then
@@ -76,6 +73,7 @@ from jax.sharding import Mesh
 from restem_jax import model as M
 from restem_jax.encoding import encode_prompt  # noqa: F401  (callers use sampling.encode_prompt)
 from restem_jax import partitioning
+from restem_jax import refill as refill_lib
 from restem_jax import stops as stops_lib
 
 MIN_PROMPT_BUCKET = 16
@@ -151,16 +149,6 @@ class DecodeState:
   tokens_BxT: jax.Array  # int32: generated tokens, pad_id after the row stopped.
   logprobs_BxT: jax.Array  # float32: model log p of each token, 0 at padding.
   stop_states: tuple  # int32 [B] per StopTable: the row's automaton state.
-
-
-@flax.struct.dataclass
-class RefillState:
-  """The refilling loop's carry: a DecodeState over the slots' rows plus the queue."""
-  decode: DecodeState  # B = slots x N rows; tokens/logprobs columns = each row's own index
-  start_B: jax.Array  # int32: the step at which the row's current sample began
-  row_q_B: jax.Array  # int32: the queue entry the row samples (Q: none)
-  next_q: jax.Array  # int32 []: the next queue entry to start
-  out: tuple  # tokens [Q*N, T], logprobs [Q*N, T], lengths [Q*N], done [Q*N]
 
 
 def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, static: tuple[bool, int, bool],
@@ -272,21 +260,24 @@ class Sampler:
       stop strings).
     max_decode_phases: the decode loop runs in up to this many phases (see
       decode_chunks); 1 attends over all max_new_tokens slots at every step.
-    refill: sample_chunked refills slots (below); False (the default): one call per
-      chunk, each decoding until its longest row stops (the phased loop). Off by
-      default: a slot is freed only when all N rows of its prompt stop, which saved
-      almost nothing on the measured GSM8K-format workload (benchmarks/README.md).
-    refill_window: chunks per refilling call (its queue); the slots drain at the
+    refill: sample_chunked refills rows (refill.py); False (the default): one call per
+      chunk, each decoding until its longest row stops (the phased loop).
+    refill_window: chunks per refilling call (its queue); the rows drain at the
       end of a call, and the next call is dispatched before this one is fetched.
+    refill_prompts: prompt slots of a refilling call (each holds one prompt's
+      cache until its N samples stop); 0: 3 x the prompts of a chunk.
   """
 
   def __init__(self, model_cfg: M.ModelConfig, mesh: Mesh, *, eos_id: int, pad_id: int = 0,
                stop_sequences: Sequence[Sequence[int]] = (), stop_strings: Sequence[str] = (),
                vocabulary: Any = None, max_decode_phases: int = 4, refill: bool = False,
-               refill_window: int = 8):
+               refill_window: int = 8, refill_prompts: int = 0):
     partitioning.check_model_fits_mesh(model_cfg, mesh)
     if refill_window < 1:
       raise ValueError(f"refill_window={refill_window} must be >= 1 (chunks per refill call)")
+    if refill_prompts < 0:
+      raise ValueError(f"refill_prompts={refill_prompts} must be >= 0 (0: 3 x a chunk's prompts)")
+    self.refill_prompts = int(refill_prompts)
     self.max_decode_phases = int(max_decode_phases)
     self.refill, self.refill_window = bool(refill), int(refill_window)
     # Decode work so far (benchmarks/estep.py): tokens kept (up to each row's
@@ -347,11 +338,11 @@ class Sampler:
     overlap the device work. stop_strings: as in `sample`.
 
     Refill (refill=None: the sampler's `refill`): a call decodes the prompts of
-    up to refill_window chunks with one chunk's slots; when all N rows of a
-    prompt have stopped, that slot takes the next prompt of the queue at once
-    (prefilled inside the loop) instead of idling until the chunk's longest row
-    stops. Keys are per (prompt id, sample, token index), so the outputs are
-    the same with and without refill. SampleOutput.steps is then the call's.
+    up to refill_window chunks with one chunk's rows; a row that stops takes the
+    next (prompt, sample) pair of the queue at once (refill.py) instead of idling
+    until the chunk's longest row stops. Keys are per (prompt id, sample, token
+    index), so the outputs are the same with and without refill.
+    SampleOutput.steps is then the call's.
     """
     prompts = [list(p) for p in prompts]
     self._validate(prompts, num_samples, max_new_tokens, mode)
@@ -638,142 +629,10 @@ class Sampler:
                        stop_tables: tuple[jax.Array, ...], temperature: jax.Array,
                        top_p: jax.Array, *, num_slots: int, num_samples: int,
                        max_new_tokens: int, static: tuple[bool, int, bool]):
-    """Decodes the first num_real queue prompts with num_slots slots of N rows each.
-
-    Slot p holds one prompt's cache and its N rows. After each decode step, a
-    slot whose N rows have all stopped (EOS, stop, or T tokens) hands its rows
-    to the output and takes the next queue entry (one per step: prefilled in a
-    lax.cond). The generated cache is a ring of T slots (SharedPrefixCache ring
-    mode): each row sees only the slots written since it began.
-    """
-    cfg, mesh, n, T = self.cfg, self.mesh, num_samples, max_new_tokens
-    num_q, prompt_len = queue_QxL.shape
-    b = num_slots * n
-    sample_B = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_slots)
-    stop_starts = tuple(t.shape[0] - 2 for t in stop_tables)
-    cons = lambda x: partitioning.constrain(x, mesh, ("act_batch",) + (None,) * (x.ndim - 1))
-
-    def prompt_valid(q_X: jax.Array) -> jax.Array:  # the last prompt token is fed again
-      return jnp.arange(prompt_len) < (queue_lengths_Q[q_X] - 1)[..., None]
-
-    def last_token(q_X: jax.Array) -> jax.Array:
-      return queue_QxL[q_X, queue_lengths_Q[q_X] - 1]
-
-    slot_q_S = jnp.where(jnp.arange(num_slots) < num_real, jnp.arange(num_slots), num_q)
-    row_q_B = jnp.repeat(slot_q_S, n)
-    first_B = jnp.minimum(row_q_B, num_q - 1)
-    cache = prefill_cache(cfg, mesh, params, queue_QxL[:num_slots])
-    layer_caches = [
-        M.SharedPrefixCache.create(lc, prompt_valid(jnp.arange(num_slots)), n, [T])
-        .replace(start=jnp.zeros((b,), jnp.int32)).constrain(mesh)
-        for lc in M.split_layers(cache, cfg.n_layers)]
-    state = RefillState(
-        decode=DecodeState(
-            step=jnp.int32(0), caches=layer_caches, token_B=last_token(first_B),
-            position_B=queue_lengths_Q[first_B] - 1, done_B=jnp.zeros((b,), bool),
-            length_B=jnp.where(row_q_B < num_q, 0, T).astype(jnp.int32),
-            tokens_BxT=jnp.full((b, T), self.pad_id, jnp.int32),
-            logprobs_BxT=jnp.zeros((b, T), jnp.float32),
-            stop_states=tuple(jnp.full((b,), s, jnp.int32) for s in stop_starts)),
-        start_B=jnp.zeros((b,), jnp.int32), row_q_B=row_q_B,
-        next_q=jnp.minimum(jnp.int32(num_slots), num_real),
-        out=(jnp.full((num_q * n, T), self.pad_id, jnp.int32),
-             jnp.zeros((num_q * n, T), jnp.float32), jnp.zeros((num_q * n,), jnp.int32),
-             jnp.zeros((num_q * n,), bool)))
-
-    def finished_B(s: DecodeState) -> jax.Array:
-      return s.done_B | (s.length_B >= T)
-
-    def harvest(st: RefillState, dest_B: jax.Array, rows: Any) -> tuple:
-      """The output with `rows` of the decode state written to output rows dest_B."""
-      s, (tok, logp, length, done) = st.decode, st.out
-      take = lambda x: x[rows]
-      return (tok.at[dest_B].set(take(s.tokens_BxT), mode="drop"),
-              logp.at[dest_B].set(take(s.logprobs_BxT), mode="drop"),
-              length.at[dest_B].set(take(s.length_B), mode="drop"),
-              done.at[dest_B].set(take(s.done_B), mode="drop"))
-
-    def refill(st: RefillState) -> RefillState:
-      """The first slot whose rows all stopped takes queue entry next_q, if any is left.
-
-      Only the prefill of that prompt runs under a lax.cond (its output is one
-      prompt's cache); the writes are masked, so the loop's big carried arrays
-      never pass through a conditional (which could copy them every step).
-      """
-      s, q = st.decode, jnp.minimum(st.next_q, num_q - 1)
-      free_S = jnp.all(finished_B(s).reshape(num_slots, n), axis=1)
-      do = jnp.any(free_S) & (st.next_q < num_real)
-      slot = jnp.argmax(free_S).astype(jnp.int32)
-      rows_N = slot * n + jnp.arange(n)
-      old_q = st.row_q_B[slot * n]
-      dest_N = jnp.where(do & (old_q < num_q), old_q * n + jnp.arange(n), num_q * n)
-      out = harvest(st, dest_N, rows_N)
-      one = jax.lax.cond(
-          do, lambda: prefill_cache(cfg, mesh, params, jax.lax.dynamic_slice_in_dim(queue_QxL, q, 1)),
-          lambda: {k: jnp.zeros(M.cache_shape(cfg, 1, prompt_len), cfg.compute_dtype)
-                   for k in ("k", "v")})
-
-      def put_slot(x: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
-        """x with `new` (masked by `do`) written at `at` along axis 0."""
-        old = jax.lax.dynamic_slice_in_dim(x, at, new.shape[0], 0)
-        return jax.lax.dynamic_update_slice_in_dim(x, jnp.where(do, new, old), at, 0)
-
-      caches = [c.replace(
-          prompt_k=put_slot(c.prompt_k, lc["k"].astype(c.prompt_k.dtype), slot),
-          prompt_v=put_slot(c.prompt_v, lc["v"].astype(c.prompt_v.dtype), slot),
-          prompt_valid=put_slot(c.prompt_valid, prompt_valid(q[None]), slot)).constrain(mesh)
-                for c, lc in zip(s.caches, M.split_layers(one, cfg.n_layers))]
-      reset_B = do & (jnp.arange(b) // n == slot)
-      put = lambda x, v: cons(jnp.where(reset_B.reshape((b,) + (1,) * (x.ndim - 1)),
-                                        jnp.asarray(v, x.dtype), x))
-      decode = s.replace(
-          caches=caches, token_B=put(s.token_B, last_token(q)),
-          position_B=put(s.position_B, queue_lengths_Q[q] - 1), done_B=put(s.done_B, False),
-          length_B=put(s.length_B, 0), tokens_BxT=put(s.tokens_BxT, self.pad_id),
-          logprobs_BxT=put(s.logprobs_BxT, 0.0),
-          stop_states=tuple(put(x, v) for x, v in zip(s.stop_states, stop_starts)))
-      return RefillState(decode=decode, start_B=put(st.start_B, s.step),
-                         row_q_B=put(st.row_q_B, q), next_q=st.next_q + do.astype(jnp.int32),
-                         out=out)
-
-    def cond(st: RefillState) -> jax.Array:
-      return ~(jnp.all(finished_B(st.decode)) & (st.next_q >= num_real))
-
-    def body(st: RefillState) -> RefillState:
-      s = st.decode
-      t = s.step
-      logits_Bx1xV, caches = M.decode_step(
-          cfg, mesh, params, s.token_B[:, None], s.position_B[:, None],
-          [c.replace(start=st.start_B) for c in s.caches])
-      logits_BxV = logits_Bx1xV[:, 0]
-      # Sample j of prompt id i, token k: fold_in(fold_in(fold_in(rng, i), j), k), as in
-      # _generate (where k is the step), whichever slot and step decode it.
-      ids_B = ids_Q[jnp.minimum(st.row_q_B, num_q - 1)]
-      keys_B = jax.vmap(lambda i, j, k: jax.random.fold_in(
-          jax.random.fold_in(jax.random.fold_in(rng, i), j), k))(ids_B, sample_B, s.length_B)
-      new_B = choose_tokens(logits_BxV, keys_B, static, temperature, top_p)
-      logp_B = (jnp.take_along_axis(logits_BxV, new_B[:, None], axis=-1)[:, 0]
-                - jax.nn.logsumexp(logits_BxV, axis=-1))
-      active_B = ~finished_B(s)
-      new_B = jnp.where(active_B, new_B, self.pad_id)
-      stopped_B = new_B == self.eos_id
-      stop_states = tuple(table_SxV[s_B, new_B]
-                          for table_SxV, s_B in zip(stop_tables, s.stop_states))
-      for table_SxV, s_B in zip(stop_tables, stop_states):
-        stopped_B |= s_B == table_SxV.shape[0] - 1
-      col_B = jnp.where(active_B, s.length_B, T)  # T: out of range, dropped
-      rows_B = jnp.arange(b)
-      step_B = active_B.astype(jnp.int32)
-      decode = DecodeState(
-          step=t + 1, caches=[c.constrain(mesh) for c in caches], token_B=new_B,
-          position_B=s.position_B + step_B, done_B=s.done_B | (active_B & stopped_B),
-          length_B=s.length_B + step_B,
-          tokens_BxT=s.tokens_BxT.at[rows_B, col_B].set(new_B, mode="drop"),
-          logprobs_BxT=s.logprobs_BxT.at[rows_B, col_B].set(logp_B, mode="drop"),
-          stop_states=stop_states)
-      return refill(st.replace(decode=decode))
-
-    state = jax.lax.while_loop(cond, body, state)
-    dest_B = jnp.where(state.row_q_B < num_q, state.row_q_B * n + sample_B, num_q * n)
-    tokens, logprobs, lengths, done = harvest(state, dest_B, slice(None))
-    return tokens, lengths, logprobs, done, state.decode.step
+    """The first num_real queue prompts, N samples each, on num_slots x N rows (refill.py)."""
+    return refill_lib.generate(
+        self.cfg, self.mesh, params, rng, queue_QxL, queue_lengths_Q, ids_Q, num_real,
+        stop_tables, temperature, top_p, num_rows=num_slots * num_samples,
+        num_prompt_slots=self.refill_prompts or 3 * num_slots, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, static=static, eos_id=self.eos_id, pad_id=self.pad_id,
+        prefill=prefill_cache, choose=choose_tokens)

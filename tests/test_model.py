@@ -208,3 +208,38 @@ def test_unknown_model_key_and_bad_mesh_fail_clearly():
     mesh_of((3, 2, 1))
   with pytest.raises(AttributeError):  # locked ConfigDict: typos do not pass silently
     configlib.default_config().train.lerning_rate = 1.0
+
+
+def test_prompt_pool_decoding_matches_float64_reference(setup):
+  """decode_step on a pool-mode SharedPrefixCache (per-row refill): 3 prompt slots
+  (lengths 3, 6, 4) stored kv-heads first, 5 rows reading slots 2, 0, 1, 0, 2 (not
+  grouped by prompt), generated keys in a ring; row 4 starts at step 2, so the ring
+  slots written before hold another sample's keys and must stay unseen."""
+  cfg, params, tokens = setup
+  lens, steps = [3, 6, 4], 5
+  prompt = np.zeros((3, 6), np.int32)
+  prompt[0, :3], prompt[1, :6], prompt[2, :4] = tokens[0, :3], tokens[1, :6], tokens[0, 2:6]
+  _, cache = M.Transformer(cfg).apply({"params": params}, jnp.asarray(prompt),
+                                      cache=M.init_cache(cfg, 3))
+  cache = jax.tree.map(lambda c: jnp.swapaxes(c[:, :, :, :6], 1, 2), cache)  # [layers, K, P, 6, H]
+  valid = jnp.arange(6)[None, :] < jnp.asarray(lens)[:, None] - 1
+  slot = np.array([2, 0, 1, 0, 2])
+  start = np.array([0, 0, 0, 0, 2])
+  kh, h = cfg.n_kv_heads, cfg.head_dim
+  caches = [M.SharedPrefixCache(
+      prompt_k=lc["k"], prompt_v=lc["v"], prompt_valid=valid,
+      k=(jnp.zeros((5, kh, steps, h)),), v=(jnp.zeros((5, kh, h, steps)),), step=jnp.int32(0),
+      start=jnp.asarray(start), row_slot=jnp.asarray(slot))
+      for lc in M.split_layers(cache, cfg.n_layers)]
+  feed = np.array(jax.random.randint(jax.random.key(8), (5, steps), 0, cfg.vocab_size))
+  last = np.asarray(lens)[slot] - 1
+  feed[np.arange(5), start] = prompt[slot, last]
+  step = jax.jit(lambda lp, t, q, cs: M.decode_step(cfg, None, lp, t, q, cs))
+  for t in range(steps):
+    pos = np.maximum(last + t - start, 0)
+    logits, caches = step(params, jnp.asarray(feed[:, t:t + 1]), jnp.asarray(pos[:, None]),
+                          caches)
+    for b in np.flatnonzero(t >= start):
+      seq = np.concatenate([prompt[slot[b], :last[b]], feed[b, start[b]:t + 1]])
+      ref = numpy_forward(params, cfg, seq[None])[0, -1]
+      np.testing.assert_allclose(logits[b, 0], ref, rtol=1e-4, atol=1e-4)

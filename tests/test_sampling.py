@@ -333,31 +333,57 @@ REFILL_PROMPTS = [list(np.random.default_rng(0).integers(3, 60, size=k))
                   for k in (1, 4, 9, 2, 12, 6, 3, 7, 5, 11, 8)]
 
 
-@pytest.mark.parametrize("shape,mode,window", [
-    ((1, 1, 1), PAPER, 3), pytest.param((8, 1, 1), S.GREEDY, 0, marks=pytest.mark.slow),
-    pytest.param((2, 2, 2), PAPER, 0, marks=pytest.mark.slow)])
+def list_schedule_steps(lengths, rows):
+  """Loop steps of per-row refill by hand: pairs in order, each to the row free earliest."""
+  free = [0] * rows
+  for length in lengths:
+    free.sort()
+    free[0] += int(length)
+  return max(free)
+
+
+@pytest.mark.parametrize("shape,mode,window,pool,per_call", [
+    ((1, 1, 1), PAPER, 3, 16, 6), ((1, 1, 1), S.GREEDY, 0, 2, 3),
+    pytest.param((8, 1, 1), S.GREEDY, 0, 0, 3, marks=pytest.mark.slow),
+    pytest.param((2, 2, 2), PAPER, 0, 3, 3, marks=pytest.mark.slow)])
 @pytest.mark.slow
-def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window):
-  """sample_chunked with refill (slots take the next prompt when their N rows stop) gives
+def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window, pool, per_call):
+  """sample_chunked with refill (a stopped row takes the next (prompt, sample) pair) gives
   the tokens of the chunk-by-chunk phased loop on one device, bit for bit, while
   decoding fewer row-steps. EOS is the token the model emits most, so rows stop at
-  varied steps; window 3 < max_new_tokens checks the ring cache's window mask."""
+  varied steps; window 3 < max_new_tokens checks the ring cache's window mask. With
+  every queued prompt in the pool (16; 0 on 8 devices: 3 x a chunk's 8 prompts) no row
+  ever idles until the queue is empty: the loop runs exactly the steps of list
+  scheduling (hand count; on 1 device with all 11 prompts in one call that is 46 steps,
+  where freeing a prompt's rows only when its longest sample stops takes 52), fewer
+  row-steps than chunks decoded to their end; pools of 2 and 3 make the loop prefill
+  prompts into freed slots (rows may wait for a slot); pool 2 adds a stop sequence.
+  per_call: chunks per call."""
   cfg = tiny_cfg(sliding_window=window)
   one = mesh_of((1, 1, 1), jax.devices()[:1])
   params = M.init_params(cfg, one, jax.random.key(3))
-  # 2 slots per call on 1 device; 8 (the data axes) on 8, the 11 prompts over 2 chunks.
+  # 4 rows (2 prompts a chunk) on 1 device; 16 rows (8 prompts a chunk) on 8.
   max_batch = 4 if shape == (1, 1, 1) else 16
   kw = dict(num_samples=2, max_new_tokens=T_NEW, mode=mode, rng=jax.random.key(1),
             max_batch=max_batch)
   free = S.Sampler(cfg, one, eos_id=-1, pad_id=PAD).sample(params, REFILL_PROMPTS, **{
       k: v for k, v in kw.items() if k != "max_batch"})
   eos = int(np.bincount(free.tokens[..., 1:].ravel()).argmax())
-  ref = S.Sampler(cfg, one, eos_id=eos, pad_id=PAD, refill=False)
+  stop = ()
+  if pool == 2:  # and a stop sequence: the most common bigram without EOS
+    pairs = [tuple(r[i:i + 2]) for r in free.tokens.reshape(-1, T_NEW) for i in range(T_NEW - 1)]
+    stop = [list(max((q for q in set(pairs) if eos not in q), key=pairs.count))]
+  ref = S.Sampler(cfg, one, eos_id=eos, pad_id=PAD, refill=False, stop_sequences=stop)
   want = list(ref.sample_chunked(params, REFILL_PROMPTS, **kw))
   lengths = np.concatenate([o.lengths for _, o in want]).ravel()
   assert len(set(lengths.tolist())) >= 3 and lengths.min() < T_NEW // 2  # varied stops
+  if stop:  # some rows end on the stop sequence, not on EOS
+    ends = [o.tokens[i, j, o.lengths[i, j] - 1] for _, o in want
+            for i, j in zip(*np.nonzero(o.done))]
+    assert any(e != eos for e in ends)
   mesh = mesh_of(shape, None if shape != (1, 1, 1) else jax.devices()[:1])
-  refill = S.Sampler(cfg, mesh, eos_id=eos, pad_id=PAD, refill=True, refill_window=3)
+  refill = S.Sampler(cfg, mesh, eos_id=eos, pad_id=PAD, refill=True, refill_window=per_call,
+                     refill_prompts=pool, stop_sequences=stop)
   got = list(refill.sample_chunked(jax.device_put(params, M.param_shardings(cfg, mesh)),
                                    REFILL_PROMPTS, **kw))
   assert [sl for sl, _ in got] == [sl for sl, _ in want]
@@ -367,7 +393,17 @@ def test_refill_equals_chunks_decoded_to_the_end(shape, mode, window):
     np.testing.assert_array_equal(b.done, a.done)
     np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
   assert refill.decode_stats["tokens"] == ref.decode_stats["tokens"] == lengths.sum()
-  assert refill.decode_stats["row_steps"] < ref.decode_stats["row_steps"]
+  # Per call: its pairs in queue order, over max_batch rows.
+  calls = [got[c:c + per_call] for c in range(0, len(got), per_call)]
+  exact = pool in (0, 16)
+  for call in calls:
+    pairs = np.concatenate([o.lengths for _, o in call]).ravel()
+    best = list_schedule_steps(pairs, max_batch)
+    assert call[0][1].steps == best if exact else call[0][1].steps >= best
+  if exact:
+    assert refill.decode_stats["row_steps"] < ref.decode_stats["row_steps"]
+    assert refill.decode_stats["steps"] == sum(list_schedule_steps(
+        np.concatenate([o.lengths for _, o in c]).ravel(), max_batch) for c in calls)
 
 
 def test_bad_lengths_fail_before_compiling(env):
