@@ -86,7 +86,8 @@ def test_zero_b_gives_the_base_model_exactly(params):
                                 logits(tiny_cfg(), params, TOKENS))
 
 
-@pytest.mark.parametrize("targets", [configlib.LORA_TARGETS, ("q", "v"), ("o", "down")])
+@pytest.mark.parametrize("targets", [configlib.LORA_TARGETS, pytest.param(("q", "v"), marks=pytest.mark.slow),
+                                     pytest.param(("o", "down"), marks=pytest.mark.slow)])
 def test_merged_model_equals_float64_reference(params, targets):
   ad = lora.Adapters(tiny_cfg(), lora_cfg(targets=targets), mesh1())
   adapters = random_adapters(ad, 7)
@@ -432,6 +433,7 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0])
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_nf4_base_is_the_nearest_code_of_each_block_of_64():
   pytest.importorskip("qwix")
   cfg = _quant_cfg()
@@ -552,6 +554,7 @@ def test_run_with_lora_end_to_end(tmp_path):
     assert json.load(f) == before
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_gemma3_4b_lora_config_and_its_memory_figures():
   """The config validates (full size and :runlocal), and the parameter counts its memory
   comment is built on are the model's: 3.88B params, 29.8M rank-16 adapter params."""

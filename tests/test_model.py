@@ -64,7 +64,7 @@ def apply(cfg, params, tokens, **kw):
   return M.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), **kw)[0]
 
 
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_matches_float64_numpy_reference(tie):
   cfg = tiny_cfg(tie_embeddings=tie)
   params = M.init_params(cfg, mesh_of((1, 1, 1), jax.devices()[:1]), jax.random.key(3))
@@ -102,6 +102,7 @@ def test_sharded_logits_equal_single_device(setup, shape):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_causal_mask(setup):
   cfg, params, tokens = setup
   changed = tokens.copy()
@@ -111,6 +112,7 @@ def test_causal_mask(setup):
   assert np.abs(np.asarray(a[:, 7:] - b[:, 7:])).max() > 1e-3
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_padding_does_not_change_real_logits(setup):
   cfg, params, tokens = setup
   real = tokens[:, :8]
@@ -128,6 +130,7 @@ def test_padding_does_not_change_real_logits(setup):
   np.testing.assert_allclose(out[:, 4:], ref, atol=2e-5)
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_cache_decoding_matches_full_forward(setup):
   cfg, params, tokens = setup
   ref = np.asarray(apply(cfg, params, tokens))

@@ -40,7 +40,8 @@ def _cost_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
-@pytest.mark.parametrize("tie", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # (compiles the model twice; test_flops_hand_count stays in the fast tier)
+@pytest.mark.parametrize("tie", [False, True])
 def test_flops_match_xla_cost_analysis(tie):
   """XLA counts every op (norms, softmax too): within 3% above the matmul count."""
   cfg = M.ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -105,7 +105,7 @@ def numpy_loss(params, batch, normalization):
   return total / (tokens if normalization == "token" else examples)
 
 
-@pytest.mark.parametrize("shape", ["long", "short"])
+@pytest.mark.parametrize("shape", [pytest.param("long", marks=pytest.mark.slow), "short"])
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
 def test_loss_matches_float64_numpy(params, normalization, shape):
   batch = random_batch(1, shape=shape)
@@ -187,6 +187,7 @@ def test_shared_prompt_rows_have_the_unpacked_loss(params, normalization):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
 
 
+@pytest.mark.slow  # (the fast tier's budget: 3 minutes for every module's unit tests)
 def test_shared_prompt_rows_on_sliding_window_layers():
   """Gemma-style local layers (window 3 < the rows' lengths, local / global alternating,
   the window counted in positions that restart per target): shared rows give the loss
@@ -296,7 +297,7 @@ def single_device_step(params, request):
   return batch, host(state), metrics
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_sharded_step_equals_single_device(params, single_device_step, shape):
   batch, ref_state, ref_metrics = single_device_step
   tr = trainer(shape)
