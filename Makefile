@@ -6,7 +6,8 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/restem_demo
 # Test processes (pytest-xdist): one per core of the 2-core CI machine. Each test file runs
-# whole on one worker (--dist loadfile), so a module's fixtures (a real model) load once.
+# whole on one worker (--dist loadfile), so a module's fixtures load once; the files that
+# load real weights run one at a time (a lock, tests/conftest.py), so memory stays bounded.
 TEST_WORKERS ?= 2
 PYTEST := JAX_PLATFORMS=cpu $(VPY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 

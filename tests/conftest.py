@@ -47,6 +47,23 @@ from helpers import (ROOT, TINY_CONFIG, load_config, main_cmd, mesh_of, subproce
                      task_cfg, tiny_cfg)
 
 
+# Test files that load real weights beside transformers' torch model (up to ~10 GB each).
+REAL_WEIGHTS = ("tests/test_export.py", "tests/test_gemma3_gguf.py", "tests/test_import.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_real_weights_file_at_a_time(request, tmp_path_factory):
+  """Under pytest-xdist (`make test`, --dist loadfile: a file runs whole on one worker) a
+  REAL_WEIGHTS file holds a lock shared by the workers from its first test to its last, so
+  no two of them run at once (two at ~10 GB each overflow the 24 GB CI machine)."""
+  if (request.node.nodeid.split("::")[0] not in REAL_WEIGHTS
+      or not os.environ.get("PYTEST_XDIST_WORKER")):
+    yield
+    return
+  with filelock.FileLock(str(tmp_path_factory.getbasetemp().parent / "real_weights.lock")):
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """One uninterrupted run of configs/tiny.py, shared by the tests that read a workdir
