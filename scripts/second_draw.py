@@ -18,7 +18,6 @@ this file's `if __name__ == "__main__"` guard is what lets its workers start.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
 
@@ -93,16 +92,16 @@ def main(argv):
     t0 = time.time()
     params = improve.restore_model(path, model_cfg, mesh).params
     texts, rewards = evaluate.greedy_answers(sampler, params, task, problems, **budget)
-    answers = [evaluate.extracted_answer(task, t) for t in texts]
+    distinct = evaluate.distinct_answers(task, texts)  # as eval.json counts them
     by_level: dict[str, list[float]] = collections.defaultdict(list)
     for p, r in zip(problems, rewards):
       by_level[p.level].append(r)
     out["models"].append({
         "model": label, "path": path, "solved": int(sum(rewards)), "n": len(rewards),
-        "distinct_answers": len(set(answers)),
+        "distinct_answers": distinct,
         "by_level": {lvl: [int(sum(v)), len(v)] for lvl, v in sorted(by_level.items())},
         "seconds": round(time.time() - t0, 1)})
-    print(f"{label}: {pct(int(sum(rewards)), len(rewards))}, {len(set(answers))} distinct "
+    print(f"{label}: {pct(int(sum(rewards)), len(rewards))}, {distinct} distinct "
           f"answers, {time.time() - t0:.0f} s", flush=True)
     del params
   space = level_space(config.task, _SPACE.value) if _SPACE.value else {}
